@@ -1,0 +1,529 @@
+"""ResNet teacher/student builders, feature extraction and checkpoints.
+
+Teacher and student are plain torchvision ResNets (He et al., "Deep Residual
+Learning for Image Recognition", CVPR 2016; ``torchvision.models.resnet``,
+torchvision 0.16.2). The student is the same architecture with ``layer3`` cut
+to its first block -- the block whose 1x1 stride-2 ``downsample`` projection
+gives ``layer4`` the channel count it expects -- so every stage output keeps
+the teacher's shape and feature maps can be matched one to one.
+
+Two input stems for 32x32 CIFAR-10 images:
+
+* ``"cifar"``: ``conv1`` becomes a 3x3 stride-1 padding-1 convolution (64
+  channels, no bias) and ``maxpool`` becomes ``nn.Identity()``, so a 32x32 image
+  is not shrunk to 8x8 before ``layer1``. This is the usual CIFAR ResNet
+  practice (He et al. 2016, Sec. 4.2 use a 3x3 first convolution for CIFAR-10;
+  e.g. kuangliu/pytorch-cifar applies it to the ImageNet-style ResNets). The
+  new ``conv1`` is randomly initialised (Kaiming normal, fan_out, as
+  torchvision does); every other pretrained weight is kept.
+* ``"upsample"``: images are resized to 224x224 (bilinear) inside the model
+  and the original 7x7 stride-2 ``conv1`` and max-pool are kept, so *every*
+  pretrained weight is used. ``conv1`` becomes
+  ``nn.Sequential(nn.Upsample(size=(224, 224)), original_conv1)``; state-dict
+  keys of that conv are therefore ``conv1.1.weight``.
+
+Teacher and student of one run must share a stem so feature maps line up.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from collections.abc import Mapping
+from typing import Any
+from urllib.error import URLError
+
+import torch
+import torchvision
+from torch import nn
+
+__all__ = [
+    "ARCHS",
+    "STEMS",
+    "FEATURE_LAYERS",
+    "ROLES",
+    "CHECKPOINT_FORMAT",
+    "WeightsUnavailableError",
+    "build_teacher",
+    "build_student",
+    "forward_features",
+    "count_parameters",
+    "save_checkpoint",
+    "load_checkpoint",
+]
+
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+STEMS = ("cifar", "upsample")
+FEATURE_LAYERS = ("layer1", "layer2", "layer4")
+ROLES = ("teacher", "student")
+CHECKPOINT_FORMAT = "distill-sparsify/1"
+
+_UPSAMPLE_SIZE = (224, 224)
+
+
+class WeightsUnavailableError(RuntimeError):
+    """The torchvision ImageNet weights could not be downloaded or read.
+
+    Raised by :func:`build_teacher` with ``weights="imagenet"`` when
+    ``torch.hub`` cannot fetch the file (no network) and it is not already in
+    the hub cache. The message is one line and says what to pass instead.
+    """
+
+
+# --------------------------------------------------------------------------
+# validation helpers
+# --------------------------------------------------------------------------
+
+
+def _check_arch(arch: Any) -> str:
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; allowed: {', '.join(ARCHS)}")
+    return arch
+
+
+def _check_stem(stem: Any) -> str:
+    if stem not in STEMS:
+        raise ValueError(f"unknown stem {stem!r}; allowed: {', '.join(STEMS)}")
+    return stem
+
+
+def _check_num_classes(num_classes: Any) -> int:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    return num_classes
+
+
+def _check_role(role: Any) -> str:
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; allowed: {', '.join(ROLES)}")
+    return role
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+# --------------------------------------------------------------------------
+# construction
+# --------------------------------------------------------------------------
+
+
+def _bare_resnet(arch: str, num_classes: int) -> torchvision.models.ResNet:
+    """A randomly initialised torchvision ResNet with a ``num_classes``-way fc."""
+    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+
+
+def _cifar_conv1() -> nn.Conv2d:
+    conv = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    # Same init torchvision.models.ResNet uses for its convolutions.
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    return conv
+
+
+def _apply_stem(model: torchvision.models.ResNet, stem: str) -> None:
+    """Replace the stem in place (after any pretrained weights are loaded)."""
+    if stem == "cifar":
+        model.conv1 = _cifar_conv1()
+        model.maxpool = nn.Identity()
+    elif stem == "upsample":
+        model.conv1 = nn.Sequential(
+            nn.Upsample(size=_UPSAMPLE_SIZE, mode="bilinear", align_corners=False),
+            model.conv1,
+        )
+    else:  # pragma: no cover - validated by callers
+        _check_stem(stem)
+
+
+def _replace_fc(model: torchvision.models.ResNet, num_classes: int) -> None:
+    model.fc = nn.Linear(model.fc.in_features, num_classes)
+
+
+def _imagenet_weights(arch: str):
+    """torchvision's ImageNet weight enum entry for ``arch`` (V2 if it exists)."""
+    enum = torchvision.models.get_model_weights(arch)
+    return getattr(enum, "IMAGENET1K_V2", None) or enum.DEFAULT
+
+
+def _load_imagenet_state_dict(arch: str) -> Mapping[str, torch.Tensor]:
+    weights = _imagenet_weights(arch)
+    try:
+        # Uses torch.hub's cache if the file is already there; downloads otherwise.
+        return weights.get_state_dict(progress=False, check_hash=True)
+    except (URLError, OSError) as exc:  # URLError/HTTPError/socket errors are OSErrors
+        raise WeightsUnavailableError(
+            f"could not download ImageNet weights {weights} for {arch} from {weights.url} "
+            f"({_first_line(exc)}); pass weights=<path to a local checkpoint of this project> "
+            f"or weights=None instead"
+        ) from None
+    except RuntimeError as exc:  # e.g. hash mismatch or a truncated file in the hub cache
+        raise WeightsUnavailableError(
+            f"could not read ImageNet weights {weights} for {arch} ({_first_line(exc)}); "
+            f"delete the cached file under {torch.hub.get_dir()}/checkpoints, or pass "
+            f"weights=<path to a local checkpoint of this project> or weights=None instead"
+        ) from None
+
+
+def build_teacher(
+    arch: str = "resnet101",
+    num_classes: int = 10,
+    stem: str = "cifar",
+    weights: str | os.PathLike | None = "imagenet",
+) -> torchvision.models.ResNet:
+    """Build the teacher: a full torchvision ResNet with a new classifier.
+
+    Architecture: ``torchvision.models.<arch>`` (He et al. 2016), ``fc``
+    replaced by a fresh ``nn.Linear(in_features, num_classes)``, the stem set by
+    ``stem`` (see module docstring), no parameter frozen. Model is float32, on
+    CPU, in train mode.
+
+    Args:
+        arch: one of :data:`ARCHS`.
+        num_classes: positive int, width of the new classifier.
+        stem: one of :data:`STEMS`.
+        weights: ``"imagenet"`` -- torchvision's ImageNet weights
+            (``IMAGENET1K_V2`` where the arch has it, e.g.
+            ``ResNet101_Weights.IMAGENET1K_V2``, else ``DEFAULT``) loaded into
+            the backbone before the fc and stem are replaced; ``None`` --
+            random init; or a path to a teacher checkpoint written by
+            :func:`save_checkpoint` with the same arch, stem and num_classes
+            (all weights, fc and stem included, are loaded strictly).
+
+    Returns:
+        ``torchvision.models.ResNet``. With stem ``"cifar"`` an input of
+        float32 ``(B, 3, 32, 32)`` gives logits ``(B, num_classes)``.
+
+    Raises:
+        ValueError: unknown arch/stem, bad num_classes or weights value; a
+            checkpoint that is missing, corrupt, not of this project, or of
+            another arch/stem/num_classes/role (one line, naming the path).
+        WeightsUnavailableError: ``weights="imagenet"`` and the file can be
+            neither downloaded nor found in the ``torch.hub`` cache.
+    """
+    _check_arch(arch)
+    _check_stem(stem)
+    _check_num_classes(num_classes)
+
+    if weights == "imagenet":
+        state = _load_imagenet_state_dict(arch)
+        model = _bare_resnet(arch, 1000)
+        model.load_state_dict(state)
+        _replace_fc(model, num_classes)
+        _apply_stem(model, stem)
+        return model
+
+    if weights is None:
+        model = _bare_resnet(arch, num_classes)
+        _apply_stem(model, stem)
+        return model
+
+    if isinstance(weights, (str, os.PathLike)):
+        ckpt = _read_checkpoint(weights, map_location="cpu")
+        wanted = {"arch": arch, "stem": stem, "num_classes": num_classes, "role": "teacher"}
+        mismatches = [
+            f"{key}={ckpt[key]!r} (wanted {value!r})"
+            for key, value in wanted.items()
+            if ckpt[key] != value
+        ]
+        if mismatches:
+            raise ValueError(
+                f"checkpoint {os.fspath(weights)!r} does not match build_teacher(arch={arch!r}, "
+                f"stem={stem!r}, num_classes={num_classes}): it has {', '.join(mismatches)}"
+            )
+        model = _bare_resnet(arch, num_classes)
+        _apply_stem(model, stem)
+        _load_state_strict(model, ckpt["state_dict"], weights)
+        return model
+
+    raise ValueError(
+        f"weights must be 'imagenet', None or a checkpoint path, got {weights!r}"
+    )
+
+
+def build_student(
+    arch: str = "resnet101", num_classes: int = 10, stem: str = "cifar"
+) -> torchvision.models.ResNet:
+    """Build the untrained student: the teacher's ResNet with ``layer3`` cut to one block.
+
+    ``model.layer3 = model.layer3[:1]`` keeps only the first block of stage 3,
+    the one with the stride-2 ``downsample`` projection, so ``layer4`` still
+    receives the channel count it expects (256 for resnet18/34, 1024 for
+    resnet50/101/152) at half the ``layer2`` resolution. ``layer1``,
+    ``layer2`` and ``layer4`` are untouched, so the student's feature maps and
+    logits have exactly the teacher's shapes for the same stem. Random init
+    (torchvision's), float32, CPU, train mode.
+
+    Args:
+        arch: one of :data:`ARCHS`.
+        num_classes: positive int.
+        stem: one of :data:`STEMS`; must equal the teacher's stem.
+
+    Returns:
+        ``torchvision.models.ResNet``; for resnet101/"cifar", input float32
+        ``(B, 3, 32, 32)`` gives logits ``(B, num_classes)``.
+
+    Raises:
+        ValueError: unknown arch/stem or bad num_classes (one line).
+    """
+    _check_arch(arch)
+    _check_stem(stem)
+    _check_num_classes(num_classes)
+    model = _bare_resnet(arch, num_classes)
+    model.layer3 = model.layer3[:1]
+    _apply_stem(model, stem)
+    return model
+
+
+# --------------------------------------------------------------------------
+# features and size
+# --------------------------------------------------------------------------
+
+
+def forward_features(
+    model: nn.Module, images: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Run ``model`` once and return its logits and the stage outputs.
+
+    Forward hooks on ``layer1``, ``layer2`` and ``layer4`` (see
+    :data:`FEATURE_LAYERS`) are registered for this call only and removed in a
+    ``finally`` block; torchvision's forward is used unchanged (torchdistill
+    style). Gradients flow through logits and features as usual (wrap the
+    call in ``torch.no_grad()`` for the frozen teacher).
+
+    Args:
+        model: a ResNet from :func:`build_teacher` / :func:`build_student` (any
+            module with submodules named ``layer1``, ``layer2``, ``layer4``).
+        images: float tensor ``(B, 3, H, W)``, normalised, on the model's device.
+
+    Returns:
+        ``(logits, feats)``: logits ``(B, num_classes)`` in the model's dtype
+        (float32 for a float32 model and input); ``feats`` maps "layer1",
+        "layer2", "layer4" to those stage outputs. For ResNet-101, stem
+        "cifar", ``(B, 3, 32, 32)`` input: layer1 ``(B, 256, 32, 32)``, layer2
+        ``(B, 512, 16, 16)``, layer4 ``(B, 2048, 4, 4)`` -- the same for
+        teacher and student. For resnet18: ``(B, 64, 32, 32)``,
+        ``(B, 128, 16, 16)``, ``(B, 512, 4, 4)``.
+
+    Raises:
+        ValueError: ``images`` is not a 4-D tensor with 3 channels, or the
+            model lacks one of the feature layers.
+    """
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must be a tensor of shape (B, 3, H, W), got {shape}")
+
+    feats: dict[str, torch.Tensor] = {}
+    handles = []
+    try:
+        for name in FEATURE_LAYERS:
+            try:
+                layer = model.get_submodule(name)
+            except AttributeError:
+                raise ValueError(
+                    f"model {type(model).__name__} has no submodule {name!r}; "
+                    f"forward_features needs {', '.join(FEATURE_LAYERS)}"
+                ) from None
+
+            def hook(_module, _inputs, output, _name=name):
+                feats[_name] = output
+
+            handles.append(layer.register_forward_hook(hook))
+        logits = model(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return logits, feats
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Total number of parameter elements in ``model`` (trainable or not).
+
+    Returns:
+        int, ``sum(p.numel() for p in model.parameters())`` (shared parameters
+        counted once, as ``parameters()`` deduplicates them).
+    """
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+# --------------------------------------------------------------------------
+# checkpoints
+# --------------------------------------------------------------------------
+
+_PLAIN_SCALARS = (type(None), bool, int, float, str, bytes)
+
+
+def _plain(value: Any, where: str) -> Any:
+    """Convert ``extra`` to types ``torch.load(weights_only=True)`` can read."""
+    if type(value) in _PLAIN_SCALARS or isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, Mapping):
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, (str, int)):
+                raise ValueError(f"extra{where}: dict key {key!r} must be str or int")
+            out[key] = _plain(item, f"{where}[{key!r}]")
+        return out
+    if isinstance(value, (list, tuple)):
+        items = [_plain(item, f"{where}[{i}]") for i, item in enumerate(value)]
+        return items if isinstance(value, list) else tuple(items)
+    item = getattr(value, "item", None)  # numpy scalars / 0-d arrays
+    if callable(item) and getattr(value, "shape", None) == ():
+        return _plain(item(), where)
+    tolist = getattr(value, "tolist", None)  # numpy arrays
+    if callable(tolist) and hasattr(value, "shape"):
+        return _plain(tolist(), where)
+    for kind in (bool, int, float, str, bytes):  # subclasses, e.g. IntEnum
+        if isinstance(value, kind):
+            return kind(value)
+    raise ValueError(
+        f"extra{where}: {type(value).__name__} cannot be stored; allowed: None, bool, int, "
+        f"float, str, bytes, list, tuple, dict, torch.Tensor, numpy scalars/arrays"
+    )
+
+
+def save_checkpoint(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    arch: str,
+    stem: str,
+    num_classes: int,
+    role: str,
+    extra: Mapping[str, Any] | None = None,
+) -> str:
+    """Write ``model``'s weights and build settings to ``path`` atomically.
+
+    The file is ``torch.save`` of ``{"format": "distill-sparsify/1", "arch",
+    "stem", "num_classes", "role", "state_dict", "extra"}``; tensors are moved
+    to CPU first. It is written to a temporary file in the same directory and
+    then ``os.replace``-d, so a reader never sees a half-written file. Parent
+    directories are created.
+
+    Args:
+        model: the module whose ``state_dict()`` is saved.
+        path: destination file.
+        arch, stem, num_classes: the values the model was built with.
+        role: "teacher" or "student" (decides the builder used on load).
+        extra: optional dict of plain values (metrics, config): None, bool,
+            int, float, str, bytes, list, tuple, dict, tensors; numpy scalars
+            and arrays are converted to Python numbers/lists.
+
+    Returns:
+        ``path`` as a str.
+
+    Raises:
+        ValueError: bad arch/stem/num_classes/role, or an ``extra`` value that
+            cannot be stored (one line).
+    """
+    _check_arch(arch)
+    _check_stem(stem)
+    _check_num_classes(num_classes)
+    _check_role(role)
+    extra = _plain(dict(extra) if extra is not None else {}, "")
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "arch": arch,
+        "stem": stem,
+        "num_classes": num_classes,
+        "role": role,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "extra": extra,
+    }
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def _read_checkpoint(path: str | os.PathLike, map_location: Any) -> dict[str, Any]:
+    """Read and validate a checkpoint file; one-line ValueError on any problem."""
+    spath = os.fspath(path)
+    if not os.path.isfile(spath):
+        raise ValueError(f"checkpoint {spath!r} does not exist or is not a file")
+    try:
+        with warnings.catch_warnings():
+            # torch 2.1's weights_only unpickler touches TypedStorage and warns about it.
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+            ckpt = torch.load(spath, map_location=map_location, weights_only=True)
+    except Exception as exc:  # pickle/zip/EOF errors all mean "not readable"
+        raise ValueError(
+            f"checkpoint {spath!r} is corrupt or not a torch file ({_first_line(exc)})"
+        ) from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(
+            f"checkpoint {spath!r} is not a {CHECKPOINT_FORMAT!r} checkpoint (found format {found!r})"
+        )
+    missing = [k for k in ("arch", "stem", "num_classes", "role", "state_dict") if k not in ckpt]
+    if missing:
+        raise ValueError(f"checkpoint {spath!r} lacks the keys {', '.join(missing)}")
+    for key, check in (
+        ("arch", _check_arch),
+        ("stem", _check_stem),
+        ("num_classes", _check_num_classes),
+        ("role", _check_role),
+    ):
+        try:
+            check(ckpt[key])
+        except ValueError as exc:
+            raise ValueError(f"checkpoint {spath!r}: {exc}") from None
+    return ckpt
+
+
+def _load_state_strict(model: nn.Module, state: Mapping[str, Any], path) -> None:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())
+        raise ValueError(
+            f"checkpoint {os.fspath(path)!r} weights do not fit the model: {detail[:300]}"
+        ) from None
+
+
+def load_checkpoint(
+    path: str | os.PathLike, map_location: Any = "cpu"
+) -> tuple[torchvision.models.ResNet, dict[str, Any]]:
+    """Rebuild the model stored by :func:`save_checkpoint` and load its weights.
+
+    The model is rebuilt with ``build_teacher(arch, num_classes, stem,
+    weights=None)`` or ``build_student(arch, num_classes, stem)`` according to
+    the stored role, then ``load_state_dict(strict=True)``. The file is read
+    with ``torch.load(weights_only=True)`` (no arbitrary code runs).
+
+    Args:
+        path: a checkpoint file of this project.
+        map_location: passed to ``torch.load`` (tensors are loaded there; the
+            rebuilt model itself is on CPU, copied from them).
+
+    Returns:
+        ``(model, meta)``: the float32 model in train mode, and the checkpoint
+        dict without ``"state_dict"`` (keys format, arch, stem, num_classes,
+        role, extra).
+
+    Raises:
+        ValueError: missing file, corrupt file, not this project's format, or
+            weights that do not fit the rebuilt model (one line, naming the path).
+    """
+    ckpt = _read_checkpoint(path, map_location)
+    if ckpt["role"] == "teacher":
+        model = build_teacher(ckpt["arch"], ckpt["num_classes"], ckpt["stem"], weights=None)
+    else:
+        model = build_student(ckpt["arch"], ckpt["num_classes"], ckpt["stem"])
+    _load_state_strict(model, ckpt["state_dict"], path)
+    meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
+    meta.setdefault("extra", {})
+    return model, meta

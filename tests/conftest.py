@@ -1,0 +1,44 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CIFAR_TARBALL = REPO_ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
+CIFAR_SMALL_PER_CLASS = {"train": 30, "test": 20}
+
+
+@pytest.fixture(scope="session")
+def cifar_root(tmp_path_factory) -> Path:
+    """A small real CIFAR-10 image-folder tree: the first 30 train and 20 test JPEGs per class
+    (in archive order) of ``<repo>/../shared/data/cifar10-jpg.tar.gz``, laid out as
+    ``root/{train,test}/<class>/NNNN.jpg``; 300 train + 200 test images. Skips if the tarball
+    is absent. Streams the archive once and writes only the chosen members (about 2 s)."""
+    if not CIFAR_TARBALL.is_file():
+        pytest.skip(f"real CIFAR-10 not found at {CIFAR_TARBALL}: the tests that read real "
+                    f"images need the shared cifar10-jpg.tar.gz next to the repository")
+    root = tmp_path_factory.mktemp("cifar10-small")
+    counts: dict[tuple[str, str], int] = {}
+    wanted_total = sum(CIFAR_SMALL_PER_CLASS.values()) * 10
+    written = 0
+    with tarfile.open(CIFAR_TARBALL, "r|gz") as tf:
+        for member in tf:
+            parts = member.name.split("/")
+            if not member.isfile() or len(parts) != 3 or parts[0] not in CIFAR_SMALL_PER_CLASS:
+                continue
+            split, cls, name = parts
+            key = (split, cls)
+            if counts.get(key, 0) >= CIFAR_SMALL_PER_CLASS[split] or "/" in name or name[:1] == ".":
+                continue
+            counts[key] = counts.get(key, 0) + 1
+            dest = root / split / cls
+            dest.mkdir(parents=True, exist_ok=True)
+            (dest / name).write_bytes(tf.extractfile(member).read())
+            written += 1
+            if written == wanted_total:
+                break
+    return root
