@@ -1,0 +1,472 @@
+#!/usr/bin/env python
+"""Distill, sparsify, benchmark: the whole model-compression study, orchestrated by Ray.
+
+Stages (each one hop away from here):
+  1. teacher   ``trainables.train.train_teacher``  - fine-tune a ResNet teacher (one Tune trial)
+  2. students  ``trainables.train.train_student``  - three setups (ce, kd, kd_feat) at once under Tune
+  3. sparsify  ``trainables.sparsify``             - best student -> SparseML recipe -> ONNX
+  4. bench     ``bench.benchmark``                 - DeepSparse / onnxruntime on a CPU-only actor
+  5. report    ``report.ipynb``                    - executed notebook -> HTML/PDF (``--report``)
+
+Usage: ``python orchestrate.py --preset smoke --data-root DIR`` (see ``--help``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")  # Neural Magic packages: no phoning home
+
+PROJECT_DIR = Path(__file__).resolve().parent
+SETUPS = ("ce", "kd", "kd_feat")
+STAGES = ("teacher", "students", "sparsify", "bench")
+TASK_BATCH_RANGE = (128, 512)  # the task: Adam, batch size 128..512
+REQUIRED_PACKAGES = ("torch", "torchvision", "ray", "sparseml", "deepsparse", "onnx",
+                     "onnxruntime", "pandas", "numpy", "tabulate", "yaml")
+
+
+class StudyError(Exception):
+    """A problem with the user's input or machine, reported as one line and exit code 2."""
+
+
+@dataclass
+class StudyConfig:
+    """Every setting of one study. Presets fill it; any field can be overridden on the CLI.
+
+    Units: learning rates are Adam step sizes; epochs count passes over the (subset of the)
+    training set; ``bench_seconds``/``bench_warmup_seconds`` are seconds; ``*_subset`` are image
+    counts (0 = the whole split); ``cpus_per_trial``/``gpus_per_trial`` are Ray resource units
+    (fractions allowed; ``None`` = share the machine between the concurrent student trials).
+    """
+
+    preset: str = "full"
+    data_root: str | None = None
+    download: bool = False
+    output_dir: str = "runs/full"
+    arch: str = "resnet101"
+    stem: str = "cifar"
+    teacher_weights: str | None = "imagenet"
+    train_subset: int = 0
+    test_subset: int = 0
+    batch_size: int = 256
+    lr: float = 1e-3
+    teacher_lr: float = 1e-4
+    temperature: float = 4.0
+    tolerance: float = 0.01
+    patience: int = 2
+    max_epochs: int = 50
+    teacher_max_epochs: int = 30
+    setups: tuple[str, ...] = SETUPS
+    cpus_per_trial: float | None = None
+    gpus_per_trial: float | None = None
+    address: str | None = None
+    seed: int = 0
+    dashboard: bool = True
+    recipe: str = str(PROJECT_DIR / "recipes" / "prune_quantize.yaml")
+    recipe_epochs: float = 55.0
+    bench_cores: int | None = None
+    bench_batch_sizes: tuple[int, ...] = (1, 32)
+    bench_warmup_seconds: float = 2.0
+    bench_seconds: float = 10.0
+    stop_after: str = "bench"
+    report: bool = False
+
+
+PRESETS: dict[str, dict] = {
+    # The assignment as written: ResNet-101 on all of CIFAR-10, ImageNet init, 55 recipe epochs. GPU.
+    "full": {},
+    # Same pipeline on 2 CPU cores in well under an hour: resnet18-based models, a few thousand images.
+    "cpu": dict(output_dir="runs/cpu", arch="resnet18", teacher_weights=None,
+                train_subset=2000, test_subset=1000, batch_size=128, teacher_lr=1e-3,
+                max_epochs=6, teacher_max_epochs=6, recipe_epochs=4.0, bench_seconds=5.0),
+    # The same code path on a few hundred images; what the end-to-end test runs.
+    "smoke": dict(output_dir="runs/smoke", arch="resnet18", teacher_weights=None,
+                  train_subset=300, test_subset=200, batch_size=128, teacher_lr=1e-3,
+                  max_epochs=3, teacher_max_epochs=2, recipe_epochs=2.0,
+                  bench_warmup_seconds=0.5, bench_seconds=2.0),
+}
+
+
+def make_config(preset: str, **overrides) -> StudyConfig:
+    """The preset's config with ``overrides`` (field name -> value; ``None`` = keep) applied.
+
+    Raises StudyError for an unknown preset, an unknown field, or a value outside what the
+    study allows (see ``validate``).
+    """
+    if preset not in PRESETS:
+        raise StudyError(f"unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
+    names = {f.name for f in dataclasses.fields(StudyConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise StudyError(f"unknown config field(s) {unknown}; allowed: {sorted(names)}")
+    values = {"preset": preset, **PRESETS[preset]}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    config = StudyConfig(**values)
+    validate(config)
+    return config
+
+
+def validate(config: StudyConfig) -> None:
+    """Check every value that can be checked before any long work starts; StudyError if not."""
+    low, high = TASK_BATCH_RANGE
+    if not low <= config.batch_size <= high:
+        raise StudyError(f"--batch-size {config.batch_size} is outside the task's range {low}..{high}")
+    for name in ("lr", "teacher_lr", "temperature", "tolerance", "bench_seconds"):
+        if not getattr(config, name) > 0:
+            raise StudyError(f"--{name.replace('_', '-')} {getattr(config, name)} must be > 0")
+    for name in ("max_epochs", "teacher_max_epochs", "patience"):
+        if getattr(config, name) < 1:
+            raise StudyError(f"--{name.replace('_', '-')} {getattr(config, name)} must be >= 1")
+    if config.recipe_epochs <= 0:
+        raise StudyError(f"--recipe-epochs {config.recipe_epochs} must be > 0")
+    for name in ("train_subset", "test_subset"):
+        if getattr(config, name) < 0:
+            raise StudyError(f"--{name.replace('_', '-')} {getattr(config, name)} must be >= 0 (0 = all)")
+    bad = [s for s in config.setups if s not in SETUPS]
+    if bad or not config.setups:
+        raise StudyError(f"unknown setup(s) {bad or list(config.setups)}; allowed: {', '.join(SETUPS)}")
+    from models import ARCHS, STEMS
+
+    if config.arch not in ARCHS:
+        raise StudyError(f"--arch {config.arch!r} unknown; allowed: {', '.join(ARCHS)}")
+    if config.stem not in STEMS:
+        raise StudyError(f"--stem {config.stem!r} unknown; allowed: {', '.join(STEMS)}")
+    if config.stop_after not in STAGES:
+        raise StudyError(f"--stop-after {config.stop_after!r} unknown; allowed: {', '.join(STAGES)}")
+    if any(b < 1 for b in config.bench_batch_sizes):
+        raise StudyError(f"--bench-batch-sizes {config.bench_batch_sizes} must all be >= 1")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def _csv(kind):
+    def parse(text: str):
+        try:
+            return tuple(kind(part) for part in text.split(",") if part)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    return parse
+
+
+def _optional_str(text: str) -> str | None:
+    return None if text.lower() in ("none", "") else text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """argparse parser: one option per StudyConfig field, help shows each preset's default."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Presets: " + "; ".join(
+            f"{name}: {', '.join(f'{k}={v}' for k, v in values.items()) or 'the defaults'}"
+            for name, values in PRESETS.items()),
+    )
+    parser.add_argument("--preset", default="full", help=f"one of {', '.join(PRESETS)} (default: full)")
+    kinds = {"setups": _csv(str), "bench_batch_sizes": _csv(int), "teacher_weights": _optional_str,
+             "data_root": _optional_str, "address": _optional_str}
+    helps = {
+        "data_root": "CIFAR-10 root: image folders train/<class>/, test/<class>/, or cifar-10-batches-py",
+        "download": "download CIFAR-10 with torchvision into --data-root when it is not there",
+        "teacher_weights": "'imagenet' (torchvision, needs network), 'none', or a teacher checkpoint path",
+        "train_subset": "stratified subset of training images (0 = all 50,000)",
+        "test_subset": "stratified subset of test images (0 = all 10,000)",
+        "lr": "Adam learning rate of the students", "teacher_lr": "Adam learning rate of the teacher",
+        "temperature": "softmax temperature of the soft targets",
+        "tolerance": "stop rule: |acc_e - acc_(e-1)| < tolerance (accuracy 0..1) ...",
+        "patience": "... for this many epochs in a row",
+        "max_epochs": "safety bound on student epochs", "teacher_max_epochs": "safety bound on teacher epochs",
+        "setups": "comma-separated student setups", "cpus_per_trial": "Ray CPUs per student trial (default: share)",
+        "gpus_per_trial": "Ray GPUs per student trial (default: 1/#setups when a GPU is present)",
+        "address": "address of an existing Ray cluster (default: start a local one)",
+        "dashboard": "start the Ray dashboard", "recipe": "SparseML recipe YAML",
+        "recipe_epochs": "num_epochs of the recipe (phases scale with it)",
+        "bench_cores": "cores of the CPU-only benchmark actor (default: all of this machine's)",
+        "bench_batch_sizes": "comma-separated batch sizes to benchmark",
+        "stop_after": f"last stage to run: {', '.join(STAGES)}",
+        "report": "execute report.ipynb and render it to HTML/PDF at the end",
+    }
+    for f in dataclasses.fields(StudyConfig):
+        if f.name == "preset":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        defaults = {p: PRESETS[p].get(f.name, f.default) for p in PRESETS}
+        shown = f.default if len(set(map(str, defaults.values()))) == 1 else \
+            ", ".join(f"{p}: {v}" for p, v in defaults.items())
+        text = f"{helps.get(f.name, f.name.replace('_', ' '))} (default: {shown})"
+        if f.type in ("bool",):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+            continue
+        kind = kinds.get(f.name) or {"int": int, "float": float, "int | None": int,
+                                     "float | None": float}.get(f.type, str)
+        parser.add_argument(flag, type=kind, default=None, help=text)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="reuse an --output-dir made with a different config (default: refuse)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="only (re)build the report of the run in --output-dir")
+    return parser
+
+
+def config_from_args(argv: list[str] | None = None) -> tuple[StudyConfig, argparse.Namespace]:
+    """Parse ``argv`` into a validated StudyConfig (StudyError on bad values)."""
+    args = build_parser().parse_args(argv)
+    fields = {f.name for f in dataclasses.fields(StudyConfig)} - {"preset"}
+    overrides = {name: getattr(args, name) for name in fields}
+    return make_config(args.preset, **overrides), args
+
+
+# ---------------------------------------------------------------------------------------------
+# Start-up checks
+
+
+def check_python(version=sys.version_info) -> None:
+    """StudyError unless Python is 3.10 or 3.11 (deepsparse/sparseml 1.7 ship no other wheels)."""
+    if not ((3, 10) <= tuple(version[:2]) <= (3, 11)):
+        raise StudyError(f"Python {version[0]}.{version[1]} is not supported; use Python 3.10 or 3.11 "
+                         "(deepsparse/sparseml 1.7 ship wheels only for those)")
+
+
+def check_packages(names=REQUIRED_PACKAGES) -> None:
+    """StudyError naming the first package of the stack that cannot be found."""
+    import importlib.util
+
+    missing = [name for name in names if importlib.util.find_spec(name) is None]
+    if missing:
+        raise StudyError(f"package(s) {', '.join(missing)} not installed; run: pip install -e "
+                         f"'{PROJECT_DIR}[report,test]'")
+
+
+def check_avx2(cpuinfo: str | None = None) -> None:
+    """StudyError unless the CPU has AVX2 (DeepSparse 1.7 needs AVX2, AVX-512 or NEON)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return  # not Linux: let deepsparse decide
+    flags = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), "")
+    if "avx2" not in flags.split() and "asimd" not in flags.split():
+        raise StudyError("this CPU has no AVX2; DeepSparse needs AVX2 or AVX-512: run with "
+                         "--stop-after students, or on another machine")
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+
+
+def load_data(config: StudyConfig):
+    """CIFAR-10 as uint8 tensors (``trainables.data``), cut to the preset's stratified subsets."""
+    from trainables.data import CIFAR10Tensors, DataRootError, load_cifar10, stratified_subset
+
+    if config.data_root is None:
+        raise StudyError("--data-root is required: a CIFAR-10 folder (image folders or "
+                         "cifar-10-batches-py), or an empty folder with --download")
+    try:
+        data = load_cifar10(config.data_root, download=config.download)
+    except DataRootError as err:
+        raise StudyError(str(err)) from None
+    train = (data.train_images, data.train_labels)
+    test = (data.test_images, data.test_labels)
+    try:
+        if config.train_subset:
+            train = stratified_subset(*train, config.train_subset, seed=config.seed)
+        if config.test_subset:
+            test = stratified_subset(*test, config.test_subset, seed=config.seed)
+    except ValueError as err:
+        raise StudyError(str(err)) from None
+    return CIFAR10Tensors(*train, *test)
+
+
+def start_ray(config: StudyConfig):
+    """``ray.init`` (local, or ``--address``); prints the dashboard URL."""
+    import ray
+
+    runtime_env = None
+    if config.address:  # a remote cluster: ship this project and the env var to its nodes
+        runtime_env = {"working_dir": str(PROJECT_DIR), "env_vars": {"NM_DISABLE_ANALYTICS": "1"},
+                       "excludes": ["runs/", ".git/", "*.onnx", "*.pt"]}
+    try:
+        context = ray.init(address=config.address, include_dashboard=config.dashboard,
+                           dashboard_host="127.0.0.1", runtime_env=runtime_env)
+    except (ConnectionError, ValueError, RuntimeError) as err:
+        raise StudyError(f"cannot reach Ray cluster at --address {config.address!r}: "
+                         f"{str(err).splitlines()[0]}") from None
+    url = getattr(context, "dashboard_url", None)
+    print(f"Ray dashboard: http://{url}" if url else "Ray dashboard: off (--no-dashboard)", flush=True)
+    return context
+
+
+def trial_resources(config: StudyConfig, role: str) -> dict:
+    """Ray resources of one trial: the teacher takes the whole machine/one GPU, a student a share."""
+    import ray
+
+    total_cpus = ray.cluster_resources().get("CPU", 1.0)
+    has_gpu = ray.cluster_resources().get("GPU", 0.0) > 0
+    n = len(config.setups)
+    if role == "teacher":
+        cpus = config.cpus_per_trial * n if config.cpus_per_trial else total_cpus
+        return {"cpu": cpus, "gpu": 1.0 if has_gpu else 0.0}
+    cpus = config.cpus_per_trial or total_cpus / n
+    gpus = config.gpus_per_trial if config.gpus_per_trial is not None else (1.0 / n if has_gpu else 0.0)
+    return {"cpu": cpus, "gpu": gpus}
+
+
+def trial_config(config: StudyConfig, role: str, resources: dict) -> dict:
+    """The ``param_space`` handed to a trainable (plain values only)."""
+    return {
+        "arch": config.arch, "stem": config.stem, "num_classes": 10, "seed": config.seed,
+        "batch_size": config.batch_size, "temperature": config.temperature,
+        "lr": config.teacher_lr if role == "teacher" else config.lr,
+        "max_epochs": config.teacher_max_epochs if role == "teacher" else config.max_epochs,
+        "teacher_weights": config.teacher_weights, "threads": max(1, round(resources["cpu"])),
+    }
+
+
+def run_tuner(config: StudyConfig, name: str, trainable, param_space: dict, resources: dict,
+              max_epochs: int):
+    """One Tune experiment under ``<output-dir>/<name>``; returns its ResultGrid.
+
+    Stopping by AccuracyPlateauStopper, a checkpoint every epoch (the best two by test_acc and
+    the latest are kept), failed trials retried from their last checkpoint.
+    """
+    from ray import tune
+
+    from trainables.stopper import AccuracyPlateauStopper
+
+    storage = str(Path(config.output_dir).resolve())
+    path = os.path.join(storage, name)
+    wrapped = tune.with_resources(trainable, resources)
+    if tune.Tuner.can_restore(path):
+        print(f"[{name}] resuming the experiment in {path}", flush=True)
+        tuner = tune.Tuner.restore(path, trainable=wrapped, resume_unfinished=True,
+                                   restart_errored=True)
+    else:
+        tuner = tune.Tuner(
+            wrapped,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(max_concurrent_trials=len(config.setups)),
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=storage,
+                stop=AccuracyPlateauStopper(metric="test_acc", tolerance=config.tolerance,
+                                            patience=config.patience, max_epochs=max_epochs),
+                checkpoint_config=tune.CheckpointConfig(
+                    num_to_keep=2, checkpoint_score_attribute="test_acc",
+                    checkpoint_score_order="max"),
+                failure_config=tune.FailureConfig(max_failures=2),
+                verbose=1,
+            ),
+        )
+    grid = tuner.fit()
+    errors = [str(r.error).splitlines()[0] for r in grid if r.error]
+    if errors:
+        raise StudyError(f"{len(errors)} {name} trial(s) failed; first error: {errors[0]}")
+    return grid
+
+
+def stage_teacher(config: StudyConfig, data) -> Path:
+    """Stage 1: fine-tune the teacher; its best-accuracy checkpoint becomes ``teacher.pt``."""
+    from ray import tune
+
+    from trainables.train import MODEL_FILE, train_teacher
+    from trainables.utils import atomic_copy
+
+    target = Path(config.output_dir) / "teacher.pt"
+    if target.exists():
+        print(f"[teacher] {target} exists: skipping the teacher stage", flush=True)
+        return target
+    resources = trial_resources(config, "teacher")
+    grid = run_tuner(config, "teacher", tune.with_parameters(train_teacher, data=data),
+                     trial_config(config, "teacher", resources), resources,
+                     config.teacher_max_epochs)
+    best = grid[0].get_best_checkpoint("test_acc", "max")
+    with best.as_directory() as directory:
+        atomic_copy(Path(directory) / MODEL_FILE, target)
+    return target
+
+
+def stage_students(config: StudyConfig, data, teacher_path: Path):
+    """Stage 2: one Tune experiment, a grid over the setups, all trials running at once."""
+    import torch
+    from ray import tune
+
+    from trainables.train import train_student
+
+    teacher = torch.load(teacher_path, map_location="cpu")
+    resources = trial_resources(config, "student")
+    space = trial_config(config, "student", resources)
+    space["setup"] = tune.grid_search(list(config.setups))
+    trainable = tune.with_parameters(train_student, data=data, teacher=teacher)
+    return run_tuner(config, "students", trainable, space, resources, config.max_epochs)
+
+
+def results_table(config: StudyConfig, teacher_grid_path: Path, students) -> "pd.DataFrame":
+    """One row per model: model, test_acc (at the stop), best_test_acc, epochs, params, seconds."""
+    import pandas as pd
+    from ray import tune
+
+    from models import build_student, build_teacher, count_parameters
+
+    teacher_grid = tune.ExperimentAnalysis(str(teacher_grid_path))
+    rows = []
+
+    def row(model, frame, params):
+        return {"model": model, "test_acc": frame["test_acc"].iloc[-1],
+                "best_test_acc": frame["test_acc"].max(), "epochs": int(frame["training_iteration"].iloc[-1]),
+                "params": params, "seconds": float(frame["epoch_seconds"].sum()),
+                "started_at": float(frame["trial_started_at"].iloc[0]),
+                "finished_at": float(frame["timestamp"].iloc[-1])}
+
+    teacher_frame = next(iter(teacher_grid.trial_dataframes.values()))
+    rows.append(row("teacher", teacher_frame, count_parameters(build_teacher(
+        config.arch, stem=config.stem, weights=None))))
+    student_params = count_parameters(build_student(config.arch, stem=config.stem))
+    for result in students:
+        rows.append(row(result.config["setup"], result.metrics_dataframe, student_params))
+    return pd.DataFrame(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the study; returns the process exit code (0 ok, 2 bad input or machine)."""
+    try:
+        check_python()
+        check_packages()
+        config, args = config_from_args(argv)
+        if config.stop_after in ("sparsify", "bench"):
+            check_avx2()
+        return run_study(config, args)
+    except StudyError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def run_study(config: StudyConfig, args: argparse.Namespace) -> int:
+    """All stages in order, skipping those whose outputs are already complete."""
+    from trainables.utils import atomic_write_text
+
+    out = Path(config.output_dir)
+    data = load_data(config)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.json", json.dumps(dataclasses.asdict(config), indent=2))
+    print(f"data: {len(data.train_labels)} training / {len(data.test_labels)} test images; "
+          f"output: {out.resolve()}", flush=True)
+    start_ray(config)
+    teacher_path = stage_teacher(config, data)
+    if config.stop_after == "teacher":
+        return 0
+    students = stage_students(config, data, teacher_path)
+    table = results_table(config, out.resolve() / "teacher", students)
+    atomic_write_text(out / "results.csv", table.to_csv(index=False))
+    print("\n" + table.drop(columns=["started_at", "finished_at"]).to_markdown(index=False,
+                                                                             floatfmt=".4f"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""Ray Tune function trainables: fine-tune the teacher, train one student per setup.
+
+Both follow Ray Tune's function-trainable convention: a function of ``config`` that calls
+``tune.report(metrics, checkpoint=tune.Checkpoint)`` once per epoch and resumes from
+``tune.get_checkpoint()`` when Tune restarts it. Large inputs (the CIFAR-10 tensors, the frozen
+teacher's weights) arrive through ``tune.with_parameters`` and so sit once in Ray's object store,
+not pickled into every trial's config.
+
+``config`` keys read here (all set by ``orchestrate.py``):
+``arch``, ``stem``, ``num_classes``, ``batch_size`` (128..512), ``lr`` (Adam), ``seed``,
+``threads`` (torch intra-op threads = the trial's CPU share), and for students ``setup``
+(``ce``/``kd``/``kd_feat``) and ``temperature``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+import time
+from typing import Callable
+
+import torch
+from ray import tune
+
+from models import build_student, build_teacher, forward_features, save_checkpoint
+from models.resnet import load_checkpoint
+from trainables.data import CIFAR10Tensors, eval_batches, train_batches
+from trainables.losses import distillation_loss
+
+MODEL_FILE = "model.pt"
+STATE_FILE = "train_state.pt"
+
+
+def pick_device() -> torch.device:
+    """The device this trial trains on: ``cuda`` when Ray gave the trial a GPU, else ``cpu``."""
+    try:
+        import ray
+
+        has_gpu = bool(ray.get_gpu_ids())
+    except Exception:  # outside a Ray worker
+        has_gpu = torch.cuda.is_available()
+    return torch.device("cuda" if has_gpu and torch.cuda.is_available() else "cpu")
+
+
+def setup_torch(config: dict, device: torch.device) -> None:
+    """Seed torch and match its thread count to the trial's CPU share.
+
+    On a GPU, also turns on cuDNN autotuning. ``config["threads"]`` (int >= 1) bounds the
+    intra-op thread pool so that concurrent trials do not oversubscribe the cores.
+    """
+    torch.manual_seed(int(config["seed"]))
+    torch.set_num_threads(max(1, int(config.get("threads", 1))))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on a GPU; a no-op context on the CPU (fp32 there)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+             batch_size: int, device: torch.device) -> float:
+    """Top-1 accuracy (fraction 0..1) of ``model`` on uint8 images (N,3,32,32) and labels (N,)."""
+    model.eval()
+    correct = 0
+    for x, y in eval_batches(images, labels, batch_size, device=device):
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device):
+            correct += (model(x).argmax(dim=1) == y).sum().item()
+    return correct / len(labels)
+
+
+def _save_epoch_checkpoint(model, optimizer, config: dict, role: str, epoch: int,
+                           history: list[float]) -> tune.Checkpoint:
+    directory = tempfile.mkdtemp(prefix="ckpt-")
+    save_checkpoint(model, os.path.join(directory, MODEL_FILE), arch=config["arch"],
+                    stem=config["stem"], num_classes=config["num_classes"], role=role,
+                    extra={"epoch": epoch, "setup": config.get("setup")})
+    torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch, "history": history},
+               os.path.join(directory, STATE_FILE))
+    return tune.Checkpoint.from_directory(directory)
+
+
+def _fit(config: dict, data: CIFAR10Tensors, model: torch.nn.Module, role: str,
+         loss_fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]],
+         device: torch.device) -> None:
+    """The shared epoch loop: Adam, no scheduler; report + checkpoint after every epoch.
+
+    Runs until Tune's stopper ends the trial (``max_epochs`` in config is a safety bound).
+    """
+    batch_size = int(config["batch_size"])
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=float(config["lr"]))
+    start_epoch, history = 0, []
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:  # resume: Tune restarted this trial
+        with checkpoint.as_directory() as directory:
+            restored, _ = load_checkpoint(os.path.join(directory, MODEL_FILE))
+            model.load_state_dict(restored.state_dict())
+            state = torch.load(os.path.join(directory, STATE_FILE), map_location=device)
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, history = state["epoch"], state["history"]
+
+    train_images = data.train_images.to(device)
+    train_labels = data.train_labels.to(device)
+    started = time.time()
+    for epoch in range(start_epoch, int(config["max_epochs"])):
+        model.train()
+        t0 = time.perf_counter()
+        sums: dict[str, float] = {}
+        seen = 0
+        for x, y in train_batches(train_images, train_labels, batch_size,
+                                  seed=int(config["seed"]), epoch=epoch, device=device):
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(device):
+                loss, terms = loss_fn(x, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            n = len(y)
+            seen += n
+            sums["train_loss"] = sums.get("train_loss", 0.0) + loss.item() * n
+            for name, value in terms.items():
+                sums[f"loss_{name}"] = sums.get(f"loss_{name}", 0.0) + value * n
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        train_seconds = time.perf_counter() - t0
+        test_acc = evaluate(model, data.test_images, data.test_labels, batch_size, device)
+        history.append(test_acc)
+        metrics = {name: total / seen for name, total in sums.items()}
+        metrics.update(
+            epoch=epoch + 1,
+            test_acc=test_acc,
+            epoch_seconds=time.perf_counter() - t0,
+            train_images_per_sec=seen / train_seconds,
+            trial_started_at=started,
+        )
+        if not all(math.isfinite(v) for v in metrics.values()):
+            raise FloatingPointError(f"non-finite metrics at epoch {epoch + 1}: {metrics}")
+        tune.report(metrics, checkpoint=_save_epoch_checkpoint(
+            model, optimizer, config, role, epoch + 1, history))
+
+
+def train_teacher(config: dict, data: CIFAR10Tensors) -> None:
+    """Tune trainable: fine-tune ``build_teacher(arch, stem=..., weights=teacher_weights)``.
+
+    All weights are trained with cross-entropy. Reports per epoch: ``test_acc`` (0..1),
+    ``train_loss``, ``loss_ce``, ``epoch_seconds`` (s), ``train_images_per_sec`` (images/s).
+    """
+    device = pick_device()
+    setup_torch(config, device)
+    model = build_teacher(config["arch"], num_classes=config["num_classes"],
+                          stem=config["stem"], weights=config.get("teacher_weights")).to(device)
+
+    def loss_fn(x, y):
+        return distillation_loss("ce", model(x), y)
+
+    _fit(config, data, model, "teacher", loss_fn, device)
+
+
+def train_student(config: dict, data: CIFAR10Tensors, teacher: dict) -> None:
+    """Tune trainable: train ``build_student(arch, stem)`` with ``config["setup"]``'s loss.
+
+    ``teacher`` is the payload of the frozen teacher checkpoint (``torch.load`` of
+    ``teacher.pt``: ``{"arch", "stem", "num_classes", "role", "state_dict", ...}``), handed over
+    by ``tune.with_parameters`` so it is stored once in the object store. It is rebuilt once per
+    trial, in eval mode, with gradients off; its forward runs under ``torch.inference_mode()``.
+    Setups: ``ce`` (cross-entropy), ``kd`` (+ soft cross-entropy at ``temperature``),
+    ``kd_feat`` (+ MSE on layer1/layer2/layer4 feature maps); see ``trainables.losses``.
+    Reports ``test_acc``, ``train_loss`` and one ``loss_<term>`` per summand each epoch.
+    """
+    device = pick_device()
+    setup_torch(config, device)
+    setup = config["setup"]
+    student = build_student(config["arch"], num_classes=config["num_classes"],
+                            stem=config["stem"]).to(device)
+    teacher_model = None
+    if setup != "ce":
+        teacher_model = build_teacher(teacher["arch"], num_classes=teacher["num_classes"],
+                                      stem=teacher["stem"], weights=None)
+        teacher_model.load_state_dict(teacher["state_dict"])
+        teacher_model.to(device).eval().requires_grad_(False)
+        if device.type == "cuda":
+            teacher_model = teacher_model.to(memory_format=torch.channels_last)
+    temperature = float(config["temperature"])
+
+    def loss_fn(x, y):
+        if setup == "ce":
+            return distillation_loss(setup, student(x), y)
+        if setup == "kd":  # logits only: no feature hooks needed
+            with torch.inference_mode():
+                t_logits = teacher_model(x)
+            return distillation_loss(setup, student(x), y, teacher_logits=t_logits.clone(),
+                                     temperature=temperature)
+        with torch.inference_mode():
+            t_logits, t_feats = forward_features(teacher_model, x)
+        # Inference tensors cannot be saved for backward; clone makes ordinary constants.
+        t_logits = t_logits.clone()
+        t_feats = {name: f.clone() for name, f in t_feats.items()}
+        s_logits, s_feats = forward_features(student, x)
+        return distillation_loss(setup, s_logits, y, teacher_logits=t_logits,
+                                 student_feats=s_feats, teacher_feats=t_feats,
+                                 temperature=temperature)
+
+    _fit(config, data, student, "student", loss_fn, device)
+
