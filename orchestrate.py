@@ -200,7 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
         defaults = {p: PRESETS[p].get(f.name, f.default) for p in PRESETS}
         shown = f.default if len(set(map(str, defaults.values()))) == 1 else \
             ", ".join(f"{p}: {v}" for p, v in defaults.items())
-        text = f"{helps.get(f.name, f.name.replace('_', ' '))} (default: {shown})"
+        text = helps.get(f.name, f.name.replace("_", " "))
+        if "default:" not in text:  # some helps explain their None default themselves
+            text += f" (default: {shown})"
         if f.type in ("bool",):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
             continue

@@ -1,0 +1,99 @@
+"""The command line: presets, overrides, and one-line errors for bad input (exit code 2)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import orchestrate
+from orchestrate import StudyError, make_config
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_presets_fill_the_config_and_overrides_win():
+    smoke = make_config("smoke")
+    assert (smoke.arch, smoke.train_subset, smoke.test_subset, smoke.batch_size) == ("resnet18", 300, 200, 128)
+    full = make_config("full")
+    assert (full.arch, full.teacher_weights, full.recipe_epochs, full.train_subset) == ("resnet101", "imagenet", 55.0, 0)
+    custom = make_config("cpu", batch_size=512, lr=0.01, setups=("kd",))
+    assert (custom.batch_size, custom.lr, custom.setups, custom.arch) == (512, 0.01, ("kd",), "resnet18")
+
+
+def test_cli_overrides_are_parsed_into_the_config():
+    config, _ = orchestrate.config_from_args(
+        ["--preset", "smoke", "--batch-size", "256", "--setups", "ce,kd", "--teacher-weights", "none",
+         "--no-dashboard", "--bench-batch-sizes", "1,8", "--temperature", "2.5"])
+    assert config.batch_size == 256 and config.setups == ("ce", "kd")
+    assert config.teacher_weights is None and config.dashboard is False
+    assert config.bench_batch_sizes == (1, 8) and config.temperature == 2.5
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"batch_size": 64}, "--batch-size 64 is outside the task's range 128..512"),
+    ({"batch_size": 513}, "--batch-size 513 is outside the task's range 128..512"),
+    ({"lr": 0.0}, "--lr 0.0 must be > 0"),
+    ({"temperature": -1.0}, "--temperature -1.0 must be > 0"),
+    ({"max_epochs": 0}, "--max-epochs 0 must be >= 1"),
+    ({"setups": ("ce", "dark")}, "unknown setup(s) ['dark']; allowed: ce, kd, kd_feat"),
+    ({"arch": "vgg16"}, "--arch 'vgg16' unknown; allowed: resnet18, resnet34, resnet50, resnet101, resnet152"),
+    ({"train_subset": -5}, "--train-subset -5 must be >= 0 (0 = all)"),
+])
+def test_bad_values_raise_one_line(overrides, message):
+    with pytest.raises(StudyError) as info:
+        make_config("smoke", **overrides)
+    assert str(info.value) == message
+
+
+def test_unknown_preset():
+    with pytest.raises(StudyError, match=r"^unknown preset 'huge'; allowed: full, cpu, smoke$"):
+        make_config("huge")
+
+
+def test_python_and_cpu_checks():
+    orchestrate.check_python((3, 11, 7))
+    with pytest.raises(StudyError, match=r"^Python 3\.12 is not supported"):
+        orchestrate.check_python((3, 12, 0))
+    orchestrate.check_avx2("processor : 0\nflags : fpu sse2 avx avx2 fma\n")
+    with pytest.raises(StudyError, match="this CPU has no AVX2"):
+        orchestrate.check_avx2("processor : 0\nflags : fpu sse2 avx\n")
+    with pytest.raises(StudyError, match=r"package\(s\) no_such_pkg_xyz not installed"):
+        orchestrate.check_packages(("torch", "no_such_pkg_xyz"))
+
+
+def run_cli(*args, cwd=REPO_ROOT):
+    return subprocess.run([sys.executable, str(REPO_ROOT / "orchestrate.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_options_defaults_and_presets():
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    for option in ("--data-root", "--output-dir", "--batch-size", "--lr", "--temperature", "--max-epochs",
+                   "--train-subset", "--teacher-weights", "--cpus-per-trial", "--gpus-per-trial",
+                   "--address", "--seed", "--no-dashboard", "--report"):
+        assert option in proc.stdout, option
+    assert "Presets: full:" in proc.stdout and "smoke: output_dir=runs/smoke" in proc.stdout
+    assert "full: 256, cpu: 128, smoke: 128" in proc.stdout  # per-preset batch size defaults
+
+
+def test_bad_input_exits_2_with_one_line_and_keeps_earlier_results(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "results.csv").write_text("model,test_acc\nteacher,0.9\n")
+    proc = run_cli("--preset", "smoke", "--batch-size", "64", "--output-dir", str(out))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: --batch-size 64 is outside the task's range 128..512"
+    assert (out / "results.csv").read_text() == "model,test_acc\nteacher,0.9\n"
+
+
+def test_missing_data_root_is_one_line(tmp_path):
+    missing = tmp_path / "nowhere"
+    proc = run_cli("--preset", "smoke", "--data-root", str(missing), "--output-dir", str(tmp_path / "run"))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(missing) in lines[0]
+    assert not (tmp_path / "run").exists()
