@@ -408,15 +408,17 @@ def stage_students(config: StudyConfig, data, teacher_path: Path):
     return run_tuner(config, "students", trainable, space, resources, config.max_epochs)
 
 
-def results_table(config: StudyConfig, teacher_grid_path: Path, students) -> "pd.DataFrame":
-    """One row per model: model, test_acc (at the stop), best_test_acc, epochs, params, seconds."""
-    import pandas as pd
+RESULT_COLUMNS = ("model", "test_acc", "best_test_acc", "epochs", "params", "seconds", "weight_sparsity",
+                  "onnx_test_acc", "base", "started_at", "finished_at")
+
+
+def training_rows(config: StudyConfig, teacher_dir: Path, students) -> list[dict]:
+    """One results row per trained model (teacher, then the setups in ``config.setups`` order):
+    test_acc at the stop and best_test_acc (0..1), epochs, params, seconds (sum of epoch times),
+    started_at/finished_at (unix seconds; they show whether the student trials overlapped)."""
     from ray import tune
 
     from models import build_student, build_teacher, count_parameters
-
-    teacher_grid = tune.ExperimentAnalysis(str(teacher_grid_path))
-    rows = []
 
     def row(model, frame, params):
         return {"model": model, "test_acc": frame["test_acc"].iloc[-1],
@@ -425,13 +427,118 @@ def results_table(config: StudyConfig, teacher_grid_path: Path, students) -> "pd
                 "started_at": float(frame["trial_started_at"].iloc[0]),
                 "finished_at": float(frame["timestamp"].iloc[-1])}
 
-    teacher_frame = next(iter(teacher_grid.trial_dataframes.values()))
-    rows.append(row("teacher", teacher_frame, count_parameters(build_teacher(
-        config.arch, stem=config.stem, weights=None))))
+    teacher_frame = next(iter(tune.ExperimentAnalysis(str(teacher_dir)).trial_dataframes.values()))
+    rows = [row("teacher", teacher_frame,
+                count_parameters(build_teacher(config.arch, stem=config.stem, weights=None)))]
     student_params = count_parameters(build_student(config.arch, stem=config.stem))
-    for result in students:
-        rows.append(row(result.config["setup"], result.metrics_dataframe, student_params))
-    return pd.DataFrame(rows)
+    by_setup = {result.config["setup"]: result for result in students}
+    rows += [row(setup, by_setup[setup].metrics_dataframe, student_params) for setup in config.setups]
+    return rows
+
+
+def sparsified_rows(summary: dict, rows: list[dict]) -> list[dict]:
+    """Rows ``pruned`` and ``pruned_quantized`` from the sparsify summary: torch test accuracy,
+    measured weight sparsity (0..1), recipe epochs, and the setup they came from (``base``)."""
+    params = next(row["params"] for row in rows if row["model"] == summary["setup"])
+    return [{"model": name, "test_acc": summary[f"test_acc_{name}"], "params": params,
+             "weight_sparsity": summary[f"weight_sparsity_{name}"], "epochs": summary["recipe_epochs"],
+             "base": summary["setup"]} for name in ("pruned", "pruned_quantized")]
+
+
+def stage_sparsify(config: StudyConfig, data, students) -> dict:
+    """Stage 3: the best student (highest test accuracy of any epoch) through the recipe, as a
+    Ray task on the training device; returns ``sparsify/summary.json``'s content."""
+    import ray
+
+    from trainables.sparsify import sparsify_outputs, sparsify_student
+
+    paths = sparsify_outputs(config.output_dir)
+    if all(path.exists() for path in paths.values()):
+        print(f"[sparsify] {paths['summary']} exists: skipping the sparsify stage", flush=True)
+        return json.loads(paths["summary"].read_text())
+    best = students.get_best_result("test_acc", "max", scope="all")
+    checkpoint = best.get_best_checkpoint("test_acc", "max")
+    print(f"[sparsify] best trial: {best.path.rsplit('/', 1)[-1]} (setup {best.config['setup']}, "
+          f"test_acc {best.metrics_dataframe['test_acc'].max():.4f}); recipe {config.recipe}", flush=True)
+    resources = trial_resources(config, "teacher")
+    task = ray.remote(num_cpus=resources["cpu"], num_gpus=resources["gpu"])(sparsify_student)
+    try:
+        return ray.get(task.remote(
+            checkpoint, data, recipe=config.recipe, recipe_epochs=config.recipe_epochs,
+            batch_size=config.batch_size, seed=config.seed, threads=round(resources["cpu"]),
+            output_dir=str(Path(config.output_dir).resolve()), trial_id=best.path.rsplit("/", 1)[-1],
+            setup=best.config["setup"]))
+    except ray.exceptions.RayTaskError as err:
+        if isinstance(err.cause, ValueError):  # bad recipe and the like: the one line it carries
+            raise StudyError(str(err.cause)) from None
+        raise
+
+
+def stage_bench(config: StudyConfig, data, onnx_paths: dict) -> tuple["pd.DataFrame", dict]:
+    """Stage 4: a CPU-only Ray actor with a fixed core count benchmarks every exported model
+    (DeepSparse; onnxruntime on the dense one) at each batch size, and measures each ONNX
+    model's test accuracy in DeepSparse. Returns (benchmark table, {model: onnx_test_acc})."""
+    import pandas as pd
+    import ray
+
+    from bench.benchmark import make_cpu_benchmark_actor
+    from trainables.data import normalize
+    from trainables.utils import atomic_write_text
+
+    target = Path(config.output_dir) / "benchmark.csv"
+    accuracy_file = Path(config.output_dir) / "onnx_accuracy.json"
+    if target.exists() and accuracy_file.exists():
+        print(f"[bench] {target} exists: skipping the benchmark stage", flush=True)
+        return pd.read_csv(target), json.loads(accuracy_file.read_text())
+    cores = config.bench_cores or int(ray.cluster_resources().get("CPU", 1))
+    actor = make_cpu_benchmark_actor(cores)
+    jobs = [(name, engine, batch) for name in ("dense", "pruned", "pruned_quantized")
+            for engine in (("deepsparse", "onnxruntime") if name == "dense" else ("deepsparse",))
+            for batch in config.bench_batch_sizes]
+    rows = []
+    for name, engine, batch in jobs:  # one at a time: runs must not compete for the cores
+        row = ray.get(actor.run.remote(str(onnx_paths[name]), batch, engine=engine,
+                                       warmup_s=config.bench_warmup_seconds,
+                                       duration_s=config.bench_seconds))
+        rows.append({**row, "model": name})
+        print(f"[bench] {name:16s} {engine:11s} batch {batch:3d}: {row['items_per_sec']:9.1f} items/s, "
+              f"p50 {row['latency_p50_ms']:.2f} ms", flush=True)
+    images = normalize(data.test_images).numpy()
+    labels = data.test_labels.numpy()
+    accuracies = {name: ray.get(actor.accuracy.remote(str(onnx_paths[name]), images, labels, 32))
+                  for name in ("dense", "pruned", "pruned_quantized")}
+    ray.kill(actor)
+    columns = ["model", "engine", "batch_size", "num_cores", "items_per_sec", "latency_mean_ms",
+               "latency_p50_ms", "latency_p99_ms", "isa", "vnni"]
+    table = pd.DataFrame(rows)[columns]
+    atomic_write_text(accuracy_file, json.dumps(accuracies, indent=2))
+    atomic_write_text(target, table.to_csv(index=False))
+    return table, accuracies
+
+
+def fastest_model(bench: "pd.DataFrame", batch_size: int) -> str:
+    """One line naming the highest-throughput (model, engine) at ``batch_size`` and its ratio to
+    dense onnxruntime, the baseline a user would otherwise deploy."""
+    rows = bench[bench["batch_size"] == batch_size].sort_values("items_per_sec", ascending=False)
+    best = rows.iloc[0]
+    base = rows[(rows["model"] == "dense") & (rows["engine"] == "onnxruntime")]["items_per_sec"]
+    ratio = f", {best['items_per_sec'] / base.iloc[0]:.2f}x dense onnxruntime" if len(base) else ""
+    return (f"fastest at batch {batch_size} on this CPU ({best['isa']}, vnni={best['vnni']}): "
+            f"{best['model']} in {best['engine']}, {best['items_per_sec']:.1f} items/s{ratio}")
+
+
+def stage_report(config: StudyConfig) -> int:
+    """Stage 5: execute ``report.ipynb`` on the run and render it to HTML and PDF (``report.py``)."""
+    from report import ReportError, render_report
+
+    if not (Path(config.output_dir) / "results.csv").exists():
+        raise StudyError(f"no finished run in --output-dir {config.output_dir} (results.csv missing)")
+    try:
+        paths = render_report(config.output_dir)
+    except (ReportError, ValueError) as err:
+        raise StudyError(str(err)) from None
+    print("report: " + ", ".join(str(paths[k]) for k in ("notebook", "html", "pdf") if paths.get(k)))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -440,6 +547,8 @@ def main(argv: list[str] | None = None) -> int:
         check_python()
         check_packages()
         config, args = config_from_args(argv)
+        if args.report_only:
+            return stage_report(config)
         if config.stop_after in ("sparsify", "bench"):
             check_avx2()
         return run_study(config, args)
@@ -450,10 +559,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_study(config: StudyConfig, args: argparse.Namespace) -> int:
     """All stages in order, skipping those whose outputs are already complete."""
+    import pandas as pd
+
     from trainables.utils import atomic_write_text
 
     out = Path(config.output_dir)
     data = load_data(config)
+    if config.stop_after in ("sparsify", "bench"):  # a bad recipe fails now, not after training
+        from trainables.sparsify_core import load_recipe
+
+        try:
+            load_recipe(config.recipe, num_epochs=config.recipe_epochs)
+        except ValueError as err:
+            raise StudyError(str(err)) from None
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.json", json.dumps(dataclasses.asdict(config), indent=2))
     print(f"data: {len(data.train_labels)} training / {len(data.test_labels)} test images; "
@@ -463,10 +581,26 @@ def run_study(config: StudyConfig, args: argparse.Namespace) -> int:
     if config.stop_after == "teacher":
         return 0
     students = stage_students(config, data, teacher_path)
-    table = results_table(config, out.resolve() / "teacher", students)
+    rows = training_rows(config, out.resolve() / "teacher", students)
+    bench = None
+    if config.stop_after in ("sparsify", "bench"):
+        summary = stage_sparsify(config, data, students)
+        rows += sparsified_rows(summary, rows)
+        if config.stop_after == "bench":
+            bench, accuracies = stage_bench(config, data, summary["onnx"])
+            for row in rows:  # the exported models' own accuracy, run in DeepSparse
+                name = "dense" if row["model"] == summary["setup"] else row["model"]
+                row["onnx_test_acc"] = accuracies.get(name)
+    table = pd.DataFrame(rows, columns=RESULT_COLUMNS)
     atomic_write_text(out / "results.csv", table.to_csv(index=False))
-    print("\n" + table.drop(columns=["started_at", "finished_at"]).to_markdown(index=False,
-                                                                             floatfmt=".4f"))
+    print("\nAccuracy (test set, 0..1):\n" + table.drop(columns=["started_at", "finished_at"]).to_markdown(
+        index=False, floatfmt=".4f"))
+    if bench is not None:
+        print("\nThroughput (items/s) and latency (ms):\n" + bench.to_markdown(index=False, floatfmt=".2f"))
+        for batch in config.bench_batch_sizes:
+            print(fastest_model(bench, batch))
+    if config.report:
+        return stage_report(config)
     return 0
 
 

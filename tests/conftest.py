@@ -42,3 +42,24 @@ def cifar_root(tmp_path_factory) -> Path:
             if written == wanted_total:
                 break
     return root
+
+
+@pytest.fixture(scope="session")
+def smoke_run(cifar_root, tmp_path_factory) -> Path:
+    """Run ``python orchestrate.py --preset smoke`` end to end on the small real CIFAR-10 tree
+    (300 train / 200 test images) once per session; returns its output directory.
+
+    Fails (does not skip) when the run exits non-zero, with the tail of its output."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("smoke-run")
+    env = dict(os.environ, NM_DISABLE_ANALYTICS="1", RAY_DEDUP_LOGS="0")
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "orchestrate.py"), "--preset", "smoke",
+         "--data-root", str(cifar_root), "--output-dir", str(out), "--no-dashboard"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    (out / "orchestrate.log").write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, f"smoke run failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}"
+    return out

@@ -1,0 +1,287 @@
+"""CPU benchmark of ONNX models with DeepSparse / ONNX Runtime, as a Ray actor.
+
+Throughput and latency come from DeepSparse's own benchmark API,
+``deepsparse.benchmark.benchmark_model.benchmark_model(model_path, batch_size,
+num_cores=..., scenario="sync", time=..., warmup_time=..., engine=...)``
+(DeepSparse 1.7), which supports ``engine="deepsparse"`` and ``engine="onnxruntime"``
+(``ORTEngine``: ``intra_op_num_threads = num_cores`` and the batch axis overridden to
+``batch_size``). With ``scenario="sync"`` it runs one stream: a warm-up for
+``warmup_time`` s, then back-to-back ``engine.run`` calls for ``time`` s, and reports
+``items_per_sec = batch_size * iterations / wall time`` and per-batch latency
+percentiles in milliseconds (``benchmark_result["mean"]``, ``["median"]``, ``["99.0%"]``).
+
+The core count is always set explicitly: the DeepSparse engine is compiled with
+``num_cores`` and the Ray actor reserves the same number of CPUs
+(:func:`make_cpu_benchmark_actor`), so results are comparable between models.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Optional, Union
+
+os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
+
+import numpy as np  # noqa: E402
+
+__all__ = ["ENGINES", "CPUBenchmark", "make_cpu_benchmark_actor", "onnx_accuracy", "cpu_isa"]
+
+#: engine names accepted by :meth:`CPUBenchmark.run` and :func:`onnx_accuracy`
+ENGINES = ("deepsparse", "onnxruntime")
+
+
+def _check_common(model_path: str, batch_size: Any, engine: str, num_cores: Any) -> None:
+    if not os.path.isfile(model_path):
+        raise ValueError(f"ONNX model not found: {model_path!r}")
+    if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine {engine!r} is not supported; allowed: {', '.join(ENGINES)}")
+    if num_cores is not None and (
+        not isinstance(num_cores, (int, np.integer)) or isinstance(num_cores, bool) or num_cores < 1
+    ):
+        raise ValueError(f"num_cores must be an int >= 1 or None, got {num_cores!r}")
+
+
+def cpu_isa() -> Dict[str, Any]:
+    """What DeepSparse detects about this CPU (``deepsparse.cpu.cpu_architecture()``).
+
+    Returns:
+        ``{"isa": "avx2" | "avx512" | ..., "vnni": bool (int8 dot-product
+        instructions; without them DeepSparse emulates INT8), "num_cores": physical
+        cores available to this process, "vendor_model": str}``.
+    """
+    from deepsparse.cpu import cpu_architecture
+
+    arch = cpu_architecture()
+    return {
+        "isa": str(arch.isa),
+        "vnni": bool(arch.vnni),
+        "num_cores": int(arch.num_available_physical_cores),
+        "vendor_model": str(getattr(arch, "vendor_model", "")),
+    }
+
+
+def _to_numpy_f32(images: Any) -> np.ndarray:
+    if hasattr(images, "detach"):  # torch tensor
+        images = images.detach().cpu().numpy()
+    arr = np.ascontiguousarray(np.asarray(images), dtype=np.float32)
+    return arr
+
+
+def onnx_accuracy(
+    path: Union[str, os.PathLike],
+    images_float32: Any,
+    labels: Any,
+    batch_size: int,
+    engine: str = "deepsparse",
+    num_cores: Optional[int] = None,
+) -> float:
+    """Top-1 accuracy of an exported classifier on a labelled image set.
+
+    Args:
+        path: ``.onnx`` file; one input (B, C, H, W) float32, first output logits
+            (B, num_classes).
+        images_float32: (N, C, H, W) float32, already normalized exactly as the model
+            was trained (numpy array or torch tensor).
+        labels: (N,) integer class ids (numpy or torch).
+        batch_size: engine batch size. DeepSparse compiles for a fixed batch size, so
+            the last partial batch is zero-padded to ``batch_size`` and the padded
+            rows are dropped (ONNX Runtime is fed the same way).
+        engine: "deepsparse" (``deepsparse.Engine``) or "onnxruntime"
+            (``onnxruntime.InferenceSession``, CPU provider).
+        num_cores: cores for the engine (DeepSparse ``num_cores``, ORT
+            ``intra_op_num_threads``); None = the engine's default (all).
+
+    Returns:
+        Fraction 0..1 of images whose argmax logit equals the label.
+
+    Raises:
+        ValueError: missing file, unknown engine, bad batch_size/num_cores, images
+            not 4-D, or images/labels of different length or empty.
+    """
+    path = os.fspath(path)
+    _check_common(path, batch_size, engine, num_cores)
+    x = _to_numpy_f32(images_float32)
+    y = labels.detach().cpu().numpy() if hasattr(labels, "detach") else np.asarray(labels)
+    y = y.astype(np.int64).reshape(-1)
+    if x.ndim != 4:
+        raise ValueError(f"images_float32 must be (N, C, H, W), got shape {x.shape}")
+    if len(x) != len(y) or len(x) == 0:
+        raise ValueError(f"need as many labels as images (> 0), got {len(x)} images and {len(y)} labels")
+
+    if engine == "deepsparse":
+        from deepsparse import Engine
+
+        eng = Engine(model=path, batch_size=int(batch_size), num_cores=num_cores)
+
+        def run(batch: np.ndarray) -> np.ndarray:
+            return eng.run([batch])[0]
+
+    else:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if num_cores is not None:
+            opts.intra_op_num_threads = int(num_cores)
+        sess = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
+        in_name = sess.get_inputs()[0].name
+
+        def run(batch: np.ndarray) -> np.ndarray:
+            return sess.run(None, {in_name: batch})[0]
+
+    correct = 0
+    n = len(x)
+    for start in range(0, n, batch_size):
+        batch = x[start : start + batch_size]
+        real = len(batch)
+        if real < batch_size:
+            pad = np.zeros((batch_size - real,) + batch.shape[1:], dtype=np.float32)
+            batch = np.concatenate([batch, pad], axis=0)
+        logits = np.asarray(run(np.ascontiguousarray(batch)))[:real]
+        correct += int((logits.argmax(axis=1) == y[start : start + real]).sum())
+    return correct / n
+
+
+class CPUBenchmark:
+    """CPU-only benchmark worker; meant to run as a Ray actor with a fixed core count.
+
+    Usage::
+
+        actor = make_cpu_benchmark_actor(num_cores=2)          # Ray actor handle
+        row = ray.get(actor.run.remote("pruned.onnx", 32))
+
+    or ``ray.remote(num_gpus=0, num_cpus=n)(CPUBenchmark).remote(num_cores=n)``.
+    Plain (non-Ray) use works as well: ``CPUBenchmark(2).run(...)``.
+
+    Args:
+        num_cores: default core count for :meth:`run` / :meth:`accuracy`; None =
+            all physical cores DeepSparse sees.
+        thread_pinning: DeepSparse thread pinning, "core" (its default), "numa" or
+            "none"; applied by ``benchmark_model`` through NM_BIND_THREADS_* env vars.
+    """
+
+    def __init__(self, num_cores: Optional[int] = None, thread_pinning: str = "core"):
+        if num_cores is not None and (not isinstance(num_cores, int) or num_cores < 1):
+            raise ValueError(f"num_cores must be an int >= 1 or None, got {num_cores!r}")
+        if thread_pinning not in ("core", "numa", "none"):
+            raise ValueError(f"thread_pinning {thread_pinning!r} not allowed; use core, numa or none")
+        os.environ["NM_DISABLE_ANALYTICS"] = "1"
+        self.num_cores = num_cores
+        self.thread_pinning = thread_pinning
+
+    def cpu(self) -> Dict[str, Any]:
+        """:func:`cpu_isa` as seen from this worker's process."""
+        return cpu_isa()
+
+    def run(
+        self,
+        model_path: Union[str, os.PathLike],
+        batch_size: int,
+        engine: str = "deepsparse",
+        num_cores: Optional[int] = None,
+        warmup_s: float = 2.0,
+        duration_s: float = 10.0,
+    ) -> Dict[str, Any]:
+        """Benchmark one model at one batch size with ``deepsparse.benchmark``.
+
+        Args:
+            model_path: ``.onnx`` file (dynamic or matching batch axis).
+            batch_size: items per engine call (random inputs of the model's shape).
+            engine: "deepsparse" or "onnxruntime".
+            num_cores: cores for the engine; default: the actor's ``num_cores``,
+                else all physical cores DeepSparse sees. Always passed explicitly.
+            warmup_s: seconds of untimed runs first (> 0).
+            duration_s: seconds of timed runs (> 0).
+
+        Returns:
+            dict: ``model`` (path str), ``engine``, ``batch_size``, ``num_cores``,
+            ``items_per_sec`` (images/s), ``latency_mean_ms``, ``latency_p50_ms``,
+            ``latency_p99_ms`` (per batch call, milliseconds), ``iterations``,
+            ``seconds_ran``, ``scenario`` ("singlestream"), ``isa`` ("avx2",
+            "avx512", ...), ``vnni`` (bool), ``deepsparse_version``.
+
+        Raises:
+            ValueError: missing file, unknown engine, bad batch_size / num_cores /
+                durations.
+        """
+        from deepsparse import __version__ as ds_version
+        from deepsparse.benchmark.benchmark_model import benchmark_model
+
+        model_path = os.fspath(model_path)
+        if num_cores is None:
+            num_cores = self.num_cores if self.num_cores is not None else cpu_isa()["num_cores"]
+        _check_common(model_path, batch_size, engine, num_cores)
+        for name, val in (("warmup_s", warmup_s), ("duration_s", duration_s)):
+            if not isinstance(val, (int, float)) or isinstance(val, bool) or not val > 0:
+                raise ValueError(f"{name} must be a number > 0 (seconds), got {val!r}")
+
+        out = benchmark_model(
+            model_path=model_path,
+            batch_size=int(batch_size),
+            num_cores=int(num_cores),
+            scenario="sync",
+            time=float(duration_s),
+            warmup_time=float(warmup_s),
+            engine=engine,
+            thread_pinning=self.thread_pinning,
+            quiet=True,
+        )
+        res = out["benchmark_result"]
+        isa = cpu_isa()
+        return {
+            "model": model_path,
+            "engine": engine,
+            "batch_size": int(batch_size),
+            "num_cores": int(num_cores),
+            "items_per_sec": float(res["items_per_sec"]),
+            "latency_mean_ms": float(res["mean"]),
+            "latency_p50_ms": float(res["median"]),
+            "latency_p99_ms": float(res["99.0%"]),
+            "iterations": int(res["iterations"]),
+            "seconds_ran": float(res["seconds_ran"]),
+            "scenario": str(res["scenario"]),
+            "isa": isa["isa"],
+            "vnni": isa["vnni"],
+            "deepsparse_version": str(ds_version),
+        }
+
+    def accuracy(
+        self,
+        path: Union[str, os.PathLike],
+        images_float32: Any,
+        labels: Any,
+        batch_size: int,
+        engine: str = "deepsparse",
+        num_cores: Optional[int] = None,
+    ) -> float:
+        """:func:`onnx_accuracy` inside the worker; ``num_cores`` defaults to the
+        actor's ``num_cores``."""
+        if num_cores is None:
+            num_cores = self.num_cores
+        return onnx_accuracy(path, images_float32, labels, batch_size, engine=engine, num_cores=num_cores)
+
+
+def make_cpu_benchmark_actor(num_cores: int, *, thread_pinning: str = "core", **options: Any):
+    """Start a :class:`CPUBenchmark` Ray actor that reserves ``num_cores`` CPUs and no GPU.
+
+    Args:
+        num_cores: CPUs reserved in Ray (``num_cpus``) and cores given to the engine.
+        thread_pinning: see :class:`CPUBenchmark`.
+        **options: extra ``ray.remote`` / ``.options`` keywords (e.g. ``name``).
+
+    Returns:
+        The actor handle (call ``ray.get(handle.run.remote(path, batch_size))``).
+        ``ray.init`` must have been called (or is auto-started by Ray).
+
+    Raises:
+        ValueError: ``num_cores`` is not an int >= 1.
+    """
+    import ray
+
+    if not isinstance(num_cores, int) or isinstance(num_cores, bool) or num_cores < 1:
+        raise ValueError(f"num_cores must be an int >= 1, got {num_cores!r}")
+    cls = ray.remote(num_gpus=0, num_cpus=num_cores)(CPUBenchmark)
+    if options:
+        cls = cls.options(**options)
+    return cls.remote(num_cores, thread_pinning)

@@ -1,0 +1,110 @@
+"""Tests for report.py / report.ipynb: the executed report of a real smoke run, and rendering paths."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+import nbformat
+
+import report
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+ACCURACY_COLUMNS = {"test_acc": "test acc (stop)", "best_test_acc": "best test acc",
+                    "onnx_test_acc": "ONNX test acc (DeepSparse)"}
+
+
+def _outputs(nb):
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            yield cell, output
+
+
+def _pipe_table(markdown: str) -> dict[str, dict[str, str]]:
+    """The first pipe table in ``markdown`` as {first column value: {header: cell}}."""
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    split = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in lines]
+    header, rows = split[0], [row for row in split[2:]]  # split[1] is the |---| rule
+    return {row[0]: dict(zip(header, row)) for row in rows}
+
+
+def _tiny_notebook(path, source: str):
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_markdown_cell("# tiny", id="title"),
+        nbformat.v4.new_code_cell(source, id="the-cell"),
+    ])
+    nbformat.write(nb, path)
+    return path
+
+
+def test_notebook_has_parameters_cell():
+    nb = nbformat.read(report.NOTEBOOK, as_version=4)
+    cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(cells) == 1 and "REPORT_RUN_DIR" in cells[0].source and "runs/smoke" in cells[0].source
+
+
+def test_report_of_smoke_run(smoke_run):
+    """The executed report of the real smoke run has no errors and an "Accuracy" table whose
+    accuracies equal results.csv to 4 decimals, for every model of the study."""
+    import pandas as pd
+
+    paths = report.render_report(smoke_run, pdf=False)
+    assert paths["notebook"] == smoke_run / "report.ipynb" and paths["notebook"].is_file()
+    assert paths["html"].is_file() and paths["html"].stat().st_size > 10_000
+    assert paths["pdf"] is None
+
+    nb = nbformat.read(paths["notebook"], as_version=4)
+    errors = [f"{cell.get('id')}: {out.get('ename')}: {out.get('evalue')}" for cell, out in _outputs(nb)
+              if out.get("output_type") == "error"]
+    assert not errors, errors
+
+    tables = [out["data"]["text/markdown"] for _, out in _outputs(nb)
+              if "text/markdown" in out.get("data", {}) and out["data"]["text/markdown"].startswith("## Accuracy")]
+    assert len(tables) == 1, "no output headed 'Accuracy' with the accuracy table"
+    table = _pipe_table(tables[0])
+
+    results = pd.read_csv(smoke_run / "results.csv")
+    for model in report.MODELS:
+        assert model in table, f"no row for {model} in the accuracy table: {sorted(table)}"
+        expected = results[results["model"] == model].iloc[-1]
+        for column, header in ACCURACY_COLUMNS.items():
+            value = expected.get(column)
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                continue
+            assert table[model][header] == f"{float(value):.4f}", (model, column, table[model])
+
+
+def test_no_chromium_writes_html_and_says_why(tmp_path, monkeypatch, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    notebook = _tiny_notebook(tmp_path / "tiny.ipynb",
+                              "import os, sys\nprint(os.environ['REPORT_RUN_DIR'])\nprint(sys.executable)")
+    monkeypatch.setattr(report.shutil, "which", lambda name: None)
+
+    paths = report.render_report(run_dir, pdf=True, notebook=notebook, timeout=60)
+
+    assert paths["pdf"] is None and not (run_dir / "report.pdf").exists()
+    assert paths["html"] == run_dir / "report.html" and paths["html"].is_file()
+    stderr = capsys.readouterr().err.strip().splitlines()
+    assert len(stderr) == 1 and stderr[0] == paths["message"]
+    assert "Chromium not found" in stderr[0] and "apt-get install -y chromium" in stderr[0]
+    printed = nbformat.read(paths["notebook"], as_version=4).cells[1].outputs[0]["text"].split()
+    assert printed == [str(run_dir.resolve()), sys.executable]  # REPORT_RUN_DIR set; same interpreter
+    assert not list(run_dir.glob(".*.tmp")), "temporary files left behind"
+
+
+def test_cell_error_names_the_cell(tmp_path):
+    notebook = _tiny_notebook(tmp_path / "bad.ipynb", "raise ValueError('boom')")
+    with pytest.raises(report.ReportError, match=r"cell 1 \(id 'the-cell'.*ValueError: boom"):
+        report.render_report(tmp_path, pdf=False, notebook=notebook, timeout=60)
+    assert not (tmp_path / "report.html").exists()
+
+
+def test_cli_rejects_missing_run_dir(tmp_path, capsys):
+    assert report.main([str(tmp_path / "absent")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not exist" in err[0]
