@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trainables.utils import atomic_output, atomic_write_text
+
 PROJECT_DIR = Path(__file__).resolve().parent
 NOTEBOOK = PROJECT_DIR / "report.ipynb"
 SETUPS = ("ce", "kd", "kd_feat")
@@ -576,28 +578,6 @@ _HTML_TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
 """
 
 
-def _default_mode() -> int:
-    """Permissions of a new regular file under the current umask (mkstemp would make it 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _atomic_write(path: Path, data: str | bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w", encoding=None if isinstance(data, bytes)
-                       else "utf-8") as handle:
-            handle.write(data)
-        os.chmod(tmp, _default_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _kernel_manager():
     """A KernelManager for the "python3" kernel that always runs *this* interpreter
     (``sys.executable -m ipykernel_launcher``), whatever kernelspecs the user has installed."""
@@ -680,27 +660,19 @@ def find_chromium() -> str | None:
 def print_pdf(chromium: str, html: Path, pdf: Path, timeout: int = 180) -> Path:
     """Print ``html`` to ``pdf`` with headless Chromium (atomic: temp file, then os.replace).
     Raises ReportError when Chromium fails or writes no PDF."""
-    fd, tmp = tempfile.mkstemp(dir=pdf.parent, prefix=f".{pdf.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with tempfile.TemporaryDirectory(prefix="report-chromium-") as profile:
-            cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                   "--disable-dev-shm-usage", "--no-pdf-header-footer", "--print-to-pdf-no-header",
-                   f"--user-data-dir={profile}",
-                   f"--print-to-pdf={tmp}", html.resolve().as_uri()]
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                                      stdin=subprocess.DEVNULL)
-            except subprocess.TimeoutExpired:
-                raise ReportError(f"{chromium} did not print {html.name} within {timeout} s") from None
+    with atomic_output(pdf) as tmp, tempfile.TemporaryDirectory(prefix="report-chromium-") as profile:
+        cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               "--disable-dev-shm-usage", "--no-pdf-header-footer", "--print-to-pdf-no-header",
+               f"--user-data-dir={profile}", f"--print-to-pdf={tmp}", html.resolve().as_uri()]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                                  stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise ReportError(f"{chromium} did not print {html.name} within {timeout} s") from None
         if proc.returncode != 0 or os.path.getsize(tmp) == 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
             raise ReportError(f"{chromium} failed to print {html.name} (exit {proc.returncode}): {tail[0]}")
-        os.chmod(tmp, _default_mode())
-        os.replace(tmp, pdf)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return pdf
 
 
@@ -734,8 +706,8 @@ def render_report(run_dir: str | os.PathLike, *, pdf: bool = True, timeout: int 
     nb, kernel_python = execute_notebook(notebook, run_dir, timeout)
     paths = {"notebook": run_dir / "report.ipynb", "html": run_dir / "report.html", "pdf": None,
              "kernel_python": kernel_python, "message": None}
-    _atomic_write(paths["notebook"], nbformat.writes(nb))
-    _atomic_write(paths["html"], to_html(nb, f"Study report: {run_dir.name}"))
+    atomic_write_text(paths["notebook"], nbformat.writes(nb))
+    atomic_write_text(paths["html"], to_html(nb, f"Study report: {run_dir.name}"))
     if pdf:
         chromium = find_chromium()
         if chromium is None:

@@ -24,7 +24,6 @@ training scripts use. Findings from the 1.7 source (``sparseml/pytorch/utils/exp
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Dict, Optional, Sequence, Set, Tuple, Union
 
 os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
@@ -34,6 +33,8 @@ import onnx  # noqa: E402
 import torch  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 from torch import nn  # noqa: E402
+
+from trainables.utils import atomic_output  # noqa: E402
 
 __all__ = ["export_model_onnx", "onnx_weight_sparsity", "onnx_op_types"]
 
@@ -88,20 +89,14 @@ def export_model_onnx(
 
     from sparseml.pytorch.utils import ModuleExporter
 
-    out_dir = os.path.dirname(os.path.abspath(path))
-    os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", suffix=".onnx", dir=out_dir)
-    os.close(fd)
     was_training = model.training
     model.eval()
     try:
-        exporter = ModuleExporter(model, out_dir)
-        exporter.export_onnx(sample, name=os.path.basename(tmp), convert_qat=convert_qat)
-        os.replace(tmp, path)
+        with atomic_output(path, suffix=".onnx") as tmp:
+            ModuleExporter(model, str(tmp.parent)).export_onnx(sample, name=tmp.name,
+                                                               convert_qat=convert_qat)
     finally:
         model.train(was_training)
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 

@@ -28,7 +28,6 @@ Teacher and student of one run must share a stem so feature maps line up.
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -37,6 +36,8 @@ from urllib.error import URLError
 import torch
 import torchvision
 from torch import nn
+
+from trainables.utils import atomic_output
 
 __all__ = [
     "ARCHS",
@@ -431,21 +432,8 @@ def save_checkpoint(
         "extra": extra,
     }
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_output(path) as tmp:
+        torch.save(payload, tmp)
     return path
 
 

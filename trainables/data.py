@@ -19,7 +19,6 @@ import hashlib
 import math
 import os
 import pickle
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Iterator, NamedTuple
@@ -27,6 +26,8 @@ from typing import Iterator, NamedTuple
 import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_image, read_file
+
+from trainables.utils import atomic_output
 
 __all__ = [
     "CIFAR10_CLASSES",
@@ -346,21 +347,12 @@ def _write_cache(root: Path, kind: str, fingerprint: list, data: CIFAR10Tensors)
            **{k: v.contiguous() for k, v in data._asdict().items()}}
     errors = []
     for path in _cache_paths(root):
-        tmp = None
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(obj, fh)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; make it a normal file
-            os.replace(tmp, path)
+            with atomic_output(path) as tmp:
+                torch.save(obj, tmp)
             return
         except OSError as exc:
             errors.append(f"{path}: {exc}")
-            if tmp is not None and os.path.exists(tmp):
-                os.unlink(tmp)
     warnings.warn(f"could not write CIFAR-10 cache ({'; '.join(errors)}); "
                   f"the data will be decoded again next time", stacklevel=3)
 
