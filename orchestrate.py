@@ -245,11 +245,14 @@ def check_packages(names=REQUIRED_PACKAGES) -> None:
                          f"'{PROJECT_DIR}[report,test]'")
 
 
+CPUINFO = Path("/proc/cpuinfo")
+
+
 def check_avx2(cpuinfo: str | None = None) -> None:
     """StudyError unless the CPU has AVX2 (DeepSparse 1.7 needs AVX2, AVX-512 or NEON)."""
     if cpuinfo is None:
         try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
+            cpuinfo = CPUINFO.read_text()
         except OSError:
             return  # not Linux: let deepsparse decide
     flags = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), "")
@@ -285,6 +288,23 @@ def load_data(config: StudyConfig):
     return CIFAR10Tensors(*train, *test)
 
 
+def check_address(address: str | None, timeout: float = 5.0) -> None:
+    """StudyError unless a TCP connection to ``--address`` (``host:port``, optionally ``ray://``)
+    opens within ``timeout`` seconds; ``ray.init`` itself retries an unreachable head for minutes.
+    ``None`` (start a local cluster) and ``auto`` (find a running local one) are left to Ray."""
+    import socket
+
+    if address in (None, "auto", "local"):
+        return
+    host, _, port = address.split("://")[-1].rpartition(":")
+    if not host or not port.isdigit():
+        raise StudyError(f"--address {address!r} is not host:port (e.g. 10.0.0.1:6379), 'auto' or ray://host:port")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise StudyError(f"cannot reach Ray cluster at --address {address!r}: {err.strerror or err}") from None
+
+
 def start_ray(config: StudyConfig):
     """``ray.init`` (local, or ``--address``); prints the dashboard URL."""
     import ray
@@ -293,6 +313,7 @@ def start_ray(config: StudyConfig):
     if config.address:  # a remote cluster: ship this project and the env var to its nodes
         runtime_env = {"working_dir": str(PROJECT_DIR), "env_vars": {"NM_DISABLE_ANALYTICS": "1"},
                        "excludes": ["runs/", ".git/", "*.onnx", "*.pt"]}
+    check_address(config.address)
     try:
         context = ray.init(address=config.address, include_dashboard=config.dashboard,
                            dashboard_host="127.0.0.1", runtime_env=runtime_env)
@@ -379,8 +400,14 @@ def stage_teacher(config: StudyConfig, data) -> Path:
     from trainables.train import MODEL_FILE, train_teacher
     from trainables.utils import atomic_copy
 
+    from models import load_checkpoint
+
     target = Path(config.output_dir) / "teacher.pt"
     if target.exists():
+        try:
+            load_checkpoint(target)
+        except ValueError as err:
+            raise StudyError(f"{err}; delete it to train the teacher again") from None
         print(f"[teacher] {target} exists: skipping the teacher stage", flush=True)
         return target
     resources = trial_resources(config, "teacher")
@@ -557,6 +584,69 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+# Fields that change where and how a run executes, not what it computes: a resumed run may differ
+# in them (the data root may move; the data it holds is checked when loaded).
+RUNTIME_FIELDS = ("data_root", "download", "output_dir", "dashboard", "address", "report", "stop_after",
+                  "cpus_per_trial", "gpus_per_trial")
+# Everything a run writes into --output-dir (removed by --overwrite before a new run starts).
+RUN_OUTPUTS = ("config.json", "teacher", "teacher.pt", "students", "onnx", "sparsify", "results.csv",
+               "benchmark.csv", "onnx_accuracy.json", "report.ipynb", "report.html", "report.pdf")
+
+
+def check_output_dir(config: StudyConfig, overwrite: bool) -> bool:
+    """Refuse an --output-dir whose ``config.json`` differs from ``config`` (outside
+    RUNTIME_FIELDS) unless ``overwrite``. Returns True when an earlier run there is to be replaced
+    (``remove_run_outputs``, once every other check has passed)."""
+    out = Path(config.output_dir)
+    saved = out / "config.json"
+    if not saved.exists():
+        return False
+    try:
+        previous = json.loads(saved.read_text())
+    except (OSError, ValueError) as err:
+        raise StudyError(f"{saved} is unreadable ({err}); pass --overwrite to start a new run there") from None
+    current = json.loads(json.dumps(dataclasses.asdict(config)))
+    changed = [k for k in current if k not in RUNTIME_FIELDS and previous.get(k) != current[k]]
+    if changed and not overwrite:
+        diff = "; ".join(f"{k}: {previous.get(k)!r} -> {current[k]!r}" for k in changed[:3])
+        raise StudyError(f"--output-dir {out} holds a run made with a different config ({diff}); "
+                         "pass --overwrite to replace it, or choose another --output-dir")
+    return bool(changed)
+
+
+def remove_run_outputs(out: Path) -> None:
+    """Delete what an earlier run wrote into ``out`` (RUN_OUTPUTS); other files are kept."""
+    import shutil
+
+    print(f"--overwrite: removing the earlier run in {out}", flush=True)
+    for name in RUN_OUTPUTS:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+
+
+def check_inputs(config: StudyConfig, teacher_stage: bool) -> None:
+    """Everything that can fail after hours of training, checked before any: the recipe (when the
+    sparsify stage will run) and the teacher's initial weights (when the teacher stage will run:
+    'imagenet' is downloaded now, a checkpoint path must hold a teacher of this arch and stem)."""
+    if config.stop_after in ("sparsify", "bench"):
+        from trainables.sparsify_core import load_recipe
+
+        try:
+            load_recipe(config.recipe, num_epochs=config.recipe_epochs)
+        except ValueError as err:
+            raise StudyError(str(err)) from None
+    if config.teacher_weights is not None and teacher_stage:
+        from models import build_teacher
+
+        try:
+            build_teacher(config.arch, stem=config.stem, weights=config.teacher_weights)
+        except (ValueError, RuntimeError) as err:
+            raise StudyError(f"--teacher-weights {config.teacher_weights}: {err}") from None
+
+
 def run_study(config: StudyConfig, args: argparse.Namespace) -> int:
     """All stages in order, skipping those whose outputs are already complete."""
     import pandas as pd
@@ -564,19 +654,16 @@ def run_study(config: StudyConfig, args: argparse.Namespace) -> int:
     from trainables.utils import atomic_write_text
 
     out = Path(config.output_dir)
+    replace = check_output_dir(config, args.overwrite)
     data = load_data(config)
-    if config.stop_after in ("sparsify", "bench"):  # a bad recipe fails now, not after training
-        from trainables.sparsify_core import load_recipe
-
-        try:
-            load_recipe(config.recipe, num_epochs=config.recipe_epochs)
-        except ValueError as err:
-            raise StudyError(str(err)) from None
+    check_inputs(config, teacher_stage=replace or not (out / "teacher.pt").exists())
+    start_ray(config)
+    if replace:
+        remove_run_outputs(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.json", json.dumps(dataclasses.asdict(config), indent=2))
     print(f"data: {len(data.train_labels)} training / {len(data.test_labels)} test images; "
           f"output: {out.resolve()}", flush=True)
-    start_ray(config)
     teacher_path = stage_teacher(config, data)
     if config.stop_after == "teacher":
         return 0

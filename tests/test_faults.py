@@ -1,0 +1,245 @@
+"""Bad input, interruption and failing trials: one clear line, nothing lost, resume to the same result."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from torchvision.io import write_png
+
+import orchestrate
+from models import build_teacher, save_checkpoint
+from trainables.data import CIFAR10_CLASSES
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EARLIER = "model,test_acc\nteacher,0.5\n"
+
+
+@pytest.fixture
+def earlier_run(tmp_path, cifar_root):
+    """An output dir holding an earlier smoke run's config and results (with this data root)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    config = orchestrate.make_config("smoke", data_root=str(cifar_root), output_dir=str(out),
+                                     dashboard=False)
+    import dataclasses
+
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(config)))
+    (out / "results.csv").write_text(EARLIER)
+    return out
+
+
+def run_main(capsys, *argv):
+    code = orchestrate.main(["--preset", "smoke", "--no-dashboard", *map(str, argv)])
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err
+
+
+def assert_refused(code, err, *needles):
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    for needle in needles:
+        assert str(needle) in err[0], (needle, err[0])
+
+
+def image_tree(root: Path, classes=CIFAR10_CLASSES, size=32, per_class=1) -> Path:
+    for split in ("train", "test"):
+        for name in classes:
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                write_png(torch.zeros(3, size, size, dtype=torch.uint8), str(folder / f"{i}.png"))
+    return root
+
+
+def test_data_root_problems_are_one_line(tmp_path, capsys, earlier_run):
+    cases = {
+        "missing": tmp_path / "missing",
+        "empty": tmp_path / "empty",
+        "wrong classes": image_tree(tmp_path / "classes", classes=CIFAR10_CLASSES[:9] + ("zebra",)),
+        "wrong size": image_tree(tmp_path / "size", size=64),
+    }
+    (tmp_path / "empty").mkdir()
+    expected = {"missing": "does not exist", "empty": "--download", "wrong classes": "zebra",
+                "wrong size": "64"}
+    for case, root in cases.items():
+        code, err = run_main(capsys, "--data-root", root, "--output-dir", earlier_run)
+        assert_refused(code, err, root, expected[case])
+        assert (earlier_run / "results.csv").read_text() == EARLIER, case
+
+
+def test_download_without_network_is_one_line(tmp_path, capsys, monkeypatch):
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", offline)
+    code, err = run_main(capsys, "--data-root", tmp_path / "data", "--download",
+                         "--output-dir", tmp_path / "run")
+    assert_refused(code, err, "network")
+    assert not (tmp_path / "run").exists()
+
+
+def test_teacher_weights_problems_are_one_line(tmp_path, capsys, earlier_run, cifar_root, monkeypatch):
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    other_arch = tmp_path / "resnet34.pt"
+    save_checkpoint(build_teacher("resnet34", weights=None), other_arch, arch="resnet34", stem="cifar",
+                    num_classes=10, role="teacher")
+    import torchvision.models._api as api
+    from urllib.error import URLError
+
+    def offline(*args, **kwargs):
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(api, "load_state_dict_from_url", offline)
+    (earlier_run / "config.json").unlink()  # an earlier run's results, with any config
+    for weights, needle in [(tmp_path / "missing.pt", "missing.pt"), (corrupt, "corrupt.pt"),
+                            (other_arch, "resnet34"), ("imagenet", "imagenet")]:
+        code, err = run_main(capsys, "--data-root", cifar_root, "--output-dir", earlier_run,
+                             "--teacher-weights", weights)
+        assert_refused(code, err, "--teacher-weights", needle)
+    assert (earlier_run / "results.csv").read_text() == EARLIER
+
+
+def test_recipe_problems_are_one_line(tmp_path, capsys, earlier_run, cifar_root):
+    not_yaml = tmp_path / "bad.yaml"
+    not_yaml.write_text("training_modifiers: [\n  - !EpochRangeModifier\n    end_epoch: : 3\n")
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("version: 1.1.0\nnum_epochs: 3\nmodifiers:\n  - !MagicPruningModifier\n    end_epoch: 3.0\n")
+    (earlier_run / "config.json").unlink()  # an earlier run's results, with any config
+    for recipe, needle in [(tmp_path / "none.yaml", "not found"), (not_yaml, "not valid YAML"),
+                           (unknown, "MagicPruningModifier")]:
+        code, err = run_main(capsys, "--data-root", cifar_root, "--output-dir", earlier_run,
+                             "--recipe", recipe)
+        assert_refused(code, err, recipe, needle)
+    assert (earlier_run / "results.csv").read_text() == EARLIER
+
+
+def test_unreachable_address_is_one_line(capsys, earlier_run, cifar_root):
+    code, err = run_main(capsys, "--data-root", cifar_root, "--output-dir", earlier_run,
+                         "--address", "127.0.0.1:1")
+    assert_refused(code, err, "cannot reach Ray cluster at --address '127.0.0.1:1'")
+    code, err = run_main(capsys, "--data-root", cifar_root, "--output-dir", earlier_run,
+                         "--address", "nonsense")
+    assert_refused(code, err, "is not host:port")
+    assert (earlier_run / "results.csv").read_text() == EARLIER
+
+
+def test_a_different_config_is_refused_without_overwrite(capsys, earlier_run, cifar_root):
+    code, err = run_main(capsys, "--data-root", cifar_root, "--output-dir", earlier_run, "--lr", "0.002")
+    assert_refused(code, err, "holds a run made with a different config", "lr: 0.001 -> 0.002", "--overwrite")
+    assert (earlier_run / "results.csv").read_text() == EARLIER
+
+
+def test_no_avx2_is_one_line(capsys, monkeypatch, cifar_root, earlier_run, tmp_path):
+    (tmp_path / "cpuinfo").write_text("processor : 0\nflags : fpu sse2 avx\n")
+    monkeypatch.setattr(orchestrate, "CPUINFO", tmp_path / "cpuinfo")
+    code, err = run_main(capsys, "--data-root", cifar_root, "--output-dir", earlier_run)
+    assert_refused(code, err, "no AVX2", "--stop-after students")
+    assert (earlier_run / "results.csv").read_text() == EARLIER
+
+
+# ---------------------------------------------------------------------------------------------
+# Interruption: kill the driver (and its local Ray cluster) twice, then let it finish.
+
+
+def _start(cifar_root, out):
+    cmd = [sys.executable, str(REPO_ROOT / "orchestrate.py"), "--preset", "smoke", "--no-dashboard",
+           "--data-root", str(cifar_root), "--output-dir", str(out), "--stop-after", "students"]
+    log = open(out.parent / f"{out.name}.log", "a")
+    return subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True, env=dict(os.environ, NM_DISABLE_ANALYTICS="1"))
+
+
+def _kill_when(proc, condition, timeout=900):
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        assert time.time() < deadline, "the run did not reach the point of interruption"
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_interrupted_run_resumes_to_the_same_tables(smoke_run, cifar_root, tmp_path):
+    out = tmp_path / "interrupted"
+    out.mkdir()
+    # 1st kill: right after the teacher stage has written teacher.pt
+    _kill_when(_start(cifar_root, out), lambda: (out / "teacher.pt").exists())
+    # 2nd kill: during the student stage, once a student has saved its 2nd epoch
+    _kill_when(_start(cifar_root, out), lambda: any(out.glob("students/*/checkpoint_000001")))
+    proc = _start(cifar_root, out)
+    assert proc.wait(timeout=900) == 0, (out.parent / "interrupted.log").read_text()[-3000:]
+    log = (out.parent / "interrupted.log").read_text()
+    assert "teacher.pt exists: skipping the teacher stage" in log
+    assert "[students] resuming the experiment" in log
+    resumed = pd.read_csv(out / "results.csv").set_index("model")
+    straight = pd.read_csv(smoke_run / "results.csv").set_index("model")
+    for model in ("teacher", "ce", "kd", "kd_feat"):
+        for column in ("test_acc", "best_test_acc", "epochs"):
+            assert resumed.loc[model, column] == straight.loc[model, column], (model, column)
+
+
+# ---------------------------------------------------------------------------------------------
+# A trial whose worker dies mid-run continues from its last checkpoint.
+
+
+def test_a_killed_trial_still_finishes(tmp_path, cifar_root):
+    import ray
+    from ray import tune
+
+    from trainables.data import load_cifar10
+    from trainables.stopper import AccuracyPlateauStopper
+
+    data = load_cifar10(cifar_root)
+
+    def flaky_student(config, data, teacher):
+        """train_student whose worker process dies once, in its 2nd epoch's report."""
+        from ray import tune
+
+        import trainables.train as train
+
+        marker = Path(config["marker"])
+        report = tune.report
+
+        def dying_report(metrics, checkpoint=None):
+            if metrics["epoch"] == 2 and not marker.exists():
+                marker.touch()
+                os._exit(1)
+            report(metrics, checkpoint=checkpoint)
+
+        train.tune.report = dying_report
+        train.train_student(config, data, teacher)
+
+    teacher = {"arch": "resnet18", "stem": "cifar", "num_classes": 10,
+               "state_dict": build_teacher("resnet18", weights=None).state_dict()}
+    config = {"arch": "resnet18", "stem": "cifar", "num_classes": 10, "seed": 0, "batch_size": 128,
+              "temperature": 4.0, "lr": 1e-3, "max_epochs": 2, "threads": 2, "setup": "ce",
+              "marker": str(tmp_path / "died-once")}
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    try:
+        grid = tune.Tuner(
+            tune.with_resources(tune.with_parameters(flaky_student, data=data, teacher=teacher), {"cpu": 2}),
+            param_space=config,
+            run_config=tune.RunConfig(name="flaky", storage_path=str(tmp_path), verbose=0,
+                                      stop=AccuracyPlateauStopper(max_epochs=2),
+                                      failure_config=tune.FailureConfig(max_failures=1)),
+        ).fit()
+    finally:
+        ray.shutdown()
+    assert (tmp_path / "died-once").exists()
+    result = grid[0]
+    assert result.error is None
+    frame = result.metrics_dataframe
+    assert list(frame["epoch"]) == [1, 2]  # epoch 1 not redone: resumed from its checkpoint
