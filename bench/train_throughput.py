@@ -1,0 +1,298 @@
+#!/usr/bin/env python
+"""Training throughput on one device, in images per second, with the ratios that matter.
+
+Measures, at one batch size, on ``--device`` (cpu or cuda), in one run:
+
+* ``data pipeline``: ``trainables.data.train_batches`` over uint8 tensors already on the device
+  (batched crop + flip + normalize), as ``trainables.train._fit`` consumes it;
+* ``DataLoader baseline``: the naive alternative, a ``torch.utils.data.DataLoader`` over a
+  PIL-backed Dataset of the same images (``Image.fromarray`` per sample, as
+  ``torchvision.datasets.CIFAR10`` does) with ``RandomCrop(32, padding=4)``,
+  ``RandomHorizontalFlip()``, ``ToTensor()``, ``Normalize(CIFAR10_MEAN, CIFAR10_STD)``, batches
+  moved to the device;
+* ``teacher forward``: ``build_teacher(arch)`` in eval mode under ``torch.inference_mode()``;
+* ``student step <setup>`` for ce, kd, kd_feat: one optimisation step as in
+  ``trainables.train.train_student`` (teacher forward for kd/kd_feat, the setup's loss, backward,
+  Adam step, the loss read back as a float) on a fixed, already-made batch.
+
+The GPU path is the trainables' own: bf16 autocast (``trainables.train.autocast``), channels_last
+(``--memory-format auto``: on cuda only), cuDNN autotuning and TF32 (``setup_torch``). Timings
+exclude ``--warmup`` steps and are bracketed by ``torch.cuda.synchronize()`` on a GPU. Models are
+randomly initialised (speed does not depend on the weights). Without ``--data-root`` the images
+are random uint8 tensors (the pipeline's cost does not depend on pixel values).
+
+Example: ``python bench/train_throughput.py --arch resnet18 --batch-size 128 --device cpu
+--steps 10 --threads 2``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's packages
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from models import ARCHS, STEMS, build_student, build_teacher, forward_features  # noqa: E402
+from trainables.data import (CIFAR10_MEAN, CIFAR10_STD, load_cifar10,  # noqa: E402
+                             stratified_subset, train_batches)
+from trainables.losses import SETUPS, distillation_loss  # noqa: E402
+from trainables.train import autocast, setup_torch  # noqa: E402
+
+PIPELINE = "data pipeline"
+BASELINE = "DataLoader baseline"
+TEACHER = "teacher forward"
+STEP = "student step"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="resnet18", choices=ARCHS,
+                        help="teacher and student arch, as the study uses them (default: resnet18)")
+    parser.add_argument("--stem", default="cifar", choices=STEMS, help="(default: cifar)")
+    parser.add_argument("--batch-size", type=int, default=128, help="(default: 128)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="(default: cpu)")
+    parser.add_argument("--steps", type=int, default=10,
+                        help="timed steps of the teacher forward and of each student step (default: 10)")
+    parser.add_argument("--data-steps", type=int, default=50,
+                        help="timed batches of the data pipeline and of the DataLoader baseline (default: 50)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before each measurement (default: 2)")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                        help="torch intra-op threads (default: the cores this process may use)")
+    parser.add_argument("--setups", default=",".join(SETUPS),
+                        help=f"comma-separated student setups (default: {','.join(SETUPS)})")
+    parser.add_argument("--data-root", default=None,
+                        help="CIFAR-10 root (trainables.data.load_cifar10); default: random uint8 images")
+    parser.add_argument("--loader-workers", type=int, default=0,
+                        help="num_workers of the DataLoader baseline (default: 0, the main process)")
+    parser.add_argument("--memory-format", default="auto", choices=("auto", "channels_last", "contiguous"),
+                        help="models and batches; auto = channels_last on cuda only, as training does")
+    parser.add_argument("--temperature", type=float, default=4.0, help="(default: 4.0)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam step size (default: 1e-3)")
+    parser.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.setups = tuple(s for s in args.setups.split(",") if s)
+    bad = [s for s in args.setups if s not in SETUPS]
+    if bad:
+        parser.error(f"--setups {','.join(bad)} unknown; allowed: {','.join(SETUPS)}")
+    for name in ("batch_size", "steps", "data_steps", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.warmup < 0 or args.loader_workers < 0:
+        parser.error("--warmup and --loader-workers must be >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is visible to torch here")
+    return args
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(step: Callable[[], object], warmup: int, steps: int, device: torch.device) -> float:
+    """Seconds for ``steps`` calls of ``step`` after ``warmup`` untimed ones (device-synced)."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def _forever(make_epoch: Callable[[int], Iterator]) -> Iterator:
+    epoch = 0
+    while True:
+        yield from make_epoch(epoch)
+        epoch += 1
+
+
+def load_images(args) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """uint8 (N, 3, 32, 32) images and int64 labels, N = batch * (warmup + data_steps) or fewer
+    real images (the pipelines then run several epochs); and a description of the source."""
+    n = args.batch_size * (args.warmup + args.data_steps)
+    if args.data_root:
+        data = load_cifar10(args.data_root)
+        images, labels = data.train_images, data.train_labels
+        if n < len(labels):
+            images, labels = stratified_subset(images, labels, max(n, 10), seed=args.seed)
+        if len(labels) < args.batch_size:
+            raise SystemExit(f"error: --data-root has {len(labels)} training images, fewer than "
+                             f"--batch-size {args.batch_size}")
+        return images.contiguous(), labels, f"CIFAR-10 from {args.data_root} ({len(labels)} images)"
+    g = torch.Generator().manual_seed(args.seed)
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    return images, labels, f"random uint8 ({n} images)"
+
+
+class PILCifar(torch.utils.data.Dataset):
+    """The same uint8 images as a torchvision-style dataset: HWC numpy array, one
+    ``PIL.Image.fromarray`` per sample, then the transform (``torchvision.datasets.CIFAR10``)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform):
+        self.data = images.permute(0, 2, 3, 1).contiguous().numpy()  # (N, 32, 32, 3) uint8
+        self.targets = labels.tolist()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.data[index])), self.targets[index]
+
+
+def baseline_loader(images: torch.Tensor, labels: torch.Tensor, args, device: torch.device):
+    from torchvision import transforms as T
+
+    transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+                           T.Normalize(CIFAR10_MEAN, CIFAR10_STD)])
+    return torch.utils.data.DataLoader(
+        PILCifar(images, labels, transform), batch_size=args.batch_size, shuffle=True,
+        num_workers=args.loader_workers, drop_last=True, pin_memory=device.type == "cuda",
+        persistent_workers=args.loader_workers > 0,
+        generator=torch.Generator().manual_seed(args.seed))
+
+
+def student_step_fn(setup: str, args, device: torch.device, teacher: torch.nn.Module | None,
+                    fmt: torch.memory_format) -> Callable[[torch.Tensor, torch.Tensor], float]:
+    """One optimisation step of a fresh student, as ``trainables.train._fit`` runs it with
+    ``train_student``'s ``loss_fn`` (mirrored here; keep the two in step)."""
+    student = build_student(args.arch, num_classes=10, stem=args.stem).to(device)
+    student = student.to(memory_format=fmt).train()
+    optimizer = torch.optim.Adam(student.parameters(), lr=args.lr)
+    temperature = args.temperature
+
+    def loss_fn(x, y):
+        if setup == "ce":
+            return distillation_loss(setup, student(x), y)
+        if setup == "kd":
+            with torch.inference_mode():
+                t_logits = teacher(x)
+            return distillation_loss(setup, student(x), y, teacher_logits=t_logits.clone(),
+                                     temperature=temperature)
+        with torch.inference_mode():
+            t_logits, t_feats = forward_features(teacher, x)
+        t_logits = t_logits.clone()
+        t_feats = {name: f.clone() for name, f in t_feats.items()}
+        s_logits, s_feats = forward_features(student, x)
+        return distillation_loss(setup, s_logits, y, teacher_logits=t_logits,
+                                 student_feats=s_feats, teacher_feats=t_feats,
+                                 temperature=temperature)
+
+    def step(x, y):
+        with autocast(device):
+            loss, _terms = loss_fn(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.item()  # _fit reads the loss back every step
+
+    return step
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def measure(args) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """Run every measurement; returns (table, ratios, one-line description of the run)."""
+    device = torch.device(args.device)
+    setup_torch({"seed": args.seed, "threads": args.threads}, device)
+    use_cl = args.memory_format == "channels_last" or (args.memory_format == "auto"
+                                                       and device.type == "cuda")
+    fmt = torch.channels_last if use_cl else torch.contiguous_format
+    images, labels, source = load_images(args)
+    bs = args.batch_size
+    rows = []
+
+    def add(stage, setup, batches, seconds):
+        rows.append({"stage": stage, "setup": setup, "images_per_s": batches * bs / seconds,
+                     "ms_per_batch": 1000 * seconds / batches, "batches": batches,
+                     "seconds": seconds})
+
+    # Data pipeline: the uint8 tensors live on the device, as in _fit.
+    dev_images, dev_labels = images.to(device), labels.to(device)
+    batches = _forever(lambda e: train_batches(dev_images, dev_labels, bs, seed=args.seed,
+                                               epoch=e, device=device, drop_last=True))
+    add(PIPELINE, "", args.data_steps, _timed(lambda: next(batches), args.warmup,
+                                                  args.data_steps, device))
+
+    # The naive baseline over the same images.
+    loader = baseline_loader(images, labels, args, device)
+    loader_batches = _forever(lambda e: iter(loader))
+
+    def loader_step():
+        x, y = next(loader_batches)
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    add(BASELINE, f"workers={args.loader_workers}", args.data_steps,
+        _timed(loader_step, args.warmup, args.data_steps, device))
+    del loader_batches, loader
+
+    # A fixed, already-made batch for the models (the pipeline is measured above).
+    x, y = next(batches)
+    x = x.contiguous(memory_format=fmt)
+    teacher = build_teacher(args.arch, num_classes=10, stem=args.stem, weights=None)
+    teacher = teacher.to(device).to(memory_format=fmt).eval().requires_grad_(False)
+
+    def teacher_step():
+        with torch.inference_mode(), autocast(device):
+            return teacher(x)
+
+    add(TEACHER, "", args.steps, _timed(teacher_step, args.warmup, args.steps, device))
+    for setup in args.setups:
+        step = student_step_fn(setup, args, device, teacher if setup != "ce" else None, fmt)
+        add(STEP, setup, args.steps, _timed(lambda: step(x, y), args.warmup, args.steps, device))
+        del step
+
+    table = pd.DataFrame(rows)
+    rate = dict(zip(table["stage"] + " " + table["setup"], table["images_per_s"]))
+    pipeline = table.loc[table["stage"] == PIPELINE, "images_per_s"].iloc[0]
+    baseline = table.loc[table["stage"] == BASELINE, "images_per_s"].iloc[0]
+    ratios = [{"ratio": f"data pipeline / student step {s}", "value": pipeline / rate[f"{STEP} {s}"]}
+              for s in args.setups]
+    ratios.append({"ratio": "data pipeline / DataLoader baseline", "value": pipeline / baseline})
+    ratios.append({"ratio": "DataLoader baseline / fastest student step",
+                   "value": baseline / max(rate[f"{STEP} {s}"] for s in args.setups)})
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{len(os.sched_getaffinity(0))} cores"
+    info = (f"arch {args.arch} (stem {args.stem}), batch {bs}, device {args.device} ({name}), "
+            f"threads {torch.get_num_threads()}, memory format "
+            f"{'channels_last' if use_cl else 'contiguous'}, autocast "
+            f"{'bf16' if device.type == 'cuda' and torch.cuda.is_bf16_supported() else 'off (fp32)'}, "
+            f"images: {source}, torch {torch.__version__}")
+    return table, pd.DataFrame(ratios), info
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    table, ratios, info = measure(args)
+    print(info)
+    print(table.to_markdown(index=False, floatfmt=".2f"))
+    print()
+    print(ratios.to_markdown(index=False, floatfmt=".1f"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

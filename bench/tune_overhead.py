@@ -1,0 +1,336 @@
+#!/usr/bin/env python
+"""What Ray Tune costs the student trials, and what running them at once buys.
+
+Parts (``--parts``, run in this order, all in one process and one Ray instance):
+
+* ``direct``: ``trainables.train.train_student`` called as a plain function with the study's
+  config (``orchestrate.make_config`` + ``orchestrate.trial_config``), ``tune.report`` replaced by
+  a recorder (outside a Tune session Ray 2.49's ``tune.report`` is a no-op and
+  ``tune.get_checkpoint`` returns None, so the loop runs unchanged; the per-epoch checkpoint is
+  still written to a temporary folder, then deleted);
+* ``tune``: the same trainable, config and threads as one Tune trial (``tune.with_parameters``,
+  the study's stopper and checkpoint settings);
+* ``concurrent``: the three setups as one Tune grid, ``max_concurrent_trials=3``, each trial with
+  the resources and threads ``orchestrate.trial_resources``/``trial_config`` give it (a third of
+  the CPUs; threads = max(1, round(share)));
+* ``sequential``: the same three trials, ``max_concurrent_trials=1``, same per-trial config;
+* ``sequential_full``: one after another, each trial given every core (threads = cores);
+* ``concurrent_oversubscribed`` (not in the default list): three at once, each with threads =
+  cores (what ignoring the CPU share would cost).
+
+Per-epoch time is wall time between two reports (epoch 1 also holds the model set-up), both
+directly and under Tune (Tune's ``time_this_iter_s``); ``epoch_seconds`` is the loop's own
+train + evaluate time. Tune overhead = later epochs under Tune / later epochs direct - 1.
+
+The images are real CIFAR-10: a stratified subset of ``--data-root`` (e.g. an extracted copy;
+its decoded-tensor cache is used), or by default the first images per class streamed out of
+``../shared/data/cifar10-jpg.tar.gz`` into a temporary folder. The teacher is randomly
+initialised (speed does not depend on its weights).
+
+Example: ``python bench/tune_overhead.py --parts direct,tune --epochs 3 --train-subset 256``
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from unittest import mock
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT_DIR))  # this checkout's packages, here and in Ray's workers
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(PROJECT_DIR)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+TARBALL = PROJECT_DIR.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
+PARTS = ("direct", "tune", "concurrent", "sequential", "sequential_full",
+         "concurrent_oversubscribed")
+DEFAULT_PARTS = PARTS[:5]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default=",".join(DEFAULT_PARTS),
+                        help=f"comma-separated, from {','.join(PARTS)} (default: {','.join(DEFAULT_PARTS)})")
+    parser.add_argument("--preset", default="cpu", help="orchestrate preset the config starts from (default: cpu)")
+    parser.add_argument("--arch", default=None, help="override the preset's arch")
+    parser.add_argument("--batch-size", type=int, default=128, help="(default: 128)")
+    parser.add_argument("--train-subset", type=int, default=256, help="training images (default: 256)")
+    parser.add_argument("--test-subset", type=int, default=200, help="test images (default: 200)")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs per trial (default: 2)")
+    parser.add_argument("--setup", default="kd", help="setup of the direct/tune parts (default: kd)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads (= Tune CPUs) of the direct/tune parts (default: all cores)")
+    parser.add_argument("--cpus", type=int, default=None,
+                        help="CPUs of the Ray instance (default: the cores this process may use)")
+    parser.add_argument("--data-root", default=None,
+                        help=f"CIFAR-10 root (default: images streamed out of {TARBALL})")
+    parser.add_argument("--output-dir", default=None,
+                        help="Tune storage (default: a temporary folder, deleted at the end)")
+    return parser
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+def extract_subset(tarball: Path, dest: Path, per_class: dict[str, int]) -> Path:
+    """The first ``per_class[split]`` images of every class of each split, in archive order,
+    written as ``dest/<split>/<class>/<name>.jpg``; streams the archive once."""
+    counts: dict[tuple[str, str], int] = {}
+    need = sum(per_class.values()) * 10
+    with tarfile.open(tarball, "r|gz") as tf:
+        for member in tf:
+            parts = member.name.split("/")
+            if not member.isfile() or len(parts) != 3 or parts[0] not in per_class:
+                continue
+            split, cls, name = parts
+            if counts.get((split, cls), 0) >= per_class[split] or name.startswith("."):
+                continue
+            counts[(split, cls)] = counts.get((split, cls), 0) + 1
+            (dest / split / cls).mkdir(parents=True, exist_ok=True)
+            (dest / split / cls / name).write_bytes(tf.extractfile(member).read())
+            need -= 1
+            if need == 0:
+                break
+    return dest
+
+
+def load_data(args, workdir: Path):
+    from trainables.data import CIFAR10Tensors, load_cifar10, stratified_subset
+
+    if args.data_root:
+        data, source = load_cifar10(args.data_root), args.data_root
+    else:
+        if not TARBALL.is_file():
+            raise SystemExit(f"error: {TARBALL} not found; pass --data-root")
+        per_class = {"train": math.ceil(args.train_subset / 10), "test": math.ceil(args.test_subset / 10)}
+        root = extract_subset(TARBALL, workdir / "cifar10", per_class)
+        data, source = load_cifar10(root, cache=False), f"{TARBALL.name} (first images per class)"
+    train = stratified_subset(data.train_images, data.train_labels, args.train_subset, seed=0)
+    test = stratified_subset(data.test_images, data.test_labels, args.test_subset, seed=0)
+    return CIFAR10Tensors(*train, *test), source
+
+
+def teacher_payload(config) -> dict:
+    """What ``orchestrate.stage_students`` hands the trials: ``torch.load`` of a teacher
+    checkpoint (here of a randomly initialised teacher)."""
+    from models import build_teacher, save_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_checkpoint(build_teacher(config.arch, stem=config.stem, weights=None),
+                               os.path.join(tmp, "teacher.pt"), arch=config.arch,
+                               stem=config.stem, num_classes=10, role="teacher")
+        return torch.load(path, map_location="cpu")
+
+
+# ------------------------------------------------------------------------------------ parts
+
+
+def run_direct(space: dict, data, teacher: dict) -> dict:
+    """``train_student`` as a plain call; returns per-epoch wall times and the metrics."""
+    from trainables import train
+
+    stamps, metrics = [], []
+
+    def report(values, checkpoint=None):
+        stamps.append(time.perf_counter())
+        metrics.append(dict(values))
+        if checkpoint is not None:
+            shutil.rmtree(checkpoint.path, ignore_errors=True)
+
+    threads = torch.get_num_threads()
+    t0 = time.perf_counter()
+    with mock.patch.object(train.tune, "report", report), \
+            mock.patch.object(train.tune, "get_checkpoint", lambda: None):
+        train.train_student(dict(space), data=data, teacher=teacher)
+    total = time.perf_counter() - t0
+    torch.set_num_threads(threads)
+    epochs = [b - a for a, b in zip([t0] + stamps[:-1], stamps)]
+    return {"epoch_wall": epochs, "epoch_seconds": [m["epoch_seconds"] for m in metrics],
+            "images_per_s": [m["train_images_per_sec"] for m in metrics], "total": total}
+
+
+def fit(config, storage: str, name: str, trainable, space: dict, resources: dict,
+        max_concurrent: int):
+    """``orchestrate.run_tuner``'s Tuner (stopper, checkpoints) with ``max_concurrent``
+    trials at once; no retries, quiet. Returns (ResultGrid, wall seconds of ``fit()``)."""
+    from ray import tune
+
+    from trainables.stopper import AccuracyPlateauStopper
+
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, resources),
+        param_space=space,
+        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent),
+        run_config=tune.RunConfig(
+            name=name, storage_path=storage,
+            stop=AccuracyPlateauStopper(metric="test_acc", tolerance=config.tolerance,
+                                        patience=config.patience, max_epochs=config.max_epochs),
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute="test_acc", checkpoint_score_order="max"),
+            failure_config=tune.FailureConfig(max_failures=0),
+            verbose=0,
+        ),
+    )
+    t0 = time.perf_counter()
+    grid = tuner.fit()
+    wall = time.perf_counter() - t0
+    errors = [str(r.error).splitlines()[0] for r in grid if r.error]
+    if errors:
+        raise SystemExit(f"error: {name}: {errors[0]}")
+    return grid, wall
+
+
+def trial_rows(grid) -> list[dict]:
+    rows = []
+    for result in grid:
+        frame = result.metrics_dataframe
+        rows.append({"setup": result.config["setup"], "threads": result.config["threads"],
+                     "epochs": len(frame), "epoch_wall": list(frame["time_this_iter_s"]),
+                     "epoch_seconds": list(frame["epoch_seconds"]),
+                     "images_per_s": list(frame["train_images_per_sec"]),
+                     "total": float(frame["time_total_s"].iloc[-1]),
+                     "start": float(frame["trial_started_at"].iloc[0]),
+                     "end": float(frame["timestamp"].iloc[-1])})
+    return rows
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _epoch_row(mode: str, setup: str, threads: int, r: dict) -> dict:
+    return {"mode": mode, "setup": setup, "threads": threads, "epochs": len(r["epoch_wall"]),
+            "epoch1_s": r["epoch_wall"][0], "later_epochs_s": _mean(r["epoch_wall"][1:]),
+            "loop_epoch_s": _mean(r["epoch_seconds"][1:] or r["epoch_seconds"]),
+            "train_img_per_s": _mean(r["images_per_s"][1:] or r["images_per_s"]),
+            "trial_total_s": r["total"]}
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    parts = [p for p in args.parts.split(",") if p]
+    bad = [p for p in parts if p not in PARTS]
+    if bad or not parts:
+        parser.error(f"--parts {','.join(bad) or '(none)'}: allowed {','.join(PARTS)}")
+
+    import ray
+    from ray import tune
+
+    import orchestrate
+    from trainables.train import train_student
+
+    cores = args.cpus or len(os.sched_getaffinity(0))
+    threads = args.threads or cores
+    overrides = dict(batch_size=args.batch_size, train_subset=args.train_subset,
+                     test_subset=args.test_subset, max_epochs=args.epochs, arch=args.arch)
+    config = orchestrate.make_config(args.preset, **overrides)
+    workdir = Path(tempfile.mkdtemp(prefix="tune-overhead-"))
+    storage = str(Path(args.output_dir).resolve()) if args.output_dir else str(workdir / "runs")
+    try:
+        data, source = load_data(args, workdir)
+        teacher = teacher_payload(config)
+        ray.init(num_cpus=cores, num_gpus=0, include_dashboard=False, log_to_driver=False)
+        where = ray.get(ray.remote(lambda: __import__("trainables.train").train.__file__).remote())
+        print(f"config: preset {args.preset}, arch {config.arch}, batch {config.batch_size}, "
+              f"{len(data.train_labels)} train / {len(data.test_labels)} test images ({source}), "
+              f"{args.epochs} epochs; Ray CPUs {cores}; workers import {where}", flush=True)
+
+        student = tune.with_parameters(train_student, data=data, teacher=teacher)
+        one = {"cpu": threads, "gpu": 0.0}
+        one_space = {**orchestrate.trial_config(config, "student", one), "setup": args.setup}
+        share = orchestrate.trial_resources(config, "student")
+        share_space = orchestrate.trial_config(config, "student", share)
+        grid_space = {**share_space, "setup": tune.grid_search(list(config.setups))}
+        epoch_rows, wall_rows = [], []
+
+        for part in parts:
+            print(f"[{part}] running ...", flush=True)
+            if part == "direct":
+                r = run_direct(one_space, data, teacher)
+                epoch_rows.append(_epoch_row("direct", args.setup, one_space["threads"], r))
+            elif part == "tune":
+                grid, wall = fit(config, storage, "tune-one", student, one_space, one, 1)
+                (r,) = trial_rows(grid)
+                epoch_rows.append(_epoch_row("tune", args.setup, r["threads"], r))
+                epoch_rows[-1]["fit_wall_s"] = wall
+            else:
+                concurrent = part.startswith("concurrent")
+                resources, space = share, dict(grid_space)
+                if part == "sequential_full":
+                    resources = {"cpu": float(cores), "gpu": 0.0}
+                    space = {**orchestrate.trial_config(config, "student", resources),
+                             "setup": grid_space["setup"]}
+                if part == "concurrent_oversubscribed":
+                    space["threads"] = cores
+                grid, wall = fit(config, storage, part, student, space, resources,
+                                 len(config.setups) if concurrent else 1)
+                rows = trial_rows(grid)
+                for r in rows:
+                    epoch_rows.append(_epoch_row(part, r["setup"], r["threads"], r))
+                starts, ends = [r["start"] for r in rows], [r["end"] for r in rows]
+                wall_rows.append({"mode": part, "max_concurrent": len(rows) if concurrent else 1,
+                                  "cpus_per_trial": resources["cpu"], "threads_per_trial": space["threads"],
+                                  "fit_wall_s": wall, "trials_span_s": max(ends) - min(starts),
+                                  "sum_trial_s": sum(r["total"] for r in rows),
+                                  "images_per_s_total": sum(
+                                      config.train_subset * r["epochs"] for r in rows) / wall})
+            print(f"[{part}] done", flush=True)
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    epochs = pd.DataFrame(epoch_rows)
+    print("\nPer-trial epoch times (s; later_epochs_s = mean wall time between reports after the "
+          "first; loop_epoch_s = the loop's own train+evaluate time):")
+    print(epochs.to_markdown(index=False, floatfmt=".2f"))
+    ratios = []
+    modes = set(epochs["mode"])
+    if {"direct", "tune"} <= modes:
+        d = epochs[epochs["mode"] == "direct"].iloc[0]
+        t = epochs[epochs["mode"] == "tune"].iloc[0]
+        if d["epochs"] > 1:
+            ratios.append({"ratio": "Tune overhead per epoch (later epochs, wall) %",
+                           "value": 100 * (t["later_epochs_s"] / d["later_epochs_s"] - 1)})
+        ratios.append({"ratio": "Tune overhead per epoch (loop's own epoch_seconds) %",
+                       "value": 100 * (t["loop_epoch_s"] / d["loop_epoch_s"] - 1)})
+        ratios.append({"ratio": "Tune overhead, whole trial (time_total_s vs direct call) %",
+                       "value": 100 * (t["trial_total_s"] / d["trial_total_s"] - 1)})
+        ratios.append({"ratio": "Tune overhead, whole fit() vs direct call %",
+                       "value": 100 * (t["fit_wall_s"] / d["trial_total_s"] - 1)})
+    if wall_rows:
+        walls = pd.DataFrame(wall_rows)
+        print("\nThree student trials (wall time of tuner.fit(), s):")
+        print(walls.to_markdown(index=False, floatfmt=".2f"))
+        by_mode = dict(zip(walls["mode"], walls["fit_wall_s"]))
+        for seq in ("sequential", "sequential_full"):
+            for con in ("concurrent", "concurrent_oversubscribed"):
+                if seq in by_mode and con in by_mode:
+                    ratios.append({"ratio": f"{seq} / {con} wall time",
+                                   "value": by_mode[seq] / by_mode[con]})
+    if ratios:
+        print()
+        print(pd.DataFrame(ratios).to_markdown(index=False, floatfmt=".2f"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
