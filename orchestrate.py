@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -347,7 +348,7 @@ def trial_config(config: StudyConfig, role: str, resources: dict) -> dict:
         "batch_size": config.batch_size, "temperature": config.temperature,
         "lr": config.teacher_lr if role == "teacher" else config.lr,
         "max_epochs": config.teacher_max_epochs if role == "teacher" else config.max_epochs,
-        "teacher_weights": config.teacher_weights, "threads": max(1, round(resources["cpu"])),
+        "teacher_weights": config.teacher_weights, "threads": max(1, math.floor(resources["cpu"])),
     }
 
 
@@ -492,7 +493,7 @@ def stage_sparsify(config: StudyConfig, data, students) -> dict:
     try:
         return ray.get(task.remote(
             checkpoint, data, recipe=config.recipe, recipe_epochs=config.recipe_epochs,
-            batch_size=config.batch_size, seed=config.seed, threads=round(resources["cpu"]),
+            batch_size=config.batch_size, seed=config.seed, threads=max(1, math.floor(resources["cpu"])),
             output_dir=str(Path(config.output_dir).resolve()), trial_id=best.path.rsplit("/", 1)[-1],
             setup=best.config["setup"]))
     except ray.exceptions.RayTaskError as err:
