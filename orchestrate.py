@@ -117,7 +117,7 @@ def validate(config: StudyConfig) -> None:
     """Check every value that can be checked before any long work starts; StudyError if not."""
     low, high = TASK_BATCH_RANGE
     if not low <= config.batch_size <= high:
-        raise StudyError(f"--batch-size {config.batch_size} is outside the task's range {low}..{high}")
+        raise StudyError(f"--batch-size {config.batch_size} is outside the allowed range {low}..{high}")
     for name in ("lr", "teacher_lr", "temperature", "tolerance", "bench_seconds"):
         if not getattr(config, name) > 0:
             raise StudyError(f"--{name.replace('_', '-')} {getattr(config, name)} must be > 0")
@@ -155,6 +155,13 @@ def _csv(kind):
         except ValueError as err:
             raise argparse.ArgumentTypeError(str(err)) from None
     return parse
+
+
+def _shown(value) -> str:
+    """A default as the user would type it: ``ce,kd`` for a tuple, ``none`` for None."""
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return "none" if value is None else str(value)
 
 
 def _optional_str(text: str) -> str | None:
@@ -198,8 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
         if f.name == "preset":
             continue
         flag = "--" + f.name.replace("_", "-")
-        defaults = {p: PRESETS[p].get(f.name, f.default) for p in PRESETS}
-        shown = f.default if len(set(map(str, defaults.values()))) == 1 else \
+        defaults = {p: _shown(PRESETS[p].get(f.name, f.default)) for p in PRESETS}
+        shown = _shown(f.default) if len(set(defaults.values())) == 1 else \
             ", ".join(f"{p}: {v}" for p, v in defaults.items())
         text = helps.get(f.name, f.name.replace("_", " "))
         if "default:" not in text:  # some helps explain their None default themselves
@@ -367,7 +374,8 @@ def run_tuner(config: StudyConfig, name: str, trainable, param_space: dict, reso
     path = os.path.join(storage, name)
     wrapped = tune.with_resources(trainable, resources)
     if tune.Tuner.can_restore(path):
-        print(f"[{name}] resuming the experiment in {path}", flush=True)
+        print(f"[{name}] restoring the experiment in {path}: finished trials are kept, "
+              "unfinished ones resume from their last checkpoint", flush=True)
         tuner = tune.Tuner.restore(path, trainable=wrapped, resume_unfinished=True,
                                    restart_errored=True)
     else:
@@ -469,7 +477,8 @@ def sparsified_rows(summary: dict, rows: list[dict]) -> list[dict]:
     measured weight sparsity (0..1), recipe epochs, and the setup they came from (``base``)."""
     params = next(row["params"] for row in rows if row["model"] == summary["setup"])
     return [{"model": name, "test_acc": summary[f"test_acc_{name}"], "params": params,
-             "weight_sparsity": summary[f"weight_sparsity_{name}"], "epochs": summary["recipe_epochs"],
+             "weight_sparsity": summary[f"weight_sparsity_{name}"], "epochs": int(summary["recipe_epochs"])
+             if float(summary["recipe_epochs"]).is_integer() else summary["recipe_epochs"],
              "base": summary["setup"]} for name in ("pruned", "pruned_quantized")]
 
 

@@ -183,7 +183,7 @@ def test_interrupted_run_resumes_to_the_same_tables(smoke_run, cifar_root, tmp_p
     assert proc.wait(timeout=900) == 0, (out.parent / "interrupted.log").read_text()[-3000:]
     log = (out.parent / "interrupted.log").read_text()
     assert "teacher.pt exists: skipping the teacher stage" in log
-    assert "[students] resuming the experiment" in log
+    assert "[students] restoring the experiment" in log
     resumed = pd.read_csv(out / "results.csv").set_index("model")
     straight = pd.read_csv(smoke_run / "results.csv").set_index("model")
     for model in ("teacher", "ce", "kd", "kd_feat"):

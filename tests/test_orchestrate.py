@@ -33,8 +33,8 @@ def test_cli_overrides_are_parsed_into_the_config():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"batch_size": 64}, "--batch-size 64 is outside the task's range 128..512"),
-    ({"batch_size": 513}, "--batch-size 513 is outside the task's range 128..512"),
+    ({"batch_size": 64}, "--batch-size 64 is outside the allowed range 128..512"),
+    ({"batch_size": 513}, "--batch-size 513 is outside the allowed range 128..512"),
     ({"lr": 0.0}, "--lr 0.0 must be > 0"),
     ({"temperature": -1.0}, "--temperature -1.0 must be > 0"),
     ({"max_epochs": 0}, "--max-epochs 0 must be >= 1"),
@@ -86,7 +86,7 @@ def test_bad_input_exits_2_with_one_line_and_keeps_earlier_results(tmp_path):
     (out / "results.csv").write_text("model,test_acc\nteacher,0.9\n")
     proc = run_cli("--preset", "smoke", "--batch-size", "64", "--output-dir", str(out))
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: --batch-size 64 is outside the task's range 128..512"
+    assert proc.stderr.strip() == "error: --batch-size 64 is outside the allowed range 128..512"
     assert (out / "results.csv").read_text() == "model,test_acc\nteacher,0.9\n"
 
 

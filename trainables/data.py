@@ -134,7 +134,7 @@ def load_cifar10(root: str | os.PathLike, download: bool = False,
         if not download:
             raise DataRootError(
                 f"CIFAR-10 root {str(root_path)!r} holds none of the accepted layouts: "
-                f"{_LAYOUTS}; pass --download (download=True) to fetch it")
+                f"{_LAYOUTS}; pass --download to fetch it")
         _download(root_path)
         kind = "batches"
         if _detect_layout(root_path) != "batches":
