@@ -40,11 +40,11 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from models import ARCHS, STEMS, build_student, build_teacher, forward_features  # noqa: E402
+from models import ARCHS, STEMS, build_student, build_teacher  # noqa: E402
 from trainables.data import (CIFAR10_MEAN, CIFAR10_STD, load_cifar10,  # noqa: E402
                              stratified_subset, train_batches)
-from trainables.losses import SETUPS, distillation_loss  # noqa: E402
-from trainables.train import autocast, setup_torch  # noqa: E402
+from trainables.losses import SETUPS  # noqa: E402
+from trainables.train import autocast, setup_torch, student_loss  # noqa: E402
 
 PIPELINE = "data pipeline"
 BASELINE = "DataLoader baseline"
@@ -53,6 +53,7 @@ STEP = "student step"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line of this script (see ``--help``)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="resnet18", choices=ARCHS,
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parsed and checked options; argparse exits with code 2 on bad values."""
     parser = build_parser()
     args = parser.parse_args(argv)
     args.setups = tuple(s for s in args.setups.split(",") if s)
@@ -163,6 +165,8 @@ class PILCifar(torch.utils.data.Dataset):
 
 
 def baseline_loader(images: torch.Tensor, labels: torch.Tensor, args, device: torch.device):
+    """The naive baseline: a torchvision ``DataLoader`` over PIL images (uint8 (N,3,32,32) turned
+    into PIL per sample) with RandomCrop(32, 4) + flip + ToTensor + Normalize, batch ``args.batch_size``."""
     from torchvision import transforms as T
 
     transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
@@ -177,28 +181,11 @@ def baseline_loader(images: torch.Tensor, labels: torch.Tensor, args, device: to
 def student_step_fn(setup: str, args, device: torch.device, teacher: torch.nn.Module | None,
                     fmt: torch.memory_format) -> Callable[[torch.Tensor, torch.Tensor], float]:
     """One optimisation step of a fresh student, as ``trainables.train._fit`` runs it with
-    ``train_student``'s ``loss_fn`` (mirrored here; keep the two in step)."""
+    ``train_student``'s loss (``trainables.train.student_loss``); returns the loss (float)."""
     student = build_student(args.arch, num_classes=10, stem=args.stem).to(device)
     student = student.to(memory_format=fmt).train()
     optimizer = torch.optim.Adam(student.parameters(), lr=args.lr)
-    temperature = args.temperature
-
-    def loss_fn(x, y):
-        if setup == "ce":
-            return distillation_loss(setup, student(x), y)
-        if setup == "kd":
-            with torch.inference_mode():
-                t_logits = teacher(x)
-            return distillation_loss(setup, student(x), y, teacher_logits=t_logits.clone(),
-                                     temperature=temperature)
-        with torch.inference_mode():
-            t_logits, t_feats = forward_features(teacher, x)
-        t_logits = t_logits.clone()
-        t_feats = {name: f.clone() for name, f in t_feats.items()}
-        s_logits, s_feats = forward_features(student, x)
-        return distillation_loss(setup, s_logits, y, teacher_logits=t_logits,
-                                 student_feats=s_feats, teacher_feats=t_feats,
-                                 temperature=temperature)
+    loss_fn = student_loss(setup, student, teacher, args.temperature)
 
     def step(x, y):
         with autocast(device):
@@ -285,6 +272,7 @@ def measure(args) -> tuple[pd.DataFrame, pd.DataFrame, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Measure every stage, print the images/s table and the ratios; returns the exit code."""
     args = parse_args(argv)
     table, ratios, info = measure(args)
     print(info)

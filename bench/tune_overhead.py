@@ -63,6 +63,7 @@ DEFAULT_PARTS = PARTS[:5]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line of this script (see ``--help``)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default=",".join(DEFAULT_PARTS),
@@ -88,30 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------------ data
 
 
-def extract_subset(tarball: Path, dest: Path, per_class: dict[str, int]) -> Path:
-    """The first ``per_class[split]`` images of every class of each split, in archive order,
-    written as ``dest/<split>/<class>/<name>.jpg``; streams the archive once."""
-    counts: dict[tuple[str, str], int] = {}
-    need = sum(per_class.values()) * 10
-    with tarfile.open(tarball, "r|gz") as tf:
-        for member in tf:
-            parts = member.name.split("/")
-            if not member.isfile() or len(parts) != 3 or parts[0] not in per_class:
-                continue
-            split, cls, name = parts
-            if counts.get((split, cls), 0) >= per_class[split] or name.startswith("."):
-                continue
-            counts[(split, cls)] = counts.get((split, cls), 0) + 1
-            (dest / split / cls).mkdir(parents=True, exist_ok=True)
-            (dest / split / cls / name).write_bytes(tf.extractfile(member).read())
-            need -= 1
-            if need == 0:
-                break
-    return dest
-
-
 def load_data(args, workdir: Path):
-    from trainables.data import CIFAR10Tensors, load_cifar10, stratified_subset
+    """(CIFAR10Tensors, source description): stratified subsets of ``--data-root``, or of images
+    extracted from the shared tarball into ``workdir`` when no root is given."""
+    from trainables.data import CIFAR10Tensors, extract_image_subset, load_cifar10, stratified_subset
 
     if args.data_root:
         data, source = load_cifar10(args.data_root), args.data_root
@@ -119,7 +100,7 @@ def load_data(args, workdir: Path):
         if not TARBALL.is_file():
             raise SystemExit(f"error: {TARBALL} not found; pass --data-root")
         per_class = {"train": math.ceil(args.train_subset / 10), "test": math.ceil(args.test_subset / 10)}
-        root = extract_subset(TARBALL, workdir / "cifar10", per_class)
+        root = extract_image_subset(TARBALL, workdir / "cifar10", per_class)
         data, source = load_cifar10(root, cache=False), f"{TARBALL.name} (first images per class)"
     train = stratified_subset(data.train_images, data.train_labels, args.train_subset, seed=0)
     test = stratified_subset(data.test_images, data.test_labels, args.test_subset, seed=0)
@@ -197,6 +178,8 @@ def fit(config, storage: str, name: str, trainable, space: dict, resources: dict
 
 
 def trial_rows(grid) -> list[dict]:
+    """Per-trial rows of a ResultGrid: setup, threads, epochs, per-epoch wall/loop seconds and
+    images/s, total seconds, start/end (unix s)."""
     rows = []
     for result in grid:
         frame = result.metrics_dataframe
@@ -227,6 +210,7 @@ def _epoch_row(mode: str, setup: str, threads: int, r: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the chosen parts, print the table and the ratios; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
     parts = [p for p in args.parts.split(",") if p]

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import tarfile
 from pathlib import Path
 
 import pytest
+
+from trainables.data import extract_image_subset
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CIFAR_TARBALL = REPO_ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
@@ -21,27 +22,8 @@ def cifar_root(tmp_path_factory) -> Path:
     if not CIFAR_TARBALL.is_file():
         pytest.skip(f"real CIFAR-10 not found at {CIFAR_TARBALL}: the tests that read real "
                     f"images need the shared cifar10-jpg.tar.gz next to the repository")
-    root = tmp_path_factory.mktemp("cifar10-small")
-    counts: dict[tuple[str, str], int] = {}
-    wanted_total = sum(CIFAR_SMALL_PER_CLASS.values()) * 10
-    written = 0
-    with tarfile.open(CIFAR_TARBALL, "r|gz") as tf:
-        for member in tf:
-            parts = member.name.split("/")
-            if not member.isfile() or len(parts) != 3 or parts[0] not in CIFAR_SMALL_PER_CLASS:
-                continue
-            split, cls, name = parts
-            key = (split, cls)
-            if counts.get(key, 0) >= CIFAR_SMALL_PER_CLASS[split] or "/" in name or name[:1] == ".":
-                continue
-            counts[key] = counts.get(key, 0) + 1
-            dest = root / split / cls
-            dest.mkdir(parents=True, exist_ok=True)
-            (dest / name).write_bytes(tf.extractfile(member).read())
-            written += 1
-            if written == wanted_total:
-                break
-    return root
+    return extract_image_subset(CIFAR_TARBALL, tmp_path_factory.mktemp("cifar10-small"),
+                                CIFAR_SMALL_PER_CLASS)
 
 
 @pytest.fixture(scope="session")

@@ -61,6 +61,7 @@ def test_constants():
 
 
 def test_load_small_real_tree(cifar_root):
+    (cifar_root / CACHE_NAME).unlink(missing_ok=True)  # other tests may have cached this tree
     d = load_cifar10(cifar_root, cache=False)
     assert d.train_images.shape == (300, 3, 32, 32) and d.train_images.dtype == torch.uint8
     assert d.test_images.shape == (200, 3, 32, 32) and d.test_images.dtype == torch.uint8

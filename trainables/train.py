@@ -186,6 +186,36 @@ def train_teacher(config: dict, data: CIFAR10Tensors) -> None:
     _fit(config, data, model, "teacher", loss_fn, device)
 
 
+def student_loss(setup: str, student: torch.nn.Module, teacher: torch.nn.Module | None,
+                 temperature: float):
+    """The loss of one student step for ``setup``, as a function ``loss_fn(x, y) -> (loss, terms)``
+    of a batch x (B,3,32,32) float32 and labels y (B,) int64 (see ``distillation_loss``).
+
+    The frozen ``teacher`` (None for ``ce``) runs under ``torch.inference_mode()``; ``kd`` needs
+    only its logits, ``kd_feat`` also the layer1/2/4 feature maps of both models (hooks, via
+    ``forward_features``).
+    """
+    def loss_fn(x, y):
+        if setup == "ce":
+            return distillation_loss(setup, student(x), y)
+        if setup == "kd":  # logits only: no feature hooks needed
+            with torch.inference_mode():
+                t_logits = teacher(x)
+            return distillation_loss(setup, student(x), y, teacher_logits=t_logits.clone(),
+                                     temperature=temperature)
+        with torch.inference_mode():
+            t_logits, t_feats = forward_features(teacher, x)
+        # Inference tensors cannot be saved for backward; clone makes ordinary constants.
+        t_logits = t_logits.clone()
+        t_feats = {name: f.clone() for name, f in t_feats.items()}
+        s_logits, s_feats = forward_features(student, x)
+        return distillation_loss(setup, s_logits, y, teacher_logits=t_logits,
+                                 student_feats=s_feats, teacher_feats=t_feats,
+                                 temperature=temperature)
+
+    return loss_fn
+
+
 def train_student(config: dict, data: CIFAR10Tensors, teacher: dict) -> None:
     """Tune trainable: train ``build_student(arch, stem)`` with ``config["setup"]``'s loss.
 
@@ -210,25 +240,6 @@ def train_student(config: dict, data: CIFAR10Tensors, teacher: dict) -> None:
         teacher_model.to(device).eval().requires_grad_(False)
         if device.type == "cuda":
             teacher_model = teacher_model.to(memory_format=torch.channels_last)
-    temperature = float(config["temperature"])
-
-    def loss_fn(x, y):
-        if setup == "ce":
-            return distillation_loss(setup, student(x), y)
-        if setup == "kd":  # logits only: no feature hooks needed
-            with torch.inference_mode():
-                t_logits = teacher_model(x)
-            return distillation_loss(setup, student(x), y, teacher_logits=t_logits.clone(),
-                                     temperature=temperature)
-        with torch.inference_mode():
-            t_logits, t_feats = forward_features(teacher_model, x)
-        # Inference tensors cannot be saved for backward; clone makes ordinary constants.
-        t_logits = t_logits.clone()
-        t_feats = {name: f.clone() for name, f in t_feats.items()}
-        s_logits, s_feats = forward_features(student, x)
-        return distillation_loss(setup, s_logits, y, teacher_logits=t_logits,
-                                 student_feats=s_feats, teacher_feats=t_feats,
-                                 temperature=temperature)
-
+    loss_fn = student_loss(setup, student, teacher_model, float(config["temperature"]))
     _fit(config, data, student, "student", loss_fn, device)
 
