@@ -19,7 +19,7 @@ import json
 import math
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")  # Neural Magic packages: no phoning home
@@ -406,10 +406,9 @@ def stage_teacher(config: StudyConfig, data) -> Path:
     """Stage 1: fine-tune the teacher; its best-accuracy checkpoint becomes ``teacher.pt``."""
     from ray import tune
 
+    from models import load_checkpoint
     from trainables.train import MODEL_FILE, train_teacher
     from trainables.utils import atomic_copy
-
-    from models import load_checkpoint
 
     target = Path(config.output_dir) / "teacher.pt"
     if target.exists():
@@ -520,6 +519,7 @@ def stage_bench(config: StudyConfig, data, onnx_paths: dict) -> tuple["pd.DataFr
 
     from bench.benchmark import make_cpu_benchmark_actor
     from trainables.data import normalize
+    from trainables.sparsify import ONNX_MODELS
     from trainables.utils import atomic_write_text
 
     target = Path(config.output_dir) / "benchmark.csv"
@@ -529,7 +529,7 @@ def stage_bench(config: StudyConfig, data, onnx_paths: dict) -> tuple["pd.DataFr
         return pd.read_csv(target), json.loads(accuracy_file.read_text())
     cores = config.bench_cores or int(ray.cluster_resources().get("CPU", 1))
     actor = make_cpu_benchmark_actor(cores)
-    jobs = [(name, engine, batch) for name in ("dense", "pruned", "pruned_quantized")
+    jobs = [(name, engine, batch) for name in ONNX_MODELS
             for engine in (("deepsparse", "onnxruntime") if name == "dense" else ("deepsparse",))
             for batch in config.bench_batch_sizes]
     rows = []
@@ -543,7 +543,7 @@ def stage_bench(config: StudyConfig, data, onnx_paths: dict) -> tuple["pd.DataFr
     images = normalize(data.test_images).numpy()
     labels = data.test_labels.numpy()
     accuracies = {name: ray.get(actor.accuracy.remote(str(onnx_paths[name]), images, labels, 32))
-                  for name in ("dense", "pruned", "pruned_quantized")}
+                  for name in ONNX_MODELS}
     ray.kill(actor)
     columns = ["model", "engine", "batch_size", "num_cores", "items_per_sec", "latency_mean_ms",
                "latency_p50_ms", "latency_p99_ms", "isa", "vnni"]

@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orchestrate import SETUPS  # the standard library only: cheap to import
 from trainables.utils import atomic_output, atomic_write_text
 
 PROJECT_DIR = Path(__file__).resolve().parent
 NOTEBOOK = PROJECT_DIR / "report.ipynb"
-SETUPS = ("ce", "kd", "kd_feat")
 SPARSE_MODELS = ("pruned", "pruned_quantized")
 MODELS = ("teacher", *SETUPS, *SPARSE_MODELS)
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")

@@ -27,6 +27,8 @@ from typing import Dict, Mapping, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from models import FEATURE_LAYERS
+
 __all__ = [
     "SETUPS",
     "FEATURE_LAYERS",
@@ -38,9 +40,8 @@ __all__ = [
 #: The student setups, in the order the study reports them.
 SETUPS: Tuple[str, ...] = ("ce", "kd", "kd_feat")
 
-#: Feature maps matched by ``"kd_feat"`` (names of torchvision ResNet stages, as returned by
-#: ``models.forward_features``).
-FEATURE_LAYERS: Tuple[str, ...] = ("layer1", "layer2", "layer4")
+# FEATURE_LAYERS (imported from models): the feature maps matched by ``"kd_feat"``, as returned
+# by ``models.forward_features``.
 
 #: Names of the loss summands that can appear in ``terms``.
 TERM_NAMES: Tuple[str, ...] = ("ce", "soft_ce") + tuple(f"mse_{name}" for name in FEATURE_LAYERS)
