@@ -20,9 +20,9 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, Optional, Union
 
-os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
+import numpy as np
 
-import numpy as np  # noqa: E402
+import study  # noqa: F401  (sets NM_DISABLE_ANALYTICS before DeepSparse is imported)
 
 __all__ = ["ENGINES", "CPUBenchmark", "make_cpu_benchmark_actor", "onnx_accuracy", "cpu_isa"]
 
@@ -166,7 +166,6 @@ class CPUBenchmark:
             raise ValueError(f"num_cores must be an int >= 1 or None, got {num_cores!r}")
         if thread_pinning not in ("core", "numa", "none"):
             raise ValueError(f"thread_pinning {thread_pinning!r} not allowed; use core, numa or none")
-        os.environ["NM_DISABLE_ANALYTICS"] = "1"
         self.num_cores = num_cores
         self.thread_pinning = thread_pinning
 
@@ -285,3 +284,45 @@ def make_cpu_benchmark_actor(num_cores: int, *, thread_pinning: str = "core", **
     if options:
         cls = cls.options(**options)
     return cls.remote(num_cores, thread_pinning)
+
+
+#: Columns of ``benchmark.csv``, in order.
+BENCHMARK_COLUMNS = ["model", "engine", "batch_size", "num_cores", "items_per_sec", "latency_mean_ms",
+                     "latency_p50_ms", "latency_p99_ms", "isa", "vnni"]
+
+
+def run_benchmarks(onnx_paths: Dict[str, str], images_float32: Any, labels: Any, *, num_cores: int,
+                   batch_sizes, warmup_s: float, duration_s: float):
+    """Stage 4: one CPU-only Ray actor with ``num_cores`` cores benchmarks every exported model
+    (DeepSparse; onnxruntime too for ``dense``) at each batch size, one run at a time so runs do
+    not compete for the cores, then measures each model's test accuracy in DeepSparse.
+
+    Args:
+        onnx_paths: model name (``study.ONNX_MODELS``) -> ``.onnx`` path.
+        images_float32, labels: the normalized test set, (N, 3, 32, 32) float32 and (N,) int.
+        num_cores: cores of the actor and of every engine.
+        batch_sizes: batch sizes to benchmark (e.g. ``(1, 32)``).
+        warmup_s, duration_s: seconds of warm-up and of timed runs per benchmark.
+
+    Returns:
+        ``(table, accuracies)``: a DataFrame with ``BENCHMARK_COLUMNS`` (items_per_sec in
+        images/s, latencies in ms per batch call) and ``{model: test accuracy 0..1}``.
+    """
+    import pandas as pd
+    import ray
+
+    actor = make_cpu_benchmark_actor(num_cores)
+    jobs = [(name, engine, batch) for name in onnx_paths
+            for engine in (ENGINES if name == "dense" else ("deepsparse",))
+            for batch in batch_sizes]
+    rows = []
+    for name, engine, batch in jobs:
+        row = ray.get(actor.run.remote(str(onnx_paths[name]), batch, engine=engine,
+                                       warmup_s=warmup_s, duration_s=duration_s))
+        rows.append({**row, "model": name})
+        print(f"[bench] {name:16s} {engine:11s} batch {batch:3d}: {row['items_per_sec']:9.1f} items/s, "
+              f"p50 {row['latency_p50_ms']:.2f} ms", flush=True)
+    accuracies = {name: ray.get(actor.accuracy.remote(str(path), images_float32, labels, 32))
+                  for name, path in onnx_paths.items()}
+    ray.kill(actor)
+    return pd.DataFrame(rows)[BENCHMARK_COLUMNS], accuracies

@@ -1,10 +1,11 @@
-"""ResNet teacher/student builders, feature hooks and checkpoints (see models.resnet)."""
+"""ResNet teacher/student builders and feature maps (``models.resnet``) and this project's
+checkpoint file (``models.checkpoint``)."""
 
+from .checkpoint import CHECKPOINT_FORMAT, save_checkpoint
+from .checks import ROLES
 from .resnet import (
     ARCHS,
-    CHECKPOINT_FORMAT,
     FEATURE_LAYERS,
-    ROLES,
     STEMS,
     WeightsUnavailableError,
     build_student,
@@ -12,7 +13,6 @@ from .resnet import (
     count_parameters,
     forward_features,
     load_checkpoint,
-    save_checkpoint,
 )
 
 __all__ = [

@@ -28,7 +28,6 @@ Teacher and student of one run must share a stem so feature maps line up.
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Mapping
 from typing import Any
 from urllib.error import URLError
@@ -37,28 +36,23 @@ import torch
 import torchvision
 from torch import nn
 
-from trainables.utils import atomic_output
+from models.checkpoint import _load_state_strict, _read_checkpoint
+from models.checks import check_arch, check_num_classes, check_stem, first_line
+from study import ARCHS, STEMS
 
 __all__ = [
     "ARCHS",
     "STEMS",
     "FEATURE_LAYERS",
-    "ROLES",
-    "CHECKPOINT_FORMAT",
     "WeightsUnavailableError",
     "build_teacher",
     "build_student",
     "forward_features",
     "count_parameters",
-    "save_checkpoint",
     "load_checkpoint",
 ]
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-STEMS = ("cifar", "upsample")
 FEATURE_LAYERS = ("layer1", "layer2", "layer4")
-ROLES = ("teacher", "student")
-CHECKPOINT_FORMAT = "distill-sparsify/1"
 
 _UPSAMPLE_SIZE = (224, 224)
 
@@ -70,40 +64,6 @@ class WeightsUnavailableError(RuntimeError):
     ``torch.hub`` cannot fetch the file (no network) and it is not already in
     the hub cache. The message is one line and says what to pass instead.
     """
-
-
-# --------------------------------------------------------------------------
-# validation helpers
-# --------------------------------------------------------------------------
-
-
-def _check_arch(arch: Any) -> str:
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; allowed: {', '.join(ARCHS)}")
-    return arch
-
-
-def _check_stem(stem: Any) -> str:
-    if stem not in STEMS:
-        raise ValueError(f"unknown stem {stem!r}; allowed: {', '.join(STEMS)}")
-    return stem
-
-
-def _check_num_classes(num_classes: Any) -> int:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    return num_classes
-
-
-def _check_role(role: Any) -> str:
-    if role not in ROLES:
-        raise ValueError(f"unknown role {role!r}; allowed: {', '.join(ROLES)}")
-    return role
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 # --------------------------------------------------------------------------
@@ -134,7 +94,7 @@ def _apply_stem(model: torchvision.models.ResNet, stem: str) -> None:
             model.conv1,
         )
     else:  # pragma: no cover - validated by callers
-        _check_stem(stem)
+        check_stem(stem)
 
 
 def _replace_fc(model: torchvision.models.ResNet, num_classes: int) -> None:
@@ -155,12 +115,12 @@ def _load_imagenet_state_dict(arch: str) -> Mapping[str, torch.Tensor]:
     except (URLError, OSError) as exc:  # URLError/HTTPError/socket errors are OSErrors
         raise WeightsUnavailableError(
             f"could not download ImageNet weights {weights} for {arch} from {weights.url} "
-            f"({_first_line(exc)}); pass weights=<path to a local checkpoint of this project> "
+            f"({first_line(exc)}); pass weights=<path to a local checkpoint of this project> "
             f"or weights=None instead"
         ) from None
     except RuntimeError as exc:  # e.g. hash mismatch or a truncated file in the hub cache
         raise WeightsUnavailableError(
-            f"could not read ImageNet weights {weights} for {arch} ({_first_line(exc)}); "
+            f"could not read ImageNet weights {weights} for {arch} ({first_line(exc)}); "
             f"delete the cached file under {torch.hub.get_dir()}/checkpoints, or pass "
             f"weights=<path to a local checkpoint of this project> or weights=None instead"
         ) from None
@@ -202,9 +162,9 @@ def build_teacher(
         WeightsUnavailableError: ``weights="imagenet"`` and the file can be
             neither downloaded nor found in the ``torch.hub`` cache.
     """
-    _check_arch(arch)
-    _check_stem(stem)
-    _check_num_classes(num_classes)
+    check_arch(arch)
+    check_stem(stem)
+    check_num_classes(num_classes)
 
     if weights == "imagenet":
         state = _load_imagenet_state_dict(arch)
@@ -267,9 +227,9 @@ def build_student(
     Raises:
         ValueError: unknown arch/stem or bad num_classes (one line).
     """
-    _check_arch(arch)
-    _check_stem(stem)
-    _check_num_classes(num_classes)
+    check_arch(arch)
+    check_stem(stem)
+    check_num_classes(num_classes)
     model = _bare_resnet(arch, num_classes)
     model.layer3 = model.layer3[:1]
     _apply_stem(model, stem)
@@ -345,141 +305,6 @@ def count_parameters(model: nn.Module) -> int:
         counted once, as ``parameters()`` deduplicates them).
     """
     return int(sum(p.numel() for p in model.parameters()))
-
-
-# --------------------------------------------------------------------------
-# checkpoints
-# --------------------------------------------------------------------------
-
-_PLAIN_SCALARS = (type(None), bool, int, float, str, bytes)
-
-
-def _plain(value: Any, where: str) -> Any:
-    """Convert ``extra`` to types ``torch.load(weights_only=True)`` can read."""
-    if type(value) in _PLAIN_SCALARS or isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, Mapping):
-        out = {}
-        for key, item in value.items():
-            if not isinstance(key, (str, int)):
-                raise ValueError(f"extra{where}: dict key {key!r} must be str or int")
-            out[key] = _plain(item, f"{where}[{key!r}]")
-        return out
-    if isinstance(value, (list, tuple)):
-        items = [_plain(item, f"{where}[{i}]") for i, item in enumerate(value)]
-        return items if isinstance(value, list) else tuple(items)
-    item = getattr(value, "item", None)  # numpy scalars / 0-d arrays
-    if callable(item) and getattr(value, "shape", None) == ():
-        return _plain(item(), where)
-    tolist = getattr(value, "tolist", None)  # numpy arrays
-    if callable(tolist) and hasattr(value, "shape"):
-        return _plain(tolist(), where)
-    for kind in (bool, int, float, str, bytes):  # subclasses, e.g. IntEnum
-        if isinstance(value, kind):
-            return kind(value)
-    raise ValueError(
-        f"extra{where}: {type(value).__name__} cannot be stored; allowed: None, bool, int, "
-        f"float, str, bytes, list, tuple, dict, torch.Tensor, numpy scalars/arrays"
-    )
-
-
-def save_checkpoint(
-    model: nn.Module,
-    path: str | os.PathLike,
-    *,
-    arch: str,
-    stem: str,
-    num_classes: int,
-    role: str,
-    extra: Mapping[str, Any] | None = None,
-) -> str:
-    """Write ``model``'s weights and build settings to ``path`` atomically.
-
-    The file is ``torch.save`` of ``{"format": "distill-sparsify/1", "arch",
-    "stem", "num_classes", "role", "state_dict", "extra"}``; tensors are moved
-    to CPU first. It is written to a temporary file in the same directory and
-    then ``os.replace``-d, so a reader never sees a half-written file. Parent
-    directories are created.
-
-    Args:
-        model: the module whose ``state_dict()`` is saved.
-        path: destination file.
-        arch, stem, num_classes: the values the model was built with.
-        role: "teacher" or "student" (decides the builder used on load).
-        extra: optional dict of plain values (metrics, config): None, bool,
-            int, float, str, bytes, list, tuple, dict, tensors; numpy scalars
-            and arrays are converted to Python numbers/lists.
-
-    Returns:
-        ``path`` as a str.
-
-    Raises:
-        ValueError: bad arch/stem/num_classes/role, or an ``extra`` value that
-            cannot be stored (one line).
-    """
-    _check_arch(arch)
-    _check_stem(stem)
-    _check_num_classes(num_classes)
-    _check_role(role)
-    extra = _plain(dict(extra) if extra is not None else {}, "")
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "arch": arch,
-        "stem": stem,
-        "num_classes": num_classes,
-        "role": role,
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "extra": extra,
-    }
-    path = os.fspath(path)
-    with atomic_output(path) as tmp:
-        torch.save(payload, tmp)
-    return path
-
-
-def _read_checkpoint(path: str | os.PathLike, map_location: Any) -> dict[str, Any]:
-    """Read and validate a checkpoint file; one-line ValueError on any problem."""
-    spath = os.fspath(path)
-    if not os.path.isfile(spath):
-        raise ValueError(f"checkpoint {spath!r} does not exist or is not a file")
-    try:
-        with warnings.catch_warnings():
-            # torch 2.1's weights_only unpickler touches TypedStorage and warns about it.
-            warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
-            ckpt = torch.load(spath, map_location=map_location, weights_only=True)
-    except Exception as exc:  # pickle/zip/EOF errors all mean "not readable"
-        raise ValueError(
-            f"checkpoint {spath!r} is corrupt or not a torch file ({_first_line(exc)})"
-        ) from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(
-            f"checkpoint {spath!r} is not a {CHECKPOINT_FORMAT!r} checkpoint (found format {found!r})"
-        )
-    missing = [k for k in ("arch", "stem", "num_classes", "role", "state_dict") if k not in ckpt]
-    if missing:
-        raise ValueError(f"checkpoint {spath!r} lacks the keys {', '.join(missing)}")
-    for key, check in (
-        ("arch", _check_arch),
-        ("stem", _check_stem),
-        ("num_classes", _check_num_classes),
-        ("role", _check_role),
-    ):
-        try:
-            check(ckpt[key])
-        except ValueError as exc:
-            raise ValueError(f"checkpoint {spath!r}: {exc}") from None
-    return ckpt
-
-
-def _load_state_strict(model: nn.Module, state: Mapping[str, Any], path) -> None:
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        detail = " ".join(str(exc).split())
-        raise ValueError(
-            f"checkpoint {os.fspath(path)!r} weights do not fit the model: {detail[:300]}"
-        ) from None
 
 
 def load_checkpoint(

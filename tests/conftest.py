@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from trainables.data import extract_image_subset
+import study  # noqa: F401  (sets NM_DISABLE_ANALYTICS for the tests and their subprocesses)
+from helpers import extract_image_subset
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CIFAR_TARBALL = REPO_ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
@@ -37,7 +38,7 @@ def smoke_run(cifar_root, tmp_path_factory) -> Path:
     import sys
 
     out = tmp_path_factory.mktemp("smoke-run")
-    env = dict(os.environ, NM_DISABLE_ANALYTICS="1", RAY_DEDUP_LOGS="0")
+    env = dict(os.environ, RAY_DEDUP_LOGS="0")
     proc = subprocess.run(
         [sys.executable, str(REPO_ROOT / "orchestrate.py"), "--preset", "smoke",
          "--data-root", str(cifar_root), "--output-dir", str(out), "--no-dashboard"],

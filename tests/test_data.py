@@ -16,9 +16,9 @@ import torch
 from torchvision.io import decode_image, read_file, write_png
 
 from trainables import data
-from trainables.data import (CACHE_NAME, CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD,
-                             DataRootError, augment, eval_batches, load_cifar10, normalize,
-                             num_batches, stratified_subset, train_batches)
+from trainables.batches import (augment, eval_batches, normalize, num_batches, stratified_subset,
+                                train_batches)
+from trainables.data import CACHE_NAME, CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, DataRootError, load_cifar10
 
 # -------------------------------------------------------------------------- helpers
 

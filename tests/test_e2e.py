@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 from ray import tune
 
-from bench.export import onnx_op_types, onnx_weight_sparsity
-from orchestrate import make_config
+from helpers import onnx_op_types, onnx_weight_sparsity
+from study import make_config
 from trainables.stopper import plateau_epoch
 
 SMOKE = make_config("smoke")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from torchvision.io import write_png
 
 import orchestrate
 from models import build_teacher, save_checkpoint
+from study import make_config
 from trainables.data import CIFAR10_CLASSES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +29,7 @@ def earlier_run(tmp_path, cifar_root):
     """An output dir holding an earlier smoke run's config and results (with this data root)."""
     out = tmp_path / "run"
     out.mkdir()
-    config = orchestrate.make_config("smoke", data_root=str(cifar_root), output_dir=str(out),
+    config = make_config("smoke", data_root=str(cifar_root), output_dir=str(out),
                                      dashboard=False)
     import dataclasses
 
@@ -159,7 +159,7 @@ def _start(cifar_root, out):
            "--data-root", str(cifar_root), "--output-dir", str(out), "--stop-after", "students"]
     log = open(out.parent / f"{out.name}.log", "a")
     return subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True, env=dict(os.environ, NM_DISABLE_ANALYTICS="1"))
+                            start_new_session=True)
 
 
 def _kill_when(proc, condition, timeout=900):
@@ -227,7 +227,7 @@ def test_a_killed_trial_still_finishes(tmp_path, cifar_root):
     config = {"arch": "resnet18", "stem": "cifar", "num_classes": 10, "seed": 0, "batch_size": 128,
               "temperature": 4.0, "lr": 1e-3, "max_epochs": 2, "threads": 2, "setup": "ce",
               "marker": str(tmp_path / "died-once")}
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
     try:
         grid = tune.Tuner(
             tune.with_resources(tune.with_parameters(flaky_student, data=data, teacher=teacher), {"cpu": 2}),

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import orchestrate
-from orchestrate import StudyError, make_config
+from study import StudyError, make_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,7 +76,8 @@ def test_help_lists_options_defaults_and_presets():
                    "--train-subset", "--teacher-weights", "--cpus-per-trial", "--gpus-per-trial",
                    "--address", "--seed", "--no-dashboard", "--report"):
         assert option in proc.stdout, option
-    assert "Presets: full:" in proc.stdout and "smoke: output_dir=runs/smoke" in proc.stdout
+    assert "Presets (each sets these fields" in proc.stdout and "smoke: output_dir=runs/smoke" in proc.stdout
+    assert max(map(len, proc.stdout.splitlines())) <= 100  # wrapped, also the presets epilog
     assert "full: 256, cpu: 128, smoke: 128" in proc.stdout  # per-preset batch size defaults
 
 

@@ -167,7 +167,7 @@ def test_evaluate_counts_on_cpu():
 
 
 def test_train_throughput_runs_end_to_end(capsys):
-    from bench.train_throughput import main
+    from bench.perf.train_throughput import main
 
     assert main(["--arch", "resnet18", "--batch-size", "4", "--steps", "2", "--warmup", "1",
                  "--data-steps", "2", "--threads", "1", "--device", "cpu"]) == 0
@@ -185,7 +185,7 @@ def test_train_throughput_runs_end_to_end(capsys):
 
 
 def test_train_throughput_reads_real_images(cifar_root):
-    from bench.train_throughput import load_images, parse_args
+    from bench.perf.train_throughput import load_images, parse_args
 
     args = parse_args(["--batch-size", "8", "--warmup", "1", "--data-steps", "2",
                        "--data-root", str(cifar_root)])
@@ -195,7 +195,7 @@ def test_train_throughput_reads_real_images(cifar_root):
 
 
 def test_train_throughput_rejects_bad_input(capsys):
-    from bench.train_throughput import parse_args
+    from bench.perf.train_throughput import parse_args
 
     with pytest.raises(SystemExit) as info:
         parse_args(["--setups", "ce,nope"])

@@ -1,4 +1,4 @@
-"""Tests for report.py / report.ipynb: the executed report of a real smoke run, and rendering paths."""
+"""Tests for the report package / report.ipynb: the executed report of a real smoke run, and rendering paths."""
 
 from __future__ import annotations
 

@@ -8,15 +8,14 @@ the tests read those files back.
 
 import os
 
-os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
+import numpy as np
+import pytest
+import torch
+from torch import nn
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from bench.export import export_model_onnx, onnx_op_types, onnx_weight_sparsity  # noqa: E402
-from trainables.sparsify_core import (  # noqa: E402
+from helpers import onnx_op_types, onnx_weight_sparsity
+from trainables.export import export_model_onnx
+from trainables.sparsify_core import (
     global_sparsity,
     is_quantized,
     load_recipe,
@@ -213,10 +212,7 @@ def test_cpu_benchmark_actor_and_onnx_accuracy(sparsified):
     wrong = (labels + 1) % 10
     assert onnx_accuracy(path, x, wrong, 8, engine="onnxruntime", num_cores=1) == 0.0
 
-    ray.init(
-        num_cpus=2, include_dashboard=False, log_to_driver=False,
-        runtime_env={"env_vars": {"NM_DISABLE_ANALYTICS": "1"}},
-    )
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         actor = make_cpu_benchmark_actor(1)
         row = ray.get(actor.run.remote(path, 1, warmup_s=0.25, duration_s=1.0), timeout=120)

@@ -12,12 +12,10 @@ points at the environment, not at project code:
 
 import os
 
-os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import numpy as np
+import pytest
+import torch
+from torch import nn
 
 TARGET_SPARSITY = 0.7
 

@@ -1,8 +1,7 @@
-"""CIFAR-10 as in-memory uint8 tensors, with batched augmentation (airbench style).
+"""CIFAR-10 as in-memory uint8 tensors: loaded from disk once, cached, and validated.
 
-The data set is decoded once into four tensors and cached on disk; every epoch then only
-indexes those tensors, augments whole batches with tensor ops and normalizes them, on the
-device the caller chooses. No per-sample Python work happens in the training loop.
+The data set is decoded once into four tensors and cached on disk; ``trainables.batches`` then
+cuts subsets, augments and normalizes whole batches of them on the training device.
 
 Sources (Krizhevsky, "Learning Multiple Layers of Features from Tiny Images", 2009): 10 classes,
 32x32 RGB, 50,000 train + 10,000 test images. Accepted on disk as
@@ -16,18 +15,17 @@ Sources (Krizhevsky, "Learning Multiple Layers of Features from Tiny Images", 20
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import pickle
 import warnings
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_image, read_file
 
-from trainables.utils import atomic_output
+from study.files import atomic_output
 
 __all__ = [
     "CIFAR10_CLASSES",
@@ -37,12 +35,6 @@ __all__ = [
     "CIFAR10Tensors",
     "DataRootError",
     "load_cifar10",
-    "stratified_subset",
-    "normalize",
-    "augment",
-    "train_batches",
-    "eval_batches",
-    "num_batches",
 ]
 
 #: Class names; sorted alphabetically they are exactly the CIFAR-10 label ids 0..9
@@ -68,7 +60,6 @@ _BATCH_FILES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4",
                 "data_batch_5", "test_batch")
 _LAYOUTS = (f"image folders train/<class>/*.jpg|png + test/<class>/* "
             f"(classes {', '.join(CIFAR10_CLASSES)}) or {_BATCHES_DIR}/")
-_PAD = 4  # pixels of zero padding before the random crop
 
 
 class CIFAR10Tensors(NamedTuple):
@@ -355,232 +346,3 @@ def _write_cache(root: Path, kind: str, fingerprint: list, data: CIFAR10Tensors)
             errors.append(f"{path}: {exc}")
     warnings.warn(f"could not write CIFAR-10 cache ({'; '.join(errors)}); "
                   f"the data will be decoded again next time", stacklevel=3)
-
-
-# --------------------------------------------------------------------------- subsets
-
-
-def stratified_subset(images: torch.Tensor, labels: torch.Tensor, n: int,
-                      seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded class-balanced subset of ``n`` samples, in shuffled order.
-
-    Each of the K classes present in ``labels`` (K = 10 for CIFAR-10) gets ``n // K`` samples;
-    the remainder ``n % K`` goes one each to the lowest class ids. Samples within a class and
-    the final order are drawn from ``torch.Generator().manual_seed(seed)``, so the same inputs
-    and seed always give the same subset. "Use everything" (``n`` None or 0 on the command
-    line) is the caller's business: do not call this function then.
-
-    Args:
-        images: (N, ...) any dtype; indexed along dim 0.
-        labels: int64 (N,) class ids.
-        n: positive number of samples wanted, K <= n <= N.
-        seed: integer seed.
-
-    Returns:
-        (images[idx], labels[idx]) with idx int64 (n,) on the inputs' device.
-
-    Raises:
-        ValueError: ``n`` not an int, ``n`` < K, ``n`` > N, a class with fewer samples than
-            its share, or images/labels of different lengths.
-    """
-    if labels.dim() != 1 or images.shape[0] != labels.shape[0]:
-        raise ValueError(f"images {tuple(images.shape)} and labels {tuple(labels.shape)} must "
-                         f"have the same first dimension (labels 1-D)")
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
-        raise ValueError(f"n={n!r} must be a positive int (callers handle None/0 = all)")
-    classes = torch.unique(labels.cpu(), sorted=True)
-    k, total = int(classes.numel()), int(labels.shape[0])
-    if n < k or n > total:
-        raise ValueError(f"n={n} is out of range; expected {k} (one per class) <= n <= {total} "
-                         f"(samples available)")
-    g = torch.Generator().manual_seed(int(seed))
-    labels_cpu = labels.cpu()
-    picks = []
-    for rank, c in enumerate(classes.tolist()):
-        want = n // k + (1 if rank < n % k else 0)
-        idx = torch.nonzero(labels_cpu == c).flatten()
-        if idx.numel() < want:
-            raise ValueError(f"n={n} needs {want} samples of class {c} but only {idx.numel()} "
-                             f"are available")
-        picks.append(idx[torch.randperm(idx.numel(), generator=g)[:want]])
-    chosen = torch.cat(picks)
-    chosen = chosen[torch.randperm(chosen.numel(), generator=g)].to(labels.device)
-    return images[chosen.to(images.device)], labels[chosen]
-
-
-# --------------------------------------------------------------------------- batch transforms
-
-
-def normalize(images_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 (..., 3, H, W) in 0..255 -> float32 ``(x / 255 - CIFAR10_MEAN) / CIFAR10_STD``
-    per channel, same shape and device. Raises ValueError if not uint8 with 3 channels at
-    dim -3."""
-    if images_uint8.dtype != torch.uint8 or images_uint8.dim() < 3 or images_uint8.shape[-3] != 3:
-        raise ValueError(f"normalize expects uint8 (..., 3, H, W), got {images_uint8.dtype} "
-                         f"{tuple(images_uint8.shape)}")
-    dev = images_uint8.device
-    mean = torch.tensor(CIFAR10_MEAN, dtype=torch.float32, device=dev).view(3, 1, 1)
-    std = torch.tensor(CIFAR10_STD, dtype=torch.float32, device=dev).view(3, 1, 1)
-    return (images_uint8.to(torch.float32) / 255.0 - mean) / std
-
-
-def augment(images_uint8: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Standard CIFAR augmentation, batched: zero-pad 4 pixels on each side, take a random
-    HxW crop (offsets uniform in 0..8 per axis, per sample), flip horizontally with p = 0.5.
-
-    Source: He et al., "Deep Residual Learning for Image Recognition", CVPR 2016, sec. 4.2.
-
-    The padded batch is built once and every sample's window (flipped or not) is gathered
-    with one advanced-indexing op on the input's device; no per-sample Python loop. Random
-    numbers are drawn from ``generator`` (on its own device, usually CPU) in a fixed order
-    (offsets (N, 2), then flips (N,)) and moved to the input's device, so results do not
-    depend on the device of ``images_uint8``.
-
-    Args:
-        images_uint8: uint8 (N, C, H, W).
-        generator: torch.Generator; advanced by the draws.
-
-    Returns:
-        uint8 (N, C, H, W) on the input's device.
-
-    Raises:
-        ValueError: input not a 4-D uint8 tensor.
-    """
-    if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
-        raise ValueError(f"augment expects uint8 (N, C, H, W), got {images_uint8.dtype} "
-                         f"{tuple(images_uint8.shape)}")
-    n, c, h, w = images_uint8.shape
-    dev = images_uint8.device
-    gdev = generator.device
-    offsets = torch.randint(0, 2 * _PAD + 1, (n, 2), generator=generator, device=gdev).to(dev)
-    flips = torch.randint(0, 2, (n,), generator=generator, device=gdev).to(dev).bool()
-    padded = torch.nn.functional.pad(images_uint8, (_PAD, _PAD, _PAD, _PAD))
-    ar_h = torch.arange(h, device=dev)
-    ar_w = torch.arange(w, device=dev)
-    rows = offsets[:, :1] + ar_h                                         # (N, H)
-    cols = offsets[:, 1:] + torch.where(flips[:, None], w - 1 - ar_w, ar_w)  # (N, W)
-    batch = torch.arange(n, device=dev)[:, None, None, None]
-    chan = torch.arange(c, device=dev)[None, :, None, None]
-    return padded[batch, chan, rows[:, None, :, None], cols[:, None, None, :]]
-
-
-def num_batches(n: int, batch_size: int, drop_last: bool = False) -> int:
-    """Number of batches ``train_batches``/``eval_batches`` yield for ``n`` samples:
-    ``n // batch_size`` if ``drop_last`` else ``ceil(n / batch_size)``. Raises ValueError for
-    ``batch_size`` < 1 or ``n`` < 0."""
-    _check_batch_size(batch_size)
-    if n < 0:
-        raise ValueError(f"n={n} must be >= 0")
-    return n // batch_size if drop_last else math.ceil(n / batch_size)
-
-
-def _check_batch_size(batch_size: int) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
-            or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be a positive int")
-
-
-def _check_pair(images: torch.Tensor, labels: torch.Tensor) -> None:
-    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must be uint8 (N, 3, H, W), got {images.dtype} "
-                         f"{tuple(images.shape)}")
-    if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
-        raise ValueError(f"labels {tuple(labels.shape)} must be (N,) with N = "
-                         f"{images.shape[0]} like images")
-
-
-def _epoch_seed(seed: int, epoch: int) -> int:
-    """Well-mixed 63-bit seed from (seed, epoch) via numpy's SeedSequence."""
-    state = np.random.SeedSequence([int(seed) & (2**64 - 1), int(epoch) & (2**64 - 1)])
-    return int(state.generate_state(1, dtype=np.uint64)[0]) & (2**63 - 1)
-
-
-def train_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, seed: int,
-                  epoch: int, device: str | torch.device = "cpu",
-                  drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One epoch of shuffled, augmented, normalized training batches.
-
-    The uint8 data are moved to ``device`` once per call (a no-op if the caller already keeps
-    them there, which is the cheap way). The permutation and every batch's augmentation
-    (``augment``) come from one CPU ``torch.Generator`` seeded from (seed, epoch), so the same
-    seed and epoch give identical batches on any device; another epoch gives another order.
-
-    Args:
-        images: uint8 (N, 3, H, W). labels: int (N,).
-        batch_size: positive int. seed, epoch: ints.
-        device: where batches are produced. drop_last: skip the final short batch.
-
-    Yields:
-        (float32 (B, 3, H, W) normalized + augmented, int64 (B,)) on ``device``; B =
-        batch_size except possibly the last; ``num_batches(N, batch_size, drop_last)`` batches;
-        each sample appears exactly once per epoch (unless dropped with ``drop_last``).
-
-    Raises:
-        ValueError (at call time): bad shapes/dtypes or batch_size.
-    """
-    _check_pair(images, labels)
-    _check_batch_size(batch_size)
-    device = torch.device(device)
-    g = torch.Generator().manual_seed(_epoch_seed(seed, epoch))
-    n = images.shape[0]
-    count = num_batches(n, batch_size, drop_last)
-
-    def _iter() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        x = images.to(device)
-        y = labels.to(device=device, dtype=torch.int64)
-        order = torch.randperm(n, generator=g).to(device)
-        for b in range(count):
-            idx = order[b * batch_size:(b + 1) * batch_size]
-            yield normalize(augment(x[idx], g)), y[idx]
-
-    return _iter()
-
-
-def eval_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, *,
-                 device: str | torch.device = "cpu"
-                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches in data order, no augmentation: (float32 (B, 3, H, W) normalized, int64 (B,))
-    on ``device``; the last batch may be short. Raises ValueError (at call time) for bad
-    shapes/dtypes or batch_size."""
-    _check_pair(images, labels)
-    _check_batch_size(batch_size)
-    device = torch.device(device)
-
-    def _iter() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for start in range(0, images.shape[0], batch_size):
-            x = images[start:start + batch_size].to(device)
-            y = labels[start:start + batch_size].to(device=device, dtype=torch.int64)
-            yield normalize(x), y
-
-    return _iter()
-
-
-def extract_image_subset(tarball: str | os.PathLike, dest: str | os.PathLike,
-                         per_class: dict[str, int]) -> Path:
-    """Extract the first ``per_class[split]`` images of every class of each split (in archive
-    order) from an image-folder tarball such as ``cifar10-jpg.tar.gz`` into
-    ``dest/<split>/<class>/<name>``; streams the archive once and stops when all are written.
-
-    ``per_class`` maps split names ("train", "test") to images per class. Returns ``dest``.
-    Raises OSError/tarfile.TarError for an unreadable archive.
-    """
-    import tarfile
-
-    dest = Path(dest)
-    counts: dict[tuple[str, str], int] = {}
-    need = sum(per_class.values()) * len(CIFAR10_CLASSES)
-    with tarfile.open(tarball, "r|gz") as archive:
-        for member in archive:
-            parts = member.name.split("/")
-            if not member.isfile() or len(parts) != 3 or parts[0] not in per_class:
-                continue
-            split, cls, name = parts
-            if counts.get((split, cls), 0) >= per_class[split] or name.startswith("."):
-                continue
-            counts[(split, cls)] = counts.get((split, cls), 0) + 1
-            (dest / split / cls).mkdir(parents=True, exist_ok=True)
-            (dest / split / cls / name).write_bytes(archive.extractfile(member).read())
-            need -= 1
-            if need == 0:
-                break
-    return dest

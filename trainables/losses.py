@@ -1,6 +1,6 @@
 """Distillation losses for the three student setups.
 
-Setups (DESIGN.md, "The job, as data flows"):
+Setups (``study.SETUPS``; ``ARCHITECTURE.md``):
 
 - ``"ce"``      : CE(student, y)
 - ``"kd"``      : mean(CE, softCE(student, teacher))
@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from models import FEATURE_LAYERS
+from study import SETUPS
 
 __all__ = [
     "SETUPS",
@@ -36,9 +37,6 @@ __all__ = [
     "soft_cross_entropy",
     "distillation_loss",
 ]
-
-#: The student setups, in the order the study reports them.
-SETUPS: Tuple[str, ...] = ("ce", "kd", "kd_feat")
 
 # FEATURE_LAYERS (imported from models): the feature maps matched by ``"kd_feat"``, as returned
 # by ``models.forward_features``.

@@ -4,7 +4,7 @@
 training device (``ray.remote(num_gpus=..., num_cpus=...)``). No stopping rule applies here:
 the recipe's epochs rule. The fine-tuning loss is cross-entropy to the labels.
 
-Outputs under ``output_dir`` (each written atomically):
+Outputs under ``output_dir`` (paths from ``study.RunLayout``; each written atomically):
 ``onnx/dense.onnx`` (the student as trained), ``onnx/pruned.onnx`` (FP32, saved when pruning ends,
 before QAT), ``onnx/pruned_quantized.onnx`` (``convert_qat=True``: INT8 ConvInteger/QLinearConv),
 ``sparsify/history.csv`` (per recipe epoch), ``sparsify/layer_sparsity.csv`` (per prunable layer
@@ -14,28 +14,19 @@ of the pruned model) and ``sparsify/summary.json`` (written last: its presence m
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from bench.export import export_model_onnx
-from models.resnet import load_checkpoint
-from trainables.data import CIFAR10Tensors, train_batches
+from models import load_checkpoint
+from study import ONNX_MODELS, RunLayout
+from study.files import atomic_write_text
+from trainables.batches import train_batches
+from trainables.data import CIFAR10Tensors
+from trainables.export import export_model_onnx
 from trainables.sparsify_core import global_sparsity, load_recipe, run_recipe, weight_sparsity
 from trainables.train import MODEL_FILE, evaluate, pick_device
-from trainables.utils import atomic_write_text
-
-ONNX_MODELS = ("dense", "pruned", "pruned_quantized")
-
-
-def sparsify_outputs(output_dir: str | os.PathLike) -> dict[str, Path]:
-    """Paths of the stage's outputs: the three ONNX models and ``summary.json``."""
-    out = Path(output_dir)
-    paths = {name: out / "onnx" / f"{name}.onnx" for name in ONNX_MODELS}
-    paths["summary"] = out / "sparsify" / "summary.json"
-    return paths
 
 
 def sparsify_student(checkpoint, data: CIFAR10Tensors, *, recipe: str, recipe_epochs: float,
@@ -72,7 +63,7 @@ def sparsify_student(checkpoint, data: CIFAR10Tensors, *, recipe: str, recipe_ep
     else:
         model, meta = load_checkpoint(Path(checkpoint) / MODEL_FILE)
     model.to(device)
-    paths = sparsify_outputs(output_dir)
+    layout = RunLayout(output_dir)
 
     def accuracy(m):
         return evaluate(m, data.test_images, data.test_labels, batch_size, device)
@@ -80,7 +71,7 @@ def sparsify_student(checkpoint, data: CIFAR10Tensors, *, recipe: str, recipe_ep
     summary = {"trial_id": trial_id, "setup": setup or (meta.get("extra") or {}).get("setup"),
                "arch": meta["arch"], "recipe": str(recipe), "recipe_epochs": recipe_epochs,
                "test_acc_dense": accuracy(model)}
-    export_model_onnx(model, paths["dense"])
+    export_model_onnx(model, layout.onnx("dense"))
     pruned = {}
 
     def on_pruning_end(m):
@@ -89,7 +80,7 @@ def sparsify_student(checkpoint, data: CIFAR10Tensors, *, recipe: str, recipe_ep
         weights = dict(m.named_parameters())
         pruned["params"] = {name: weights[name].numel() for name in pruned["layers"]}
         pruned["sparsity"] = global_sparsity(m)
-        export_model_onnx(m, paths["pruned"])
+        export_model_onnx(m, layout.onnx("pruned"))
 
     train_images, train_labels = data.train_images.to(device), data.train_labels.to(device)
     history = run_recipe(
@@ -97,18 +88,17 @@ def sparsify_student(checkpoint, data: CIFAR10Tensors, *, recipe: str, recipe_ep
         lambda epoch: train_batches(train_images, train_labels, batch_size, seed=seed,
                                     epoch=epoch, device=device),
         accuracy, optimizer=torch.optim.Adam(model.parameters()), on_pruning_end=on_pruning_end)
-    export_model_onnx(model, paths["pruned_quantized"], convert_qat=True)
+    export_model_onnx(model, layout.onnx("pruned_quantized"), convert_qat=True)
 
     layer_table = pd.DataFrame({"layer": list(pruned["layers"]),
                                 "params": list(pruned["params"].values()),
                                 "sparsity": list(pruned["layers"].values())})
-    atomic_write_text(Path(output_dir) / "sparsify" / "layer_sparsity.csv", layer_table.to_csv(index=False))
-    atomic_write_text(Path(output_dir) / "sparsify" / "history.csv",
-                      pd.DataFrame(history).to_csv(index=False))
+    atomic_write_text(layout.layer_sparsity, layer_table.to_csv(index=False))
+    atomic_write_text(layout.sparsify_history, pd.DataFrame(history).to_csv(index=False))
     summary.update(
         test_acc_pruned=pruned["test_acc"], weight_sparsity_pruned=pruned["sparsity"],
         test_acc_pruned_quantized=accuracy(model),
         weight_sparsity_pruned_quantized=global_sparsity(model),
-        onnx={name: str(paths[name]) for name in ONNX_MODELS})
-    atomic_write_text(paths["summary"], json.dumps(summary, indent=2))
+        onnx={name: str(layout.onnx(name)) for name in ONNX_MODELS})
+    atomic_write_text(layout.sparsify_summary, json.dumps(summary, indent=2))
     return summary

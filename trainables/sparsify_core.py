@@ -39,19 +39,18 @@ import os
 import re
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
-os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-import yaml  # noqa: E402
-from torch import nn  # noqa: E402
-
-from sparseml.optim.helpers import (  # noqa: E402
+import study  # noqa: F401  (sets NM_DISABLE_ANALYTICS before SparseML is imported)
+from sparseml.optim.helpers import (
     load_global_recipe_variables_from_yaml,
     load_recipe_yaml_str_no_classes,
 )
-from sparseml.pytorch.optim import ScheduledModifierManager  # noqa: E402
-from sparseml.pytorch.utils import LoggerManager, PythonLogger  # noqa: E402
+from sparseml.pytorch.optim import ScheduledModifierManager
+from sparseml.pytorch.utils import LoggerManager, PythonLogger
 
 __all__ = [
     "RECIPE_EXTENSIONS",

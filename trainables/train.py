@@ -6,7 +6,7 @@ Both follow Ray Tune's function-trainable convention: a function of ``config`` t
 teacher's weights) arrive through ``tune.with_parameters`` and so sit once in Ray's object store,
 not pickled into every trial's config.
 
-``config`` keys read here (all set by ``orchestrate.py``):
+``config`` keys read here (all set by ``trainables.tuning.trial_config``):
 ``arch``, ``stem``, ``num_classes``, ``batch_size`` (128..512), ``lr`` (Adam), ``seed``,
 ``threads`` (torch intra-op threads = the trial's CPU share), and for students ``setup``
 (``ce``/``kd``/``kd_feat``) and ``temperature``.
@@ -24,9 +24,9 @@ from typing import Callable
 import torch
 from ray import tune
 
-from models import build_student, build_teacher, forward_features, save_checkpoint
-from models.resnet import load_checkpoint
-from trainables.data import CIFAR10Tensors, eval_batches, train_batches
+from models import build_student, build_teacher, forward_features, load_checkpoint, save_checkpoint
+from trainables.batches import eval_batches, train_batches
+from trainables.data import CIFAR10Tensors
 from trainables.losses import distillation_loss
 
 MODEL_FILE = "model.pt"

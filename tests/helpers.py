@@ -1,103 +1,49 @@
-"""ONNX export of (pruned / QAT) torch models with SparseML 1.7, and ONNX inspection.
-
-Export goes through ``sparseml.pytorch.utils.ModuleExporter(module, output_dir)
-.export_onnx(sample_batch, name=..., convert_qat=...)``, the path SparseML's own
-training scripts use. Findings from the 1.7 source (``sparseml/pytorch/utils/exporter.py``):
-
-* ``ModuleExporter.export_onnx`` deep-copies the module, puts the copy in eval mode,
-  calls ``adjust_quantization_for_onnx_export`` (clamps fake-quant ranges to int8/uint8)
-  and then the function ``export_onnx(module, sample_batch, file_path, opset=14,
-  disable_bn_fusing=True, convert_qat=False, dynamic_axes=None, ...)``. Calling that
-  function directly skips the range adjustment, so the class is used here.
-* The batch axis is dynamic by default: with ``dynamic_axes=None`` every input and
-  output gets ``{0: "batch"}``. One file therefore runs at batch 1 and 32 (the
-  ``convert_qat=True`` rewrite by ``ONNXToDeepsparse`` keeps the dynamic axis).
-  Input is named ``"input"``, output ``"output"``.
-* ``do_constant_folding = not module.training``; BatchNorm is kept as separate nodes
-  (``disable_bn_fusing=True``) - DeepSparse folds it at compile time.
-* ``convert_qat=True`` only converts when a submodule has a ``qconfig`` (i.e. QAT was
-  applied); it then rewrites fake-quant Conv/Linear into ``ConvInteger`` /
-  ``MatMulInteger`` (or ``QLinearConv`` / ``QLinearMatMul`` if the module sets
-  ``export_with_qlinearconv``) with int8/uint8 weight initializers.
-"""
+"""Helpers the tests (and the developer scripts in ``bench/perf``) share: a few real CIFAR-10
+images out of the offline tarball, and reading exported ONNX models back (weight sparsity, op
+types)."""
 
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional, Sequence, Set, Tuple, Union
+from pathlib import Path
+from typing import Dict, Optional, Set, Tuple, Union
 
-os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
+import numpy as np
+import onnx
+from onnx import numpy_helper
 
-import numpy as np  # noqa: E402
-import onnx  # noqa: E402
-import torch  # noqa: E402
-from onnx import numpy_helper  # noqa: E402
-from torch import nn  # noqa: E402
-
-from trainables.utils import atomic_output  # noqa: E402
-
-__all__ = ["export_model_onnx", "onnx_weight_sparsity", "onnx_op_types"]
+from trainables.data import CIFAR10_CLASSES
 
 
-def _has_qat(model: nn.Module) -> bool:
-    return any(getattr(m, "qconfig", None) for m in model.modules())
+def extract_image_subset(tarball: str | os.PathLike, dest: str | os.PathLike,
+                         per_class: dict[str, int]) -> Path:
+    """Extract the first ``per_class[split]`` images of every class of each split (in archive
+    order) from an image-folder tarball such as ``cifar10-jpg.tar.gz`` into
+    ``dest/<split>/<class>/<name>``; streams the archive once and stops when all are written.
 
-
-def export_model_onnx(
-    model: nn.Module,
-    path: Union[str, os.PathLike],
-    *,
-    convert_qat: bool = False,
-    sample_batch: Union[Sequence[int], torch.Tensor] = (1, 3, 32, 32),
-) -> str:
-    """Export ``model`` to ONNX at ``path`` (atomically: temp file + ``os.replace``).
-
-    Args:
-        model: torch module taking one float32 tensor (B, C, H, W) and returning
-            logits (B, num_classes). It is put in eval mode for the export and its
-            previous train/eval mode is restored afterwards; its weights are not
-            changed (SparseML exports a deep copy).
-        path: destination ``.onnx`` file; parent folders are created.
-        convert_qat: convert a QAT model (fake-quant modules from SparseML's
-            ``QuantizationModifier``) to a fully quantized ONNX graph
-            (ConvInteger/QLinearConv, int8 weights).
-        sample_batch: shape of the tracing input, or the input tensor itself. Its
-            batch size does not matter: axis 0 is exported as dynamic ("batch").
-
-    Returns:
-        ``path`` as a str.
-
-    Raises:
-        ValueError: ``convert_qat=True`` but the model has no QAT modules (SparseML
-            would silently write an FP32 graph), or ``sample_batch`` is not a 4-D
-            shape / tensor.
+    ``per_class`` maps split names ("train", "test") to images per class. Returns ``dest``.
+    Raises OSError/tarfile.TarError for an unreadable archive.
     """
-    path = os.fspath(path)
-    if isinstance(sample_batch, torch.Tensor):
-        sample = sample_batch.detach().to("cpu", torch.float32)
-    else:
-        shape = tuple(int(s) for s in sample_batch)
-        if len(shape) != 4 or min(shape) < 1:
-            raise ValueError(f"sample_batch shape {shape} is not a positive (B, C, H, W) shape")
-        gen = torch.Generator().manual_seed(0)
-        sample = torch.randn(shape, generator=gen)
-    if convert_qat and not _has_qat(model):
-        raise ValueError(
-            "convert_qat=True but the model has no quantization-aware modules (no qconfig); "
-            "export it with convert_qat=False"
-        )
+    import tarfile
 
-    from sparseml.pytorch.utils import ModuleExporter
-
-    was_training = model.training
-    model.eval()
-    try:
-        with atomic_output(path, suffix=".onnx") as tmp:
-            ModuleExporter(model, str(tmp.parent)).export_onnx(sample, name=tmp.name,
-                                                               convert_qat=convert_qat)
-    finally:
-        model.train(was_training)
-    return path
+    dest = Path(dest)
+    counts: dict[tuple[str, str], int] = {}
+    need = sum(per_class.values()) * len(CIFAR10_CLASSES)
+    with tarfile.open(tarball, "r|gz") as archive:
+        for member in archive:
+            parts = member.name.split("/")
+            if not member.isfile() or len(parts) != 3 or parts[0] not in per_class:
+                continue
+            split, cls, name = parts
+            if counts.get((split, cls), 0) >= per_class[split] or name.startswith("."):
+                continue
+            counts[(split, cls)] = counts.get((split, cls), 0) + 1
+            (dest / split / cls).mkdir(parents=True, exist_ok=True)
+            (dest / split / cls / name).write_bytes(archive.extractfile(member).read())
+            need -= 1
+            if need == 0:
+                break
+    return dest
 
 
 # op type -> (weight input index, weight zero-point input index or None)

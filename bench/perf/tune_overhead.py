@@ -4,7 +4,7 @@
 Parts (``--parts``, run in this order, all in one process and one Ray instance):
 
 * ``direct``: ``trainables.train.train_student`` called as a plain function with the study's
-  config (``orchestrate.make_config`` + ``orchestrate.trial_config``), ``tune.report`` replaced by
+  config (``study.make_config`` + ``trainables.tuning.trial_config``), ``tune.report`` replaced by
   a recorder (outside a Tune session Ray 2.49's ``tune.report`` is a no-op and
   ``tune.get_checkpoint`` returns None, so the loop runs unchanged; the per-epoch checkpoint is
   still written to a temporary folder, then deleted). It runs in a plain Ray task with the same
@@ -13,7 +13,7 @@ Parts (``--parts``, run in this order, all in one process and one Ray instance):
 * ``tune``: the same trainable, config and threads as one Tune trial (``tune.with_parameters``,
   the study's stopper and checkpoint settings);
 * ``concurrent``: the three setups as one Tune grid, ``max_concurrent_trials=3``, each trial with
-  the resources and threads ``orchestrate.trial_resources``/``trial_config`` give it (a third of
+  the resources and threads ``trainables.tuning.trial_resources``/``trial_config`` give it (a third of
   the CPUs; threads = max(1, round(share)));
 * ``sequential``: the same three trials, ``max_concurrent_trials=1``, same per-trial config;
 * ``sequential_full``: one after another, each trial given every core (threads = cores);
@@ -29,7 +29,7 @@ its decoded-tensor cache is used), or by default the first images per class stre
 ``../shared/data/cifar10-jpg.tar.gz`` into a temporary folder. The teacher is randomly
 initialised (speed does not depend on its weights).
 
-Example: ``python bench/tune_overhead.py --parts direct,tune --epochs 3 --train-subset 256``
+Example: ``python bench/perf/tune_overhead.py --parts direct,tune --epochs 3 --train-subset 256``
 """
 
 from __future__ import annotations
@@ -39,17 +39,15 @@ import math
 import os
 import shutil
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 from unittest import mock
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(PROJECT_DIR))  # this checkout's packages, here and in Ray's workers
 os.environ["PYTHONPATH"] = os.pathsep.join(
     [str(PROJECT_DIR)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
-os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no progress tables
 
@@ -68,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default=",".join(DEFAULT_PARTS),
                         help=f"comma-separated, from {','.join(PARTS)} (default: {','.join(DEFAULT_PARTS)})")
-    parser.add_argument("--preset", default="cpu", help="orchestrate preset the config starts from (default: cpu)")
+    parser.add_argument("--preset", default="cpu", help="study preset the config starts from (default: cpu)")
     parser.add_argument("--arch", default=None, help="override the preset's arch")
     parser.add_argument("--batch-size", type=int, default=128, help="(default: 128)")
     parser.add_argument("--train-subset", type=int, default=256, help="training images (default: 256)")
@@ -92,7 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
 def load_data(args, workdir: Path):
     """(CIFAR10Tensors, source description): stratified subsets of ``--data-root``, or of images
     extracted from the shared tarball into ``workdir`` when no root is given."""
-    from trainables.data import CIFAR10Tensors, extract_image_subset, load_cifar10, stratified_subset
+    sys.path.insert(0, str(PROJECT_DIR / "tests"))
+    from helpers import extract_image_subset  # the tests' way to pull a few real images out of the tarball
+    from trainables.batches import stratified_subset
+    from trainables.data import CIFAR10Tensors, load_cifar10
 
     if args.data_root:
         data, source = load_cifar10(args.data_root), args.data_root
@@ -148,7 +149,7 @@ def run_direct(space: dict, data, teacher: dict) -> dict:
 
 def fit(config, storage: str, name: str, trainable, space: dict, resources: dict,
         max_concurrent: int):
-    """``orchestrate.run_tuner``'s Tuner (stopper, checkpoints) with ``max_concurrent``
+    """``trainables.tuning.run_tuner``'s Tuner (stopper, checkpoints) with ``max_concurrent``
     trials at once; no retries, quiet. Returns (ResultGrid, wall seconds of ``fit()``)."""
     from ray import tune
 
@@ -221,20 +222,21 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import tune
 
-    import orchestrate
+    import study
+    from trainables import tuning
     from trainables.train import train_student
 
     cores = args.cpus or len(os.sched_getaffinity(0))
     threads = args.threads or cores
     overrides = dict(batch_size=args.batch_size, train_subset=args.train_subset,
                      test_subset=args.test_subset, max_epochs=args.epochs, arch=args.arch)
-    config = orchestrate.make_config(args.preset, **overrides)
+    config = study.make_config(args.preset, **overrides)
     workdir = Path(tempfile.mkdtemp(prefix="tune-overhead-"))
     storage = str(Path(args.output_dir).resolve()) if args.output_dir else str(workdir / "runs")
     try:
         data, source = load_data(args, workdir)
         teacher = teacher_payload(config)
-        ray.init(num_cpus=cores, num_gpus=0, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=cores, num_gpus=0, include_dashboard=False, log_to_driver=False)
         where = ray.get(ray.remote(lambda: __import__("trainables.train").train.__file__).remote())
         print(f"config: preset {args.preset}, arch {config.arch}, batch {config.batch_size}, "
               f"{len(data.train_labels)} train / {len(data.test_labels)} test images ({source}), "
@@ -242,9 +244,9 @@ def main(argv: list[str] | None = None) -> int:
 
         student = tune.with_parameters(train_student, data=data, teacher=teacher)
         one = {"cpu": threads, "gpu": 0.0}
-        one_space = {**orchestrate.trial_config(config, "student", one), "setup": args.setup}
-        share = orchestrate.trial_resources(config, "student")
-        share_space = orchestrate.trial_config(config, "student", share)
+        one_space = {**tuning.trial_config(config, "student", one), "setup": args.setup}
+        share = tuning.trial_resources(config, "student")
+        share_space = tuning.trial_config(config, "student", share)
         grid_space = {**share_space, "setup": tune.grid_search(list(config.setups))}
         epoch_rows, wall_rows = [], []
 
@@ -269,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
                 resources, space = share, dict(grid_space)
                 if part == "sequential_full":
                     resources = {"cpu": float(cores), "gpu": 0.0}
-                    space = {**orchestrate.trial_config(config, "student", resources),
+                    space = {**tuning.trial_config(config, "student", resources),
                              "setup": grid_space["setup"]}
                 if part == "concurrent_oversubscribed":
                     space["threads"] = cores

@@ -3,7 +3,7 @@
 
 Measures, at one batch size, on ``--device`` (cpu or cuda), in one run:
 
-* ``data pipeline``: ``trainables.data.train_batches`` over uint8 tensors already on the device
+* ``data pipeline``: ``trainables.batches.train_batches`` over uint8 tensors already on the device
   (batched crop + flip + normalize), as ``trainables.train._fit`` consumes it;
 * ``DataLoader baseline``: the naive alternative, a ``torch.utils.data.DataLoader`` over a
   PIL-backed Dataset of the same images (``Image.fromarray`` per sample, as
@@ -21,7 +21,7 @@ exclude ``--warmup`` steps and are bracketed by ``torch.cuda.synchronize()`` on 
 randomly initialised (speed does not depend on the weights). Without ``--data-root`` the images
 are random uint8 tensors (the pipeline's cost does not depend on pixel values).
 
-Example: ``python bench/train_throughput.py --arch resnet18 --batch-size 128 --device cpu
+Example: ``python bench/perf/train_throughput.py --arch resnet18 --batch-size 128 --device cpu
 --steps 10 --threads 2``
 """
 
@@ -34,16 +34,15 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's packages
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this checkout's packages
 
-import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from models import ARCHS, STEMS, build_student, build_teacher  # noqa: E402
-from trainables.data import (CIFAR10_MEAN, CIFAR10_STD, load_cifar10,  # noqa: E402
-                             stratified_subset, train_batches)
-from trainables.losses import SETUPS  # noqa: E402
+from study import SETUPS  # noqa: E402
+from trainables.batches import stratified_subset, train_batches  # noqa: E402
+from trainables.data import CIFAR10_MEAN, CIFAR10_STD, load_cifar10  # noqa: E402
 from trainables.train import autocast, setup_torch, student_loss  # noqa: E402
 
 PIPELINE = "data pipeline"

@@ -1,0 +1,24 @@
+"""The study report: load one run directory, execute ``report.ipynb`` on it, render HTML and PDF.
+
+* ``report.data``: ``load_run`` reads only what the run wrote (through ``study.RunLayout``), so
+  every number in the report comes from the data;
+* ``report.tables`` and ``report.findings``: the tables, charts' helpers and sentences the
+  notebook shows;
+* ``report.render``: ``render_report(run_dir)`` executes the notebook with nbclient (kernel: this
+  interpreter) and writes ``report.ipynb``, ``report.html`` and ``report.pdf`` into the run.
+
+Usage: ``python -m report RUN_DIR`` (re-render an existing run); ``orchestrate.py --report`` /
+``--report-only`` call ``render_report``. The notebook does ``import report`` and uses the names
+below.
+"""
+
+from report.data import MODELS, SETUPS, SPARSE_MODELS, RunData, load_result_grid, load_run, stop_epoch
+from report.findings import fastest_model, findings, run_summary
+from report.render import ReportError, main, render_report
+from report.tables import (accuracy_note, accuracy_table, benchmark_frame, benchmark_table, overlap_sentence,
+                           section, show_table, student_overlap, use_print_style)
+
+__all__ = ["MODELS", "SETUPS", "SPARSE_MODELS", "ReportError", "RunData", "load_result_grid", "load_run",
+           "stop_epoch", "accuracy_table", "accuracy_note", "show_table", "benchmark_frame",
+           "benchmark_table", "student_overlap", "overlap_sentence", "fastest_model", "findings",
+           "run_summary", "section", "use_print_style", "render_report", "main"]

@@ -1,0 +1,150 @@
+"""The report's findings: sentences written from the numbers of one run."""
+
+from __future__ import annotations
+
+import math
+
+from report.data import SETUPS, SPARSE_MODELS, RunData, _base_setup, _results_row, _value
+from report.tables import overlap_sentence
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f} %"
+
+
+def _pp(delta: float) -> str:
+    return f"{abs(100 * delta):.1f} percentage points"
+
+
+def _change(before: float, after: float) -> str:
+    if math.isnan(after):
+        return "(no accuracy recorded)"
+    if after < before:
+        return f"cost {_pp(before - after)} (→ {_pct(after)})"
+    if after > before:
+        return f"gained {_pp(after - before)} (→ {_pct(after)})"
+    return f"left accuracy unchanged ({_pct(after)})"
+
+
+def fastest_model(bench, batch_size: int, markdown: bool = False) -> str:
+    """One sentence naming the highest-throughput (model, engine) of ``bench`` (a
+    ``benchmark.csv`` frame) at ``batch_size``: its images/s, p50 latency (ms) and its ratio to
+    dense onnxruntime, the baseline a user would otherwise deploy (when that row exists).
+    ``markdown`` sets the winner in bold. Raises ValueError when no row has that batch size."""
+    rows = bench[bench["batch_size"] == batch_size]
+    if not len(rows):
+        raise ValueError(f"no benchmark rows at batch {batch_size}")
+    fastest = rows.loc[rows["items_per_sec"].idxmax()]
+    name = f"{fastest['model']} on {fastest['engine']}"
+    text = (f"At batch {batch_size}, {f'**{name}**' if markdown else name} is fastest: "
+            f"{fastest['items_per_sec']:.0f} images/s (p50 latency {fastest['latency_p50_ms']:.1f} ms")
+    ref = rows[(rows["model"] == "dense") & (rows["engine"] == "onnxruntime")]
+    if len(ref) and not (fastest["model"] == "dense" and fastest["engine"] == "onnxruntime"):
+        r = ref.iloc[0]
+        return text + (f"), {fastest['items_per_sec'] / r['items_per_sec']:.2f}× dense onnxruntime "
+                       f"({r['items_per_sec']:.0f} images/s).")
+    return text + ")."
+
+
+def findings(run: RunData) -> list[str]:
+    """A few sentences, written from the numbers: which student setup won and by how much, what
+    sparsification cost in accuracy, which model is fastest per batch size (and the factor vs dense
+    onnxruntime), the CPU's ISA, whether the student trials overlapped in time; plus ``notes``."""
+    import pandas as pd
+
+    out = list(run.notes)
+    # The study keeps each trial's best checkpoint (and sparsifies the best of those), so a setup
+    # "wins" by its best-epoch test accuracy; the accuracy at the stop epoch is mentioned if it disagrees.
+    def accuracies(column):
+        if run.results is not None and column in run.results:
+            values = {s: _value(_results_row(run, s), column) for s in SETUPS}
+        else:
+            values = {s: float(run.trials[s]["test_acc"].max() if column == "best_test_acc"
+                               else run.trials[s]["test_acc"].iloc[-1]) for s in SETUPS if s in run.trials}
+        return {s: a for s, a in values.items() if not math.isnan(a)}
+
+    best, last = accuracies("best_test_acc"), accuracies("test_acc")
+    if best:
+        ranked = sorted(best.items(), key=lambda kv: -kv[1])
+        top = ranked[0][1]
+        winners = [s for s, a in ranked if a == top]
+        others = [f"{s} {_pct(a)} ({_pp(top - a)} behind)" for s, a in ranked if a != top]
+        head = (f"**{winners[0]}** won among the students: {_pct(top)} test accuracy at its best epoch"
+                if len(winners) == 1 else f"**{' and '.join(winners)}** tie for the best student at {_pct(top)}")
+        text = head + (f"; then {', '.join(others)}." if others else ".")
+        if last:
+            final = max(last.values())
+            leaders = [s for s, a in last.items() if a == final]
+            if set(leaders) != set(winners):
+                text += f" At the stop epoch instead, {' and '.join(leaders)} led ({_pct(final)})."
+        teacher = _results_row(run, "teacher")
+        t_acc = _value(teacher, "best_test_acc")
+        if math.isnan(t_acc) and "teacher" in run.trials:
+            t_acc = float(run.trials["teacher"]["test_acc"].max())
+        if not math.isnan(t_acc):
+            side = "above" if top > t_acc else "below" if top < t_acc else "level with"
+            gap = "" if top == t_acc else f"{_pp(top - t_acc)} "
+            text += f" The teacher reached {_pct(t_acc)} at its best epoch; the best student is {gap}{side} it"
+            student_params = _value(_results_row(run, winners[0]), "params")
+            t_params = _value(teacher, "params")
+            if t_params > 0 and not math.isnan(student_params):
+                text += f" with {100 * student_params / t_params:.0f} % of the teacher's parameters"
+            text += "."
+        out.append(text)
+    base = _base_setup(run)
+    # The dense starting point: the checkpoint the sparsify stage loaded (summary.json), else the
+    # base setup's best epoch (that is the checkpoint the study keeps).
+    dense = float((run.sparsify_summary or {}).get("test_acc_dense", math.nan))
+    for column in ("best_test_acc", "test_acc"):
+        if math.isnan(dense) and base:
+            dense = _value(_results_row(run, base), column)
+    pruned, quant = (_results_row(run, m) for m in SPARSE_MODELS)
+    if base and not math.isnan(dense) and (pruned is not None or quant is not None):
+        parts = []
+        if pruned is not None:
+            sparsity = _value(pruned, "weight_sparsity")
+            at = f" to {_pct(sparsity)} weight sparsity" if not math.isnan(sparsity) else ""
+            parts.append(f"pruning{at} {_change(dense, _value(pruned, 'test_acc'))}")
+        if quant is not None:
+            parts.append(f"pruning + INT8 quantization-aware training {_change(dense, _value(quant, 'test_acc'))}")
+        text = f"Sparsifying the {base} student ({_pct(dense)} dense, PyTorch): " + "; ".join(parts) + "."
+        onnx = [f"{m} {_pct(_value(r, 'onnx_test_acc'))}"
+                for m, r in ((f"dense {base}", _results_row(run, base)), *zip(SPARSE_MODELS, (pruned, quant)))
+                if r is not None and not math.isnan(_value(r, "onnx_test_acc"))]
+        if onnx:
+            text += f" Exported to ONNX and run in DeepSparse: {', '.join(onnx)}."
+        out.append(text)
+    bench = run.benchmark
+    if run.has_benchmark:
+        for batch in sorted(bench["batch_size"].unique()):
+            out.append(fastest_model(bench, int(batch), markdown=True))
+        first = bench.iloc[0]
+        vnni = str(first.get("vnni", "")).strip().lower() in ("true", "1", "yes")
+        cores = f"{int(first['num_cores'])} cores of " if "num_cores" in bench and not pd.isna(
+            first["num_cores"]) else ""
+        text = f"The benchmark ran on {cores}a CPU with ISA **{first.get('isa', '?')}** "
+        text += "and VNNI (INT8 dot products in hardware)." if vnni else \
+            "and no VNNI, so DeepSparse emulates INT8 arithmetic."
+        out.append(text)
+    sentence = overlap_sentence(run)
+    if sentence:
+        out.append(sentence)
+    return out
+
+
+def run_summary(run: RunData) -> str:
+    """A markdown paragraph describing the run (from ``config.json``)."""
+    c = run.config
+    if not c:
+        return f"Run directory `{run.run_dir}` (no config.json)."
+
+    def count(n, full):
+        return f"{n:,}" if n else f"all {full:,}"
+
+    return (f"Run directory `{run.run_dir}` · preset **{c.get('preset')}** · {c.get('arch')} teacher "
+            f"(students: the same network with `layer3` cut to its first block) · "
+            f"{count(c.get('train_subset', 0), 50000)} training / {count(c.get('test_subset', 0), 10000)} "
+            f"test images · Adam, batch {c.get('batch_size')}, lr {c.get('lr'):g} (teacher "
+            f"{c.get('teacher_lr'):g}) · temperature {c.get('temperature'):g} · stop when test accuracy "
+            f"changes by < {c.get('tolerance'):g} for {c.get('patience')} epochs in a row "
+            f"(at most {c.get('max_epochs')} student / {c.get('teacher_max_epochs')} teacher epochs).")

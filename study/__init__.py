@@ -1,0 +1,21 @@
+"""The study's vocabulary, importable by every layer: config and presets (``study.config``), the
+run directory's layout (``study.layout``) and atomic file writes (``study.files``).
+
+Importing this package sets ``NM_DISABLE_ANALYTICS=1`` (unless already set): the Neural Magic
+packages (SparseML, DeepSparse, SparseZoo) otherwise try to send usage analytics at import, and
+these machines have no network. Every module that imports them imports ``study`` first, so this
+is the one place the variable is set; Ray workers inherit it from the driver (and a remote
+cluster gets it through the job's ``runtime_env``).
+"""
+
+import os
+
+os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
+
+from study.config import (  # noqa: E402
+    ARCHS, PRESETS, RUNTIME_FIELDS, SETUPS, STAGES, STEMS, TASK_BATCH_RANGE, StudyConfig, StudyError,
+    make_config, validate)
+from study.layout import ONNX_MODELS, RunLayout  # noqa: E402
+
+__all__ = ["ARCHS", "ONNX_MODELS", "PRESETS", "RUNTIME_FIELDS", "SETUPS", "STAGES", "STEMS",
+           "TASK_BATCH_RANGE", "RunLayout", "StudyConfig", "StudyError", "make_config", "validate"]

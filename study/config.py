@@ -1,0 +1,186 @@
+"""The study's settings: one dataclass, its presets, and the checks on its values.
+
+Every field is declared once, with its help text beside it (``metadata["help"]``) and the function
+that parses it from the command line (``metadata["parse"]``); ``orchestrate.build_parser`` turns
+each field into one option. A preset is a dict of field values; a value given on the command line
+always wins over the preset's, whatever it is (``none``, ``0`` and ``false`` included).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+#: The student setups, in the order the study reports them (see ``trainables.losses``).
+SETUPS: tuple[str, ...] = ("ce", "kd", "kd_feat")
+#: The pipeline's stages, in order (``--stop-after`` names the last one to run).
+STAGES: tuple[str, ...] = ("teacher", "students", "sparsify", "bench")
+#: The task's allowed batch sizes for Adam: 128..512.
+TASK_BATCH_RANGE = (128, 512)
+#: torchvision ResNets a teacher can be (``models.build_teacher``); the student is the same
+#: network with layer3 cut to its first block.
+ARCHS: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+#: Input stems for 32x32 images (``models.resnet`` module docstring).
+STEMS: tuple[str, ...] = ("cifar", "upsample")
+
+
+class StudyError(Exception):
+    """A problem with the user's input or machine, reported as one line and exit code 2."""
+
+
+def optional_str(text: str) -> str | None:
+    """CLI parser: ``none`` (any case) or an empty string -> None, else the text."""
+    return None if text.lower() in ("none", "") else text
+
+
+def optional_number(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    """CLI parser for an int/float field that may be ``none`` (= decide from the cluster)."""
+    def parse(text: str):
+        return None if text.lower() == "none" else kind(text)
+    parse.__name__ = f"optional {kind.__name__}"
+    return parse
+
+
+def csv_of(kind: Callable[[str], Any]) -> Callable[[str], tuple]:
+    """CLI parser for a comma-separated list: ``"1,32"`` -> ``(1, 32)``."""
+    def parse(text: str) -> tuple:
+        return tuple(kind(part) for part in text.split(",") if part)
+    parse.__name__ = f"comma-separated {kind.__name__}"
+    return parse
+
+
+def option(default: Any, help: str, parse: Callable[[str], Any]) -> Any:
+    """A StudyConfig field: its default (the ``full`` preset's), help text and CLI parser
+    (``bool`` makes a ``--flag/--no-flag`` pair)."""
+    return field(default=default, metadata={"help": help, "parse": parse})
+
+
+@dataclass
+class StudyConfig:
+    """Every setting of one study. Presets fill it; any field can be overridden on the CLI.
+
+    Units: learning rates are Adam step sizes; epochs count passes over the (subset of the)
+    training set; ``bench_seconds``/``bench_warmup_seconds`` are seconds; ``*_subset`` are image
+    counts (0 = the whole split); ``cpus_per_trial``/``gpus_per_trial`` are Ray resource units
+    (fractions allowed; ``None`` = share the machine between the concurrent student trials).
+    Architecture and presets: ``ARCHITECTURE.md``.
+    """
+
+    preset: str = option("full", "preset the other defaults come from: full, cpu or smoke", str)
+    data_root: str | None = option(
+        None, "CIFAR-10 root: image folders train/<class>/, test/<class>/, or cifar-10-batches-py",
+        optional_str)
+    download: bool = option(False, "download CIFAR-10 with torchvision into --data-root when it is not there",
+                            bool)
+    output_dir: str = option("runs/full", "run directory: every output of the study goes here", str)
+    arch: str = option("resnet101", "torchvision ResNet of the teacher; the students are the same network "
+                       "with layer3 cut to its first block (resnet18, resnet34, resnet50, resnet101, resnet152)",
+                       str)
+    stem: str = option("cifar", "input stem: 'cifar' (3x3 stride-1 conv1, no max-pool, 32x32 input) or "
+                       "'upsample' (images resized to 224x224, ImageNet stem kept)", str)
+    teacher_weights: str | None = option(
+        "imagenet", "teacher's initial weights: 'imagenet' (torchvision, needs network), 'none' (random) "
+        "or a teacher checkpoint path", optional_str)
+    train_subset: int = option(0, "stratified subset of training images (0 = all 50,000)", int)
+    test_subset: int = option(0, "stratified subset of test images (0 = all 10,000)", int)
+    batch_size: int = option(256, "batch size of every training stage (the task allows 128..512)", int)
+    lr: float = option(1e-3, "Adam learning rate of the students", float)
+    teacher_lr: float = option(1e-4, "Adam learning rate of the teacher", float)
+    temperature: float = option(4.0, "softmax temperature T of the soft targets (soft CE is scaled by T^2)",
+                                float)
+    tolerance: float = option(0.01, "stop rule: |acc_e - acc_(e-1)| < tolerance (accuracy 0..1) ...", float)
+    patience: int = option(2, "... for this many epochs in a row", int)
+    max_epochs: int = option(50, "safety bound on student epochs", int)
+    teacher_max_epochs: int = option(30, "safety bound on teacher epochs", int)
+    setups: tuple[str, ...] = option(SETUPS, "comma-separated student setups", csv_of(str))
+    cpus_per_trial: float | None = option(
+        None, "Ray CPUs per student trial ('none': a share of the cluster)", optional_number(float))
+    gpus_per_trial: float | None = option(
+        None, "Ray GPUs per student trial ('none': 1/#setups when a GPU is present)", optional_number(float))
+    address: str | None = option(None, "address of an existing Ray cluster ('none': start a local one)",
+                                 optional_str)
+    seed: int = option(0, "random seed of the subsets, the weight init and the augmentation stream", int)
+    dashboard: bool = option(True, "start the Ray dashboard", bool)
+    recipe: str = option(str(PROJECT_DIR / "recipes" / "prune_quantize.yaml"), "SparseML recipe YAML", str)
+    recipe_epochs: float = option(55.0, "num_epochs of the recipe (its phases scale with it)", float)
+    bench_cores: int | None = option(
+        None, "cores of the CPU-only benchmark actor ('none': all of this machine's)", optional_number(int))
+    bench_batch_sizes: tuple[int, ...] = option((1, 32), "comma-separated batch sizes to benchmark", csv_of(int))
+    bench_warmup_seconds: float = option(2.0, "seconds of untimed warm-up per benchmark", float)
+    bench_seconds: float = option(10.0, "seconds each benchmark is timed", float)
+    stop_after: str = option("bench", f"last stage to run: {', '.join(STAGES)}", str)
+    report: bool = option(False, "execute report.ipynb and render it to HTML/PDF at the end", bool)
+
+
+PRESETS: dict[str, dict] = {
+    # The assignment as written: ResNet-101 on all of CIFAR-10, ImageNet init, 55 recipe epochs. GPU.
+    "full": {},
+    # Same pipeline on 2 CPU cores in well under an hour: resnet18-based models, a few thousand images.
+    "cpu": dict(output_dir="runs/cpu", arch="resnet18", teacher_weights=None,
+                train_subset=2000, test_subset=1000, batch_size=128, teacher_lr=1e-3,
+                max_epochs=6, teacher_max_epochs=6, recipe_epochs=4.0, bench_seconds=5.0),
+    # The same code path on a few hundred images; what the end-to-end test runs.
+    "smoke": dict(output_dir="runs/smoke", arch="resnet18", teacher_weights=None,
+                  train_subset=300, test_subset=200, batch_size=128, teacher_lr=1e-3,
+                  max_epochs=3, teacher_max_epochs=2, recipe_epochs=2.0,
+                  bench_warmup_seconds=0.5, bench_seconds=2.0),
+}
+
+#: Fields that change where and how a run executes, not what it computes: a resumed run may
+#: differ in them (the data root may move; the data it holds is checked when loaded).
+RUNTIME_FIELDS = ("data_root", "download", "output_dir", "dashboard", "address", "report", "stop_after",
+                  "cpus_per_trial", "gpus_per_trial")
+
+
+def make_config(preset: str, **overrides) -> StudyConfig:
+    """The preset's config with ``overrides`` (field name -> value) applied, every one of them:
+    an explicit ``None``, ``0`` or ``False`` wins over the preset's value.
+
+    Raises StudyError for an unknown preset, an unknown field, or a value outside what the
+    study allows (see ``validate``).
+    """
+    if preset not in PRESETS:
+        raise StudyError(f"unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
+    names = {f.name for f in dataclasses.fields(StudyConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise StudyError(f"unknown config field(s) {unknown}; allowed: {sorted(names)}")
+    config = StudyConfig(**{**PRESETS[preset], **overrides, "preset": preset})
+    validate(config)
+    return config
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def validate(config: StudyConfig) -> None:
+    """Check every value that can be checked before any long work starts; StudyError if not."""
+    low, high = TASK_BATCH_RANGE
+    if not low <= config.batch_size <= high:
+        raise StudyError(f"--batch-size {config.batch_size} is outside the allowed range {low}..{high}")
+    for name in ("lr", "teacher_lr", "temperature", "tolerance", "bench_seconds"):
+        if not getattr(config, name) > 0:
+            raise StudyError(f"{_flag(name)} {getattr(config, name)} must be > 0")
+    for name in ("max_epochs", "teacher_max_epochs", "patience"):
+        if getattr(config, name) < 1:
+            raise StudyError(f"{_flag(name)} {getattr(config, name)} must be >= 1")
+    if config.recipe_epochs <= 0:
+        raise StudyError(f"--recipe-epochs {config.recipe_epochs} must be > 0")
+    for name in ("train_subset", "test_subset"):
+        if getattr(config, name) < 0:
+            raise StudyError(f"{_flag(name)} {getattr(config, name)} must be >= 0 (0 = all)")
+    bad = [s for s in config.setups if s not in SETUPS]
+    if bad or not config.setups:
+        raise StudyError(f"unknown setup(s) {bad or list(config.setups)}; allowed: {', '.join(SETUPS)}")
+    if config.arch not in ARCHS:
+        raise StudyError(f"--arch {config.arch!r} unknown; allowed: {', '.join(ARCHS)}")
+    if config.stem not in STEMS:
+        raise StudyError(f"--stem {config.stem!r} unknown; allowed: {', '.join(STEMS)}")
+    if config.stop_after not in STAGES:
+        raise StudyError(f"--stop-after {config.stop_after!r} unknown; allowed: {', '.join(STAGES)}")
+    if any(b < 1 for b in config.bench_batch_sizes):
+        raise StudyError(f"--bench-batch-sizes {config.bench_batch_sizes} must all be >= 1")

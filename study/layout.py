@@ -1,0 +1,111 @@
+"""The run directory: which file each stage writes where. The one place that spells it out.
+
+``RunLayout(output_dir)`` knows every output path of a study run; the stages write through it,
+``orchestrate`` checks and removes through it, and the report reads through it. The table in
+``ARCHITECTURE.md`` says which stage owns which output.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+#: The exported models, in the order the study reports them.
+ONNX_MODELS: tuple[str, ...] = ("dense", "pruned", "pruned_quantized")
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Every output path of one run under ``root`` (the ``--output-dir``).
+
+    Attributes are ``Path`` objects; ``onnx(name)`` is the path of one exported model
+    (``name`` in ``ONNX_MODELS``). Nothing is created or read here.
+    """
+
+    root: Path
+
+    def __init__(self, root: str | os.PathLike):
+        object.__setattr__(self, "root", Path(root))
+
+    # stage 0: orchestrate
+    @property
+    def config(self) -> Path:
+        """``config.json``: the StudyConfig the run was made with."""
+        return self.root / "config.json"
+
+    # stage 1: teacher
+    @property
+    def teacher_dir(self) -> Path:
+        """The teacher's Ray Tune experiment (one trial)."""
+        return self.root / "teacher"
+
+    @property
+    def teacher(self) -> Path:
+        """``teacher.pt``: the frozen teacher (its best checkpoint)."""
+        return self.root / "teacher.pt"
+
+    # stage 2: students
+    @property
+    def students_dir(self) -> Path:
+        """The students' Ray Tune experiment (one trial per setup)."""
+        return self.root / "students"
+
+    # stage 3: sparsify
+    @property
+    def onnx_dir(self) -> Path:
+        """Folder of the exported ONNX models."""
+        return self.root / "onnx"
+
+    def onnx(self, name: str) -> Path:
+        """Path of exported model ``name`` (one of ``ONNX_MODELS``); ValueError otherwise."""
+        if name not in ONNX_MODELS:
+            raise ValueError(f"unknown model {name!r}; allowed: {', '.join(ONNX_MODELS)}")
+        return self.onnx_dir / f"{name}.onnx"
+
+    @property
+    def sparsify_dir(self) -> Path:
+        """Folder of the sparsify stage's records."""
+        return self.root / "sparsify"
+
+    @property
+    def sparsify_summary(self) -> Path:
+        """``sparsify/summary.json``, written last: its presence marks the stage done."""
+        return self.sparsify_dir / "summary.json"
+
+    @property
+    def sparsify_history(self) -> Path:
+        """``sparsify/history.csv``: one row per recipe epoch."""
+        return self.sparsify_dir / "history.csv"
+
+    @property
+    def layer_sparsity(self) -> Path:
+        """``sparsify/layer_sparsity.csv``: one row per prunable layer of the pruned model."""
+        return self.sparsify_dir / "layer_sparsity.csv"
+
+    # stage 4: bench
+    @property
+    def benchmark(self) -> Path:
+        """``benchmark.csv``: throughput and latency per model, engine and batch size."""
+        return self.root / "benchmark.csv"
+
+    @property
+    def onnx_accuracy(self) -> Path:
+        """``onnx_accuracy.json``: each exported model's test accuracy in DeepSparse."""
+        return self.root / "onnx_accuracy.json"
+
+    # summary and report
+    @property
+    def results(self) -> Path:
+        """``results.csv``: one row per model (written by orchestrate at the end)."""
+        return self.root / "results.csv"
+
+    def report(self, suffix: str) -> Path:
+        """``report.<suffix>`` (ipynb, html or pdf), written by the report stage."""
+        return self.root / f"report.{suffix}"
+
+    def outputs(self) -> list[Path]:
+        """Everything a run writes (what ``--overwrite`` removes); other files are kept."""
+        return [self.config, self.teacher_dir, self.teacher, self.students_dir, self.onnx_dir,
+                self.sparsify_dir, self.results, self.benchmark, self.onnx_accuracy,
+                *(self.report(s) for s in ("ipynb", "html", "pdf"))]
