@@ -11,6 +11,7 @@ import pytest
 import nbformat
 
 import report
+import report.render
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +43,7 @@ def _tiny_notebook(path, source: str):
 
 
 def test_notebook_has_parameters_cell():
-    nb = nbformat.read(report.NOTEBOOK, as_version=4)
+    nb = nbformat.read(report.render.NOTEBOOK, as_version=4)
     cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(cells) == 1 and "REPORT_RUN_DIR" in cells[0].source and "runs/smoke" in cells[0].source
 
@@ -83,7 +84,7 @@ def test_no_chromium_writes_html_and_says_why(tmp_path, monkeypatch, capsys):
     run_dir.mkdir()
     notebook = _tiny_notebook(tmp_path / "tiny.ipynb",
                               "import os, sys\nprint(os.environ['REPORT_RUN_DIR'])\nprint(sys.executable)")
-    monkeypatch.setattr(report.shutil, "which", lambda name: None)
+    monkeypatch.setattr(report.render.shutil, "which", lambda name: None)
 
     paths = report.render_report(run_dir, pdf=True, notebook=notebook, timeout=60)
 
