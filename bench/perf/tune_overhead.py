@@ -77,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", default="cpu", help="study preset the config starts from (default: cpu)")
     parser.add_argument("--arch", default=None, help="override the preset's arch")
     parser.add_argument("--batch-size", type=int, default=128, help="(default: 128)")
-    parser.add_argument("--train-subset", type=int, default=256, help="training images (default: 256)")
-    parser.add_argument("--test-subset", type=int, default=200, help="test images (default: 200)")
+    parser.add_argument("--train-subset", type=int, default=256, help="training images, 0 = all (default: 256)")
+    parser.add_argument("--test-subset", type=int, default=200, help="test images, 0 = all (default: 200)")
     parser.add_argument("--epochs", type=int, default=2, help="epochs per trial (default: 2)")
     parser.add_argument("--setup", default="kd", help="setup of the direct/tune parts (default: kd)")
     parser.add_argument("--role", default="student", choices=("student", "teacher"),
@@ -110,11 +110,16 @@ def load_data(args, workdir: Path):
     else:
         if not TARBALL.is_file():
             raise SystemExit(f"error: {TARBALL} not found; pass --data-root")
+        if not (args.train_subset and args.test_subset):
+            raise SystemExit("error: --train-subset/--test-subset 0 (all images) needs --data-root")
         per_class = {"train": math.ceil(args.train_subset / 10), "test": math.ceil(args.test_subset / 10)}
         root = extract_image_subset(TARBALL, workdir / "cifar10", per_class)
         data, source = load_cifar10(root, cache=False), f"{TARBALL.name} (first images per class)"
-    train = stratified_subset(data.train_images, data.train_labels, args.train_subset, seed=0)
-    test = stratified_subset(data.test_images, data.test_labels, args.test_subset, seed=0)
+    train, test = (data.train_images, data.train_labels), (data.test_images, data.test_labels)
+    if args.train_subset:  # 0 = all
+        train = stratified_subset(*train, args.train_subset, seed=0)
+    if args.test_subset:
+        test = stratified_subset(*test, args.test_subset, seed=0)
     return CIFAR10Tensors(*train, *test), source
 
 
