@@ -135,7 +135,7 @@ PRESETS: dict[str, dict] = {
 #: Fields that change where and how a run executes, not what it computes: a resumed run may
 #: differ in them (the data root may move; the data it holds is checked when loaded).
 RUNTIME_FIELDS = ("data_root", "download", "output_dir", "dashboard", "address", "report", "stop_after",
-                  "cpus_per_trial", "gpus_per_trial", "compile")
+                  "cpus_per_trial", "gpus_per_trial")
 
 
 def make_config(preset: str, **overrides) -> StudyConfig:
