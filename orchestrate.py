@@ -26,9 +26,7 @@ from pathlib import Path
 
 from study import PRESETS, RUNTIME_FIELDS, RunLayout, StudyConfig, StudyError, make_config
 from study.config import PROJECT_DIR
-
-REQUIRED_PACKAGES = ("torch", "torchvision", "ray", "sparseml", "deepsparse", "onnx",
-                     "onnxruntime", "pandas", "numpy", "tabulate", "yaml")
+from study.requirements import check_packages, check_python, required_packages, sparsify_stages
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,24 +79,7 @@ def config_from_args(argv: list[str] | None = None) -> tuple[StudyConfig, argpar
 
 
 # ---------------------------------------------------------------------------------------------
-# Start-up checks
-
-
-def check_python(version=sys.version_info) -> None:
-    """StudyError unless Python is 3.10 or 3.11 (deepsparse/sparseml 1.7 ship no other wheels)."""
-    if not ((3, 10) <= tuple(version[:2]) <= (3, 11)):
-        raise StudyError(f"Python {version[0]}.{version[1]} is not supported; use Python 3.10 or 3.11 "
-                         "(deepsparse/sparseml 1.7 ship wheels only for those)")
-
-
-def check_packages(names=REQUIRED_PACKAGES) -> None:
-    """StudyError naming the first package of the stack that cannot be found."""
-    import importlib.util
-
-    missing = [name for name in names if importlib.util.find_spec(name) is None]
-    if missing:
-        raise StudyError(f"package(s) {', '.join(missing)} not installed; run: pip install -e "
-                         f"'{PROJECT_DIR}[report,test]'")
+# Start-up checks (Python and packages per stage: ``study.requirements``)
 
 
 CPUINFO = Path("/proc/cpuinfo")
@@ -327,12 +308,13 @@ def check_inputs(config: StudyConfig, teacher_stage: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the study; returns the process exit code (0 ok, 2 bad input or machine)."""
     try:
-        check_python()
-        check_packages()
         config, args = config_from_args(argv)
+        sparsify = sparsify_stages(config.stop_after) and not args.report_only
+        check_python(sparsify=sparsify)  # SparseML/DeepSparse only where those stages run
+        check_packages(required_packages(config.stop_after if sparsify else "students"))
         if args.report_only:
             return stage_report(config)
-        if config.stop_after in ("sparsify", "bench"):
+        if sparsify:
             check_avx2()
         return run_study(config, args)
     except StudyError as err:

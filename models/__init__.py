@@ -11,6 +11,7 @@ from .resnet import (
     build_student,
     build_teacher,
     count_parameters,
+    feature_extractor,
     forward_features,
     load_checkpoint,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "build_student",
     "build_teacher",
     "count_parameters",
+    "feature_extractor",
     "forward_features",
     "load_checkpoint",
     "save_checkpoint",

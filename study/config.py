@@ -103,6 +103,9 @@ class StudyConfig:
     address: str | None = option(None, "address of an existing Ray cluster ('none': start a local one)",
                                  optional_str)
     seed: int = option(0, "random seed of the subsets, the weight init and the augmentation stream", int)
+    compile: bool | None = option(
+        None, "torch.compile the teacher and the students; when neither flag is given: on a GPU, "
+        "not on a CPU", bool)
     dashboard: bool = option(True, "start the Ray dashboard", bool)
     recipe: str = option(str(PROJECT_DIR / "recipes" / "prune_quantize.yaml"), "SparseML recipe YAML", str)
     recipe_epochs: float = option(55.0, "num_epochs of the recipe (its phases scale with it)", float)

@@ -64,6 +64,22 @@ def test_python_and_cpu_checks():
         orchestrate.check_packages(("torch", "no_such_pkg_xyz"))
 
 
+def test_training_stages_alone_need_neither_sparseml_nor_python_3_11():
+    for version in ((3, 12, 1), (3, 13, 0)):  # --stop-after teacher/students: any Python >= 3.10
+        orchestrate.check_python(version, sparsify=False)
+        with pytest.raises(StudyError, match=r"or run only the training stages \(--stop-after students\)"):
+            orchestrate.check_python(version, sparsify=True)
+    with pytest.raises(StudyError, match=r"^Python 3\.9 is not supported"):
+        orchestrate.check_python((3, 9, 18), sparsify=False)
+    assert [orchestrate.sparsify_stages(s) for s in ("teacher", "students", "sparsify", "bench")] == \
+        [False, False, True, True]
+    training = orchestrate.required_packages("students")
+    assert training == orchestrate.required_packages("teacher") == \
+        ("torch", "torchvision", "ray", "pandas", "numpy", "tabulate")
+    assert set(orchestrate.required_packages("bench")) - set(training) == \
+        {"sparseml", "deepsparse", "onnx", "onnxruntime", "yaml"}
+
+
 def run_cli(*args, cwd=REPO_ROOT):
     return subprocess.run([sys.executable, str(REPO_ROOT / "orchestrate.py"), *args], cwd=cwd,
                           capture_output=True, text=True, timeout=120)

@@ -116,21 +116,26 @@ def test_student_epoch_on_cpu_is_fp32_and_contiguous(monkeypatch):
     payload = {"arch": "resnet18", "stem": "cifar", "num_classes": 10,
                "state_dict": teacher.state_dict()}
     seen, reports = [], []
-    real_forward_features = train.forward_features
+    real_feature_extractor = train.feature_extractor
 
-    def spy(model, x):
-        logits, feats = real_forward_features(model, x)
-        seen.append({"x_dtype": x.dtype, "x_cl": x.is_contiguous(memory_format=torch.channels_last),
-                     "w_cl": model.conv1.weight.is_contiguous(memory_format=torch.channels_last),
-                     "logits": logits.dtype, "autocast": torch.is_autocast_cpu_enabled()})
-        return logits, feats
+    def spy(model):
+        extractor = real_feature_extractor(model)
+
+        def forward(x):
+            logits, feats = extractor(x)
+            seen.append({"x_dtype": x.dtype, "x_cl": x.is_contiguous(memory_format=torch.channels_last),
+                         "w_cl": model.conv1.weight.is_contiguous(memory_format=torch.channels_last),
+                         "logits": logits.dtype, "autocast": torch.is_autocast_cpu_enabled()})
+            return logits, feats
+
+        return forward
 
     def report(metrics, checkpoint=None):
         reports.append(metrics)
         if checkpoint is not None:
             shutil.rmtree(checkpoint.path, ignore_errors=True)
 
-    monkeypatch.setattr(train, "forward_features", spy)
+    monkeypatch.setattr(train, "feature_extractor", spy)
     monkeypatch.setattr(train.tune, "report", report)
     monkeypatch.setattr(train.tune, "get_checkpoint", lambda: None)
     config = {"arch": "resnet18", "stem": "cifar", "num_classes": 10, "batch_size": 8,

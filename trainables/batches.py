@@ -79,10 +79,21 @@ def normalize(images_uint8: torch.Tensor) -> torch.Tensor:
     if images_uint8.dtype != torch.uint8 or images_uint8.dim() < 3 or images_uint8.shape[-3] != 3:
         raise ValueError(f"normalize expects uint8 (..., 3, H, W), got {images_uint8.dtype} "
                          f"{tuple(images_uint8.shape)}")
-    dev = images_uint8.device
-    mean = torch.tensor(CIFAR10_MEAN, dtype=torch.float32, device=dev).view(3, 1, 1)
-    std = torch.tensor(CIFAR10_STD, dtype=torch.float32, device=dev).view(3, 1, 1)
+    mean, std = _mean_std(images_uint8.device)
     return (images_uint8.to(torch.float32) / 255.0 - mean) / std
+
+
+_MEAN_STD: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """CIFAR10_MEAN and CIFAR10_STD as float32 (3, 1, 1) tensors on ``device``, made once per
+    device and process: building them per batch meant two host-to-device copies per batch on a
+    GPU, each one waiting for the GPU."""
+    if device not in _MEAN_STD:
+        _MEAN_STD[device] = tuple(torch.tensor(v, dtype=torch.float32).view(3, 1, 1).to(device)
+                                  for v in (CIFAR10_MEAN, CIFAR10_STD))
+    return _MEAN_STD[device]
 
 
 def augment(images_uint8: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -110,11 +121,26 @@ def augment(images_uint8: torch.Tensor, generator: torch.Generator) -> torch.Ten
     if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
         raise ValueError(f"augment expects uint8 (N, C, H, W), got {images_uint8.dtype} "
                          f"{tuple(images_uint8.shape)}")
+    offsets, flips = _draw_augmentation(len(images_uint8), generator)
+    dev = images_uint8.device
+    return _crop_flip(images_uint8, offsets.to(dev), flips.to(dev))
+
+
+def _draw_augmentation(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random numbers ``augment`` draws for ``n`` images, in its order: crop offsets int64
+    (n, 2) in 0..2*pad, then flips int64 (n,) in 0..1; on the generator's device."""
+    gdev = generator.device
+    offsets = torch.randint(0, 2 * _PAD + 1, (n, 2), generator=generator, device=gdev)
+    flips = torch.randint(0, 2, (n,), generator=generator, device=gdev)
+    return offsets, flips
+
+
+def _crop_flip(images_uint8: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """Pad, crop at ``offsets`` (int64 (N, 2), on the images' device) and flip where ``flips``
+    (N,) is nonzero: one gather, no host synchronisation."""
     n, c, h, w = images_uint8.shape
     dev = images_uint8.device
-    gdev = generator.device
-    offsets = torch.randint(0, 2 * _PAD + 1, (n, 2), generator=generator, device=gdev).to(dev)
-    flips = torch.randint(0, 2, (n,), generator=generator, device=gdev).to(dev).bool()
+    flips = flips.bool()
     padded = torch.nn.functional.pad(images_uint8, (_PAD, _PAD, _PAD, _PAD))
     ar_h = torch.arange(h, device=dev)
     ar_w = torch.arange(w, device=dev)
@@ -165,6 +191,9 @@ def train_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, *
     them there, which is the cheap way). The permutation and every batch's augmentation
     (``augment``) come from one CPU ``torch.Generator`` seeded from (seed, epoch), so the same
     seed and epoch give identical batches on any device; another epoch gives another order.
+    All of the epoch's random numbers are drawn up front (in the order a batch-by-batch draw
+    would use, so the batches are the same) and reach the device in one copy (pinned,
+    non-blocking on a GPU): producing a batch never waits for the GPU.
 
     Args:
         images: uint8 (N, 3, H, W). labels: int (N,).
@@ -189,10 +218,19 @@ def train_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, *
     def _iter() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         x = images.to(device)
         y = labels.to(device=device, dtype=torch.int64)
-        order = torch.randperm(n, generator=g).to(device)
+        order = torch.randperm(n, generator=g)
+        draws = [_draw_augmentation(min(batch_size, n - b * batch_size), g) for b in range(count)]
+        used = sum(len(f) for _, f in draws)
+        packed = torch.cat([order[:used]] + [o.flatten() for o, _ in draws] + [f for _, f in draws])
+        if device.type == "cuda":
+            packed = packed.pin_memory().to(device, non_blocking=True)
+        elif device.type != "cpu":
+            packed = packed.to(device)
+        order, offsets, flips = packed[:used], packed[used:3 * used].view(used, 2), packed[3 * used:]
         for b in range(count):
-            idx = order[b * batch_size:(b + 1) * batch_size]
-            yield normalize(augment(x[idx], g)), y[idx]
+            part = slice(b * batch_size, min((b + 1) * batch_size, n))
+            idx = order[part]
+            yield normalize(_crop_flip(x[idx], offsets[part], flips[part])), y[idx]
 
     return _iter()
 

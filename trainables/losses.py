@@ -154,7 +154,7 @@ def distillation_loss(
     student_feats: Optional[Mapping[str, torch.Tensor]] = None,
     teacher_feats: Optional[Mapping[str, torch.Tensor]] = None,
     temperature: float = 4.0,
-) -> Tuple[torch.Tensor, Dict[str, float]]:
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Loss of one student batch for a given setup: the simple average of its summands.
 
     - ``"ce"``:      ``CE``
@@ -181,8 +181,10 @@ def distillation_loss(
     Returns:
         ``(loss, terms)``: ``loss`` is a 0-d float tensor with gradient w.r.t. the student;
         ``terms`` maps each summand of the setup (subset of :data:`TERM_NAMES`, in that order)
-        to its detached value as a python float, for logging. Producing the floats synchronises
-        with the device once per summand.
+        to its detached value, a 0-d float tensor on the logits' device (float32, also under
+        autocast), for logging. Nothing here reads a value back to the host, so a training step
+        does not wait for the GPU; the caller sums the terms on the device and reads them once
+        per epoch (``trainables.train._fit``).
 
     Raises:
         ValueError: unknown ``setup``; ``teacher_logits`` missing for ``"kd"``/``"kd_feat"``;
@@ -204,5 +206,5 @@ def distillation_loss(
 
     names = _SETUP_TERMS[setup]
     loss = sum(summands[name] for name in names) / len(names)
-    terms = {name: float(summands[name].detach()) for name in names}
+    terms = {name: summands[name].detach() for name in names}
     return loss, terms

@@ -8,8 +8,15 @@ not pickled into every trial's config.
 
 ``config`` keys read here (all set by ``trainables.tuning.trial_config``):
 ``arch``, ``stem``, ``num_classes``, ``batch_size`` (128..512), ``lr`` (Adam), ``seed``,
-``threads`` (torch intra-op threads = the trial's CPU share), and for students ``setup``
-(``ce``/``kd``/``kd_feat``) and ``temperature``.
+``threads`` (torch intra-op threads = the trial's CPU share), ``compile`` (``torch.compile``:
+True/False, None = on a GPU only), optionally ``compile_backend`` (default ``"inductor"``), and
+for students ``setup`` (``ce``/``kd``/``kd_feat``) and ``temperature``.
+
+The hot loop never waits for the device: batches are made on it from device-resident uint8
+tensors, the loss terms are summed on it and read back once per epoch, the frozen teacher runs
+under ``torch.no_grad()``. With ``compile`` the models run through ``torch.compile`` (the
+``kd_feat`` feature taps too: ``models.feature_extractor`` is one traced graph, no hooks), while
+checkpoints hold the plain model's state dict (no ``_orig_mod.`` prefixes).
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from typing import Callable
 import torch
 from ray import tune
 
-from models import build_student, build_teacher, forward_features, load_checkpoint, save_checkpoint
+from models import build_student, build_teacher, feature_extractor, load_checkpoint, save_checkpoint
 from trainables.batches import eval_batches, train_batches
 from trainables.data import CIFAR10Tensors
 from trainables.losses import distillation_loss
@@ -66,6 +73,35 @@ def setup_torch(config: dict, device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+def use_compile(config: dict, device: torch.device) -> bool:
+    """Whether this trial runs its models through ``torch.compile``: ``config["compile"]`` when
+    it is True or False; when it is None or absent, on a GPU only (on a CPU, torch 2.1's
+    inductor needs a C++ compiler and its first step takes minutes for a ResNet)."""
+    value = config.get("compile")
+    return device.type == "cuda" if value is None else bool(value)
+
+
+def compile_backend(config: dict, device: torch.device) -> str | None:
+    """The ``torch.compile`` backend of this trial (``config["compile_backend"]``, default
+    ``"inductor"``), or None when it does not compile (``use_compile``)."""
+    return (config.get("compile_backend") or "inductor") if use_compile(config, device) else None
+
+
+def maybe_compile(module: torch.nn.Module, backend: str | None) -> torch.nn.Module:
+    """``torch.compile(module, backend=backend)``, or ``module`` itself for ``backend=None``.
+
+    The compiled wrapper shares ``module``'s parameters and buffers (an optimizer over
+    ``module.parameters()`` trains it); its own ``state_dict`` keys carry an ``_orig_mod.``
+    prefix, so checkpoints are written from ``module``. Compilation happens at the first call
+    (once per process and input shape)."""
+    return module if backend is None else torch.compile(module, backend=backend)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def autocast(device: torch.device):
@@ -113,6 +149,14 @@ def _fit(config: dict, data: CIFAR10Tensors, model: torch.nn.Module, role: str,
     """The shared epoch loop: Adam, no scheduler; report + checkpoint after every epoch.
 
     Runs until Tune's stopper ends the trial (``max_epochs`` in config is a safety bound).
+    ``loss_fn(x, y) -> (loss, terms)`` as ``distillation_loss`` returns them (terms: 0-d
+    tensors). Train and test tensors go to ``device`` once; the loss terms are summed there in
+    float64 and read once per epoch. With ``compile`` on, the last short batch of an epoch is
+    dropped (one input shape, one compiled graph). Besides the losses, ``test_acc`` (0..1),
+    ``epoch_seconds`` and ``train_images_per_sec``, each epoch reports ``warmup_seconds``: in
+    the first epoch this process runs, the time the first step took beyond the mean of the
+    epoch's other steps (compilation, cuDNN autotuning, allocator growth; measured with one
+    device sync after that step), 0.0 on later epochs.
     """
     batch_size = int(config["batch_size"])
     if device.type == "cuda":
@@ -130,14 +174,16 @@ def _fit(config: dict, data: CIFAR10Tensors, model: torch.nn.Module, role: str,
 
     train_images = data.train_images.to(device)
     train_labels = data.train_labels.to(device)
+    test_images, test_labels = data.test_images.to(device), data.test_labels.to(device)
+    drop_last = use_compile(config, device) and len(train_labels) > batch_size
     started = time.time()
+    first_step = None  # seconds of the first step this process runs (warm-up included)
     for epoch in range(start_epoch, int(config["max_epochs"])):
         model.train()
         t0 = time.perf_counter()
-        sums: dict[str, float] = {}
-        seen = 0
-        for x, y in train_batches(train_images, train_labels, batch_size,
-                                  seed=int(config["seed"]), epoch=epoch, device=device):
+        names, totals, seen, steps, warm = [], None, 0, 0, first_step is None
+        for x, y in train_batches(train_images, train_labels, batch_size, seed=int(config["seed"]),
+                                  epoch=epoch, device=device, drop_last=drop_last):
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device):
@@ -146,21 +192,29 @@ def _fit(config: dict, data: CIFAR10Tensors, model: torch.nn.Module, role: str,
             loss.backward()
             optimizer.step()
             n = len(y)
-            seen += n
-            sums["train_loss"] = sums.get("train_loss", 0.0) + loss.item() * n
-            for name, value in terms.items():
-                sums[f"loss_{name}"] = sums.get(f"loss_{name}", 0.0) + value * n
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+            seen, steps = seen + n, steps + 1
+            # Sum loss * n per term on the device (float64, as the python floats were summed).
+            values = torch.stack([loss.detach().double()] + [v.double() for v in terms.values()]) * n
+            totals = values if totals is None else totals + values
+            if steps == 1:
+                names = ["train_loss"] + [f"loss_{name}" for name in terms]
+                if warm:
+                    _sync(device)  # once per process: the first step's own time
+                    first_step = time.perf_counter() - t0
+        _sync(device)
         train_seconds = time.perf_counter() - t0
-        test_acc = evaluate(model, data.test_images, data.test_labels, batch_size, device)
+        warmup = 0.0
+        if warm and steps > 1:
+            warmup = max(0.0, first_step - (train_seconds - first_step) / (steps - 1))
+        test_acc = evaluate(model, test_images, test_labels, batch_size, device)
         history.append(test_acc)
-        metrics = {name: total / seen for name, total in sums.items()}
+        metrics = {name: total / seen for name, total in zip(names, totals.tolist())}
         metrics.update(
             epoch=epoch + 1,
             test_acc=test_acc,
             epoch_seconds=time.perf_counter() - t0,
             train_images_per_sec=seen / train_seconds,
+            warmup_seconds=warmup,
             trial_started_at=started,
         )
         if not all(math.isfinite(v) for v in metrics.values()):
@@ -169,46 +223,60 @@ def _fit(config: dict, data: CIFAR10Tensors, model: torch.nn.Module, role: str,
             model, optimizer, config, role, epoch + 1, history))
 
 
+def _on_device(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model`` on ``device``, channels_last on a GPU (before anything is compiled)."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+
+
 def train_teacher(config: dict, data: CIFAR10Tensors) -> None:
     """Tune trainable: fine-tune ``build_teacher(arch, stem=..., weights=teacher_weights)``.
 
-    All weights are trained with cross-entropy. Reports per epoch: ``test_acc`` (0..1),
-    ``train_loss``, ``loss_ce``, ``epoch_seconds`` (s), ``train_images_per_sec`` (images/s).
+    All weights are trained with cross-entropy, through ``torch.compile`` when ``use_compile``.
+    Reports per epoch: ``test_acc`` (0..1), ``train_loss``, ``loss_ce``, ``epoch_seconds`` (s),
+    ``train_images_per_sec`` (images/s), ``warmup_seconds`` (s; see ``_fit``).
     """
     device = pick_device()
     setup_torch(config, device)
-    model = build_teacher(config["arch"], num_classes=config["num_classes"],
-                          stem=config["stem"], weights=config.get("teacher_weights")).to(device)
+    model = _on_device(build_teacher(config["arch"], num_classes=config["num_classes"],
+                                     stem=config["stem"], weights=config.get("teacher_weights")),
+                       device)
+    forward = maybe_compile(model, compile_backend(config, device))
 
     def loss_fn(x, y):
-        return distillation_loss("ce", model(x), y)
+        return distillation_loss("ce", forward(x), y)
 
     _fit(config, data, model, "teacher", loss_fn, device)
 
 
 def student_loss(setup: str, student: torch.nn.Module, teacher: torch.nn.Module | None,
-                 temperature: float):
+                 temperature: float, compile_with: str | None = None):
     """The loss of one student step for ``setup``, as a function ``loss_fn(x, y) -> (loss, terms)``
     of a batch x (B,3,32,32) float32 and labels y (B,) int64 (see ``distillation_loss``).
 
-    The frozen ``teacher`` (None for ``ce``) runs under ``torch.inference_mode()``; ``kd`` needs
-    only its logits, ``kd_feat`` also the layer1/2/4 feature maps of both models (hooks, via
-    ``forward_features``).
+    The frozen ``teacher`` (None for ``ce``; in eval mode, gradients off) runs under
+    ``torch.no_grad()``: its outputs are ordinary tensors that need no copy. ``kd`` needs only
+    its logits; ``kd_feat`` also the layer1/2/4 feature maps of both models, from
+    ``models.feature_extractor`` graphs built here once (no hooks per call). With
+    ``compile_with`` (a ``torch.compile`` backend, e.g. ``"inductor"``) the student's and the
+    teacher's forward are compiled; the parameters stay those of ``student``/``teacher``.
     """
+    s_forward, t_forward = student, teacher
+    if setup == "kd_feat":
+        s_forward, t_forward = feature_extractor(student), feature_extractor(teacher)
+    s_forward = maybe_compile(s_forward, compile_with)
+    if t_forward is not None and setup != "ce":
+        t_forward = maybe_compile(t_forward, compile_with)
+
     def loss_fn(x, y):
         if setup == "ce":
-            return distillation_loss(setup, student(x), y)
-        if setup == "kd":  # logits only: no feature hooks needed
-            with torch.inference_mode():
-                t_logits = teacher(x)
-            return distillation_loss(setup, student(x), y, teacher_logits=t_logits.clone(),
+            return distillation_loss(setup, s_forward(x), y)
+        with torch.no_grad():
+            t_out = t_forward(x)
+        if setup == "kd":  # logits only
+            return distillation_loss(setup, s_forward(x), y, teacher_logits=t_out,
                                      temperature=temperature)
-        with torch.inference_mode():
-            t_logits, t_feats = forward_features(teacher, x)
-        # Inference tensors cannot be saved for backward; clone makes ordinary constants.
-        t_logits = t_logits.clone()
-        t_feats = {name: f.clone() for name, f in t_feats.items()}
-        s_logits, s_feats = forward_features(student, x)
+        (t_logits, t_feats), (s_logits, s_feats) = t_out, s_forward(x)
         return distillation_loss(setup, s_logits, y, teacher_logits=t_logits,
                                  student_feats=s_feats, teacher_feats=t_feats,
                                  temperature=temperature)
@@ -222,24 +290,23 @@ def train_student(config: dict, data: CIFAR10Tensors, teacher: dict) -> None:
     ``teacher`` is the payload of the frozen teacher checkpoint (``torch.load`` of
     ``teacher.pt``: ``{"arch", "stem", "num_classes", "role", "state_dict", ...}``), handed over
     by ``tune.with_parameters`` so it is stored once in the object store. It is rebuilt once per
-    trial, in eval mode, with gradients off; its forward runs under ``torch.inference_mode()``.
+    trial, in eval mode, with gradients off; its forward runs under ``torch.no_grad()``.
     Setups: ``ce`` (cross-entropy), ``kd`` (+ soft cross-entropy at ``temperature``),
     ``kd_feat`` (+ MSE on layer1/layer2/layer4 feature maps); see ``trainables.losses``.
-    Reports ``test_acc``, ``train_loss`` and one ``loss_<term>`` per summand each epoch.
+    Both models go through ``torch.compile`` when ``use_compile``. Reports ``test_acc``,
+    ``train_loss``, one ``loss_<term>`` per summand and ``warmup_seconds`` each epoch.
     """
     device = pick_device()
     setup_torch(config, device)
     setup = config["setup"]
-    student = build_student(config["arch"], num_classes=config["num_classes"],
-                            stem=config["stem"]).to(device)
+    student = _on_device(build_student(config["arch"], num_classes=config["num_classes"],
+                                       stem=config["stem"]), device)
     teacher_model = None
     if setup != "ce":
         teacher_model = build_teacher(teacher["arch"], num_classes=teacher["num_classes"],
                                       stem=teacher["stem"], weights=None)
         teacher_model.load_state_dict(teacher["state_dict"])
-        teacher_model.to(device).eval().requires_grad_(False)
-        if device.type == "cuda":
-            teacher_model = teacher_model.to(memory_format=torch.channels_last)
-    loss_fn = student_loss(setup, student, teacher_model, float(config["temperature"]))
+        teacher_model = _on_device(teacher_model, device).eval().requires_grad_(False)
+    loss_fn = student_loss(setup, student, teacher_model, float(config["temperature"]),
+                           compile_backend(config, device))
     _fit(config, data, student, "student", loss_fn, device)
-

@@ -34,13 +34,15 @@ def trial_resources(config: StudyConfig, role: str) -> dict:
 
 def trial_config(config: StudyConfig, role: str, resources: dict) -> dict:
     """The ``param_space`` handed to a trainable (plain values only; keys in ``trainables.train``).
-    ``threads`` = floor of the trial's CPU share, at least 1 (Ray's OMP_NUM_THREADS rule)."""
+    ``threads`` = floor of the trial's CPU share, at least 1 (Ray's OMP_NUM_THREADS rule);
+    ``compile`` = ``--compile`` (None: the trainable decides by its device)."""
     return {
         "arch": config.arch, "stem": config.stem, "num_classes": 10, "seed": config.seed,
         "batch_size": config.batch_size, "temperature": config.temperature,
         "lr": config.teacher_lr if role == "teacher" else config.lr,
         "max_epochs": config.teacher_max_epochs if role == "teacher" else config.max_epochs,
         "teacher_weights": config.teacher_weights, "threads": max(1, math.floor(resources["cpu"])),
+        "compile": config.compile,
     }
 
 

@@ -10,13 +10,16 @@ Measures, at one batch size, on ``--device`` (cpu or cuda), in one run:
   ``torchvision.datasets.CIFAR10`` does) with ``RandomCrop(32, padding=4)``,
   ``RandomHorizontalFlip()``, ``ToTensor()``, ``Normalize(CIFAR10_MEAN, CIFAR10_STD)``, batches
   moved to the device;
-* ``teacher forward``: ``build_teacher(arch)`` in eval mode under ``torch.inference_mode()``;
+* ``teacher forward``: ``build_teacher(arch)`` in eval mode under ``torch.no_grad()``;
 * ``student step <setup>`` for ce, kd, kd_feat: one optimisation step as in
   ``trainables.train.train_student`` (teacher forward for kd/kd_feat, the setup's loss, backward,
-  Adam step, the loss read back as a float) on a fixed, already-made batch.
+  Adam step, the loss terms summed on the device as ``_fit`` does: no read-back per step) on a
+  fixed, already-made batch.
 
 The GPU path is the trainables' own: bf16 autocast (``trainables.train.autocast``), channels_last
-(``--memory-format auto``: on cuda only), cuDNN autotuning and TF32 (``setup_torch``). Timings
+(``--memory-format auto``: on cuda only), cuDNN autotuning and TF32 (``setup_torch``), and
+``torch.compile`` (``--compile``; default: on cuda only, as ``trainables.train.use_compile``; the
+compile time falls in the ``--warmup`` steps). Timings
 exclude ``--warmup`` steps and are bracketed by ``torch.cuda.synchronize()`` on a GPU. Models are
 randomly initialised (speed does not depend on the weights). Without ``--data-root`` the images
 are random uint8 tensors (the pipeline's cost does not depend on pixel values).
@@ -43,7 +46,8 @@ from models import ARCHS, STEMS, build_student, build_teacher  # noqa: E402
 from study import SETUPS  # noqa: E402
 from trainables.batches import stratified_subset, train_batches  # noqa: E402
 from trainables.data import CIFAR10_MEAN, CIFAR10_STD, load_cifar10  # noqa: E402
-from trainables.train import autocast, setup_torch, student_loss  # noqa: E402
+from trainables.train import (autocast, compile_backend, maybe_compile, setup_torch,  # noqa: E402
+                              student_loss)
 
 PIPELINE = "data pipeline"
 BASELINE = "DataLoader baseline"
@@ -75,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="num_workers of the DataLoader baseline (default: 0, the main process)")
     parser.add_argument("--memory-format", default="auto", choices=("auto", "channels_last", "contiguous"),
                         help="models and batches; auto = channels_last on cuda only, as training does")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the models (default: on cuda, off on cpu)")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend (default: inductor)")
     parser.add_argument("--temperature", type=float, default=4.0, help="(default: 4.0)")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam step size (default: 1e-3)")
     parser.add_argument("--seed", type=int, default=0, help="(default: 0)")
@@ -178,21 +186,26 @@ def baseline_loader(images: torch.Tensor, labels: torch.Tensor, args, device: to
 
 
 def student_step_fn(setup: str, args, device: torch.device, teacher: torch.nn.Module | None,
-                    fmt: torch.memory_format) -> Callable[[torch.Tensor, torch.Tensor], float]:
+                    fmt: torch.memory_format) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """One optimisation step of a fresh student, as ``trainables.train._fit`` runs it with
-    ``train_student``'s loss (``trainables.train.student_loss``); returns the loss (float)."""
+    ``train_student``'s loss (``trainables.train.student_loss``, compiled per ``--compile``);
+    returns the running float64 sums of loss * batch per term, on the device (never read)."""
     student = build_student(args.arch, num_classes=10, stem=args.stem).to(device)
     student = student.to(memory_format=fmt).train()
     optimizer = torch.optim.Adam(student.parameters(), lr=args.lr)
-    loss_fn = student_loss(setup, student, teacher, args.temperature)
+    loss_fn = student_loss(setup, student, teacher, args.temperature, args.backend)
+    totals = None
 
     def step(x, y):
+        nonlocal totals
         with autocast(device):
-            loss, _terms = loss_fn(x, y)
+            loss, terms = loss_fn(x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        return loss.item()  # _fit reads the loss back every step
+        values = torch.stack([loss.detach().double()] + [v.double() for v in terms.values()]) * len(y)
+        totals = values if totals is None else totals + values  # as _fit: summed on the device
+        return totals
 
     return step
 
@@ -204,6 +217,8 @@ def measure(args) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     """Run every measurement; returns (table, ratios, one-line description of the run)."""
     device = torch.device(args.device)
     setup_torch({"seed": args.seed, "threads": args.threads}, device)
+    args.backend = compile_backend({"compile": args.compile, "compile_backend": args.compile_backend},
+                                   device)
     use_cl = args.memory_format == "channels_last" or (args.memory_format == "auto"
                                                        and device.type == "cuda")
     fmt = torch.channels_last if use_cl else torch.contiguous_format
@@ -240,10 +255,11 @@ def measure(args) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     x = x.contiguous(memory_format=fmt)
     teacher = build_teacher(args.arch, num_classes=10, stem=args.stem, weights=None)
     teacher = teacher.to(device).to(memory_format=fmt).eval().requires_grad_(False)
+    teacher_forward = maybe_compile(teacher, args.backend)
 
     def teacher_step():
-        with torch.inference_mode(), autocast(device):
-            return teacher(x)
+        with torch.no_grad(), autocast(device):
+            return teacher_forward(x)
 
     add(TEACHER, "", args.steps, _timed(teacher_step, args.warmup, args.steps, device))
     for setup in args.setups:
@@ -266,6 +282,7 @@ def measure(args) -> tuple[pd.DataFrame, pd.DataFrame, str]:
             f"threads {torch.get_num_threads()}, memory format "
             f"{'channels_last' if use_cl else 'contiguous'}, autocast "
             f"{'bf16' if device.type == 'cuda' and torch.cuda.is_bf16_supported() else 'off (fp32)'}, "
+            f"compile {args.backend or 'off'}, "
             f"images: {source}, torch {torch.__version__}")
     return table, pd.DataFrame(ratios), info
 

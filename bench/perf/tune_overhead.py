@@ -18,7 +18,15 @@ Parts (``--parts``, run in this order, all in one process and one Ray instance):
 * ``sequential``: the same three trials, ``max_concurrent_trials=1``, same per-trial config;
 * ``sequential_full``: one after another, each trial given every core (threads = cores);
 * ``concurrent_oversubscribed`` (not in the default list): three at once, each with threads =
-  cores (what ignoring the CPU share would cost).
+  cores (what ignoring the CPU share would cost);
+* ``env`` (not in the default list): what the trainable sees in this process, in a plain Ray
+  task and in a Tune trial: its thread, torch's intra-/inter-op threads, ``OMP_NUM_THREADS``,
+  ``CUDA_VISIBLE_DEVICES``, and where the training images live (the memory mapping holding
+  them: heap, anonymous, or Ray's shared-memory object store).
+
+``--role teacher`` measures ``train_teacher`` instead (parts direct, direct_driver, tune, env):
+the case where a 1.45x slowdown under Tune was reported on a GPU. With a GPU visible the
+direct and tune parts get the whole GPU (the concurrent ones a share, as in the study).
 
 Per-epoch time is wall time between two reports (epoch 1 also holds the model set-up), both
 directly and under Tune (Tune's ``time_this_iter_s``); ``epoch_seconds`` is the loop's own
@@ -56,7 +64,7 @@ import torch  # noqa: E402
 
 TARBALL = PROJECT_DIR.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
 PARTS = ("direct", "tune", "concurrent", "sequential", "sequential_full",
-         "concurrent_oversubscribed", "direct_driver")
+         "concurrent_oversubscribed", "direct_driver", "env")
 DEFAULT_PARTS = PARTS[:5]
 
 
@@ -69,10 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", default="cpu", help="study preset the config starts from (default: cpu)")
     parser.add_argument("--arch", default=None, help="override the preset's arch")
     parser.add_argument("--batch-size", type=int, default=128, help="(default: 128)")
-    parser.add_argument("--train-subset", type=int, default=256, help="training images (default: 256)")
-    parser.add_argument("--test-subset", type=int, default=200, help="test images (default: 200)")
+    parser.add_argument("--train-subset", type=int, default=256, help="training images, 0 = all (default: 256)")
+    parser.add_argument("--test-subset", type=int, default=200, help="test images, 0 = all (default: 200)")
     parser.add_argument("--epochs", type=int, default=2, help="epochs per trial (default: 2)")
     parser.add_argument("--setup", default="kd", help="setup of the direct/tune parts (default: kd)")
+    parser.add_argument("--role", default="student", choices=("student", "teacher"),
+                        help="trainable of the direct/tune parts (default: student)")
     parser.add_argument("--threads", type=int, default=None,
                         help="threads (= Tune CPUs) of the direct/tune parts (default: all cores)")
     parser.add_argument("--cpus", type=int, default=None,
@@ -100,11 +110,16 @@ def load_data(args, workdir: Path):
     else:
         if not TARBALL.is_file():
             raise SystemExit(f"error: {TARBALL} not found; pass --data-root")
+        if not (args.train_subset and args.test_subset):
+            raise SystemExit("error: --train-subset/--test-subset 0 (all images) needs --data-root")
         per_class = {"train": math.ceil(args.train_subset / 10), "test": math.ceil(args.test_subset / 10)}
         root = extract_image_subset(TARBALL, workdir / "cifar10", per_class)
         data, source = load_cifar10(root, cache=False), f"{TARBALL.name} (first images per class)"
-    train = stratified_subset(data.train_images, data.train_labels, args.train_subset, seed=0)
-    test = stratified_subset(data.test_images, data.test_labels, args.test_subset, seed=0)
+    train, test = (data.train_images, data.train_labels), (data.test_images, data.test_labels)
+    if args.train_subset:  # 0 = all
+        train = stratified_subset(*train, args.train_subset, seed=0)
+    if args.test_subset:
+        test = stratified_subset(*test, args.test_subset, seed=0)
     return CIFAR10Tensors(*train, *test), source
 
 
@@ -123,8 +138,9 @@ def teacher_payload(config) -> dict:
 # ------------------------------------------------------------------------------------ parts
 
 
-def run_direct(space: dict, data, teacher: dict) -> dict:
-    """``train_student`` as a plain call; returns per-epoch wall times and the metrics."""
+def run_direct(space: dict, data, teacher: dict | None) -> dict:
+    """``train_student`` (``train_teacher`` when ``teacher`` is None) as a plain call; returns
+    per-epoch wall times and the metrics."""
     from trainables import train
 
     stamps, metrics = [], []
@@ -139,12 +155,41 @@ def run_direct(space: dict, data, teacher: dict) -> dict:
     t0 = time.perf_counter()
     with mock.patch.object(train.tune, "report", report), \
             mock.patch.object(train.tune, "get_checkpoint", lambda: None):
-        train.train_student(dict(space), data=data, teacher=teacher)
+        if teacher is None:
+            train.train_teacher(dict(space), data=data)
+        else:
+            train.train_student(dict(space), data=data, teacher=teacher)
     total = time.perf_counter() - t0
     torch.set_num_threads(threads)
     epochs = [b - a for a, b in zip([t0] + stamps[:-1], stamps)]
     return {"epoch_wall": epochs, "epoch_seconds": [m["epoch_seconds"] for m in metrics],
             "images_per_s": [m["train_images_per_sec"] for m in metrics], "total": total}
+
+
+def probe(data) -> dict:
+    """What differs between the ways the trainable runs: thread, torch threads, the env
+    variables Ray sets, and the memory mapping (``/proc/self/maps``) holding the train images."""
+    import threading
+
+    address, where = data.train_images.data_ptr(), "?"
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            span, *rest = line.split()
+            low, high = (int(v, 16) for v in span.split("-"))
+            if low <= address < high:
+                where = rest[4] if len(rest) > 4 else "anonymous"
+                break
+    return {"thread": threading.current_thread().name, "torch_threads": torch.get_num_threads(),
+            "interop_threads": torch.get_num_interop_threads(),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "-"),
+            "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "-"), "images_in": where}
+
+
+def probe_trainable(config: dict, data) -> None:
+    """A Tune function trainable that reports ``probe`` once."""
+    from ray import tune
+
+    tune.report({**probe(data), "test_acc": 0.0})  # the stopper reads test_acc
 
 
 def fit(config, storage: str, name: str, trainable, space: dict, resources: dict,
@@ -178,13 +223,13 @@ def fit(config, storage: str, name: str, trainable, space: dict, resources: dict
     return grid, wall
 
 
-def trial_rows(grid) -> list[dict]:
-    """Per-trial rows of a ResultGrid: setup, threads, epochs, per-epoch wall/loop seconds and
-    images/s, total seconds, start/end (unix s)."""
+def trial_rows(grid, label: str | None = None) -> list[dict]:
+    """Per-trial rows of a ResultGrid: setup (or ``label``), threads, epochs, per-epoch
+    wall/loop seconds and images/s, total seconds, start/end (unix s)."""
     rows = []
     for result in grid:
         frame = result.metrics_dataframe
-        rows.append({"setup": result.config["setup"], "threads": result.config["threads"],
+        rows.append({"setup": label or result.config["setup"], "threads": result.config["threads"],
                      "epochs": len(frame), "epoch_wall": list(frame["time_this_iter_s"]),
                      "epoch_seconds": list(frame["epoch_seconds"]),
                      "images_per_s": list(frame["train_images_per_sec"]),
@@ -224,27 +269,37 @@ def main(argv: list[str] | None = None) -> int:
 
     import study
     from trainables import tuning
-    from trainables.train import train_student
+    from trainables.train import train_student, train_teacher
 
+    teacher_role = args.role == "teacher"
+    if teacher_role and set(parts) - {"direct", "direct_driver", "tune", "env"}:
+        parser.error("--role teacher: only the parts direct, direct_driver, tune, env")
     cores = args.cpus or len(os.sched_getaffinity(0))
     threads = args.threads or cores
-    overrides = dict(batch_size=args.batch_size, train_subset=args.train_subset,
-                     test_subset=args.test_subset, max_epochs=args.epochs, arch=args.arch)
+    gpus = 1.0 if torch.cuda.is_available() else 0.0
+    overrides = dict(batch_size=args.batch_size, train_subset=args.train_subset, test_subset=args.test_subset,
+                     max_epochs=args.epochs, teacher_max_epochs=args.epochs, teacher_weights=None)
+    if args.arch:
+        overrides["arch"] = args.arch
     config = study.make_config(args.preset, **overrides)
     workdir = Path(tempfile.mkdtemp(prefix="tune-overhead-"))
     storage = str(Path(args.output_dir).resolve()) if args.output_dir else str(workdir / "runs")
     try:
         data, source = load_data(args, workdir)
         teacher = teacher_payload(config)
-        ray.init(address="local", num_cpus=cores, num_gpus=0, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=cores, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
         where = ray.get(ray.remote(lambda: __import__("trainables.train").train.__file__).remote())
         print(f"config: preset {args.preset}, arch {config.arch}, batch {config.batch_size}, "
               f"{len(data.train_labels)} train / {len(data.test_labels)} test images ({source}), "
               f"{args.epochs} epochs; Ray CPUs {cores}; workers import {where}", flush=True)
 
         student = tune.with_parameters(train_student, data=data, teacher=teacher)
-        one = {"cpu": threads, "gpu": 0.0}
-        one_space = {**tuning.trial_config(config, "student", one), "setup": args.setup}
+        one = {"cpu": threads, "gpu": gpus}
+        one_space = {**tuning.trial_config(config, args.role, one), "setup": args.setup}
+        one_trainable, one_teacher = student, teacher
+        if teacher_role:
+            one_trainable, one_teacher = tune.with_parameters(train_teacher, data=data), None
+        label = "teacher" if teacher_role else args.setup
         share = tuning.trial_resources(config, "student")
         share_space = tuning.trial_config(config, "student", share)
         grid_space = {**share_space, "setup": tune.grid_search(list(config.setups))}
@@ -253,18 +308,27 @@ def main(argv: list[str] | None = None) -> int:
         for part in parts:
             print(f"[{part}] running ...", flush=True)
             if part == "direct":
-                task = ray.remote(num_cpus=threads, num_gpus=0)(run_direct)
+                task = ray.remote(num_cpus=threads, num_gpus=gpus)(run_direct)
                 t0 = time.perf_counter()
-                r = ray.get(task.remote(one_space, data, teacher))
-                epoch_rows.append(_epoch_row("direct", args.setup, one_space["threads"], r))
+                r = ray.get(task.remote(one_space, data, one_teacher))
+                epoch_rows.append(_epoch_row("direct", label, one_space["threads"], r))
                 epoch_rows[-1]["fit_wall_s"] = time.perf_counter() - t0  # Ray task, start to end
             elif part == "direct_driver":
-                r = run_direct(one_space, data, teacher)
-                epoch_rows.append(_epoch_row("direct_driver", args.setup, one_space["threads"], r))
+                r = run_direct(one_space, data, one_teacher)
+                epoch_rows.append(_epoch_row("direct_driver", label, one_space["threads"], r))
+            elif part == "env":
+                task = ray.remote(num_cpus=threads, num_gpus=gpus)(probe)
+                grid, _ = fit(config, storage, "tune-env", tune.with_parameters(probe_trainable, data=data),
+                              one_space, one, 1)
+                keys = list(probe(data))
+                envs = pd.DataFrame([{"where": "this process (driver)", **probe(data)},
+                                     {"where": "Ray task", **ray.get(task.remote(data))},
+                                     {"where": "Tune trial", **{k: grid[0].metrics[k] for k in keys}}])
+                print(envs.to_markdown(index=False))
             elif part == "tune":
-                grid, wall = fit(config, storage, "tune-one", student, one_space, one, 1)
-                (r,) = trial_rows(grid)
-                epoch_rows.append(_epoch_row("tune", args.setup, r["threads"], r))
+                grid, wall = fit(config, storage, "tune-one", one_trainable, one_space, one, 1)
+                (r,) = trial_rows(grid, label)
+                epoch_rows.append(_epoch_row("tune", label, r["threads"], r))
                 epoch_rows[-1]["fit_wall_s"] = wall
             else:
                 concurrent = part.startswith("concurrent")
