@@ -113,6 +113,8 @@ def _fit(config: dict, data: CIFAR10Tensors, model: torch.nn.Module, role: str,
     """The shared epoch loop: Adam, no scheduler; report + checkpoint after every epoch.
 
     Runs until Tune's stopper ends the trial (``max_epochs`` in config is a safety bound).
+    Reports ``test_acc`` every epoch, and ``val_acc`` (0..1) too when ``data`` holds a
+    validation split (``--val-size``).
     """
     batch_size = int(config["batch_size"])
     if device.type == "cuda":
@@ -156,6 +158,8 @@ def _fit(config: dict, data: CIFAR10Tensors, model: torch.nn.Module, role: str,
         test_acc = evaluate(model, data.test_images, data.test_labels, batch_size, device)
         history.append(test_acc)
         metrics = {name: total / seen for name, total in sums.items()}
+        if data.val_images is not None:  # --val-size: what the stopper and "best" choices read
+            metrics["val_acc"] = evaluate(model, data.val_images, data.val_labels, batch_size, device)
         metrics.update(
             epoch=epoch + 1,
             test_acc=test_acc,
@@ -172,7 +176,8 @@ def _fit(config: dict, data: CIFAR10Tensors, model: torch.nn.Module, role: str,
 def train_teacher(config: dict, data: CIFAR10Tensors) -> None:
     """Tune trainable: fine-tune ``build_teacher(arch, stem=..., weights=teacher_weights)``.
 
-    All weights are trained with cross-entropy. Reports per epoch: ``test_acc`` (0..1),
+    All weights are trained with cross-entropy. Reports per epoch: ``test_acc`` (0..1), ``val_acc``
+    (0..1, with ``--val-size``),
     ``train_loss``, ``loss_ce``, ``epoch_seconds`` (s), ``train_images_per_sec`` (images/s).
     """
     device = pick_device()
@@ -225,7 +230,8 @@ def train_student(config: dict, data: CIFAR10Tensors, teacher: dict) -> None:
     trial, in eval mode, with gradients off; its forward runs under ``torch.inference_mode()``.
     Setups: ``ce`` (cross-entropy), ``kd`` (+ soft cross-entropy at ``temperature``),
     ``kd_feat`` (+ MSE on layer1/layer2/layer4 feature maps); see ``trainables.losses``.
-    Reports ``test_acc``, ``train_loss`` and one ``loss_<term>`` per summand each epoch.
+    Reports ``test_acc`` (and ``val_acc`` with ``--val-size``), ``train_loss`` and one
+    ``loss_<term>`` per summand each epoch.
     """
     device = pick_device()
     setup_torch(config, device)
