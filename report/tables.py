@@ -92,7 +92,8 @@ def setups_table(run: RunData):
         "setup": s["setup"], "seeds": s["seeds"].astype(int).astype(str),
         "test acc mean (%)": [pct(m) + ("" if pd.isna(d) else f" ± {pct(d)}") for m, d in
                               zip(s["test_acc_mean"], s["test_acc_std"])],
-        "95 % CI (%)": [("" if pd.isna(lo) else f"{pct(lo)} – {pct(hi)}") for lo, hi in zip(s["ci95_low"], s["ci95_high"])],
+        "95 % CI (%)": [("" if pd.isna(lo) else f"{pct(lo)} – {pct(hi)}")
+                        for lo, hi in zip(s["ci95_low"], s["ci95_high"])],
         "val acc mean (%)": s["val_acc_mean"].map(pct) if "val_acc_mean" in s else "",
         "Welch p vs winner": s["welch_p_vs_winner"].map(lambda p: "" if pd.isna(p) else f"{p:.3g}"),
     })

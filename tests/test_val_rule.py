@@ -73,3 +73,22 @@ def test_default_stops_and_keeps_by_test_acc(ray_local, tmp_path):
     assert stops == {"val_plateau": 6, "test_plateau": 3, "val_ties": 6}
     _, best = best_checkpoint(results["val_plateau"], "test_acc")
     assert (best["training_iteration"], best["test_acc"]) == (6, 0.72)
+
+
+def test_out_of_memory_is_one_line(ray_local, tmp_path, monkeypatch):
+    from ray import tune
+
+    from study import StudyError
+    from trainables.tuning import run_tuner
+
+    def fit(self):  # what Tune raises when Ray's memory monitor kills a trial's actor as it starts
+        raise RuntimeError("Caught unexpected exception: Task was killed due to the node running low on memory.\n"
+                           "Memory on the node ... was 22.39GB / 23.54GB (0.951069)")
+
+    monkeypatch.setattr(tune.Tuner, "fit", fit)
+    config = make_config("smoke", output_dir=str(tmp_path), seeds=3)
+    with pytest.raises(StudyError) as info:
+        run_tuner(config, "students", lambda c: None, {}, {"cpu": 0.5, "gpu": 0.0}, 3)
+    assert str(info.value) == ("the machine ran out of memory during the students stage (Ray killed a trial); run "
+                               "the same command again to resume it, with a larger --cpus-per-trial to run fewer "
+                               "trials at once")

@@ -13,7 +13,8 @@ import torch
 from study import StudyConfig
 from trainables.data import CIFAR10_MEAN, CIFAR10_STD, CIFAR10Tensors, load_cifar10
 
-__all__ = ["study_data", "stratified_subset", "stratified_split", "stratified_indices", "normalize", "augment", "train_batches", "eval_batches", "num_batches"]
+__all__ = ["study_data", "stratified_subset", "stratified_split", "stratified_indices", "normalize", "augment",
+           "train_batches", "eval_batches", "num_batches"]
 
 _PAD = 4  # pixels of zero padding before the random crop
 

@@ -71,7 +71,8 @@ def run_tuner(config: StudyConfig, name: str, trainable, param_space: dict, reso
     that metric and the latest are kept), failed trials retried from their last checkpoint (twice
     at most); up to #setups x #seeds trials run at once.
 
-    Raises StudyError when any trial ended in an error (the first error's first line).
+    Raises StudyError when any trial ended in an error (the first error's first line), or when
+    the machine ran out of memory (each of #setups x #seeds trials holds its own model copies).
     """
     from ray import tune
 
@@ -103,7 +104,14 @@ def run_tuner(config: StudyConfig, name: str, trainable, param_space: dict, reso
                 verbose=1,
             ),
         )
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    except RuntimeError as err:  # Tune gives up when Ray's memory monitor kills a trial starting up
+        if "running low on memory" not in str(err):
+            raise
+        raise StudyError(f"the machine ran out of memory during the {name} stage (Ray killed a trial); run the "
+                         "same command again to resume it, with a larger --cpus-per-trial to run fewer trials "
+                         "at once") from None
     errors = [str(r.error).splitlines()[0] for r in grid if r.error]
     if errors:
         raise StudyError(f"{len(errors)} {name} trial(s) failed; first error: {errors[0]}")
