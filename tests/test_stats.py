@@ -202,3 +202,18 @@ def test_val_size_zero_leaves_the_training_set_unchanged(cifar_root):
     # the same subset as before the option existed (seeded by config.seed), split into two disjoint parts
     full = torch.cat([held.train_images, held.val_images]).flatten(1)
     assert sorted(map(tuple, full.tolist())) == sorted(map(tuple, plain.train_images.flatten(1).tolist()))
+
+
+def test_cli_bad_val_size_exits_2_with_one_line(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(repo / "orchestrate.py"), "--preset", "smoke", "--seeds", "2",
+                           "--val-size", "300", "--output-dir", str(tmp_path / "run")],
+                          cwd=repo, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("error: --val-size 300 must be 0 (no validation split) or between 10 (one image "
+                                   "per class) and 299 (the training images minus one)")
+    assert not (tmp_path / "run").exists()
