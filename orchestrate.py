@@ -24,7 +24,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-from study import PRESETS, RUNTIME_FIELDS, RunLayout, StudyConfig, StudyError, make_config
+from study import (PRESETS, RUNTIME_FIELDS, RunLayout, StudyConfig, StudyError, decision_rule, make_config,
+                   selection_metric)
 from study.config import PROJECT_DIR
 from study.requirements import check_packages, check_python, required_packages, sparsify_stages
 
@@ -140,11 +141,13 @@ def start_ray(config: StudyConfig):
 
 
 def stage_teacher(config: StudyConfig, data) -> Path:
-    """Stage 1: fine-tune the teacher; its best-accuracy checkpoint becomes ``teacher.pt``."""
+    """Stage 1: fine-tune the teacher; its best checkpoint (by ``study.selection_metric``) becomes
+    ``teacher.pt``."""
     from ray import tune
 
     from models import load_checkpoint
     from study.files import atomic_copy
+    from trainables.results import best_checkpoint
     from trainables.train import MODEL_FILE, train_teacher
     from trainables.tuning import run_tuner, trial_config, trial_resources
 
@@ -160,34 +163,35 @@ def stage_teacher(config: StudyConfig, data) -> Path:
     grid = run_tuner(config, "teacher", tune.with_parameters(train_teacher, data=data),
                      trial_config(config, "teacher", resources), resources,
                      config.teacher_max_epochs)
-    best = grid[0].get_best_checkpoint("test_acc", "max")
+    best, _ = best_checkpoint(grid[0], selection_metric(config))
     with best.as_directory() as directory:
         atomic_copy(Path(directory) / MODEL_FILE, target)
     return target
 
 
 def stage_students(config: StudyConfig, data, teacher_path: Path):
-    """Stage 2: one Tune experiment, a grid over the setups, all trials running at once."""
+    """Stage 2: one Tune experiment, a grid over setup x seed, all trials running at once."""
     import torch
     from ray import tune
 
     from trainables.train import train_student
-    from trainables.tuning import run_tuner, trial_config, trial_resources
+    from trainables.tuning import run_tuner, student_space, trial_resources
 
     teacher = torch.load(teacher_path, map_location="cpu")
     resources = trial_resources(config, "student")
-    space = trial_config(config, "student", resources)
-    space["setup"] = tune.grid_search(list(config.setups))
+    space = student_space(config, resources)
     trainable = tune.with_parameters(train_student, data=data, teacher=teacher)
     return run_tuner(config, "students", trainable, space, resources, config.max_epochs)
 
 
-def stage_sparsify(config: StudyConfig, data, students) -> dict:
-    """Stage 3: the best student (highest test accuracy of any epoch) through the recipe, as a
-    Ray task on the training device; returns ``sparsify/summary.json``'s content."""
+def stage_sparsify(config: StudyConfig, data, best) -> dict:
+    """Stage 3: the trial ``best`` (``trainables.results.sparsify_trial``: the winning setup's
+    best seed), from its best checkpoint, through the recipe, as a Ray task on the training
+    device; returns ``sparsify/summary.json``'s content."""
     import ray
 
     from study import ONNX_MODELS
+    from trainables.results import best_checkpoint
     from trainables.sparsify import sparsify_student
     from trainables.tuning import trial_resources
 
@@ -195,16 +199,17 @@ def stage_sparsify(config: StudyConfig, data, students) -> dict:
     if layout.sparsify_summary.exists() and all(layout.onnx(name).exists() for name in ONNX_MODELS):
         print(f"[sparsify] {layout.sparsify_summary} exists: skipping the sparsify stage", flush=True)
         return json.loads(layout.sparsify_summary.read_text())
-    best = students.get_best_result("test_acc", "max", scope="all")
-    checkpoint = best.get_best_checkpoint("test_acc", "max")
-    print(f"[sparsify] best trial: {best.path.rsplit('/', 1)[-1]} (setup {best.config['setup']}, "
-          f"test_acc {best.metrics_dataframe['test_acc'].max():.4f}); recipe {config.recipe}", flush=True)
+    metric = selection_metric(config)
+    checkpoint, metrics = best_checkpoint(best, metric)
+    print(f"[sparsify] best trial: {best.path.rsplit('/', 1)[-1]} (setup {best.config['setup']}, seed "
+          f"{best.config['seed']}, {metric} {metrics[metric]:.4f} at epoch {metrics['training_iteration']}); "
+          f"recipe {config.recipe}", flush=True)
     resources = trial_resources(config, "teacher")
     task = ray.remote(num_cpus=resources["cpu"], num_gpus=resources["gpu"])(sparsify_student)
     try:
         return ray.get(task.remote(
             checkpoint, data, recipe=config.recipe, recipe_epochs=config.recipe_epochs,
-            batch_size=config.batch_size, seed=config.seed, threads=max(1, math.floor(resources["cpu"])),
+            batch_size=config.batch_size, seed=int(best.config["seed"]), threads=max(1, math.floor(resources["cpu"])),
             output_dir=str(Path(config.output_dir).resolve()), trial_id=best.path.rsplit("/", 1)[-1],
             setup=best.config["setup"]))
     except ray.exceptions.RayTaskError as err:
@@ -265,7 +270,8 @@ def check_output_dir(config: StudyConfig, overwrite: bool) -> bool:
     except (OSError, ValueError) as err:
         raise StudyError(f"{saved} is unreadable ({err}); pass --overwrite to start a new run there") from None
     current = json.loads(json.dumps(dataclasses.asdict(config)))
-    changed = [k for k in current if k not in RUNTIME_FIELDS and previous.get(k) != current[k]]
+    defaults = json.loads(json.dumps(dataclasses.asdict(StudyConfig())))  # fields newer than the saved run
+    changed = [k for k in current if k not in RUNTIME_FIELDS and previous.get(k, defaults[k]) != current[k]]
     if changed and not overwrite:
         diff = "; ".join(f"{k}: {previous.get(k)!r} -> {current[k]!r}" for k in changed[:3])
         raise StudyError(f"--output-dir {out} holds a run made with a different config ({diff}); "
@@ -328,7 +334,8 @@ def run_study(config: StudyConfig, args: argparse.Namespace) -> int:
 
     from report import fastest_model
     from study.files import atomic_write_text
-    from trainables.results import RESULT_COLUMNS, sparsified_rows, training_rows
+    from trainables.results import (RESULT_COLUMNS, setups_table, sparsified_rows, sparsify_trial, summary_text,
+                                    training_rows)
 
     out, layout = Path(config.output_dir), RunLayout(config.output_dir)
     replace = check_output_dir(config, args.overwrite)
@@ -343,27 +350,32 @@ def run_study(config: StudyConfig, args: argparse.Namespace) -> int:
     if replace:
         remove_run_outputs(out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(layout.config, json.dumps(dataclasses.asdict(config), indent=2))
-    print(f"data: {len(data.train_labels)} training / {len(data.test_labels)} test images; "
-          f"output: {out.resolve()}", flush=True)
+    saved = {**dataclasses.asdict(config), "selection_metric": selection_metric(config),
+             "decision_rule": decision_rule(config)}  # the two derived keys say which rule was used
+    atomic_write_text(layout.config, json.dumps(saved, indent=2))
+    val = f" / {len(data.val_labels)} validation" if data.val_labels is not None else ""
+    print(f"data: {len(data.train_labels)} training{val} / {len(data.test_labels)} test images; "
+          f"{decision_rule(config)}; output: {out.resolve()}", flush=True)
     teacher_path = stage_teacher(config, data)
     if config.stop_after == "teacher":
         return 0
     students = stage_students(config, data, teacher_path)
     rows = training_rows(config, layout.teacher_dir.resolve(), students)
+    setups = setups_table(config, rows)
+    atomic_write_text(layout.setups, setups.to_csv(index=False))
     bench = None
     if config.stop_after in ("sparsify", "bench"):
-        summary = stage_sparsify(config, data, students)
-        rows += sparsified_rows(summary, rows)
+        best = sparsify_trial(config, students, rows)
+        summary = stage_sparsify(config, data, best)
+        rows += sparsified_rows(summary, rows, seed=best.config["seed"])
         if config.stop_after == "bench":
             bench, accuracies = stage_bench(config, data, summary["onnx"])
             for row in rows:  # the exported models' own accuracy, run in DeepSparse
-                name = "dense" if row["model"] == summary["setup"] else row["model"]
-                row["onnx_test_acc"] = accuracies.get(name)
+                parent = (row["model"], row["seed"]) == (summary["setup"], best.config["seed"])
+                row["onnx_test_acc"] = accuracies.get("dense" if parent else row["model"])
     table = pd.DataFrame(rows, columns=RESULT_COLUMNS)
     atomic_write_text(layout.results, table.to_csv(index=False))
-    print("\nAccuracy (test set, 0..1):\n" + table.drop(columns=["started_at", "finished_at"]).to_markdown(
-        index=False, floatfmt=".4f"))
+    print(summary_text(config, table, setups))
     if bench is not None:
         print("\nThroughput (items/s) and latency (ms):\n" + bench.to_markdown(index=False, floatfmt=".2f"))
         print(f"CPU: {bench['isa'].iloc[0]}, VNNI {bench['vnni'].iloc[0]}")

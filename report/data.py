@@ -1,6 +1,6 @@
 """Loading one run directory for the report: ``load_run`` reads only what the run wrote
 (``config.json``, the ``teacher/`` and ``students/`` Ray Tune experiments as ResultGrids,
-``results.csv``, ``benchmark.csv``, ``sparsify/``), through ``study.RunLayout``."""
+``results.csv``, ``setups.csv``, ``benchmark.csv``, ``sparsify/``), through ``study.RunLayout``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from study import SETUPS, RunLayout
+from study import SETUPS, RunLayout, selection_metric
 
 SPARSE_MODELS = ("pruned", "pruned_quantized")
 MODELS = ("teacher", *SETUPS, *SPARSE_MODELS)
@@ -24,9 +24,14 @@ class RunData:
     Attributes:
         run_dir: the run directory (absolute).
         config: ``config.json`` (the StudyConfig as a dict); ``{}`` if absent.
-        results: ``results.csv`` (one row per model; accuracies 0..1, seconds, unix times) or None.
-        trials: label ("teacher", "ce", "kd", "kd_feat") -> that trial's per-epoch metrics
-            (one row per ``training_iteration``, sorted), loaded through a Ray Tune ResultGrid.
+        results: ``results.csv`` (one row per model and seed; accuracies 0..1, seconds, unix times)
+            or None.
+        setups: ``setups.csv`` (one row per student setup: mean, std and 95 % interval over seeds)
+            or None (a run made before it existed).
+        trials: label -> that trial's per-epoch metrics (one row per ``training_iteration``,
+            sorted; columns ``setup`` and ``seed`` added), loaded through a Ray Tune ResultGrid.
+            Labels (``trial_label``): "teacher", and per student trial its setup ("ce", ...) when
+            the run has one seed per setup, else "<setup> s<seed>" ("ce s0", "ce s1", ...).
         benchmark: ``benchmark.csv`` (items_per_sec in images/s, latencies in ms per batch) or None.
         layer_sparsity: ``sparsify/layer_sparsity.csv`` (layer, params, sparsity 0..1) or None.
         sparsify_history: ``sparsify/history.csv`` (per recipe epoch) or None.
@@ -37,6 +42,7 @@ class RunData:
     run_dir: Path
     config: dict
     results: Any = None
+    setups: Any = None
     trials: dict = field(default_factory=dict)
     benchmark: Any = None
     layer_sparsity: Any = None
@@ -49,6 +55,16 @@ class RunData:
         """True when the sparsify stage left any output (rows in results.csv or sparsify/ files)."""
         rows = self.results is not None and self.results["model"].isin(SPARSE_MODELS).any()
         return bool(rows or self.layer_sparsity is not None or self.sparsify_history is not None)
+
+    @property
+    def metric(self) -> str:
+        """The run's selection metric: ``"val_acc"`` with a validation split, else ``"test_acc"``."""
+        return selection_metric(self.config)
+
+    @property
+    def seeds(self) -> int:
+        """Seeds per student setup (1 for runs made before ``--seeds`` existed)."""
+        return int(self.config.get("seeds", 1) or 1)
 
     @property
     def has_benchmark(self) -> bool:
@@ -75,6 +91,14 @@ def load_result_grid(path: str | os.PathLike):
     if not tune.Tuner.can_restore(str(path)):
         raise ValueError(f"{path} holds no Ray Tune experiment (no experiment_state-*.json)")
     return ResultGrid(tune.ExperimentAnalysis(str(path)))
+
+
+def trial_label(setup: str, seed, seeds: int) -> str:
+    """The report's name of one trial: ``"teacher"``; a student's setup when the run has one seed
+    per setup (``seeds`` 1), else ``"<setup> s<seed>"``."""
+    if setup == "teacher" or seeds <= 1 or seed is None:
+        return setup
+    return f"{setup} s{int(seed)}"
 
 
 def _epochs(frame):
@@ -113,10 +137,14 @@ def load_run(run_dir: str | os.PathLike) -> RunData:
         for result in load_result_grid(path):
             if result.metrics_dataframe is None or not len(result.metrics_dataframe):
                 continue
-            label = "teacher" if path == layout.teacher_dir else str(result.config.get("setup"))
-            run.trials[label] = _epochs(result.metrics_dataframe)
+            setup = "teacher" if path == layout.teacher_dir else str(result.config.get("setup"))
+            seed = result.config.get("seed", run.config.get("seed"))
+            frame = _epochs(result.metrics_dataframe).assign(setup=setup, seed=seed)
+            run.trials[trial_label(setup, seed, run.seeds)] = frame
     order = {label: i for i, label in enumerate(MODELS)}
-    run.trials = dict(sorted(run.trials.items(), key=lambda item: order.get(item[0], len(order))))
+    run.trials = dict(sorted(run.trials.items(), key=lambda item: (
+        order.get(item[1]["setup"].iloc[0], len(order)), item[1]["seed"].iloc[0] or 0)))
+    run.setups = _read_csv(layout.setups)
     run.benchmark = _read_csv(layout.benchmark)
     run.layer_sparsity = _read_csv(layout.layer_sparsity)
     run.sparsify_history = _read_csv(layout.sparsify_history)
@@ -141,14 +169,15 @@ def stop_epoch(run: RunData, label: str) -> tuple[int, str]:
     ``(epoch, "plateau" | "epoch limit" | "stopped")``.
 
     "plateau" when the project's stop rule (``trainables.stopper.plateau_epoch`` with the run's
-    ``tolerance``/``patience``) fires exactly at the last epoch; "epoch limit" when the last epoch
+    ``tolerance``/``patience``, on the run's selection metric ``RunData.metric``) fires exactly at
+    the last epoch; "epoch limit" when the last epoch
     equals the configured maximum (``teacher_max_epochs`` for the teacher, ``max_epochs`` for a
     student); "stopped" otherwise (e.g. an interrupted trial). KeyError for an unknown label."""
     from trainables.stopper import plateau_epoch
 
     frame, config = run.trials[label], run.config
     epoch = int(frame["training_iteration"].iloc[-1])
-    fired = plateau_epoch([float(a) for a in frame["test_acc"]], float(config.get("tolerance", 0.01)),
+    fired = plateau_epoch([float(a) for a in frame[run.metric]], float(config.get("tolerance", 0.01)),
                           int(config.get("patience", 2)))
     if fired == epoch:
         return epoch, "plateau"
@@ -156,11 +185,32 @@ def stop_epoch(run: RunData, label: str) -> tuple[int, str]:
     return epoch, "epoch limit" if epoch == limit else "stopped"
 
 
-def _results_row(run: RunData, model: str):
+def _results_row(run: RunData, model: str, seed=None):
+    """The last ``results.csv`` row of ``model`` (of that ``seed`` when given and the file has
+    a ``seed`` column), or None."""
     if run.results is None:
         return None
     rows = run.results[run.results["model"] == model]
+    if seed is not None and "seed" in rows:
+        rows = rows[rows["seed"] == seed]
     return rows.iloc[-1] if len(rows) else None
+
+
+def base_seed(run: RunData):
+    """The seed of the trial the sparsify stage started from (the ``seed`` of the sparse rows of
+    ``results.csv``), or None."""
+    for model in SPARSE_MODELS:
+        row = _results_row(run, model)
+        if row is not None and "seed" in row.index and not _isnan(row["seed"]):
+            return int(row["seed"])
+    return None
+
+
+def _isnan(value) -> bool:
+    try:
+        return math.isnan(float(value))
+    except (TypeError, ValueError):
+        return value is None
 
 
 def _value(row, column: str) -> float:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 
-from report.data import SETUPS, SPARSE_MODELS, RunData, _base_setup, _results_row, _value
+from report.data import SETUPS, SPARSE_MODELS, RunData, _base_setup, _results_row, _value, base_seed
 from report.tables import overlap_sentence
+from study import decision_rule
 
 
 def _pct(x: float) -> str:
@@ -46,13 +47,8 @@ def fastest_model(bench, batch_size: int, markdown: bool = False) -> str:
     return text + ")."
 
 
-def findings(run: RunData) -> list[str]:
-    """A few sentences, written from the numbers: which student setup won and by how much, what
-    sparsification cost in accuracy, which model is fastest per batch size (and the factor vs dense
-    onnxruntime), the CPU's ISA, whether the student trials overlapped in time; plus ``notes``."""
-    import pandas as pd
-
-    out = list(run.notes)
+def _winner_one_run(run: RunData) -> str | None:
+    """The winner sentence of a run without ``setups.csv`` (one trial per setup)."""
     # The study keeps each trial's best checkpoint (and sparsifies the best of those), so a setup
     # "wins" by its best-epoch test accuracy; the accuracy at the stop epoch is mentioned if it disagrees.
     def accuracies(column):
@@ -90,14 +86,28 @@ def findings(run: RunData) -> list[str]:
             if t_params > 0 and not math.isnan(student_params):
                 text += f" with {100 * student_params / t_params:.0f} % of the teacher's parameters"
             text += "."
+        return text
+    return None
+
+
+def findings(run: RunData) -> list[str]:
+    """A few sentences, written from the numbers: which student setup won and by how much, what
+    sparsification cost in accuracy, which model is fastest per batch size (and the factor vs dense
+    onnxruntime), the CPU's ISA, whether the student trials overlapped in time; plus ``notes``."""
+    import pandas as pd
+
+    out = list(run.notes)
+    # setups.csv (every run since --seeds): the winner by mean over seeds and the test of its lead
+    text = _winner_over_seeds(run) if run.setups is not None else _winner_one_run(run)
+    if text:
         out.append(text)
-    base = _base_setup(run)
+    base, seed = _base_setup(run), base_seed(run)
     # The dense starting point: the checkpoint the sparsify stage loaded (summary.json), else the
     # base setup's best epoch (that is the checkpoint the study keeps).
     dense = float((run.sparsify_summary or {}).get("test_acc_dense", math.nan))
     for column in ("best_test_acc", "test_acc"):
         if math.isnan(dense) and base:
-            dense = _value(_results_row(run, base), column)
+            dense = _value(_results_row(run, base, seed), column)
     pruned, quant = (_results_row(run, m) for m in SPARSE_MODELS)
     if base and not math.isnan(dense) and (pruned is not None or quant is not None):
         parts = []
@@ -107,9 +117,10 @@ def findings(run: RunData) -> list[str]:
             parts.append(f"pruning{at} {_change(dense, _value(pruned, 'test_acc'))}")
         if quant is not None:
             parts.append(f"pruning + INT8 quantization-aware training {_change(dense, _value(quant, 'test_acc'))}")
-        text = f"Sparsifying the {base} student ({_pct(dense)} dense, PyTorch): " + "; ".join(parts) + "."
+        which = f"{base} student" + ("" if seed is None or run.seeds <= 1 else f" (seed {seed}, its best seed)")
+        text = f"Sparsifying the {which} ({_pct(dense)} dense, PyTorch): " + "; ".join(parts) + "."
         onnx = [f"{m} {_pct(_value(r, 'onnx_test_acc'))}"
-                for m, r in ((f"dense {base}", _results_row(run, base)), *zip(SPARSE_MODELS, (pruned, quant)))
+                for m, r in ((f"dense {base}", _results_row(run, base, seed)), *zip(SPARSE_MODELS, (pruned, quant)))
                 if r is not None and not math.isnan(_value(r, "onnx_test_acc"))]
         if onnx:
             text += f" Exported to ONNX and run in DeepSparse: {', '.join(onnx)}."
@@ -132,6 +143,28 @@ def findings(run: RunData) -> list[str]:
     return out
 
 
+def _winner_over_seeds(run: RunData) -> str:
+    """The winner sentence of a run with ``setups.csv`` (``trainables.stats.lead_sentence``), with
+    the teacher's best-epoch test accuracy for comparison."""
+    from trainables.stats import lead, lead_sentence
+
+    text = lead_sentence(run.setups, run.metric)
+    info = lead(run.setups, run.metric)
+    best = info["winner"] if info else run.setups["setup"].iloc[0]
+    top = float(run.setups.set_index("setup").loc[best, "test_acc_mean"])
+    t_acc = _value(_results_row(run, "teacher"), "best_test_acc")
+    if not math.isnan(t_acc):
+        side = "above" if top > t_acc else "below" if top < t_acc else "level with"
+        gap = "" if top == t_acc else f"{_pp(top - t_acc)} "
+        text += f" The teacher reached {_pct(t_acc)} at its best epoch; the winner's mean is {gap}{side} it"
+        student_params, t_params = _value(_results_row(run, best), "params"), _value(_results_row(run, "teacher"),
+                                                                                     "params")
+        if t_params > 0 and not math.isnan(student_params):
+            text += f" with {100 * student_params / t_params:.0f} % of the teacher's parameters"
+        text += "."
+    return text
+
+
 def run_summary(run: RunData) -> str:
     """A markdown paragraph describing the run (from ``config.json``)."""
     c = run.config
@@ -141,10 +174,17 @@ def run_summary(run: RunData) -> str:
     def count(n, full):
         return f"{n:,}" if n else f"all {full:,}"
 
+    held = f" ({c['val_size']:,} of them held out for validation)" if c.get("val_size") else ""
+    first = int(c.get("seed", 0))
+    seeds = (f"seed {first}" if run.seeds == 1 else
+             f"{run.seeds} seeds per setup ({first}..{first + run.seeds - 1}), each its own trial")
+
     return (f"Run directory `{run.run_dir}` · preset **{c.get('preset')}** · {c.get('arch')} teacher "
             f"(students: the same network with `layer3` cut to its first block) · "
-            f"{count(c.get('train_subset', 0), 50000)} training / {count(c.get('test_subset', 0), 10000)} "
+            f"{count(c.get('train_subset', 0), 50000)} training{held} / {count(c.get('test_subset', 0), 10000)} "
             f"test images · Adam, batch {c.get('batch_size')}, lr {c.get('lr'):g} (teacher "
-            f"{c.get('teacher_lr'):g}) · temperature {c.get('temperature'):g} · stop when test accuracy "
+            f"{c.get('teacher_lr'):g}) · temperature {c.get('temperature'):g} · stop when "
+            f"{'validation' if run.metric == 'val_acc' else 'test'} accuracy "
             f"changes by < {c.get('tolerance'):g} for {c.get('patience')} epochs in a row "
-            f"(at most {c.get('max_epochs')} student / {c.get('teacher_max_epochs')} teacher epochs).")
+            f"(at most {c.get('max_epochs')} student / {c.get('teacher_max_epochs')} teacher epochs) · "
+            f"{seeds} · **{decision_rule(c, capital=True)}**.")

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-from report.data import MODELS, SETUPS, SPARSE_MODELS, RunData, _describe
+import math
+
+from report.data import (MODELS, SETUPS, SPARSE_MODELS, RunData, _base_setup, _describe, _results_row, _value,
+                         base_seed)
 
 
 def accuracy_table(run: RunData):
-    """The accuracy table, one row per model in ``MODELS`` order (then any other models).
+    """The accuracy table, one row per model (and seed) in ``MODELS`` order (then any other models).
 
-    Columns: model, trained with (loss terms; for the sparse models the student they start from),
-    params (M), epochs, test acc (stop) / best test acc / ONNX test acc (fractions 0..1 as strings
-    with 4 decimals), weight sparsity (%), time (s: training or recipe wall time); empty
-    cells where a value does not apply. From ``results.csv``; without it, from the Tune trials."""
+    Columns: model, seed (runs with several seeds), trained with (loss terms; for the sparse models
+    the student they start from), params (M), epochs, test acc (stop) / best test acc (at the best
+    epoch by the run's selection metric) / val acc (best epoch; with a validation split) / ONNX test
+    acc (fractions 0..1 as strings with 4 decimals), weight sparsity (%), time (s: training or
+    recipe wall time); empty cells where a value does not apply, empty columns dropped. From
+    ``results.csv``; without it, from the Tune trials."""
     import pandas as pd
 
     if run.results is not None:
@@ -22,6 +27,7 @@ def accuracy_table(run: RunData):
                                "seconds": t["epoch_seconds"].sum()} for label, t in run.trials.items()])
     order = {m: i for i, m in enumerate(MODELS)}
     frame = frame.assign(_o=frame["model"].map(lambda m: order.get(m, len(order)))).sort_values("_o", kind="stable")
+    show_seed = run.seeds > 1 and "seed" in frame
 
     def fmt(value, spec):
         return "" if value is None or pd.isna(value) else format(value, spec)
@@ -31,11 +37,13 @@ def accuracy_table(run: RunData):
         get = lambda c: r[c] if c in r.index else None  # noqa: E731
         params = get("params")
         rows.append({
-            "model": r["model"], "trained with": _describe(run, r["model"]),
+            "model": r["model"], **({"seed": fmt(get("seed"), ".0f")} if show_seed else {}),
+            "trained with": _describe(run, r["model"]),
             "params (M)": fmt(None if params is None or pd.isna(params) else params / 1e6, ".2f"),
             "epochs": fmt(get("epochs"), "g"),
             "test acc (stop)": fmt(get("test_acc"), ".4f"),
             "best test acc": fmt(get("best_test_acc"), ".4f"),
+            "val acc (best epoch)": fmt(get("best_val_acc"), ".4f"),
             "ONNX test acc (DeepSparse)": fmt(get("onnx_test_acc"), ".4f"),
             "weight sparsity (%)": fmt(None if get("weight_sparsity") is None or pd.isna(get("weight_sparsity"))
                                        else 100 * get("weight_sparsity"), ".1f"),
@@ -46,13 +54,18 @@ def accuracy_table(run: RunData):
     return table.drop(columns=empty)
 
 
-def accuracy_note(table) -> str:
-    """The sentence under the accuracy table, naming only the columns ``table`` has."""
-    where = ["at the stop epoch", "at the best epoch"]
+def accuracy_note(table, run: RunData | None = None) -> str:
+    """The sentence under the accuracy table, naming only the columns ``table`` has (and, given
+    the ``run``, the metric that picked each trial's best epoch)."""
+    by = "" if run is None else f" (by {'validation' if run.metric == 'val_acc' else 'test'} accuracy)"
+    where = ["at the stop epoch", f"at the best epoch{by}"]
     if "ONNX test acc (DeepSparse)" in table:
         where.append("of the exported ONNX model run in DeepSparse")
     text = ("Test accuracy as a fraction of the test images (0–1): " + ", ".join(where[:-1])
             + f" and {where[-1]}.")
+    if "val acc (best epoch)" in table:
+        text += (" Val acc: accuracy on the held-out validation images at the best epoch, the number the "
+                 "stop rule and every choice read; test accuracy is only reported.")
     if "weight sparsity (%)" in table:
         text += " Weight sparsity: share of zero weights in the conv and linear layers."
     sparse_time = "time (s)" in table and (table.loc[table["model"].isin(SPARSE_MODELS), "time (s)"] != "").any()
@@ -60,6 +73,62 @@ def accuracy_note(table) -> str:
         text += " Time: wall-clock seconds of training" + (
             " (for the sparse models: of the recipe)." if sparse_time else ".")
     return text
+
+
+def setups_table(run: RunData):
+    """``setups.csv`` as strings for display: setup, seeds, test acc mean ± std, 95 % CI (Student
+    t), val acc mean (with a validation split), Welch p vs the winner; accuracies in %. None
+    without ``setups.csv``."""
+    import pandas as pd
+
+    if run.setups is None:
+        return None
+
+    def pct(v, spec=".1f"):
+        return "" if v is None or pd.isna(v) else format(100 * v, spec)
+
+    s = run.setups
+    table = pd.DataFrame({
+        "setup": s["setup"], "seeds": s["seeds"].astype(int).astype(str),
+        "test acc mean (%)": [pct(m) + ("" if pd.isna(d) else f" ± {pct(d)}") for m, d in
+                              zip(s["test_acc_mean"], s["test_acc_std"])],
+        "95 % CI (%)": [("" if pd.isna(lo) else f"{pct(lo)} – {pct(hi)}")
+                        for lo, hi in zip(s["ci95_low"], s["ci95_high"])],
+        "val acc mean (%)": s["val_acc_mean"].map(pct) if "val_acc_mean" in s else "",
+        "Welch p vs winner": s["welch_p_vs_winner"].map(lambda p: "" if pd.isna(p) else f"{p:.3g}"),
+    })
+    empty = [c for c in table.columns if (table[c] == "").all()]
+    return table.drop(columns=empty)
+
+
+def sparse_table(run: RunData):
+    """The sparsified models next to their dense parent (the trial the sparsify stage started
+    from): model, from, test acc (PyTorch, %), change vs the dense parent (percentage points),
+    ONNX test acc (DeepSparse, %), weight sparsity (%). None without sparse rows."""
+    import pandas as pd
+
+    base, seed = _base_setup(run), base_seed(run)
+    sparse = [(m, _results_row(run, m)) for m in SPARSE_MODELS]
+    if not base or all(row is None for _, row in sparse):
+        return None
+    parent = _results_row(run, base, seed)
+    dense = float((run.sparsify_summary or {}).get("test_acc_dense", _value(parent, "best_test_acc")))
+    label = base if seed is None or run.seeds <= 1 else f"{base} s{seed}"
+
+    def pct(v):
+        return "" if v is None or math.isnan(v) else f"{100 * v:.1f}"
+
+    rows = [{"model": f"dense {label} (best epoch)", "from": "", "test acc (%)": pct(dense), "vs dense (pp)": "",
+             "ONNX test acc (%)": pct(_value(parent, "onnx_test_acc")), "weight sparsity (%)": ""}]
+    for model, row in sparse:
+        if row is not None:
+            acc = _value(row, "test_acc")
+            rows.append({"model": model, "from": label, "test acc (%)": pct(acc),
+                         "vs dense (pp)": "" if math.isnan(acc) else f"{100 * (acc - dense):+.1f}",
+                         "ONNX test acc (%)": pct(_value(row, "onnx_test_acc")),
+                         "weight sparsity (%)": pct(_value(row, "weight_sparsity"))})
+    table = pd.DataFrame(rows)
+    return table.drop(columns=[c for c in table.columns if (table[c] == "").all()])
 
 
 def show_table(table, title: str, note: str | None = None) -> None:

@@ -14,8 +14,9 @@ os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
 
 from study.config import (  # noqa: E402
     ARCHS, PRESETS, RUNTIME_FIELDS, SETUPS, STAGES, STEMS, TASK_BATCH_RANGE, StudyConfig, StudyError,
-    make_config, validate)
+    decision_rule, make_config, selection_metric, validate)
 from study.layout import ONNX_MODELS, RunLayout  # noqa: E402
 
 __all__ = ["ARCHS", "ONNX_MODELS", "PRESETS", "RUNTIME_FIELDS", "SETUPS", "STAGES", "STEMS",
-           "TASK_BATCH_RANGE", "RunLayout", "StudyConfig", "StudyError", "make_config", "validate"]
+           "TASK_BATCH_RANGE", "RunLayout", "StudyConfig", "StudyError", "decision_rule", "make_config",
+           "selection_metric", "validate"]

@@ -23,6 +23,8 @@ TASK_BATCH_RANGE = (128, 512)
 #: torchvision ResNets a teacher can be (``models.build_teacher``); the student is the same
 #: network with layer3 cut to its first block.
 ARCHS: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+#: Training images of CIFAR-10 (``--train-subset 0`` = all of them).
+CIFAR10_TRAIN_IMAGES = 50_000
 #: Input stems for 32x32 images (``models.resnet`` module docstring).
 STEMS: tuple[str, ...] = ("cifar", "upsample")
 
@@ -99,10 +101,16 @@ class StudyConfig:
     cpus_per_trial: float | None = option(
         None, "Ray CPUs per student trial ('none': a share of the cluster)", optional_number(float))
     gpus_per_trial: float | None = option(
-        None, "Ray GPUs per student trial ('none': 1/#setups when a GPU is present)", optional_number(float))
+        None, "Ray GPUs per student trial ('none': 1/(#setups x #seeds) when a GPU is present)", optional_number(float))
     address: str | None = option(None, "address of an existing Ray cluster ('none': start a local one)",
                                  optional_str)
-    seed: int = option(0, "random seed of the subsets, the weight init and the augmentation stream", int)
+    seed: int = option(0, "random seed of the subsets and the validation split; the weight init and "
+                       "augmentation stream of the teacher and of each setup's first seed", int)
+    seeds: int = option(1, "seeds per student setup: seed, seed+1, ... each (setup, seed) is one Tune trial; "
+                        "setups.csv gives mean, std and a 95-percent Student-t interval over them", int)
+    val_size: int = option(
+        0, "training images held out (stratified) as a validation split; 0: the stop rule and every 'best' "
+        "choice read test_acc (the task's rule); > 0: they read val_acc, test_acc is only reported", int)
     compile: bool | None = option(
         None, "torch.compile the teacher and the students; when neither flag is given: on a GPU, "
         "not on a CPU", bool)
@@ -136,6 +144,28 @@ PRESETS: dict[str, dict] = {
 #: differ in them (the data root may move; the data it holds is checked when loaded).
 RUNTIME_FIELDS = ("data_root", "download", "output_dir", "dashboard", "address", "report", "stop_after",
                   "cpus_per_trial", "gpus_per_trial")
+
+
+def selection_metric(config) -> str:
+    """The metric the stop rule and every "best" choice (best epoch, best trial, winning setup) read:
+    ``"val_acc"`` when the run holds out a validation split (``val_size`` > 0), else ``"test_acc"``
+    (the task's rule, the default). ``config``: a StudyConfig or its ``config.json`` dict (a dict
+    without ``val_size`` is a run made before the option existed: ``"test_acc"``)."""
+    val_size = config.get("val_size", 0) if isinstance(config, dict) else config.val_size
+    return "val_acc" if val_size else "test_acc"
+
+
+def decision_rule(config, capital: bool = False) -> str:
+    """One sentence naming the decision rule of a run (``selection_metric``), for the printed table,
+    the report and ``config.json`` readers; ``capital``: "Decision rule: ..." to start a sentence.
+    ``config``: a StudyConfig or its ``config.json`` dict."""
+    val_size = config.get("val_size", 0) if isinstance(config, dict) else config.val_size
+    head = "Decision rule" if capital else "decision rule"
+    if val_size:
+        return (f"{head}: val_acc on {val_size:,} training images held out of training (stratified); "
+                "the stop rule, best epoch, best trial and winning setup read val_acc, test_acc is only reported")
+    return (f"{head}: test_acc (the task's rule); the stop rule, best epoch, best trial and winning "
+            "setup read test accuracy, so the reported test accuracy is also the selection quantity")
 
 
 def make_config(preset: str, **overrides) -> StudyConfig:
@@ -176,6 +206,12 @@ def validate(config: StudyConfig) -> None:
     for name in ("train_subset", "test_subset"):
         if getattr(config, name) < 0:
             raise StudyError(f"{_flag(name)} {getattr(config, name)} must be >= 0 (0 = all)")
+    if config.seeds < 1:
+        raise StudyError(f"--seeds {config.seeds} must be >= 1")
+    train_images = config.train_subset or CIFAR10_TRAIN_IMAGES
+    if config.val_size and not 10 <= config.val_size < train_images:
+        raise StudyError(f"--val-size {config.val_size} must be 0 (no validation split) or between 10 "
+                         f"(one image per class) and {train_images - 1} (the training images minus one)")
     bad = [s for s in config.setups if s not in SETUPS]
     if bad or not config.setups:
         raise StudyError(f"unknown setup(s) {bad or list(config.setups)}; allowed: {', '.join(SETUPS)}")

@@ -100,6 +100,12 @@ class RunLayout:
         """``results.csv``: one row per model (written by orchestrate at the end)."""
         return self.root / "results.csv"
 
+    @property
+    def setups(self) -> Path:
+        """``setups.csv``: one row per student setup, mean and 95 % interval over its seeds
+        (written by orchestrate after the students stage; columns ``trainables.stats.SETUP_COLUMNS``)."""
+        return self.root / "setups.csv"
+
     def report(self, suffix: str) -> Path:
         """``report.<suffix>`` (ipynb, html or pdf), written by the report stage."""
         return self.root / f"report.{suffix}"
@@ -107,5 +113,5 @@ class RunLayout:
     def outputs(self) -> list[Path]:
         """Everything a run writes (what ``--overwrite`` removes); other files are kept."""
         return [self.config, self.teacher_dir, self.teacher, self.students_dir, self.onnx_dir,
-                self.sparsify_dir, self.results, self.benchmark, self.onnx_accuracy,
+                self.sparsify_dir, self.results, self.setups, self.benchmark, self.onnx_accuracy,
                 *(self.report(s) for s in ("ipynb", "html", "pdf"))]

@@ -14,8 +14,9 @@ import sys
 from study.config import PROJECT_DIR, StudyError
 
 #: What the training stages (teacher, students) import: torch, torchvision, Ray and what Ray Tune
-#: and the results table use. Any Python >= 3.10 with these runs ``--stop-after students``.
-TRAINING_PACKAGES = ("torch", "torchvision", "ray", "pandas", "numpy", "tabulate")
+#: and the results tables use (scipy: the intervals over seeds). Any Python >= 3.10 with these
+#: runs ``--stop-after students``.
+TRAINING_PACKAGES = ("torch", "torchvision", "ray", "pandas", "numpy", "scipy", "tabulate")
 #: Only the sparsify and bench stages import these (wheels for Python 3.10/3.11 only).
 SPARSIFY_PACKAGES = ("sparseml", "deepsparse", "onnx", "onnxruntime", "yaml")
 REQUIRED_PACKAGES = TRAINING_PACKAGES + SPARSIFY_PACKAGES

@@ -46,3 +46,22 @@ def smoke_run(cifar_root, tmp_path_factory) -> Path:
     (out / "orchestrate.log").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, f"smoke run failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}"
     return out
+
+
+@pytest.fixture(scope="session")
+def smoke_seeds_run(cifar_root, tmp_path_factory) -> Path:
+    """``python orchestrate.py --preset smoke --seeds 2 --val-size 100 --stop-after students`` on
+    the small real CIFAR-10 tree, once per session (six student trials, 200 training / 100
+    validation / 200 test images); returns its output directory. Fails when the run exits non-zero."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("smoke-seeds-run")
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "orchestrate.py"), "--preset", "smoke", "--seeds", "2", "--val-size", "100",
+         "--stop-after", "students", "--data-root", str(cifar_root), "--output-dir", str(out), "--no-dashboard"],
+        cwd=REPO_ROOT, env=dict(os.environ, RAY_DEDUP_LOGS="0"), capture_output=True, text=True, timeout=1800)
+    (out / "orchestrate.log").write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, f"seeds run failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}"
+    return out

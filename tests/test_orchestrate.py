@@ -75,7 +75,7 @@ def test_training_stages_alone_need_neither_sparseml_nor_python_3_11():
         [False, False, True, True]
     training = orchestrate.required_packages("students")
     assert training == orchestrate.required_packages("teacher") == \
-        ("torch", "torchvision", "ray", "pandas", "numpy", "tabulate")
+        ("torch", "torchvision", "ray", "pandas", "numpy", "scipy", "tabulate")
     assert set(orchestrate.required_packages("bench")) - set(training) == \
         {"sparseml", "deepsparse", "onnx", "onnxruntime", "yaml"}
 

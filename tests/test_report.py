@@ -109,3 +109,64 @@ def test_cli_rejects_missing_run_dir(tmp_path, capsys):
     assert report.main([str(tmp_path / "absent")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not exist" in err[0]
+
+
+def _seeds_run(tmp_path):
+    """A RunData of a 2-seed run with a validation split, built from given numbers."""
+    import pandas as pd
+
+    from report.data import RunData
+
+    results = pd.DataFrame([
+        {"model": "teacher", "seed": 0, "test_acc": 0.30, "best_test_acc": 0.32, "best_val_acc": 0.31, "params": 11e6},
+        {"model": "ce", "seed": 0, "test_acc": 0.20, "best_test_acc": 0.21, "best_val_acc": 0.20, "params": 9e6},
+        {"model": "ce", "seed": 1, "test_acc": 0.22, "best_test_acc": 0.23, "best_val_acc": 0.22, "params": 9e6},
+        {"model": "kd", "seed": 0, "test_acc": 0.25, "best_test_acc": 0.26, "best_val_acc": 0.27, "params": 9e6},
+        {"model": "kd", "seed": 1, "test_acc": 0.27, "best_test_acc": 0.28, "best_val_acc": 0.30, "params": 9e6,
+         "onnx_test_acc": 0.275},
+        {"model": "pruned", "seed": 1, "test_acc": 0.20, "weight_sparsity": 0.8, "base": "kd", "params": 9e6,
+         "onnx_test_acc": 0.195},
+        {"model": "pruned_quantized", "seed": 1, "test_acc": 0.18, "weight_sparsity": 0.8, "base": "kd",
+         "params": 9e6, "onnx_test_acc": 0.18},
+    ])
+    setups = pd.DataFrame([
+        {"setup": "ce", "seeds": 2, "test_acc_mean": 0.22, "test_acc_std": 0.0141421, "ci95_low": 0.04,
+         "ci95_high": 0.40, "val_acc_mean": 0.21, "welch_p_vs_winner": 0.0572},
+        {"setup": "kd", "seeds": 2, "test_acc_mean": 0.27, "test_acc_std": 0.0141421, "ci95_low": 0.09,
+         "ci95_high": 0.45, "val_acc_mean": 0.285, "welch_p_vs_winner": float("nan")},
+    ])
+    import dataclasses
+
+    from study import make_config
+
+    config = dataclasses.asdict(make_config("smoke", seeds=2, val_size=100))
+    return RunData(run_dir=tmp_path, config=config, results=results,
+                   setups=setups, sparsify_summary={"setup": "kd", "test_acc_dense": 0.28})
+
+
+def test_setups_and_sparse_tables_of_a_seeds_run(tmp_path):
+    run = _seeds_run(tmp_path)
+    assert run.metric == "val_acc" and run.seeds == 2 and report.base_seed(run) == 1
+    setups = report.setups_table(run)
+    assert list(setups.columns) == ["setup", "seeds", "test acc mean (%)", "95 % CI (%)", "val acc mean (%)",
+                                    "Welch p vs winner"]
+    assert setups.iloc[0].tolist() == ["ce", "2", "22.0 ± 1.4", "4.0 – 40.0", "21.0", "0.0572"]
+    assert setups.iloc[1].tolist() == ["kd", "2", "27.0 ± 1.4", "9.0 – 45.0", "28.5", ""]
+    sparse = report.sparse_table(run)
+    assert list(sparse.columns) == ["model", "from", "test acc (%)", "vs dense (pp)", "ONNX test acc (%)",
+                                    "weight sparsity (%)"]
+    assert sparse.values.tolist() == [["dense kd s1 (best epoch)", "", "28.0", "", "27.5", ""],
+                                      ["pruned", "kd s1", "20.0", "-8.0", "19.5", "80.0"],
+                                      ["pruned_quantized", "kd s1", "18.0", "-10.0", "18.0", "80.0"]]
+    table = report.accuracy_table(run)
+    assert list(table["seed"]) == ["0", "0", "1", "0", "1", "1", "1"]
+    assert "val acc (best epoch)" in table and "only reported" in report.accuracy_note(table, run)
+    lines = report.findings(run)
+    assert lines[0].startswith("Winner by mean validation accuracy over 2 seeds: kd (test accuracy 27.0 %, "
+                               "95 % CI 9.0-45.0 %); ahead of ce by 5.0 percentage points of test accuracy; "
+                               "Welch's t-test p = 0.0572: not significant at the 0.05 level.")
+    assert "Sparsifying the kd student (seed 1, its best seed) (28.0 % dense, PyTorch)" in lines[1]
+    summary = report.run_summary(run)
+    assert "300 training (100 of them held out for validation) / 200 test images" in summary
+    assert "stop when validation accuracy changes" in summary and "2 seeds per setup (0..1)" in summary
+    assert "**Decision rule: val_acc on 100 training images held out of training (stratified)" in summary

@@ -13,12 +13,45 @@ import torch
 from study import StudyConfig
 from trainables.data import CIFAR10_MEAN, CIFAR10_STD, CIFAR10Tensors, load_cifar10
 
-__all__ = ["study_data", "stratified_subset", "normalize", "augment", "train_batches", "eval_batches", "num_batches"]
+__all__ = ["study_data", "stratified_subset", "stratified_split", "stratified_indices", "normalize", "augment",
+           "train_batches", "eval_batches", "num_batches"]
 
 _PAD = 4  # pixels of zero padding before the random crop
 
 
 # --------------------------------------------------------------------------- subsets
+
+
+def stratified_indices(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """Indices (int64 (n,), on ``labels``' device, shuffled) of a seeded class-balanced sample of
+    ``n`` of ``labels``: each of the K classes present gets ``n // K``, the remainder ``n % K``
+    goes one each to the lowest class ids; drawn from ``torch.Generator().manual_seed(seed)``.
+    What ``stratified_subset`` and ``stratified_split`` take. Raises ValueError as they do."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise ValueError(f"n={n!r} must be a positive int (callers handle None/0 = all)")
+    classes = torch.unique(labels.cpu(), sorted=True)
+    k, total = int(classes.numel()), int(labels.shape[0])
+    if n < k or n > total:
+        raise ValueError(f"n={n} is out of range; expected {k} (one per class) <= n <= {total} "
+                         f"(samples available)")
+    g = torch.Generator().manual_seed(int(seed))
+    labels_cpu = labels.cpu()
+    picks = []
+    for rank, c in enumerate(classes.tolist()):
+        want = n // k + (1 if rank < n % k else 0)
+        idx = torch.nonzero(labels_cpu == c).flatten()
+        if idx.numel() < want:
+            raise ValueError(f"n={n} needs {want} samples of class {c} but only {idx.numel()} "
+                             f"are available")
+        picks.append(idx[torch.randperm(idx.numel(), generator=g)[:want]])
+    chosen = torch.cat(picks)
+    return chosen[torch.randperm(chosen.numel(), generator=g)].to(labels.device)
+
+
+def _check_pair_shapes(images: torch.Tensor, labels: torch.Tensor) -> None:
+    if labels.dim() != 1 or images.shape[0] != labels.shape[0]:
+        raise ValueError(f"images {tuple(images.shape)} and labels {tuple(labels.shape)} must "
+                         f"have the same first dimension (labels 1-D)")
 
 
 def stratified_subset(images: torch.Tensor, labels: torch.Tensor, n: int,
@@ -44,29 +77,25 @@ def stratified_subset(images: torch.Tensor, labels: torch.Tensor, n: int,
         ValueError: ``n`` not an int, ``n`` < K, ``n`` > N, a class with fewer samples than
             its share, or images/labels of different lengths.
     """
-    if labels.dim() != 1 or images.shape[0] != labels.shape[0]:
-        raise ValueError(f"images {tuple(images.shape)} and labels {tuple(labels.shape)} must "
-                         f"have the same first dimension (labels 1-D)")
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
-        raise ValueError(f"n={n!r} must be a positive int (callers handle None/0 = all)")
-    classes = torch.unique(labels.cpu(), sorted=True)
-    k, total = int(classes.numel()), int(labels.shape[0])
-    if n < k or n > total:
-        raise ValueError(f"n={n} is out of range; expected {k} (one per class) <= n <= {total} "
-                         f"(samples available)")
-    g = torch.Generator().manual_seed(int(seed))
-    labels_cpu = labels.cpu()
-    picks = []
-    for rank, c in enumerate(classes.tolist()):
-        want = n // k + (1 if rank < n % k else 0)
-        idx = torch.nonzero(labels_cpu == c).flatten()
-        if idx.numel() < want:
-            raise ValueError(f"n={n} needs {want} samples of class {c} but only {idx.numel()} "
-                             f"are available")
-        picks.append(idx[torch.randperm(idx.numel(), generator=g)[:want]])
-    chosen = torch.cat(picks)
-    chosen = chosen[torch.randperm(chosen.numel(), generator=g)].to(labels.device)
+    _check_pair_shapes(images, labels)
+    chosen = stratified_indices(labels, n, seed)
     return images[chosen.to(images.device)], labels[chosen]
+
+
+def stratified_split(images: torch.Tensor, labels: torch.Tensor, n: int,
+                     seed: int) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """Hold out a seeded class-balanced sample of ``n`` samples: ``((rest_images, rest_labels),
+    (held_images, held_labels))``. The held-out part is exactly ``stratified_subset(images,
+    labels, n, seed)``; the rest keeps the input order. Same inputs and seed, same split.
+    Raises ValueError as ``stratified_subset``, and when nothing would be left (``n`` = N)."""
+    _check_pair_shapes(images, labels)
+    if not isinstance(n, bool) and isinstance(n, (int, np.integer)) and n >= labels.shape[0]:
+        raise ValueError(f"holding out n={n} of {labels.shape[0]} samples leaves none to train on")
+    held = stratified_indices(labels, n, seed)
+    keep = torch.ones(labels.shape[0], dtype=torch.bool, device=labels.device)
+    keep[held] = False
+    return ((images[keep.to(images.device)], labels[keep]),
+            (images[held.to(images.device)], labels[held]))
 
 
 # --------------------------------------------------------------------------- batch transforms
@@ -257,10 +286,13 @@ def eval_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, *,
 def study_data(config: StudyConfig) -> CIFAR10Tensors:
     """CIFAR-10 as uint8 tensors (``load_cifar10`` of ``config.data_root``), cut to the config's
     stratified subsets (``train_subset``/``test_subset``; 0 = the whole split), seeded by
-    ``config.seed``.
+    ``config.seed``; with ``val_size`` > 0, that many training images (stratified, seeded by
+    ``config.seed``) are moved out of the training set into ``val_images``/``val_labels``, the
+    same split for every trial. ``val_size`` 0 leaves the training set exactly as it was.
 
     Raises ValueError (``DataRootError`` for the data root) with a one-line message: no
-    ``--data-root``, a root that is missing or malformed, or a subset size out of range."""
+    ``--data-root``, a root that is missing or malformed, or a subset or validation size out of
+    range."""
     if config.data_root is None:
         raise ValueError("--data-root is required: a CIFAR-10 folder (image folders or "
                          "cifar-10-batches-py), or an empty folder with --download")
@@ -271,4 +303,10 @@ def study_data(config: StudyConfig) -> CIFAR10Tensors:
         train = stratified_subset(*train, config.train_subset, seed=config.seed)
     if config.test_subset:
         test = stratified_subset(*test, config.test_subset, seed=config.seed)
-    return CIFAR10Tensors(*train, *test)
+    if not config.val_size:
+        return CIFAR10Tensors(*train, *test)
+    try:
+        train, val = stratified_split(*train, config.val_size, seed=config.seed)
+    except ValueError as err:
+        raise ValueError(f"--val-size {config.val_size}: {err}") from None
+    return CIFAR10Tensors(*train, *test, *val)

@@ -67,13 +67,22 @@ class CIFAR10Tensors(NamedTuple):
 
     Fields: ``train_images`` uint8 (N_train, 3, 32, 32), RGB, values 0..255;
     ``train_labels`` int64 (N_train,), ids 0..9 (index into ``CIFAR10_CLASSES``);
-    ``test_images`` uint8 (N_test, 3, 32, 32); ``test_labels`` int64 (N_test,).
+    ``test_images`` uint8 (N_test, 3, 32, 32); ``test_labels`` int64 (N_test,);
+    ``val_images`` uint8 (N_val, 3, 32, 32) and ``val_labels`` int64 (N_val,): a validation split
+    held out of the training images (``trainables.batches.study_data`` with ``--val-size``), or
+    None (the default: no validation split; the decoded data set and its cache never have one).
     """
 
     train_images: torch.Tensor
     train_labels: torch.Tensor
     test_images: torch.Tensor
     test_labels: torch.Tensor
+    val_images: torch.Tensor | None = None
+    val_labels: torch.Tensor | None = None
+
+
+#: The fields of the decoded data set (and of its cache); the validation split is cut later.
+_SPLIT_FIELDS = CIFAR10Tensors._fields[:4]
 
 
 class DataRootError(ValueError):
@@ -325,7 +334,7 @@ def _read_cache(root: Path, kind: str, fingerprint: list) -> CIFAR10Tensors | No
             if (obj.get("format") != _CACHE_FORMAT or obj.get("source") != kind
                     or obj.get("fingerprint") != fingerprint):
                 continue
-            data = CIFAR10Tensors(*(obj[k] for k in CIFAR10Tensors._fields))
+            data = CIFAR10Tensors(*(obj[k] for k in _SPLIT_FIELDS))
         except Exception:  # unreadable / truncated / foreign file: rebuild
             continue
         if _valid(data):
@@ -335,7 +344,7 @@ def _read_cache(root: Path, kind: str, fingerprint: list) -> CIFAR10Tensors | No
 
 def _write_cache(root: Path, kind: str, fingerprint: list, data: CIFAR10Tensors) -> None:
     obj = {"format": _CACHE_FORMAT, "source": kind, "fingerprint": fingerprint,
-           **{k: v.contiguous() for k, v in data._asdict().items()}}
+           **{k: getattr(data, k).contiguous() for k in _SPLIT_FIELDS}}
     errors = []
     for path in _cache_paths(root):
         try:

@@ -156,7 +156,8 @@ def _fit(config: dict, data: CIFAR10Tensors, model: torch.nn.Module, role: str,
     ``epoch_seconds`` and ``train_images_per_sec``, each epoch reports ``warmup_seconds``: in
     the first epoch this process runs, the time the first step took beyond the mean of the
     epoch's other steps (compilation, cuDNN autotuning, allocator growth; measured with one
-    device sync after that step), 0.0 on later epochs.
+    device sync after that step), 0.0 on later epochs; and ``val_acc`` (0..1) too when
+    ``data`` holds a validation split (``--val-size``).
     """
     batch_size = int(config["batch_size"])
     if device.type == "cuda":
@@ -209,6 +210,8 @@ def _fit(config: dict, data: CIFAR10Tensors, model: torch.nn.Module, role: str,
         test_acc = evaluate(model, test_images, test_labels, batch_size, device)
         history.append(test_acc)
         metrics = {name: total / seen for name, total in zip(names, totals.tolist())}
+        if data.val_images is not None:  # --val-size: what the stopper and "best" choices read
+            metrics["val_acc"] = evaluate(model, data.val_images, data.val_labels, batch_size, device)
         metrics.update(
             epoch=epoch + 1,
             test_acc=test_acc,
@@ -233,8 +236,9 @@ def train_teacher(config: dict, data: CIFAR10Tensors) -> None:
     """Tune trainable: fine-tune ``build_teacher(arch, stem=..., weights=teacher_weights)``.
 
     All weights are trained with cross-entropy, through ``torch.compile`` when ``use_compile``.
-    Reports per epoch: ``test_acc`` (0..1), ``train_loss``, ``loss_ce``, ``epoch_seconds`` (s),
-    ``train_images_per_sec`` (images/s), ``warmup_seconds`` (s; see ``_fit``).
+    Reports per epoch: ``test_acc`` (0..1), ``val_acc`` (0..1, with ``--val-size``),
+    ``train_loss``, ``loss_ce``, ``epoch_seconds`` (s), ``train_images_per_sec`` (images/s),
+    ``warmup_seconds`` (s; see ``_fit``).
     """
     device = pick_device()
     setup_torch(config, device)
@@ -293,8 +297,9 @@ def train_student(config: dict, data: CIFAR10Tensors, teacher: dict) -> None:
     trial, in eval mode, with gradients off; its forward runs under ``torch.no_grad()``.
     Setups: ``ce`` (cross-entropy), ``kd`` (+ soft cross-entropy at ``temperature``),
     ``kd_feat`` (+ MSE on layer1/layer2/layer4 feature maps); see ``trainables.losses``.
-    Both models go through ``torch.compile`` when ``use_compile``. Reports ``test_acc``,
-    ``train_loss``, one ``loss_<term>`` per summand and ``warmup_seconds`` each epoch.
+    Both models go through ``torch.compile`` when ``use_compile``. Reports ``test_acc`` (and
+    ``val_acc`` with ``--val-size``), ``train_loss``, one ``loss_<term>`` per summand and
+    ``warmup_seconds`` each epoch.
     """
     device = pick_device()
     setup_torch(config, device)

@@ -11,14 +11,14 @@ import math
 import os
 from pathlib import Path
 
-from study import StudyConfig, StudyError
+from study import StudyConfig, StudyError, selection_metric
 
 
 def trial_resources(config: StudyConfig, role: str) -> dict:
     """Ray resources of one trial, ``{"cpu": float, "gpu": float}``: the teacher takes the whole
     machine (or ``cpus_per_trial`` x #setups) and one GPU when there is one; a student takes
     ``cpus_per_trial`` (default: an equal share of the CPUs) and ``gpus_per_trial`` (default:
-    1/#setups of a GPU when there is one)."""
+    1/#student trials of a GPU when there is one). #student trials = #setups x ``seeds``."""
     import ray
 
     total_cpus = ray.cluster_resources().get("CPU", 1.0)
@@ -27,6 +27,7 @@ def trial_resources(config: StudyConfig, role: str) -> dict:
     if role == "teacher":
         cpus = config.cpus_per_trial * n if config.cpus_per_trial else total_cpus
         return {"cpu": cpus, "gpu": 1.0 if has_gpu else 0.0}
+    n *= config.seeds  # student trials at once: one per (setup, seed)
     cpus = config.cpus_per_trial or total_cpus / n
     gpus = config.gpus_per_trial if config.gpus_per_trial is not None else (1.0 / n if has_gpu else 0.0)
     return {"cpu": cpus, "gpu": gpus}
@@ -46,19 +47,40 @@ def trial_config(config: StudyConfig, role: str, resources: dict) -> dict:
     }
 
 
+def trial_seeds(config: StudyConfig) -> list[int]:
+    """The seeds each student setup trains with: ``config.seed + i`` for i in 0..seeds-1, so
+    ``--seeds 1`` is the single-seed run (seed ``config.seed``)."""
+    return [config.seed + i for i in range(config.seeds)]
+
+
+def student_space(config: StudyConfig, resources: dict) -> dict:
+    """The students' ``param_space``: ``trial_config`` with a grid over setup x seed (two
+    ``tune.grid_search`` keys, one trial per (setup, seed) pair)."""
+    from ray import tune
+
+    space = trial_config(config, "student", resources)
+    space["setup"] = tune.grid_search(list(config.setups))
+    space["seed"] = tune.grid_search(trial_seeds(config))
+    return space
+
+
 def run_tuner(config: StudyConfig, name: str, trainable, param_space: dict, resources: dict,
               max_epochs: int):
     """One Tune experiment under ``<output-dir>/<name>``; returns its ResultGrid.
 
-    Stopping by AccuracyPlateauStopper, a checkpoint every epoch (the best two by test_acc and
-    the latest are kept), failed trials retried from their last checkpoint (twice at most).
+    Stopping by AccuracyPlateauStopper on the selection metric (``study.selection_metric``:
+    ``val_acc`` with ``--val-size``, else ``test_acc``), a checkpoint every epoch (the best two by
+    that metric and the latest are kept), failed trials retried from their last checkpoint (twice
+    at most); up to #setups x #seeds trials run at once.
 
-    Raises StudyError when any trial ended in an error (the first error's first line).
+    Raises StudyError when any trial ended in an error (the first error's first line), or when
+    the machine ran out of memory (each of #setups x #seeds trials holds its own model copies).
     """
     from ray import tune
 
     from trainables.stopper import AccuracyPlateauStopper
 
+    metric = selection_metric(config)
     storage = str(Path(config.output_dir).resolve())
     path = os.path.join(storage, name)
     wrapped = tune.with_resources(trainable, resources)
@@ -71,20 +93,27 @@ def run_tuner(config: StudyConfig, name: str, trainable, param_space: dict, reso
         tuner = tune.Tuner(
             wrapped,
             param_space=param_space,
-            tune_config=tune.TuneConfig(max_concurrent_trials=len(config.setups)),
+            tune_config=tune.TuneConfig(max_concurrent_trials=len(config.setups) * config.seeds),
             run_config=tune.RunConfig(
                 name=name,
                 storage_path=storage,
-                stop=AccuracyPlateauStopper(metric="test_acc", tolerance=config.tolerance,
+                stop=AccuracyPlateauStopper(metric=metric, tolerance=config.tolerance,
                                             patience=config.patience, max_epochs=max_epochs),
                 checkpoint_config=tune.CheckpointConfig(
-                    num_to_keep=2, checkpoint_score_attribute="test_acc",
+                    num_to_keep=2, checkpoint_score_attribute=metric,
                     checkpoint_score_order="max"),
                 failure_config=tune.FailureConfig(max_failures=2),
                 verbose=1,
             ),
         )
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    except RuntimeError as err:  # Tune gives up when Ray's memory monitor kills a trial starting up
+        if "running low on memory" not in str(err):
+            raise
+        raise StudyError(f"the machine ran out of memory during the {name} stage (Ray killed a trial); run the "
+                         "same command again to resume it, with a larger --cpus-per-trial to run fewer trials "
+                         "at once") from None
     errors = [str(r.error).splitlines()[0] for r in grid if r.error]
     if errors:
         raise StudyError(f"{len(errors)} {name} trial(s) failed; first error: {errors[0]}")
