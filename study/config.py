@@ -9,6 +9,7 @@ always wins over the preset's, whatever it is (``none``, ``0`` and ``false`` inc
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -71,10 +72,11 @@ class StudyConfig:
 
     preset: str = option("full", "preset the other defaults come from: full, cpu or smoke", str)
     data_root: str | None = option(
-        None, "CIFAR-10 root: image folders train/<class>/, test/<class>/, or cifar-10-batches-py",
+        "data", "CIFAR-10 root: image folders train/<class>/, test/<class>/, or cifar-10-batches-py; "
+        "when not given, --download is on (CIFAR-10 is fetched into data/ if it holds no copy)",
         optional_str)
-    download: bool = option(False, "download CIFAR-10 with torchvision into --data-root when it is not there",
-                            bool)
+    download: bool = option(False, "download CIFAR-10 with torchvision into --data-root when it holds no "
+                            "copy (default: on when --data-root is not given)", bool)
     output_dir: str = option("runs/full", "run directory: every output of the study goes here", str)
     arch: str = option("resnet101", "torchvision ResNet of the teacher; the students are the same network "
                        "with layer3 cut to its first block (resnet18, resnet34, resnet50, resnet101, resnet152)",
@@ -113,6 +115,8 @@ class StudyConfig:
     bench_seconds: float = option(10.0, "seconds each benchmark is timed", float)
     stop_after: str = option("bench", f"last stage to run: {', '.join(STAGES)}", str)
     report: bool = option(False, "execute report.ipynb and render it to HTML/PDF at the end", bool)
+    verbose: bool = option(False, "print everything the libraries print (Tune's tables, export warnings, "
+                           "SparseML/DeepSparse logs); default: one line per epoch and the tables", bool)
 
 
 PRESETS: dict[str, dict] = {
@@ -132,7 +136,7 @@ PRESETS: dict[str, dict] = {
 #: Fields that change where and how a run executes, not what it computes: a resumed run may
 #: differ in them (the data root may move; the data it holds is checked when loaded).
 RUNTIME_FIELDS = ("data_root", "download", "output_dir", "dashboard", "address", "report", "stop_after",
-                  "cpus_per_trial", "gpus_per_trial")
+                  "cpus_per_trial", "gpus_per_trial", "verbose")
 
 
 def make_config(preset: str, **overrides) -> StudyConfig:
@@ -184,3 +188,33 @@ def validate(config: StudyConfig) -> None:
         raise StudyError(f"--stop-after {config.stop_after!r} unknown; allowed: {', '.join(STAGES)}")
     if any(b < 1 for b in config.bench_batch_sizes):
         raise StudyError(f"--bench-batch-sizes {config.bench_batch_sizes} must all be >= 1")
+
+
+def config_json(config: StudyConfig) -> str:
+    """``config`` as the text of a run's ``config.json`` (JSON object, one key per field; tuples
+    become lists, None null)."""
+    return json.dumps(dataclasses.asdict(config), indent=2)
+
+
+def check_output_dir(config: StudyConfig, overwrite: bool) -> bool:
+    """Refuse an --output-dir whose ``config.json`` differs from ``config`` (outside
+    RUNTIME_FIELDS) unless ``overwrite``: StudyError naming up to three differing fields.
+    Returns True when an earlier run there is to be replaced (``RunLayout.remove_outputs``, once
+    every other check has passed)."""
+    from study.layout import RunLayout
+
+    out = Path(config.output_dir)
+    saved = RunLayout(out).config
+    if not saved.exists():
+        return False
+    try:
+        previous = json.loads(saved.read_text())
+    except (OSError, ValueError) as err:
+        raise StudyError(f"{saved} is unreadable ({err}); pass --overwrite to start a new run there") from None
+    current = json.loads(config_json(config))
+    changed = [k for k in current if k not in RUNTIME_FIELDS and previous.get(k) != current[k]]
+    if changed and not overwrite:
+        diff = "; ".join(f"{k}: {previous.get(k)!r} -> {current[k]!r}" for k in changed[:3])
+        raise StudyError(f"--output-dir {out} holds a run made with a different config ({diff}); "
+                         "pass --overwrite to replace it, or choose another --output-dir")
+    return bool(changed)

@@ -48,13 +48,18 @@ def run_tuner(config: StudyConfig, name: str, trainable, param_space: dict, reso
               max_epochs: int):
     """One Tune experiment under ``<output-dir>/<name>``; returns its ResultGrid.
 
-    Stopping by AccuracyPlateauStopper, a checkpoint every epoch (the best two by test_acc and
-    the latest are kept), failed trials retried from their last checkpoint (twice at most).
+    Stopping by AccuracyPlateauStopper, a checkpoint every epoch (the best by test_acc and the
+    latest are kept: selection and resume need no more), failed trials retried from their last
+    checkpoint (twice at most). One line per epoch per trial (``EpochLines``); Tune's own tables
+    only with ``--verbose``. Once every trial has finished, the optimizer state is dropped from
+    the checkpoints (``drop_optimizer_state``).
 
     Raises StudyError when any trial ended in an error (the first error's first line).
     """
     from ray import tune
 
+    from study.noise import verbose
+    from trainables.progress import EpochLines
     from trainables.stopper import AccuracyPlateauStopper
 
     storage = str(Path(config.output_dir).resolve())
@@ -75,15 +80,31 @@ def run_tuner(config: StudyConfig, name: str, trainable, param_space: dict, reso
                 storage_path=storage,
                 stop=AccuracyPlateauStopper(metric="test_acc", tolerance=config.tolerance,
                                             patience=config.patience, max_epochs=max_epochs),
-                checkpoint_config=tune.CheckpointConfig(
-                    num_to_keep=2, checkpoint_score_attribute="test_acc",
+                checkpoint_config=tune.CheckpointConfig(  # Tune always keeps the latest as well
+                    num_to_keep=1, checkpoint_score_attribute="test_acc",
                     checkpoint_score_order="max"),
                 failure_config=tune.FailureConfig(max_failures=2),
-                verbose=1,
+                callbacks=[EpochLines(name)],
+                verbose=1 if verbose() else 0,
             ),
         )
     grid = tuner.fit()
     errors = [str(r.error).splitlines()[0] for r in grid if r.error]
     if errors:
         raise StudyError(f"{len(errors)} {name} trial(s) failed; first error: {errors[0]}")
+    drop_optimizer_state(Path(path))
     return grid
+
+
+def drop_optimizer_state(experiment: Path) -> int:
+    """Delete the resume-only file (``trainables.train.STATE_FILE``: Adam state, epoch, history;
+    twice the size of the weights) from every checkpoint of a finished Tune experiment; the
+    weights (``model.pt``), which selection and the later stages read, stay. Returns the bytes
+    freed. Only for an experiment whose trials have all finished: no trial resumes any more."""
+    from trainables.train import STATE_FILE
+
+    freed = 0
+    for state in Path(experiment).glob(f"*/checkpoint_*/{STATE_FILE}"):
+        freed += state.stat().st_size
+        state.unlink()
+    return freed
