@@ -72,11 +72,11 @@ class StudyConfig:
 
     preset: str = option("full", "preset the other defaults come from: full, cpu or smoke", str)
     data_root: str | None = option(
-        "data", "CIFAR-10 root: image folders train/<class>/, test/<class>/, or cifar-10-batches-py; "
-        "when not given, --download is on (CIFAR-10 is fetched into data/ if it holds no copy)",
+        "data", "CIFAR-10 root: image folders train/<class>/, test/<class>/, or cifar-10-batches-py/ "
+        "(when not given, --download is on: CIFAR-10 is fetched into data/ if it holds no copy)",
         optional_str)
-    download: bool = option(False, "download CIFAR-10 with torchvision into --data-root when it holds no "
-                            "copy (default: on when --data-root is not given)", bool)
+    download: bool = option(False, "fetch CIFAR-10 with torchvision into --data-root when it holds no copy; "
+                            "on by itself when --data-root is not given", bool)
     output_dir: str = option("runs/full", "run directory: every output of the study goes here", str)
     arch: str = option("resnet101", "torchvision ResNet of the teacher; the students are the same network "
                        "with layer3 cut to its first block (resnet18, resnet34, resnet50, resnet101, resnet152)",
@@ -93,8 +93,10 @@ class StudyConfig:
     teacher_lr: float = option(1e-4, "Adam learning rate of the teacher", float)
     temperature: float = option(4.0, "softmax temperature T of the soft targets (soft CE is scaled by T^2)",
                                 float)
-    tolerance: float = option(0.01, "stop rule: |acc_e - acc_(e-1)| < tolerance (accuracy 0..1) ...", float)
-    patience: int = option(2, "... for this many epochs in a row", int)
+    tolerance: float = option(0.01, "stop rule: a trial stops once its test accuracy (0..1) has changed by "
+                              "less than this from one epoch to the next, --patience times in a row", float)
+    patience: int = option(2, "stop rule: how many epochs in a row the test accuracy must change by less "
+                           "than --tolerance", int)
     max_epochs: int = option(50, "safety bound on student epochs", int)
     teacher_max_epochs: int = option(30, "safety bound on teacher epochs", int)
     setups: tuple[str, ...] = option(SETUPS, "comma-separated student setups", csv_of(str))
@@ -106,7 +108,8 @@ class StudyConfig:
                                  optional_str)
     seed: int = option(0, "random seed of the subsets, the weight init and the augmentation stream", int)
     dashboard: bool = option(True, "start the Ray dashboard", bool)
-    recipe: str = option(str(PROJECT_DIR / "recipes" / "prune_quantize.yaml"), "SparseML recipe YAML", str)
+    recipe: str = option(str(PROJECT_DIR / "recipes" / "prune_quantize.yaml"),
+                         "SparseML recipe YAML of the sparsify stage (pruning, fine-tuning and QAT schedule)", str)
     recipe_epochs: float = option(55.0, "num_epochs of the recipe (its phases scale with it)", float)
     bench_cores: int | None = option(
         None, "cores of the CPU-only benchmark actor ('none': all of this machine's)", optional_number(int))
@@ -115,8 +118,9 @@ class StudyConfig:
     bench_seconds: float = option(10.0, "seconds each benchmark is timed", float)
     stop_after: str = option("bench", f"last stage to run: {', '.join(STAGES)}", str)
     report: bool = option(False, "execute report.ipynb and render it to HTML/PDF at the end", bool)
-    verbose: bool = option(False, "print everything the libraries print (Tune's tables, export warnings, "
-                           "SparseML/DeepSparse logs); default: one line per epoch and the tables", bool)
+    verbose: bool = option(False, "print everything the libraries print (Tune's status tables, export "
+                           "warnings, SparseML and DeepSparse logs), not just one line per epoch and the "
+                           "tables", bool)
 
 
 PRESETS: dict[str, dict] = {
@@ -166,7 +170,7 @@ def validate(config: StudyConfig) -> None:
     low, high = TASK_BATCH_RANGE
     if not low <= config.batch_size <= high:
         raise StudyError(f"--batch-size {config.batch_size} is outside the allowed range {low}..{high}")
-    for name in ("lr", "teacher_lr", "temperature", "tolerance", "bench_seconds"):
+    for name in ("lr", "teacher_lr", "temperature", "tolerance", "bench_seconds", "bench_warmup_seconds"):
         if not getattr(config, name) > 0:
             raise StudyError(f"{_flag(name)} {getattr(config, name)} must be > 0")
     for name in ("max_epochs", "teacher_max_epochs", "patience"):

@@ -50,4 +50,13 @@ def set_verbose(on: bool) -> None:
     """Record ``--verbose`` for this process and the Ray workers it starts later, and apply it
     to this process's loggers."""
     os.environ[VERBOSE_ENV] = "1" if on else "0"
+    if not on:
+        # Ray Tune's new console output (the 2.x default) prints an experiment table, the result
+        # folder and a TensorBoard hint into Ray's temp dir even at verbose=0; its legacy output,
+        # chosen by this documented variable, prints nothing at verbose=0 (read in the driver).
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+        # Tune snapshots its experiment state after every checkpoint when CheckpointConfig
+        # (num_to_keep=1) may delete one, and warns (3 lines) when snapshots come less than 5 s
+        # apart, as they do with three trials; a snapshot is a few small local JSON files.
+        os.environ["TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S"] = "0"
     quiet_loggers()
