@@ -167,18 +167,19 @@ def test_the_run_prints_one_line_per_epoch_and_no_known_noise(smoke_run):
                   "snapshotting", "Started a local Ray instance"):
         assert noise not in log, noise
     grid = tune.ExperimentAnalysis(str(smoke_run / "students"))
-    for trial, frame in grid.trial_dataframes.items():
-        setup = json.loads((Path(trial) / "params.json").read_text())["setup"]
-        lines = re.findall(rf"^\[students {setup}\] epoch (\d+): test_acc", log, re.M)
-        assert lines == [str(e) for e in frame["epoch"]], setup
+    for trial in grid.trials:
+        lines = re.findall(rf"\[students {trial.config['setup']}\] epoch (\d+): test_acc", log)
+        assert lines == [str(e) for e in grid.trial_dataframes[trial.trial_id]["epoch"]], trial.config
     assert len(re.findall(r"recipe epoch \d/2: loss", log)) == 2
     assert len(log.splitlines()) < 80
 
 
 def test_finished_experiments_keep_only_the_weights_of_the_best_and_latest_epoch(smoke_run):
     for experiment in ("teacher", "students"):
-        for trial, frame in tune.ExperimentAnalysis(str(smoke_run / experiment)).trial_dataframes.items():
-            kept = sorted(Path(trial).glob("checkpoint_*"))
+        analysis = tune.ExperimentAnalysis(str(smoke_run / experiment))
+        for trial in analysis.trials:
+            frame = analysis.trial_dataframes[trial.trial_id]
+            kept = sorted(Path(trial.path).glob("checkpoint_*"))
             assert all(sorted(p.name for p in c.iterdir()) == ["model.pt"] for c in kept), kept
             epochs = [int(c.name.split("_")[1]) + 1 for c in kept]
             assert len(frame) in epochs  # the latest
