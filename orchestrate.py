@@ -24,9 +24,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-from study import (PRESETS, RUNTIME_FIELDS, RunLayout, StudyConfig, StudyError, decision_rule, make_config,
-                   selection_metric)
-from study.config import PROJECT_DIR
+from study import PRESETS, RunLayout, StudyConfig, StudyError, decision_rule, make_config, selection_metric
+from study.config import PROJECT_DIR, check_output_dir, config_json
+from study.noise import VERBOSE_ENV, set_verbose, verbose
 from study.requirements import check_packages, check_python, required_packages, sparsify_stages
 
 
@@ -72,10 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(argv: list[str] | None = None) -> tuple[StudyConfig, argparse.Namespace]:
     """Parse ``argv`` into a validated StudyConfig (StudyError on bad values): the preset's
-    values, then every option given on the command line."""
+    values, then every option given on the command line. Without ``--data-root`` the data root is
+    ``data`` and ``--download`` is on (unless ``--no-download``): the bare ``python orchestrate.py``
+    fetches CIFAR-10 there when it holds no copy; a given ``--data-root`` is only read."""
     args = build_parser().parse_args(argv)
     fields = {f.name for f in dataclasses.fields(StudyConfig)} - {"preset"}
     overrides = {name: value for name, value in vars(args).items() if name in fields}
+    if "data_root" not in overrides:
+        overrides.setdefault("download", True)
     return make_config(getattr(args, "preset", "full"), **overrides), args
 
 
@@ -124,14 +128,19 @@ def start_ray(config: StudyConfig):
     """``ray.init`` (local, or ``--address``); prints the dashboard URL."""
     import ray
 
+    import logging
+
     runtime_env = None
-    if config.address:  # a remote cluster: ship this project to its nodes
-        runtime_env = {"working_dir": str(PROJECT_DIR), "excludes": ["runs/", ".git/", "*.onnx", "*.pt"]}
+    if config.address:  # a remote cluster: ship this project (and --verbose) to its nodes
+        runtime_env = {"working_dir": str(PROJECT_DIR), "excludes": ["runs/", ".git/", "*.onnx", "*.pt"],
+                       "env_vars": {VERBOSE_ENV: "1" if verbose() else "0"}}
     check_address(config.address)
     try:
         # "local": always a new local Ray, never a cluster that `ray start` left on this machine.
+        # Unless --verbose, the driver's "ray" logger shows warnings only (no "Started a local Ray").
         context = ray.init(address=config.address or "local", include_dashboard=config.dashboard,
-                           dashboard_host="127.0.0.1", runtime_env=runtime_env)
+                           dashboard_host="127.0.0.1", runtime_env=runtime_env,
+                           logging_level=logging.INFO if verbose() else logging.WARNING)
     except (ConnectionError, ValueError, RuntimeError) as err:
         raise StudyError(f"cannot reach Ray cluster at --address {config.address!r}: "
                          f"{str(err).splitlines()[0]}") from None
@@ -197,8 +206,13 @@ def stage_sparsify(config: StudyConfig, data, best) -> dict:
 
     layout = RunLayout(config.output_dir)
     if layout.sparsify_summary.exists() and all(layout.onnx(name).exists() for name in ONNX_MODELS):
+        summary = json.loads(layout.sparsify_summary.read_text())
+        try:
+            layout.check_onnx(summary)  # the exported models are still the files it recorded
+        except ValueError as err:
+            raise StudyError(str(err)) from None
         print(f"[sparsify] {layout.sparsify_summary} exists: skipping the sparsify stage", flush=True)
-        return json.loads(layout.sparsify_summary.read_text())
+        return summary
     metric = selection_metric(config)
     checkpoint, metrics = best_checkpoint(best, metric)
     print(f"[sparsify] best trial: {best.path.rsplit('/', 1)[-1]} (setup {best.config['setup']}, seed "
@@ -218,9 +232,10 @@ def stage_sparsify(config: StudyConfig, data, best) -> dict:
         raise
 
 
-def stage_bench(config: StudyConfig, data, onnx_paths: dict) -> tuple:
+def stage_bench(config: StudyConfig, data, summary: dict) -> tuple:
     """Stage 4: ``bench.benchmark.run_benchmarks`` on every exported model, unless
-    ``benchmark.csv`` and ``onnx_accuracy.json`` exist. Returns (benchmark table,
+    ``benchmark.csv`` and ``onnx_accuracy.json`` exist; the models' sha256 (``summary``, the
+    sparsify stage's) are checked before and after. Returns (benchmark table,
     {model: onnx_test_acc})."""
     import pandas as pd
     import ray
@@ -233,11 +248,16 @@ def stage_bench(config: StudyConfig, data, onnx_paths: dict) -> tuple:
     if layout.benchmark.exists() and layout.onnx_accuracy.exists():
         print(f"[bench] {layout.benchmark} exists: skipping the benchmark stage", flush=True)
         return pd.read_csv(layout.benchmark), json.loads(layout.onnx_accuracy.read_text())
-    table, accuracies = run_benchmarks(
-        onnx_paths, normalize(data.test_images).numpy(), data.test_labels.numpy(),
-        num_cores=config.bench_cores or int(ray.cluster_resources().get("CPU", 1)),
-        batch_sizes=config.bench_batch_sizes, warmup_s=config.bench_warmup_seconds,
-        duration_s=config.bench_seconds)
+    try:
+        layout.check_onnx(summary)
+        table, accuracies = run_benchmarks(
+            {name: layout.onnx(name) for name in summary["sha256"]}, normalize(data.test_images).numpy(),
+            data.test_labels.numpy(), num_cores=config.bench_cores or int(ray.cluster_resources().get("CPU", 1)),
+            batch_sizes=config.bench_batch_sizes, warmup_s=config.bench_warmup_seconds,
+            duration_s=config.bench_seconds)
+        layout.check_onnx(summary)  # measuring changed nothing
+    except ValueError as err:
+        raise StudyError(str(err)) from None
     atomic_write_text(layout.onnx_accuracy, json.dumps(accuracies, indent=2))
     atomic_write_text(layout.benchmark, table.to_csv(index=False))
     return table, accuracies
@@ -257,40 +277,6 @@ def stage_report(config: StudyConfig) -> int:
     return 0
 
 
-def check_output_dir(config: StudyConfig, overwrite: bool) -> bool:
-    """Refuse an --output-dir whose ``config.json`` differs from ``config`` (outside
-    RUNTIME_FIELDS) unless ``overwrite``. Returns True when an earlier run there is to be replaced
-    (``remove_run_outputs``, once every other check has passed)."""
-    out = Path(config.output_dir)
-    saved = RunLayout(out).config
-    if not saved.exists():
-        return False
-    try:
-        previous = json.loads(saved.read_text())
-    except (OSError, ValueError) as err:
-        raise StudyError(f"{saved} is unreadable ({err}); pass --overwrite to start a new run there") from None
-    current = json.loads(json.dumps(dataclasses.asdict(config)))
-    defaults = json.loads(json.dumps(dataclasses.asdict(StudyConfig())))  # fields newer than the saved run
-    changed = [k for k in current if k not in RUNTIME_FIELDS and previous.get(k, defaults[k]) != current[k]]
-    if changed and not overwrite:
-        diff = "; ".join(f"{k}: {previous.get(k)!r} -> {current[k]!r}" for k in changed[:3])
-        raise StudyError(f"--output-dir {out} holds a run made with a different config ({diff}); "
-                         "pass --overwrite to replace it, or choose another --output-dir")
-    return bool(changed)
-
-
-def remove_run_outputs(out: Path) -> None:
-    """Delete what an earlier run wrote into ``out`` (``RunLayout.outputs``); other files are kept."""
-    import shutil
-
-    print(f"--overwrite: removing the earlier run in {out}", flush=True)
-    for target in RunLayout(out).outputs():
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
-
-
 def check_inputs(config: StudyConfig, teacher_stage: bool) -> None:
     """Everything that can fail after hours of training, checked before any: the recipe (when the
     sparsify stage will run) and the teacher's initial weights (when the teacher stage will run:
@@ -303,10 +289,13 @@ def check_inputs(config: StudyConfig, teacher_stage: bool) -> None:
         except ValueError as err:
             raise StudyError(str(err)) from None
     if config.teacher_weights is not None and teacher_stage:
-        from models import build_teacher
+        from models import WeightsUnavailableError, build_teacher
 
         try:
             build_teacher(config.arch, stem=config.stem, weights=config.teacher_weights)
+        except WeightsUnavailableError as err:  # offline, or a broken download in the hub cache
+            raise StudyError(f"--teacher-weights {config.teacher_weights}: {err.detail}; pass --teacher-weights "
+                             "none (random init) or --teacher-weights PATH (a teacher.pt of this project)") from None
         except (ValueError, RuntimeError) as err:
             raise StudyError(f"--teacher-weights {config.teacher_weights}: {err}") from None
 
@@ -315,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the study; returns the process exit code (0 ok, 2 bad input or machine)."""
     try:
         config, args = config_from_args(argv)
+        set_verbose(config.verbose)  # before Ray starts: its workers inherit the choice
         sparsify = sparsify_stages(config.stop_after) and not args.report_only
         check_python(sparsify=sparsify)  # SparseML/DeepSparse only where those stages run
         check_packages(required_packages(config.stop_after if sparsify else "students"))
@@ -348,11 +338,10 @@ def run_study(config: StudyConfig, args: argparse.Namespace) -> int:
     check_inputs(config, teacher_stage=replace or not layout.teacher.exists())
     start_ray(config)
     if replace:
-        remove_run_outputs(out)
+        print(f"--overwrite: removing the earlier run in {out}", flush=True)
+        layout.remove_outputs()
     out.mkdir(parents=True, exist_ok=True)
-    saved = {**dataclasses.asdict(config), "selection_metric": selection_metric(config),
-             "decision_rule": decision_rule(config)}  # the two derived keys say which rule was used
-    atomic_write_text(layout.config, json.dumps(saved, indent=2))
+    atomic_write_text(layout.config, config_json(config))
     val = f" / {len(data.val_labels)} validation" if data.val_labels is not None else ""
     print(f"data: {len(data.train_labels)} training{val} / {len(data.test_labels)} test images; "
           f"{decision_rule(config)}; output: {out.resolve()}", flush=True)
@@ -369,7 +358,7 @@ def run_study(config: StudyConfig, args: argparse.Namespace) -> int:
         summary = stage_sparsify(config, data, best)
         rows += sparsified_rows(summary, rows, seed=best.config["seed"])
         if config.stop_after == "bench":
-            bench, accuracies = stage_bench(config, data, summary["onnx"])
+            bench, accuracies = stage_bench(config, data, summary)
             for row in rows:  # the exported models' own accuracy, run in DeepSparse
                 parent = (row["model"], row["seed"]) == (summary["setup"], best.config["seed"])
                 row["onnx_test_acc"] = accuracies.get("dense" if parent else row["model"])
@@ -377,9 +366,12 @@ def run_study(config: StudyConfig, args: argparse.Namespace) -> int:
     atomic_write_text(layout.results, table.to_csv(index=False))
     print(summary_text(config, table, setups))
     if bench is not None:
-        print("\nThroughput (items/s) and latency (ms):\n" + bench.to_markdown(index=False, floatfmt=".2f"))
-        print(f"CPU: {bench['isa'].iloc[0]}, VNNI {bench['vnni'].iloc[0]}")
-        for batch in config.bench_batch_sizes:
+        failed = bench["items_per_sec"].isna()  # rows of failed benchmarks (status "error")
+        print("\nThroughput (items/s) and latency (ms):\n" + (bench if failed.any() else bench.drop(
+            columns=["status", "error"], errors="ignore")).to_markdown(index=False, floatfmt=".2f"))
+        if not failed.all():
+            print(f"CPU: {bench[~failed]['isa'].iloc[0]}, VNNI {bench[~failed]['vnni'].iloc[0]}")
+        for batch in sorted(set(bench[~failed]["batch_size"])):
             print(fastest_model(bench, batch))
     if config.report:
         return stage_report(config)

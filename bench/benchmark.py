@@ -13,12 +13,21 @@ percentiles in milliseconds (``benchmark_result["mean"]``, ``["median"]``, ``["9
 The core count is always set explicitly: the DeepSparse engine is compiled with
 ``num_cores`` and the Ray actor reserves the same number of CPUs
 (:func:`make_cpu_benchmark_actor`), so results are comparable between models.
+
+Every engine here reads a private copy of the model (:func:`private_copy`), never the exported
+file: DeepSparse 1.7's ``ORTEngine`` rewrites the file's input batch size **in place**
+(``deepsparse.utils.onnx.override_onnx_batch_size(path, batch_size)`` with its default
+``inplace=True``, called unconditionally in ``ORTEngine.__init__``), and ``benchmark_model`` offers
+no switch to turn that off. Measuring must not change the deliverable.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Dict, Optional, Union
+import shutil
+import tempfile
+from typing import Any, Dict, Iterator, Optional, Union
 
 import numpy as np
 
@@ -60,6 +69,17 @@ def cpu_isa() -> Dict[str, Any]:
         "num_cores": int(arch.num_available_physical_cores),
         "vendor_model": str(getattr(arch, "vendor_model", "")),
     }
+
+
+@contextlib.contextmanager
+def private_copy(path: Union[str, os.PathLike]) -> Iterator[str]:
+    """Yield the path of a copy of the ONNX file ``path`` in a new temporary folder, removed
+    afterwards: engines that rewrite their model file (see the module docstring) rewrite the copy.
+    Raises OSError when ``path`` cannot be read."""
+    with tempfile.TemporaryDirectory(prefix="bench-") as folder:
+        copy = os.path.join(folder, os.path.basename(os.fspath(path)))
+        shutil.copyfile(path, copy)
+        yield copy
 
 
 def _to_numpy_f32(images: Any) -> np.ndarray:
@@ -110,10 +130,17 @@ def onnx_accuracy(
     if len(x) != len(y) or len(x) == 0:
         raise ValueError(f"need as many labels as images (> 0), got {len(x)} images and {len(y)} labels")
 
+    with private_copy(path) as copy:
+        return _accuracy(copy, x, y, int(batch_size), engine, num_cores)
+
+
+def _accuracy(path: str, x: np.ndarray, y: np.ndarray, batch_size: int, engine: str,
+              num_cores: Optional[int]) -> float:
+    """The loop of :func:`onnx_accuracy` on checked inputs (``path`` may be rewritten)."""
     if engine == "deepsparse":
         from deepsparse import Engine
 
-        eng = Engine(model=path, batch_size=int(batch_size), num_cores=num_cores)
+        eng = Engine(model=path, batch_size=batch_size, num_cores=num_cores)
 
         def run(batch: np.ndarray) -> np.ndarray:
             return eng.run([batch])[0]
@@ -185,7 +212,8 @@ class CPUBenchmark:
         """Benchmark one model at one batch size with ``deepsparse.benchmark``.
 
         Args:
-            model_path: ``.onnx`` file (dynamic or matching batch axis).
+            model_path: ``.onnx`` file (dynamic or matching batch axis); a private copy is
+                measured, the file itself is only read.
             batch_size: items per engine call (random inputs of the model's shape).
             engine: "deepsparse" or "onnxruntime".
             num_cores: cores for the engine; default: the actor's ``num_cores``,
@@ -215,17 +243,18 @@ class CPUBenchmark:
             if not isinstance(val, (int, float)) or isinstance(val, bool) or not val > 0:
                 raise ValueError(f"{name} must be a number > 0 (seconds), got {val!r}")
 
-        out = benchmark_model(
-            model_path=model_path,
-            batch_size=int(batch_size),
-            num_cores=int(num_cores),
-            scenario="sync",
-            time=float(duration_s),
-            warmup_time=float(warmup_s),
-            engine=engine,
-            thread_pinning=self.thread_pinning,
-            quiet=True,
-        )
+        with private_copy(model_path) as copy:
+            out = benchmark_model(
+                model_path=copy,
+                batch_size=int(batch_size),
+                num_cores=int(num_cores),
+                scenario="sync",
+                time=float(duration_s),
+                warmup_time=float(warmup_s),
+                engine=engine,
+                thread_pinning=self.thread_pinning,
+                quiet=True,
+            )
         res = out["benchmark_result"]
         isa = cpu_isa()
         return {
@@ -286,9 +315,17 @@ def make_cpu_benchmark_actor(num_cores: int, *, thread_pinning: str = "core", **
     return cls.remote(num_cores, thread_pinning)
 
 
-#: Columns of ``benchmark.csv``, in order.
+#: Columns of ``benchmark.csv``, in order. ``status`` is "ok" or "error"; ``error`` is the first
+#: line of what went wrong (empty when ok); a failed row's measurements are empty (NaN).
 BENCHMARK_COLUMNS = ["model", "engine", "batch_size", "num_cores", "items_per_sec", "latency_mean_ms",
-                     "latency_p50_ms", "latency_p99_ms", "isa", "vnni"]
+                     "latency_p50_ms", "latency_p99_ms", "isa", "vnni", "status", "error"]
+
+
+def _first_line(err: BaseException) -> str:
+    """The innermost cause of a Ray error (or ``err`` itself) as ``Type: first line``."""
+    cause = getattr(err, "cause", None) or err
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[0] if text else ''}".strip()
 
 
 def run_benchmarks(onnx_paths: Dict[str, str], images_float32: Any, labels: Any, *, num_cores: int,
@@ -297,8 +334,13 @@ def run_benchmarks(onnx_paths: Dict[str, str], images_float32: Any, labels: Any,
     (DeepSparse; onnxruntime too for ``dense``) at each batch size, one run at a time so runs do
     not compete for the cores, then measures each model's test accuracy in DeepSparse.
 
+    A combination that fails (the engine rejects the model, the actor dies, ...) becomes a row
+    with ``status`` "error" and the error's first line; the others are still measured (a dead
+    actor is replaced). A failed accuracy is None.
+
     Args:
-        onnx_paths: model name (``study.ONNX_MODELS``) -> ``.onnx`` path.
+        onnx_paths: model name (``study.ONNX_MODELS``) -> ``.onnx`` path (only read: the engines
+            get private copies).
         images_float32, labels: the normalized test set, (N, 3, 32, 32) float32 and (N,) int.
         num_cores: cores of the actor and of every engine.
         batch_sizes: batch sizes to benchmark (e.g. ``(1, 32)``).
@@ -306,23 +348,44 @@ def run_benchmarks(onnx_paths: Dict[str, str], images_float32: Any, labels: Any,
 
     Returns:
         ``(table, accuracies)``: a DataFrame with ``BENCHMARK_COLUMNS`` (items_per_sec in
-        images/s, latencies in ms per batch call) and ``{model: test accuracy 0..1}``.
+        images/s, latencies in ms per batch call) and ``{model: test accuracy 0..1 or None}``.
     """
     import pandas as pd
     import ray
 
     actor = make_cpu_benchmark_actor(num_cores)
+
+    def call(method: str, *args, **kwargs):
+        """``actor.<method>(...)``; replaces the actor when it died, then re-raises."""
+        nonlocal actor
+        try:
+            return ray.get(getattr(actor, method).remote(*args, **kwargs))
+        except ray.exceptions.RayActorError:
+            actor = make_cpu_benchmark_actor(num_cores)
+            raise
+
     jobs = [(name, engine, batch) for name in onnx_paths
             for engine in (ENGINES if name == "dense" else ("deepsparse",))
             for batch in batch_sizes]
     rows = []
     for name, engine, batch in jobs:
-        row = ray.get(actor.run.remote(str(onnx_paths[name]), batch, engine=engine,
-                                       warmup_s=warmup_s, duration_s=duration_s))
-        rows.append({**row, "model": name})
-        print(f"[bench] {name:16s} {engine:11s} batch {batch:3d}: {row['items_per_sec']:9.1f} items/s, "
-              f"p50 {row['latency_p50_ms']:.2f} ms", flush=True)
-    accuracies = {name: ray.get(actor.accuracy.remote(str(path), images_float32, labels, 32))
-                  for name, path in onnx_paths.items()}
+        where = f"[bench] {name:16s} {engine:11s} batch {batch:3d}"
+        try:
+            row = call("run", str(onnx_paths[name]), batch, engine=engine, warmup_s=warmup_s,
+                       duration_s=duration_s)
+        except (ray.exceptions.RayError, ValueError, OSError) as err:
+            rows.append({"model": name, "engine": engine, "batch_size": batch, "num_cores": num_cores,
+                         "status": "error", "error": _first_line(err)})
+            print(f"{where}: failed, {rows[-1]['error']}", flush=True)
+            continue
+        rows.append({**row, "model": name, "status": "ok", "error": ""})
+        print(f"{where}: {row['items_per_sec']:9.1f} items/s, p50 {row['latency_p50_ms']:.2f} ms", flush=True)
+    accuracies = {}
+    for name, path in onnx_paths.items():
+        try:
+            accuracies[name] = call("accuracy", str(path), images_float32, labels, 32)
+        except (ray.exceptions.RayError, ValueError, OSError) as err:
+            accuracies[name] = None
+            print(f"[bench] accuracy of {name}: failed, {_first_line(err)}", flush=True)
     ray.kill(actor)
-    return pd.DataFrame(rows)[BENCHMARK_COLUMNS], accuracies
+    return pd.DataFrame(rows, columns=BENCHMARK_COLUMNS), accuracies

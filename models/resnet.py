@@ -64,8 +64,16 @@ class WeightsUnavailableError(RuntimeError):
 
     Raised by :func:`build_teacher` with ``weights="imagenet"`` when
     ``torch.hub`` cannot fetch the file (no network) and it is not already in
-    the hub cache. The message is one line and says what to pass instead.
+    the hub cache. The message is one line and says what to pass instead;
+    ``detail`` is the same line without that advice (for callers that word it
+    in their own terms, e.g. the command line's ``--teacher-weights``).
     """
+
+    _ADVICE = "pass weights=<path to a local checkpoint of this project> or weights=None instead"
+
+    def __init__(self, detail: str):
+        super().__init__(f"{detail}; {self._ADVICE}")
+        self.detail = detail
 
 
 # --------------------------------------------------------------------------
@@ -117,14 +125,12 @@ def _load_imagenet_state_dict(arch: str) -> Mapping[str, torch.Tensor]:
     except (URLError, OSError) as exc:  # URLError/HTTPError/socket errors are OSErrors
         raise WeightsUnavailableError(
             f"could not download ImageNet weights {weights} for {arch} from {weights.url} "
-            f"({first_line(exc)}); pass weights=<path to a local checkpoint of this project> "
-            f"or weights=None instead"
+            f"({first_line(exc)})"
         ) from None
     except RuntimeError as exc:  # e.g. hash mismatch or a truncated file in the hub cache
         raise WeightsUnavailableError(
             f"could not read ImageNet weights {weights} for {arch} ({first_line(exc)}); "
-            f"delete the cached file under {torch.hub.get_dir()}/checkpoints, or pass "
-            f"weights=<path to a local checkpoint of this project> or weights=None instead"
+            f"delete the cached file under {torch.hub.get_dir()}/checkpoints"
         ) from None
 
 

@@ -31,8 +31,9 @@ def fastest_model(bench, batch_size: int, markdown: bool = False) -> str:
     """One sentence naming the highest-throughput (model, engine) of ``bench`` (a
     ``benchmark.csv`` frame) at ``batch_size``: its images/s, p50 latency (ms) and its ratio to
     dense onnxruntime, the baseline a user would otherwise deploy (when that row exists).
-    ``markdown`` sets the winner in bold. Raises ValueError when no row has that batch size."""
-    rows = bench[bench["batch_size"] == batch_size]
+    ``markdown`` sets the winner in bold. Rows whose benchmark failed (``status`` "error", no
+    measurement) are left out. Raises ValueError when no measured row has that batch size."""
+    rows = bench[(bench["batch_size"] == batch_size) & bench["items_per_sec"].notna()]  # failed rows: NaN
     if not len(rows):
         raise ValueError(f"no benchmark rows at batch {batch_size}")
     fastest = rows.loc[rows["items_per_sec"].idxmax()]

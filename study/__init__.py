@@ -5,7 +5,8 @@ Importing this package sets ``NM_DISABLE_ANALYTICS=1`` (unless already set): the
 packages (SparseML, DeepSparse, SparseZoo) otherwise try to send usage analytics at import, and
 these machines have no network. Every module that imports them imports ``study`` first, so this
 is the one place the variable is set; Ray workers inherit it from the driver (and a remote
-cluster gets it through the job's ``runtime_env``).
+cluster gets it through the job's ``runtime_env``). It also holds the known-noisy library loggers
+at a quieter level unless the run is ``--verbose`` (``study.noise``).
 """
 
 import os
@@ -16,6 +17,9 @@ from study.config import (  # noqa: E402
     ARCHS, PRESETS, RUNTIME_FIELDS, SETUPS, STAGES, STEMS, TASK_BATCH_RANGE, StudyConfig, StudyError,
     decision_rule, make_config, selection_metric, validate)
 from study.layout import ONNX_MODELS, RunLayout  # noqa: E402
+from study.noise import quiet_loggers  # noqa: E402
+
+quiet_loggers()
 
 __all__ = ["ARCHS", "ONNX_MODELS", "PRESETS", "RUNTIME_FIELDS", "SETUPS", "STAGES", "STEMS",
            "TASK_BATCH_RANGE", "RunLayout", "StudyConfig", "StudyError", "decision_rule", "make_config",

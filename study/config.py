@@ -9,6 +9,7 @@ always wins over the preset's, whatever it is (``none``, ``0`` and ``false`` inc
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -73,10 +74,11 @@ class StudyConfig:
 
     preset: str = option("full", "preset the other defaults come from: full, cpu or smoke", str)
     data_root: str | None = option(
-        None, "CIFAR-10 root: image folders train/<class>/, test/<class>/, or cifar-10-batches-py",
+        "data", "CIFAR-10 root: image folders train/<class>/, test/<class>/, or cifar-10-batches-py/ "
+        "(when not given, --download is on: CIFAR-10 is fetched into data/ if it holds no copy)",
         optional_str)
-    download: bool = option(False, "download CIFAR-10 with torchvision into --data-root when it is not there",
-                            bool)
+    download: bool = option(False, "fetch CIFAR-10 with torchvision into --data-root when it holds no copy; "
+                            "on by itself when --data-root is not given", bool)
     output_dir: str = option("runs/full", "run directory: every output of the study goes here", str)
     arch: str = option("resnet101", "torchvision ResNet of the teacher; the students are the same network "
                        "with layer3 cut to its first block (resnet18, resnet34, resnet50, resnet101, resnet152)",
@@ -93,8 +95,10 @@ class StudyConfig:
     teacher_lr: float = option(1e-4, "Adam learning rate of the teacher", float)
     temperature: float = option(4.0, "softmax temperature T of the soft targets (soft CE is scaled by T^2)",
                                 float)
-    tolerance: float = option(0.01, "stop rule: |acc_e - acc_(e-1)| < tolerance (accuracy 0..1) ...", float)
-    patience: int = option(2, "... for this many epochs in a row", int)
+    tolerance: float = option(0.01, "stop rule: a trial stops once its test accuracy (0..1) has changed by "
+                              "less than this from one epoch to the next, --patience times in a row", float)
+    patience: int = option(2, "stop rule: how many epochs in a row the test accuracy must change by less "
+                           "than --tolerance", int)
     max_epochs: int = option(50, "safety bound on student epochs", int)
     teacher_max_epochs: int = option(30, "safety bound on teacher epochs", int)
     setups: tuple[str, ...] = option(SETUPS, "comma-separated student setups", csv_of(str))
@@ -115,7 +119,8 @@ class StudyConfig:
         None, "torch.compile the teacher and the students; when neither flag is given: on a GPU, "
         "not on a CPU", bool)
     dashboard: bool = option(True, "start the Ray dashboard", bool)
-    recipe: str = option(str(PROJECT_DIR / "recipes" / "prune_quantize.yaml"), "SparseML recipe YAML", str)
+    recipe: str = option(str(PROJECT_DIR / "recipes" / "prune_quantize.yaml"),
+                         "SparseML recipe YAML of the sparsify stage (pruning, fine-tuning and QAT schedule)", str)
     recipe_epochs: float = option(55.0, "num_epochs of the recipe (its phases scale with it)", float)
     bench_cores: int | None = option(
         None, "cores of the CPU-only benchmark actor ('none': all of this machine's)", optional_number(int))
@@ -124,6 +129,9 @@ class StudyConfig:
     bench_seconds: float = option(10.0, "seconds each benchmark is timed", float)
     stop_after: str = option("bench", f"last stage to run: {', '.join(STAGES)}", str)
     report: bool = option(False, "execute report.ipynb and render it to HTML/PDF at the end", bool)
+    verbose: bool = option(False, "print everything the libraries print (Tune's status tables, export "
+                           "warnings, SparseML and DeepSparse logs), not just one line per epoch and the "
+                           "tables", bool)
 
 
 PRESETS: dict[str, dict] = {
@@ -143,7 +151,7 @@ PRESETS: dict[str, dict] = {
 #: Fields that change where and how a run executes, not what it computes: a resumed run may
 #: differ in them (the data root may move; the data it holds is checked when loaded).
 RUNTIME_FIELDS = ("data_root", "download", "output_dir", "dashboard", "address", "report", "stop_after",
-                  "cpus_per_trial", "gpus_per_trial")
+                  "cpus_per_trial", "gpus_per_trial", "verbose")
 
 
 def selection_metric(config) -> str:
@@ -195,7 +203,7 @@ def validate(config: StudyConfig) -> None:
     low, high = TASK_BATCH_RANGE
     if not low <= config.batch_size <= high:
         raise StudyError(f"--batch-size {config.batch_size} is outside the allowed range {low}..{high}")
-    for name in ("lr", "teacher_lr", "temperature", "tolerance", "bench_seconds"):
+    for name in ("lr", "teacher_lr", "temperature", "tolerance", "bench_seconds", "bench_warmup_seconds"):
         if not getattr(config, name) > 0:
             raise StudyError(f"{_flag(name)} {getattr(config, name)} must be > 0")
     for name in ("max_epochs", "teacher_max_epochs", "patience"):
@@ -223,3 +231,36 @@ def validate(config: StudyConfig) -> None:
         raise StudyError(f"--stop-after {config.stop_after!r} unknown; allowed: {', '.join(STAGES)}")
     if any(b < 1 for b in config.bench_batch_sizes):
         raise StudyError(f"--bench-batch-sizes {config.bench_batch_sizes} must all be >= 1")
+
+
+def config_json(config: StudyConfig) -> str:
+    """``config`` as the text of a run's ``config.json`` (JSON object, one key per field; tuples
+    become lists, None null), plus the two derived keys ``selection_metric`` and ``decision_rule``
+    that say which rule the run's choices used."""
+    return json.dumps({**dataclasses.asdict(config), "selection_metric": selection_metric(config),
+                       "decision_rule": decision_rule(config)}, indent=2)
+
+
+def check_output_dir(config: StudyConfig, overwrite: bool) -> bool:
+    """Refuse an --output-dir whose ``config.json`` differs from ``config`` (outside
+    RUNTIME_FIELDS) unless ``overwrite``: StudyError naming up to three differing fields.
+    Returns True when an earlier run there is to be replaced (``RunLayout.remove_outputs``, once
+    every other check has passed)."""
+    from study.layout import RunLayout
+
+    out = Path(config.output_dir)
+    saved = RunLayout(out).config
+    if not saved.exists():
+        return False
+    try:
+        previous = json.loads(saved.read_text())
+    except (OSError, ValueError) as err:
+        raise StudyError(f"{saved} is unreadable ({err}); pass --overwrite to start a new run there") from None
+    current = json.loads(config_json(config))
+    defaults = json.loads(config_json(StudyConfig()))  # for fields newer than the saved run
+    changed = [k for k in current if k not in RUNTIME_FIELDS and previous.get(k, defaults[k]) != current[k]]
+    if changed and not overwrite:
+        diff = "; ".join(f"{k}: {previous.get(k)!r} -> {current[k]!r}" for k in changed[:3])
+        raise StudyError(f"--output-dir {out} holds a run made with a different config ({diff}); "
+                         "pass --overwrite to replace it, or choose another --output-dir")
+    return bool(changed)

@@ -8,8 +8,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
+
+from study.files import DigestMismatchError, check_digests
 
 #: The exported models, in the order the study reports them.
 ONNX_MODELS: tuple[str, ...] = ("dense", "pruned", "pruned_quantized")
@@ -63,6 +66,19 @@ class RunLayout:
             raise ValueError(f"unknown model {name!r}; allowed: {', '.join(ONNX_MODELS)}")
         return self.onnx_dir / f"{name}.onnx"
 
+    def check_onnx(self, summary: dict) -> None:
+        """Check that every exported model is still the file the sparsify stage recorded in
+        ``summary`` (the content of ``sparsify/summary.json``; key ``sha256``: name -> hex digest).
+
+        Raises ``study.files.DigestMismatchError`` (a ValueError, one line naming the file) when a
+        file differs or is missing, or when the summary records no digests (an older version's)."""
+        digests = summary.get("sha256")
+        if not isinstance(digests, dict) or set(digests) != set(ONNX_MODELS):
+            raise DigestMismatchError(f"{self.sparsify_summary} records no sha256 of {', '.join(ONNX_MODELS)} "
+                                      "(an older version wrote it); delete it to export the models again")
+        check_digests(digests, {name: self.onnx(name) for name in ONNX_MODELS},
+                      remedy=f"delete {self.sparsify_summary} to export the models again")
+
     @property
     def sparsify_dir(self) -> Path:
         """Folder of the sparsify stage's records."""
@@ -77,6 +93,13 @@ class RunLayout:
     def sparsify_history(self) -> Path:
         """``sparsify/history.csv``: one row per recipe epoch."""
         return self.sparsify_dir / "history.csv"
+
+    @property
+    def sparsify_checkpoint(self) -> Path:
+        """``sparsify/recipe_checkpoint.pt``: the recipe's state after its latest finished epoch
+        (model with masks and fake-quant state, optimizer, manager masks, epoch, history), what a
+        rerun resumes from; removed once ``summary.json`` is written."""
+        return self.sparsify_dir / "recipe_checkpoint.pt"
 
     @property
     def layer_sparsity(self) -> Path:
@@ -115,3 +138,12 @@ class RunLayout:
         return [self.config, self.teacher_dir, self.teacher, self.students_dir, self.onnx_dir,
                 self.sparsify_dir, self.results, self.setups, self.benchmark, self.onnx_accuracy,
                 *(self.report(s) for s in ("ipynb", "html", "pdf"))]
+
+    def remove_outputs(self) -> None:
+        """Delete everything ``outputs()`` names that exists (what ``--overwrite`` removes);
+        other files in ``root`` are kept."""
+        for target in self.outputs():
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()

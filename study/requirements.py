@@ -10,6 +10,7 @@ reaches the sparsify or bench stage. Nothing here imports the packages it checks
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from study.config import PROJECT_DIR, StudyError
 
@@ -45,11 +46,17 @@ def required_packages(stop_after: str) -> tuple[str, ...]:
     return REQUIRED_PACKAGES if sparsify_stages(stop_after) else TRAINING_PACKAGES
 
 
-def check_packages(names=REQUIRED_PACKAGES) -> None:
-    """StudyError naming the first package of the stack that cannot be found."""
+def check_packages(names=REQUIRED_PACKAGES, prefix: str = sys.prefix, project: Path = PROJECT_DIR) -> None:
+    """StudyError naming the packages of the stack that cannot be found, and how to get them: activate
+    the project's ``.venv`` when it exists and this Python (``prefix``) is not it, else install."""
     import importlib.util
 
     missing = [name for name in names if importlib.util.find_spec(name) is None]
+    venv = Path(project) / ".venv"
+    if missing and venv.is_dir() and Path(prefix).resolve() != venv.resolve():
+        raise StudyError(f"package(s) {', '.join(missing)} not found by {sys.executable}; activate the "
+                         f"project's virtual environment first (. {venv}/bin/activate) or run "
+                         f"{venv}/bin/python orchestrate.py")
     if missing:
         raise StudyError(f"package(s) {', '.join(missing)} not installed; run: pip install -e "
-                         f"'{PROJECT_DIR}[report,test]'")
+                         f"'{project}[report,test]'")

@@ -1,6 +1,6 @@
 """Helpers the tests (and the developer scripts in ``bench/perf``) share: a few real CIFAR-10
-images out of the offline tarball, and reading exported ONNX models back (weight sparsity, op
-types)."""
+images out of the offline tarball, reading exported ONNX models back (weight sparsity, op
+types, input shape), and a tiny ResNet-like model for recipe tests."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Dict, Optional, Set, Tuple, Union
 
 import numpy as np
 import onnx
+import torch
 from onnx import numpy_helper
 
 from trainables.data import CIFAR10_CLASSES
@@ -165,3 +166,37 @@ def onnx_op_types(path: Union[str, os.PathLike]) -> Set[str]:
     if not os.path.isfile(path):
         raise ValueError(f"ONNX file not found: {path!r}")
     return {n.op_type for n in onnx.load(path).graph.node}
+
+
+def onnx_input_shape(path: Union[str, os.PathLike]) -> list:
+    """Shape of the first graph input of the ONNX file at ``path``: one entry per axis, the
+    symbolic name (``dim_param``, e.g. "batch") of a dynamic axis, else its fixed size (int)."""
+    dims = onnx.load(os.fspath(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    return [d.dim_param if d.dim_param else d.dim_value for d in dims]
+
+
+class TinyResNet(torch.nn.Module):
+    """Conv-BN-ReLU stem, a strided conv block and a residual block, avgpool, fc.
+    (B, 3, 32, 32) float32 -> (B, 10) logits. Enough structure for SparseML's
+    conv-bn-relu fusion and QAT, small enough for seconds on 2 cores."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.relu2 = nn.ReLU()
+        self.conv3 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(16)
+        self.relu3 = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.relu1(self.bn1(self.conv1(x)))
+        x = self.relu2(self.bn2(self.conv2(x)))
+        x = self.relu3(self.bn3(self.conv3(x)) + x)
+        return self.fc(torch.flatten(self.pool(x), 1))

@@ -254,7 +254,7 @@ def test_download_failure_offline(tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
     root = tmp_path / "dl"
     _one_line_error(lambda: load_cifar10(root, download=True), str(root), "no network",
-                    "pass a local root")
+                    "point --data-root at a local copy")
 
 
 # -------------------------------------------------------------------------- stratified_subset

@@ -1,20 +1,29 @@
 """End to end: ``python orchestrate.py --preset smoke`` on 300/200 real CIFAR-10 images.
 
 The run itself is the session fixture ``smoke_run`` (tests/conftest.py); these tests read what it
-left behind: the results table, the Tune experiments, the ONNX models and the benchmark table.
+left behind: the results table, the Tune experiments, the ONNX models and the benchmark table,
+what it printed, and what it left on disk.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from ray import tune
 
-from helpers import onnx_op_types, onnx_weight_sparsity
-from study import make_config
+from helpers import onnx_input_shape, onnx_op_types, onnx_weight_sparsity
+from study import ONNX_MODELS, make_config
+from study.files import sha256_file
 from trainables.stopper import plateau_epoch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 SMOKE = make_config("smoke")
 
@@ -69,6 +78,7 @@ def test_benchmark_table(smoke_run):
     assert (bench["items_per_sec"] > 0).all()
     assert (bench["latency_p99_ms"] >= bench["latency_p50_ms"]).all()
     assert bench["num_cores"].nunique() == 1 and bench["isa"].isin(["avx2", "avx512"]).all()
+    assert (bench["status"] == "ok").all() and bench["error"].isna().all()  # empty in the CSV
 
 
 @pytest.mark.parametrize("name", ["summary.json", "history.csv", "layer_sparsity.csv"])
@@ -80,3 +90,109 @@ def test_sparsify_records(smoke_run, name):
         assert len(layers) == 19
         overall = (layers["sparsity"] * layers["params"]).sum() / layers["params"].sum()
         assert overall == pytest.approx(0.80, abs=0.005)
+
+
+def test_exported_models_keep_a_dynamic_batch_axis_and_their_recorded_digests(smoke_run):
+    summary = json.loads((smoke_run / "sparsify" / "summary.json").read_text())
+    assert set(summary["sha256"]) == set(ONNX_MODELS)
+    for name in ONNX_MODELS:
+        path = smoke_run / "onnx" / f"{name}.onnx"
+        assert onnx_input_shape(path) == ["batch", 3, 32, 32], name  # after the benchmark too
+        assert sha256_file(path) == summary["sha256"][name], name
+    assert not (smoke_run / "sparsify" / "recipe_checkpoint.pt").exists()  # done: nothing to resume
+
+
+def test_dense_onnx_runs_in_onnxruntime_at_batch_1_and_32(smoke_run):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(smoke_run / "onnx" / "dense.onnx"), providers=["CPUExecutionProvider"])
+    x = np.random.RandomState(0).randn(32, 3, 32, 32).astype(np.float32)
+    out32 = session.run(None, {"input": x})[0]
+    out1 = session.run(None, {"input": x[:1]})[0]
+    assert out32.shape == (32, 10) and out1.shape == (1, 10)
+    assert np.abs(out1 - out32[:1]).max() < 1e-4
+
+
+def test_exported_models_describe_themselves(smoke_run):
+    from trainables.data import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
+    from trainables.export import read_metadata
+
+    summary = json.loads((smoke_run / "sparsify" / "summary.json").read_text())
+    for name in ONNX_MODELS:
+        meta = read_metadata(smoke_run / "onnx" / f"{name}.onnx")
+        assert (meta["variant"], meta["input_layout"], meta["input_dtype"]) == (name, "NCHW", "float32")
+        assert json.loads(meta["normalization_mean"]) == list(CIFAR10_MEAN)
+        assert json.loads(meta["normalization_std"]) == list(CIFAR10_STD)
+        assert json.loads(meta["class_names"]) == list(CIFAR10_CLASSES)
+        assert (meta["source_trial"], meta["source_setup"]) == (summary["trial_id"], summary["setup"])
+        assert (meta["arch"], meta["stem"], meta["recipe_epochs"]) == ("resnet18", "cifar", "2")
+        assert float(meta["test_acc"]) == pytest.approx(summary[f"test_acc_{name}"], abs=1e-6)
+
+
+def test_the_readme_snippet_classifies_a_test_image_from_the_file_alone(smoke_run, cifar_root, tmp_path):
+    """The README's snippet, run as written but for its two paths, prints the class that the
+    project's own preprocessing (``trainables.batches.normalize``) and onnxruntime give."""
+    import onnxruntime as ort
+    import torch
+    from torchvision.io import read_image, write_png
+
+    from trainables.batches import normalize
+    from trainables.data import CIFAR10_CLASSES
+
+    model = smoke_run / "onnx" / "pruned_quantized.onnx"
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    images = [read_image(str(p)) for p in sorted((cifar_root / "test").glob("*/*.jpg"))[::10]]
+    logits = session.run(None, {"input": normalize(torch.stack(images)).numpy()})[0]
+    top2 = np.sort(logits, axis=1)[:, -2:]
+    pick = int(np.argmax(top2[:, 1] - top2[:, 0]))  # the clearest decision: engines may differ by ~1e-3
+    image = tmp_path / "image.png"  # lossless, so the snippet's PIL sees the pixels used here
+    write_png(images[pick], str(image))
+    expected = CIFAR10_CLASSES[int(logits[pick].argmax())]
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    code = re.search(r"## Using an exported model.*?```python\n(.*?)```", readme, re.S).group(1)
+    code = re.sub(r"^MODEL = .*$", f"MODEL = {str(model)!r}", code, count=1, flags=re.M)
+    code = re.sub(r"^IMAGE = .*$", f"IMAGE = {str(image)!r}", code, count=1, flags=re.M)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(("deepsparse:", "onnxruntime:"))]
+    assert lines == [f"deepsparse:  {expected}", f"onnxruntime: {expected}"], proc.stdout
+
+
+def test_the_run_prints_one_line_per_epoch_and_no_known_noise(smoke_run):
+    log = (smoke_run / "orchestrate.log").read_text()
+    for noise in ("TracerWarning", "UserWarning", "Transformed", "may not respect num_cores", "TensorBoard",
+                  "Checkpoint successfully created", "Trial status", "Wrote the latest version",
+                  "snapshotting", "Started a local Ray instance"):
+        assert noise not in log, noise
+    grid = tune.ExperimentAnalysis(str(smoke_run / "students"))
+    for trial in grid.trials:
+        lines = re.findall(rf"\[students {trial.config['setup']}\] epoch (\d+): test_acc", log)
+        assert lines == [str(e) for e in grid.trial_dataframes[trial.trial_id]["epoch"]], trial.config
+    assert len(re.findall(r"recipe epoch \d/2: loss", log)) == 2
+    assert len(log.splitlines()) < 80
+
+
+def test_finished_experiments_keep_only_the_weights_of_the_best_and_latest_epoch(smoke_run):
+    for experiment in ("teacher", "students"):
+        analysis = tune.ExperimentAnalysis(str(smoke_run / experiment))
+        for trial in analysis.trials:
+            frame = analysis.trial_dataframes[trial.trial_id]
+            kept = sorted(Path(trial.path).glob("checkpoint_*"))
+            assert all(sorted(p.name for p in c.iterdir()) == ["model.pt"] for c in kept), kept
+            epochs = [int(c.name.split("_")[1]) + 1 for c in kept]
+            assert len(frame) in epochs  # the latest
+            best = frame["test_acc"].max()
+            assert best in set(frame.set_index("epoch").loc[epochs, "test_acc"])  # a best one
+            assert len(kept) <= 2
+
+
+def test_recipe_epochs_are_timed_before_and_during_qat(smoke_run):
+    history = pd.read_csv(smoke_run / "sparsify" / "history.csv")
+    summary = json.loads((smoke_run / "sparsify" / "summary.json").read_text())
+    assert list(history["quantized"]) == [False, True]
+    assert list(history["precision"]) == ["float32", "float32"]  # a CPU: no autocast
+    assert (history["epoch_seconds"] > 0).all()
+    assert summary["epoch_seconds_before_qat"] == pytest.approx(history["epoch_seconds"][0])
+    assert summary["epoch_seconds_qat"] == pytest.approx(history["epoch_seconds"][1])

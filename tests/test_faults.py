@@ -109,6 +109,8 @@ def test_teacher_weights_problems_are_one_line(tmp_path, capsys, earlier_run, ci
         code, err = run_main(capsys, "--data-root", cifar_root, "--output-dir", earlier_run,
                              "--teacher-weights", weights)
         assert_refused(code, err, "--teacher-weights", needle)
+    assert "pass --teacher-weights none (random init) or --teacher-weights PATH" in err[0]  # imagenet
+    assert "weights=None" not in err[0]
     assert (earlier_run / "results.csv").read_text() == EARLIER
 
 
@@ -154,9 +156,9 @@ def test_no_avx2_is_one_line(capsys, monkeypatch, cifar_root, earlier_run, tmp_p
 # Interruption: kill the driver (and its local Ray cluster) twice, then let it finish.
 
 
-def _start(cifar_root, out):
+def _start(cifar_root, out, stop_after="students"):
     cmd = [sys.executable, str(REPO_ROOT / "orchestrate.py"), "--preset", "smoke", "--no-dashboard",
-           "--data-root", str(cifar_root), "--output-dir", str(out), "--stop-after", "students"]
+           "--data-root", str(cifar_root), "--output-dir", str(out), "--stop-after", stop_after]
     log = open(out.parent / f"{out.name}.log", "a")
     return subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -189,6 +191,57 @@ def test_interrupted_run_resumes_to_the_same_tables(smoke_run, cifar_root, tmp_p
     for model in ("teacher", "ce", "kd", "kd_feat"):
         for column in ("test_acc", "best_test_acc", "epochs"):
             assert resumed.loc[model, column] == straight.loc[model, column], (model, column)
+
+
+def _copy_trained(smoke_run, out, with_sparsify=False):
+    """``out`` holding the smoke run's config, teacher and students (and its sparsify stage)."""
+    import shutil
+
+    out.mkdir()
+    for name in ("config.json", "teacher.pt"):
+        shutil.copy2(smoke_run / name, out / name)
+    for name in ("teacher", "students") + (("onnx", "sparsify") if with_sparsify else ()):
+        shutil.copytree(smoke_run / name, out / name)
+    return out
+
+
+def test_an_interrupted_recipe_resumes_to_the_same_results(smoke_run, cifar_root, tmp_path):
+    """Kill the run during the smoke recipe, once its first epoch is checkpointed; the rerun
+    continues from there and ends with the uninterrupted run's accuracies and sparsities."""
+    out = _copy_trained(smoke_run, tmp_path / "recipe")
+    checkpoint = out / "sparsify" / "recipe_checkpoint.pt"
+    _kill_when(_start(cifar_root, out, "sparsify"), checkpoint.exists)
+    assert not (out / "sparsify" / "summary.json").exists()
+    proc = _start(cifar_root, out, "sparsify")
+    assert proc.wait(timeout=900) == 0, (out.parent / "recipe.log").read_text()[-3000:]
+    assert "resumed the recipe after epoch 1/2" in (out.parent / "recipe.log").read_text()
+    resumed = json.loads((out / "sparsify" / "summary.json").read_text())
+    straight = json.loads((smoke_run / "sparsify" / "summary.json").read_text())
+    for key in ("trial_id", "test_acc_dense", "test_acc_pruned", "test_acc_pruned_quantized",
+                "weight_sparsity_pruned", "weight_sparsity_pruned_quantized"):
+        assert resumed[key] == straight[key], key
+    assert resumed["sha256"]["dense"] == straight["sha256"]["dense"]  # exported before the kill, kept
+    columns = ["epoch", "train_loss", "test_acc", "sparsity", "lr", "quantized", "steps"]
+    pd.testing.assert_frame_equal(pd.read_csv(out / "sparsify" / "history.csv")[columns],
+                                  pd.read_csv(smoke_run / "sparsify" / "history.csv")[columns])
+    assert not checkpoint.exists()
+
+
+def test_a_changed_onnx_model_stops_a_resumed_run(smoke_run, cifar_root, tmp_path):
+    """The exported models are checked against sparsify/summary.json's sha256 on every rerun."""
+    import onnx
+
+    out = _copy_trained(smoke_run, tmp_path / "changed", with_sparsify=True)
+    model = onnx.load(str(out / "onnx" / "dense.onnx"))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 32  # what DeepSparse's ORT did
+    onnx.save(model, str(out / "onnx" / "dense.onnx"))
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "orchestrate.py"), "--preset", "smoke",
+                           "--no-dashboard", "--data-root", str(cifar_root), "--output-dir", str(out)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {out / 'onnx' / 'dense.onnx'} has changed"), err
+    assert not (out / "benchmark.csv").exists()
 
 
 # ---------------------------------------------------------------------------------------------

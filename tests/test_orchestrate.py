@@ -114,3 +114,121 @@ def test_missing_data_root_is_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and str(missing) in lines[0]
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Explicit values always win: every field x every preset, through the CLI into config.json.
+
+#: For every StudyConfig field but ``preset``: (command-line text, the value it must become).
+#: Each list holds at least one value that differs from every preset's default, and ``none``,
+#: ``0`` and ``false`` wherever the field admits them. bools: True -> --flag, False -> --no-flag.
+CLI_VALUES = {
+    "data_root": [("none", None), ("elsewhere", "elsewhere")],
+    "download": [(True, True), (False, False)],
+    "output_dir": [("runs/other", "runs/other")],
+    "arch": [("resnet34", "resnet34"), ("resnet18", "resnet18"), ("resnet101", "resnet101")],
+    "stem": [("upsample", "upsample"), ("cifar", "cifar")],
+    "teacher_weights": [("none", None), ("imagenet", "imagenet"), ("/x/teacher.pt", "/x/teacher.pt")],
+    "train_subset": [("0", 0), ("1234", 1234)],
+    "test_subset": [("0", 0), ("567", 567)],
+    "batch_size": [("128", 128), ("512", 512), ("300", 300)],
+    "lr": [("0.05", 0.05), ("0.001", 0.001)],
+    "teacher_lr": [("0.002", 0.002), ("0.0001", 0.0001)],
+    "temperature": [("1.5", 1.5), ("4", 4.0)],
+    "tolerance": [("0.5", 0.5), ("0.01", 0.01)],
+    "patience": [("1", 1), ("5", 5)],
+    "max_epochs": [("1", 1), ("50", 50)],
+    "teacher_max_epochs": [("1", 1), ("30", 30)],
+    "setups": [("kd", ("kd",)), ("ce,kd,kd_feat", ("ce", "kd", "kd_feat"))],
+    "cpus_per_trial": [("none", None), ("0", 0.0), ("0.5", 0.5)],
+    "gpus_per_trial": [("none", None), ("0", 0.0), ("0.25", 0.25)],
+    "address": [("none", None), ("10.0.0.1:6379", "10.0.0.1:6379")],
+    "seed": [("0", 0), ("7", 7)],
+    "seeds": [("1", 1), ("3", 3)],
+    "val_size": [("0", 0), ("100", 100)],
+    "compile": [(True, True), (False, False)],
+    "dashboard": [(True, True), (False, False)],
+    "recipe": [("other.yaml", "other.yaml")],
+    "recipe_epochs": [("3", 3.0), ("55", 55.0)],
+    "bench_cores": [("none", None), ("1", 1)],
+    "bench_batch_sizes": [("1", (1,)), ("1,8,64", (1, 8, 64))],
+    "bench_warmup_seconds": [("0.1", 0.1), ("2", 2.0)],
+    "bench_seconds": [("1", 1.0), ("20", 20.0)],
+    "stop_after": [("teacher", "teacher"), ("bench", "bench")],
+    "report": [(True, True), (False, False)],
+    "verbose": [(True, True), (False, False)],
+}
+
+
+def test_the_value_table_covers_every_field_and_differs_from_every_preset():
+    import dataclasses
+
+    from study import PRESETS, StudyConfig
+
+    fields = {f.name: f.default for f in dataclasses.fields(StudyConfig)}
+    assert set(CLI_VALUES) == set(fields) - {"preset"}
+    for name, values in CLI_VALUES.items():
+        for preset, preset_values in PRESETS.items():
+            default = preset_values.get(name, fields[name])
+            assert any(value != default for _, value in values), (name, preset)
+
+
+@pytest.mark.parametrize("preset", ["full", "cpu", "smoke"])
+@pytest.mark.parametrize("name", sorted(CLI_VALUES))
+def test_a_value_given_on_the_command_line_ends_up_in_the_config_and_config_json(preset, name):
+    import json
+
+    from study.config import config_json
+
+    flag = "--" + name.replace("_", "-")
+    for text, expected in CLI_VALUES[name]:
+        if isinstance(text, bool):
+            argv = [flag if text else "--no-" + flag[2:]]
+        else:
+            argv = [flag, text]
+        config, _ = orchestrate.config_from_args(["--preset", preset, *argv])
+        assert config.preset == preset
+        assert getattr(config, name) == expected, (argv, getattr(config, name))
+        saved = json.loads(config_json(config))
+        assert saved[name] == (list(expected) if isinstance(expected, tuple) else expected), argv
+
+
+def test_the_bare_command_reads_data_and_downloads_there():
+    config, _ = orchestrate.config_from_args([])
+    assert (config.preset, config.data_root, config.download) == ("full", "data", True)
+    config, _ = orchestrate.config_from_args(["--data-root", "mine"])  # given: only read
+    assert (config.data_root, config.download) == ("mine", False)
+    config, _ = orchestrate.config_from_args(["--no-download"])
+    assert (config.data_root, config.download) == ("data", False)
+
+
+def test_the_bare_command_offline_fails_in_one_line_naming_data_root(tmp_path, monkeypatch, capsys):
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", offline)
+    monkeypatch.chdir(tmp_path)
+    assert orchestrate.main([]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: could not download CIFAR-10 into 'data'"), err
+    assert "point --data-root at a local copy" in err[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_packages_outside_the_venv_say_to_activate_it(tmp_path):
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    with pytest.raises(StudyError, match=r"activate the project's virtual environment first "
+                                         rf"\(\. {tmp_path}/\.venv/bin/activate\)"):
+        orchestrate.check_packages(("no_such_pkg_xyz",), prefix="/usr", project=tmp_path)
+    with pytest.raises(StudyError, match=r"not installed; run: pip install -e"):  # inside it
+        orchestrate.check_packages(("no_such_pkg_xyz",), prefix=str(tmp_path / ".venv"), project=tmp_path)
+    with pytest.raises(StudyError, match=r"not installed; run: pip install -e"):  # no .venv at all
+        orchestrate.check_packages(("no_such_pkg_xyz",), prefix="/usr", project=tmp_path / "none")
+
+
+def test_every_option_has_a_description():
+    for action in orchestrate.build_parser()._actions:
+        text = (action.help or "").split(" (default:")[0]
+        assert len(text.split()) >= 3, (action.option_strings, action.help)

@@ -11,9 +11,8 @@ import os
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
-from helpers import onnx_op_types, onnx_weight_sparsity
+from helpers import TinyResNet, onnx_input_shape, onnx_op_types, onnx_weight_sparsity
 from trainables.export import export_model_onnx
 from trainables.sparsify_core import (
     global_sparsity,
@@ -26,32 +25,6 @@ from trainables.sparsify_core import (
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(REPO, "recipes", "prune_quantize.yaml")
-
-
-class TinyResNet(nn.Module):
-    """Conv-BN-ReLU stem, a strided conv block and a residual block, avgpool, fc.
-    (B, 3, 32, 32) float32 -> (B, 10) logits. Enough structure for SparseML's
-    conv-bn-relu fusion and QAT, small enough for seconds on 2 cores."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(16)
-        self.relu2 = nn.ReLU()
-        self.conv3 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(16)
-        self.relu3 = nn.ReLU()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(16, 10)
-
-    def forward(self, x):
-        x = self.relu1(self.bn1(self.conv1(x)))
-        x = self.relu2(self.bn2(self.conv2(x)))
-        x = self.relu3(self.bn3(self.conv3(x)) + x)
-        return self.fc(torch.flatten(self.pool(x), 1))
 
 
 @pytest.fixture(scope="module")
@@ -230,3 +203,65 @@ def test_cpu_benchmark_actor_and_onnx_accuracy(sparsified):
     assert 0 < row["latency_p50_ms"] <= row["latency_p99_ms"]
     assert row["isa"] in {"avx2", "avx512", "neon", "sve"} and isinstance(row["vnni"], bool)
     assert acc == 1.0
+
+
+def test_benchmarks_measure_a_copy_and_leave_the_model_as_exported(sparsified):
+    from bench.benchmark import CPUBenchmark
+    from study.files import sha256_file
+
+    path = sparsified["dense"]
+    before = sha256_file(path)
+    assert onnx_input_shape(path) == ["batch", 3, 32, 32]
+    bench = CPUBenchmark(num_cores=1)
+    for engine in ("onnxruntime", "deepsparse"):  # ORTEngine rewrote the batch size in place
+        row = bench.run(path, 32, engine=engine, warmup_s=0.1, duration_s=0.3)
+        assert row["items_per_sec"] > 0 and row["model"] == path
+    bench.accuracy(path, sparsified["dense_inputs"], np.zeros(32, dtype=np.int64), 8)
+    assert sha256_file(path) == before
+    assert onnx_input_shape(path) == ["batch", 3, 32, 32]
+
+
+def test_a_failing_benchmark_is_a_row_and_the_others_are_measured(sparsified, tmp_path):
+    import ray
+
+    from bench.benchmark import BENCHMARK_COLUMNS, run_benchmarks
+
+    broken = tmp_path / "pruned.onnx"
+    broken.write_bytes(b"not an onnx file")
+    x = sparsified["dense_inputs"]
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        table, accuracies = run_benchmarks({"dense": sparsified["dense"], "pruned": str(broken)}, x,
+                                           np.zeros(len(x), dtype=np.int64), num_cores=1,
+                                           batch_sizes=(1,), warmup_s=0.1, duration_s=0.3)
+    finally:
+        ray.shutdown()
+    assert list(table.columns) == BENCHMARK_COLUMNS
+    rows = {(r.model, r.engine): r for r in table.itertuples()}
+    assert set(rows) == {("dense", "deepsparse"), ("dense", "onnxruntime"), ("pruned", "deepsparse")}
+    for key in (("dense", "deepsparse"), ("dense", "onnxruntime")):
+        assert rows[key].status == "ok" and rows[key].error == "" and rows[key].items_per_sec > 0
+    failed = rows[("pruned", "deepsparse")]
+    assert failed.status == "error" and failed.error and "\n" not in failed.error
+    assert np.isnan(failed.items_per_sec) and np.isnan(failed.latency_p50_ms)
+    assert accuracies["pruned"] is None and 0.0 <= accuracies["dense"] <= 1.0
+
+
+def test_exported_models_describe_themselves(sparsified, tmp_path):
+    import json
+
+    from trainables.export import model_metadata, read_metadata
+
+    meta = model_metadata(variant="pruned", arch="resnet18", stem="cifar", source_trial="t_00000",
+                          setup="kd", recipe="recipes/prune_quantize.yaml", recipe_epochs=3.0,
+                          weight_sparsity=0.8, test_acc=0.25)
+    path = export_model_onnx(sparsified["model"], tmp_path / "q.onnx", convert_qat=True, metadata=meta)
+    props = read_metadata(path)
+    assert props == meta
+    assert (props["input_layout"], props["input_dtype"], props["input_name"]) == ("NCHW", "float32", "input")
+    assert json.loads(props["normalization_mean"]) == [0.4914, 0.4822, 0.4465]
+    assert json.loads(props["normalization_std"]) == [0.2470, 0.2435, 0.2616]
+    assert json.loads(props["class_names"])[:2] == ["airplane", "automobile"]
+    assert (props["source_trial"], props["source_setup"], props["recipe_epochs"]) == ("t_00000", "kd", "3")
+    assert onnx_input_shape(path) == ["batch", 3, 32, 32]
+    assert {"ConvInteger", "QLinearConv"} & onnx_op_types(path)

@@ -270,7 +270,7 @@ def _download(root: Path) -> None:
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise DataRootError(
             f"could not download CIFAR-10 into {str(root)!r} (no network? "
-            f"{type(exc).__name__}: {first}); pass a local root holding {_LAYOUTS}") from None
+            f"{type(exc).__name__}: {first}); point --data-root at a local copy: {_LAYOUTS}") from None
 
 
 # --------------------------------------------------------------------------- cache

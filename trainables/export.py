@@ -19,20 +19,99 @@ training scripts use. Findings from the 1.7 source (``sparseml/pytorch/utils/exp
   applied); it then rewrites fake-quant Conv/Linear into ``ConvInteger`` /
   ``MatMulInteger`` (or ``QLinearConv`` / ``QLinearMatMul`` if the module sets
   ``export_with_qlinearconv``) with int8/uint8 weight initializers.
+
+Every file gets ``metadata_props`` (ONNX's key -> string map, ``onnx.helper.set_model_props``)
+describing itself: see ``model_metadata``. The export's known-harmless warnings are silenced
+here, at their source (``quiet_export``), unless ``--verbose``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
-from typing import Sequence, Union
+import warnings
+from typing import Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from study.files import atomic_output
+from study.noise import verbose
+from trainables.data import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
 from trainables.sparsify_core import is_quantized
 
-__all__ = ["export_model_onnx"]
+__all__ = ["export_model_onnx", "model_metadata", "read_metadata"]
+
+
+def model_metadata(*, variant: str, arch: str, stem: str, source_trial: str, setup: str,
+                   recipe: str, recipe_epochs: float, weight_sparsity: float,
+                   test_acc: float) -> dict:
+    """The ``metadata_props`` of an exported classifier: everything a deployer needs to feed it
+    and read its output, and where it came from. All values are strings (ONNX requires it);
+    lists are JSON.
+
+    Keys: ``input_name`` ("input"), ``input_layout`` ("NCHW"), ``input_dtype`` ("float32"),
+    ``input_shape`` (JSON ``["batch", 3, 32, 32]``: any batch, RGB, 32x32 pixels),
+    ``preprocessing`` (in words), ``normalization_mean`` / ``normalization_std`` (JSON lists,
+    per RGB channel, of pixel values scaled to 0..1: ``trainables.data.CIFAR10_MEAN`` /
+    ``CIFAR10_STD``, exactly what training used), ``output_name`` ("output"), ``output``
+    (in words), ``class_names`` (JSON list, in output order), ``variant`` (dense, pruned or
+    pruned_quantized), ``arch``, ``stem``, ``source_trial``, ``source_setup``, ``recipe``,
+    ``recipe_epochs``, ``weight_sparsity`` (0..1 of conv/linear weights that are zero),
+    ``test_acc`` (torch test accuracy 0..1 when exported).
+    """
+    return {
+        "input_name": "input", "input_layout": "NCHW", "input_dtype": "float32",
+        "input_shape": json.dumps(["batch", 3, 32, 32]),
+        "preprocessing": "RGB pixels / 255, then (x - normalization_mean) / normalization_std "
+                         "per channel, laid out as (batch, channel, height, width)",
+        "normalization_mean": json.dumps(list(CIFAR10_MEAN)),
+        "normalization_std": json.dumps(list(CIFAR10_STD)),
+        "output_name": "output",
+        "output": "logits (batch, 10), float32, not softmaxed; argmax = index into class_names",
+        "class_names": json.dumps(list(CIFAR10_CLASSES)),
+        "variant": variant, "arch": arch, "stem": stem, "source_trial": source_trial,
+        "source_setup": setup, "recipe": str(recipe), "recipe_epochs": f"{float(recipe_epochs):g}",
+        "weight_sparsity": f"{weight_sparsity:.6f}", "test_acc": f"{test_acc:.6f}",
+    }
+
+
+def read_metadata(path: Union[str, os.PathLike]) -> dict:
+    """The ``metadata_props`` of the ONNX file at ``path`` as a dict of strings."""
+    import onnx
+
+    return {prop.key: prop.value for prop in onnx.load(os.fspath(path), load_external_data=False).metadata_props}
+
+
+@contextlib.contextmanager
+def quiet_export() -> Iterator[None]:
+    """Silence what every export of these models prints and is known to be harmless, unless
+    ``verbose()``:
+
+    * torch's UserWarning that constant folding is unsafe "in training-amenable mode":
+      SparseML exports a deep copy in eval mode, where folding is what is wanted.
+    * TracerWarnings "Converting a tensor to a Python boolean": raised by SparseML's pruning
+      mask (``mask_params.py``) and torch's FakeQuantize (``observer_enabled[0] == 1``) while
+      tracing; those branches are constant at export (masks final, observers frozen).
+    * SparseML's ``sparseml.exporters`` INFO lines "[Transform] Transformed N matches"
+      (18 per INT8 export): a log of its graph rewrites, not a result.
+    """
+    if verbose():
+        yield
+        return
+    exporters = logging.getLogger("sparseml.exporters")
+    level = exporters.level
+    exporters.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="It is recommended that constant folding",
+                                    category=UserWarning)
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            yield
+    finally:
+        exporters.setLevel(level)
 
 
 def export_model_onnx(
@@ -41,6 +120,7 @@ def export_model_onnx(
     *,
     convert_qat: bool = False,
     sample_batch: Union[Sequence[int], torch.Tensor] = (1, 3, 32, 32),
+    metadata: Optional[Mapping[str, str]] = None,
 ) -> str:
     """Export ``model`` to ONNX at ``path`` (atomically: temp file + ``os.replace``).
 
@@ -55,6 +135,8 @@ def export_model_onnx(
             (ConvInteger/QLinearConv, int8 weights).
         sample_batch: shape of the tracing input, or the input tensor itself. Its
             batch size does not matter: axis 0 is exported as dynamic ("batch").
+        metadata: key -> string pairs stored as the file's ``metadata_props`` (e.g.
+            ``model_metadata(...)``); written before the file is renamed into place.
 
     Returns:
         ``path`` as a str.
@@ -84,9 +166,15 @@ def export_model_onnx(
     was_training = model.training
     model.eval()
     try:
-        with atomic_output(path, suffix=".onnx") as tmp:
+        with atomic_output(path, suffix=".onnx") as tmp, quiet_export():
             ModuleExporter(model, str(tmp.parent)).export_onnx(sample, name=tmp.name,
                                                                convert_qat=convert_qat)
+            if metadata:
+                import onnx
+
+                proto = onnx.load(str(tmp))
+                onnx.helper.set_model_props(proto, {str(k): str(v) for k, v in metadata.items()})
+                onnx.save(proto, str(tmp))
     finally:
         model.train(was_training)
     return path

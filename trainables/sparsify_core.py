@@ -1,6 +1,7 @@
-"""Recipe-driven sparsification core: load a SparseML recipe, run it, measure sparsity.
+"""Recipe-driven sparsification core: run a SparseML recipe (``trainables.recipe`` loads it),
+checkpoint it after every recipe epoch and resume it, measure sparsity.
 
-Pure torch + SparseML 1.7 (no Ray); the Ray task in ``trainables`` wraps these.
+Pure torch + SparseML 1.7 (no Ray); the Ray task in ``trainables.sparsify`` wraps these.
 
 The training loop follows SparseML's documented PyTorch integration
 (``sparseml/pytorch/optim/manager.py``)::
@@ -33,24 +34,22 @@ Where things happen (read from the 1.7 source, not guessed):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
-import re
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+import time
+from typing import Any, Callable, ContextManager, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
 import study  # noqa: F401  (sets NM_DISABLE_ANALYTICS before SparseML is imported)
-from sparseml.optim.helpers import (
-    load_global_recipe_variables_from_yaml,
-    load_recipe_yaml_str_no_classes,
-)
 from sparseml.pytorch.optim import ScheduledModifierManager
 from sparseml.pytorch.utils import LoggerManager, PythonLogger
+from trainables.recipe import RECIPE_EXTENSIONS, load_recipe, recipe_phases
+from trainables.recipe_checkpoint import restore, save_recipe_checkpoint
 
 __all__ = [
     "RECIPE_EXTENSIONS",
@@ -61,136 +60,6 @@ __all__ = [
     "global_sparsity",
     "is_quantized",
 ]
-
-#: file name endings SparseML 1.7's recipe loader accepts (``_load_yaml_str_from_file``)
-RECIPE_EXTENSIONS = (".yaml", ".md")
-
-
-def _one_line(text: Any) -> str:
-    """Collapse an exception message to one line (no newlines, runs of spaces squeezed)."""
-    return re.sub(r"\s+", " ", str(text)).strip()
-
-
-def _yaml_problem(exc: Exception) -> str:
-    """Short one-line description of a PyYAML error: problem + line/column."""
-    problem = getattr(exc, "problem", None)
-    mark = getattr(exc, "problem_mark", None)
-    if problem and mark is not None:
-        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
-    return _one_line(exc)
-
-
-def load_recipe(path: "str | os.PathLike", **overrides: Any) -> ScheduledModifierManager:
-    """Load a SparseML recipe file into a ``ScheduledModifierManager``.
-
-    Args:
-        path: recipe file, ``.yaml`` (or a SparseML ``.md`` recipe card with YAML
-            front matter).
-        **overrides: values for the recipe's top-level variables, e.g.
-            ``num_epochs=3``; passed to ``ScheduledModifierManager.from_yaml(...,
-            recipe_variables=overrides)``, which substitutes them before the
-            ``eval(...)`` expressions are evaluated, so derived variables follow.
-
-    Returns:
-        The manager (not yet initialized; :func:`run_recipe` calls ``modify``).
-
-    Raises:
-        ValueError (one line, naming ``path``): the file is missing or not a regular
-            file; its name does not end in ``.yaml``/``.md``; it is not valid YAML
-            or not a mapping; an override names a variable the recipe does not
-            define; a modifier tag is unknown to SparseML; a modifier's arguments
-            are invalid; or the recipe defines no modifiers.
-    """
-    p = os.fspath(path)
-    if not os.path.isfile(p):
-        raise ValueError(f"recipe file not found: {p!r} (expected an existing .yaml file)")
-    if not p.lower().endswith(RECIPE_EXTENSIONS):
-        raise ValueError(
-            f"recipe file {p!r} has an unsupported extension; allowed: {', '.join(RECIPE_EXTENSIONS)}"
-        )
-    if p.lower().endswith(".yaml"):
-        # Parse once without modifier classes to tell "not YAML" apart from
-        # "YAML with an unknown modifier" (SparseML's loader would raise a generic
-        # yaml error for both).
-        try:
-            with open(p, "r", encoding="utf-8") as fh:
-                text = fh.read()
-            container = load_recipe_yaml_str_no_classes(text)
-        except yaml.YAMLError as exc:
-            raise ValueError(f"recipe {p!r} is not valid YAML: {_yaml_problem(exc)}") from exc
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"recipe {p!r} is not a UTF-8 text file: {_one_line(exc)}") from exc
-        if not isinstance(container, dict):
-            raise ValueError(
-                f"recipe {p!r} is not a YAML mapping of variables and *_modifiers lists "
-                f"(got {type(container).__name__})"
-            )
-
-    if overrides:
-        try:
-            known = load_global_recipe_variables_from_yaml(p)
-        except Exception as exc:  # noqa: BLE001 - re-raised with the path
-            raise ValueError(f"recipe {p!r} could not be read: {_one_line(exc)}") from exc
-        unknown = sorted(set(overrides) - set(known))
-        if unknown:
-            raise ValueError(
-                f"recipe {p!r} has no variable(s) {unknown}; overridable: {sorted(known)}"
-            )
-
-    try:
-        manager = ScheduledModifierManager.from_yaml(p, recipe_variables=dict(overrides) or None)
-    except yaml.constructor.ConstructorError as exc:
-        m = re.search(r"tag '!(?:pytorch\.)?([^']+)'", str(exc))
-        name = m.group(1) if m else _one_line(exc)
-        raise ValueError(
-            f"recipe {p!r} uses unknown modifier {name!r} (not a SparseML 1.7 PyTorch modifier)"
-        ) from exc
-    except yaml.YAMLError as exc:
-        raise ValueError(f"recipe {p!r} is not valid YAML: {_one_line(exc)}") from exc
-    except Exception as exc:  # noqa: BLE001 - SparseML raises ValueError/TypeError/RuntimeError
-        raise ValueError(f"recipe {p!r} is invalid: {type(exc).__name__}: {_one_line(exc)}") from exc
-
-    if not list(manager.iter_modifiers()):
-        raise ValueError(f"recipe {p!r} defines no modifiers (expected *_modifiers lists)")
-    return manager
-
-
-def recipe_phases(manager: ScheduledModifierManager) -> Dict[str, Any]:
-    """Read the schedule of a loaded recipe from its modifiers.
-
-    Args:
-        manager: a manager from :func:`load_recipe`.
-
-    Returns:
-        dict with
-          ``max_epochs`` (int): ``manager.max_epochs`` (ceil of the latest start/end
-            epoch of any modifier) - the number of epochs :func:`run_recipe` runs;
-          ``pruning_start_epoch`` / ``pruning_end_epoch`` (float or None): earliest
-            start / latest end of the pruning modifiers;
-          ``final_sparsity`` (float or None): the (first) pruning modifier's target,
-            fraction 0..1 of its prunable weights;
-          ``qat_start_epoch`` (float or None): earliest start of the quantization
-            modifiers;
-          ``freeze_bn_stats_epoch``, ``disable_observer_epoch`` (float or None):
-            from the (first) ``QuantizationModifier``.
-        Epochs are in (possibly fractional) epochs from 0; None where the recipe
-        has no such modifier.
-    """
-    pruners = list(manager.pruning_modifiers)
-    quants = list(manager.quantization_modifiers)
-    final = None
-    if pruners and isinstance(getattr(pruners[0], "final_sparsity", None), (int, float)):
-        final = float(pruners[0].final_sparsity)
-    q0 = quants[0] if quants else None
-    return {
-        "max_epochs": int(manager.max_epochs),
-        "pruning_start_epoch": min(float(m.start_epoch) for m in pruners) if pruners else None,
-        "pruning_end_epoch": max(float(m.end_epoch) for m in pruners) if pruners else None,
-        "final_sparsity": final,
-        "qat_start_epoch": min(float(m.start_epoch) for m in quants) if quants else None,
-        "freeze_bn_stats_epoch": getattr(q0, "freeze_bn_stats_epoch", None),
-        "disable_observer_epoch": getattr(q0, "disable_quantization_observer_epoch", None),
-    }
 
 
 def _prunable_modules(model: nn.Module) -> Iterable[Tuple[str, nn.Module]]:
@@ -259,6 +128,10 @@ def run_recipe(
     log: Optional[Callable[[str], Any]] = print,
     steps_per_epoch: Optional[int] = None,
     loggers: Any = None,
+    autocast: Optional[Callable[[torch.device], ContextManager]] = None,
+    checkpoint_path: "str | os.PathLike | None" = None,
+    resume: Optional[Dict[str, Any]] = None,
+    extra: Optional[Dict[str, Any]] = None,
 ) -> List[Dict[str, Any]]:
     """Train ``model`` under the recipe for ``manager.max_epochs`` epochs (in place).
 
@@ -293,16 +166,33 @@ def run_recipe(
             ``LoggerManager`` - it is falsy - makes SparseML build its default
             ``PythonLogger``, which creates ``./sparse_logs/<date>.log`` in the
             current directory.)
+        autocast: ``autocast(device)`` -> the context the forward pass and loss run in, used
+            only in epochs that end before the recipe's QAT start (fake-quant needs float32;
+            SparseML's pruning masks work under any dtype). E.g. ``trainables.train.autocast``:
+            bf16 on a GPU that supports it, a no-op elsewhere. None: float32 throughout.
+        checkpoint_path: where the state after every finished epoch is saved
+            (``trainables.recipe_checkpoint``, atomically); None: no checkpoints.
+        resume: a checkpoint dict (``load_recipe_checkpoint``) to continue from: the
+            finished epochs are not trained again, their history rows are kept, and the
+            model, optimizer and manager continue from the saved state (the model,
+            optimizer and manager passed in must be built as in the run that saved it).
+        extra: a dict of plain values saved with every checkpoint (e.g. what
+            ``on_pruning_end`` measured); on resume the caller reads it back from
+            ``resume["extra"]``.
 
     Returns:
         One dict per epoch: ``epoch`` (int), ``train_loss`` (mean cross-entropy over
         the epoch's batches, nats), ``test_acc`` (0..1, from ``eval_fn`` after the
         epoch), ``sparsity`` (:func:`global_sparsity`, 0..1), ``lr`` (learning rate
         of param group 0 at the end of the epoch), ``quantized`` (bool, QAT modules
-        present), ``steps`` (real optimizer steps taken).
+        present), ``steps`` (real optimizer steps taken), ``precision`` (``bfloat16``
+        when ``autocast`` gave a bf16 autocast context that epoch, else ``float32``),
+        ``epoch_seconds`` (wall seconds of the epoch's training and evaluation).
 
     Raises:
-        ValueError: ``steps_per_epoch`` < 1, or ``train_batches_fn(0)`` is empty.
+        ValueError: ``steps_per_epoch`` < 1, ``train_batches_fn(0)`` is empty, or
+            ``resume`` was saved with another ``steps_per_epoch``/``max_epochs`` or
+            does not fit the model.
     """
     say = log or (lambda _msg: None)
     phases = recipe_phases(manager)
@@ -313,6 +203,7 @@ def run_recipe(
         hook_epoch = phases["pruning_end_epoch"]
     else:
         hook_epoch = math.inf
+    qat_start = math.inf if phases["qat_start_epoch"] is None else phases["qat_start_epoch"]
 
     if steps_per_epoch is None:
         steps_per_epoch = _count_steps(train_batches_fn, 0)
@@ -323,7 +214,7 @@ def run_recipe(
     steps_per_epoch = int(steps_per_epoch)
     device = next(model.parameters()).device
 
-    fired = False
+    fired = bool(resume and resume["fired"])
 
     def fire(where: str) -> None:
         nonlocal fired
@@ -355,8 +246,18 @@ def run_recipe(
     )
 
     history: List[Dict[str, Any]] = []
-    for epoch in range(max_epochs):
+    start = 0
+    if resume is not None:
+        restore(resume, wrapped=wrapped, model=model, optimizer=optimizer, manager=manager,
+                steps_per_epoch=steps_per_epoch, max_epochs=max_epochs)
+        history, start = [dict(row) for row in resume["history"]], int(resume["epoch"])
+        say(f"resumed the recipe after epoch {start}/{max_epochs} from its checkpoint")
+    for epoch in range(start, max_epochs):
+        t0 = time.perf_counter()
         model.train()
+        # Reduced precision only for epochs that end before QAT starts: fake-quant needs float32.
+        amp = autocast is not None and epoch + 1 <= qat_start
+        precision = _precision(autocast(device)) if amp else "float32"
         loss_sum = 0.0
         steps = 0
         for x, y in train_batches_fn(epoch):
@@ -367,8 +268,8 @@ def run_recipe(
             x = x.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
             wrapped.zero_grad(set_to_none=True)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
+            with autocast(device) if amp else contextlib.nullcontext():
+                loss = F.cross_entropy(model(x), y)
             loss = wrapped.loss_update(loss)
             loss.backward()
             wrapped.step()
@@ -389,14 +290,28 @@ def run_recipe(
             "lr": float(optimizer.param_groups[0]["lr"]),
             "quantized": is_quantized(model),
             "steps": steps,
+            "precision": precision,
+            "epoch_seconds": time.perf_counter() - t0,
         }
         history.append(row)
         say(
-            f"epoch {epoch + 1}/{max_epochs} loss {row['train_loss']:.4f} acc {test_acc:.4f} "
-            f"sparsity {row['sparsity']:.4f} lr {row['lr']:.2e} qat {row['quantized']}"
+            f"recipe epoch {epoch + 1}/{max_epochs}: loss {row['train_loss']:.4f} acc {test_acc:.4f} "
+            f"sparsity {row['sparsity']:.4f} lr {row['lr']:.2e} qat {row['quantized']} "
+            f"{precision} {row['epoch_seconds']:.1f} s"
         )
+        if checkpoint_path is not None:
+            save_recipe_checkpoint(checkpoint_path, model=model, optimizer=optimizer, manager=manager,
+                                   epoch=epoch + 1, steps_per_epoch=steps_per_epoch,
+                                   max_epochs=max_epochs, history=history, fired=fired, extra=extra)
 
     if not fired:
         fire(f"end of training (epoch {max_epochs})")
     manager.finalize(model)
     return history
+
+
+def _precision(context: ContextManager) -> str:
+    """``bfloat16``/``float16`` for an enabled ``torch.autocast`` context, else ``float32``."""
+    if isinstance(context, torch.autocast) and getattr(context, "_enabled", True):
+        return str(context.fast_dtype).replace("torch.", "")
+    return "float32"

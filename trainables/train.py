@@ -115,11 +115,13 @@ def autocast(device: torch.device):
 
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
-             batch_size: int, device: torch.device) -> float:
+             batch_size: int, device: torch.device, amp: bool = True) -> float:
     """Top-1 accuracy (fraction 0..1) of ``model`` on uint8 images (N,3,32,32) and labels (N,).
 
     The uint8 test set is moved to ``device`` once; the count of correct predictions stays on
-    the device until the end (one sync per call, not one per batch).
+    the device until the end (one sync per call, not one per batch). ``amp``: run under
+    ``autocast(device)``; pass False for a model with fake-quant (QAT) modules, which need
+    float32 inputs.
     """
     model.eval()
     images, labels = images.to(device), labels.to(device)
@@ -127,7 +129,7 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     for x, y in eval_batches(images, labels, batch_size, device=device):
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device):
+        with autocast(device) if amp else contextlib.nullcontext():
             correct += (model(x).argmax(dim=1) == y).sum()
     return correct.item() / len(labels)
 

@@ -69,15 +69,20 @@ def run_tuner(config: StudyConfig, name: str, trainable, param_space: dict, reso
     """One Tune experiment under ``<output-dir>/<name>``; returns its ResultGrid.
 
     Stopping by AccuracyPlateauStopper on the selection metric (``study.selection_metric``:
-    ``val_acc`` with ``--val-size``, else ``test_acc``), a checkpoint every epoch (the best two by
-    that metric and the latest are kept), failed trials retried from their last checkpoint (twice
-    at most); up to #setups x #seeds trials run at once.
+    ``val_acc`` with ``--val-size``, else ``test_acc``), a checkpoint every epoch (the best by that
+    metric and the latest are kept: selection and resume need no more), failed trials retried
+    from their last checkpoint (twice at most); up to #setups x #seeds trials run at once. One
+    line per epoch per trial (``EpochLines``); Tune's own tables only with ``--verbose``. Once
+    every trial has finished, the optimizer state is dropped from the checkpoints
+    (``drop_optimizer_state``).
 
     Raises StudyError when any trial ended in an error (the first error's first line), or when
     the machine ran out of memory (each of #setups x #seeds trials holds its own model copies).
     """
     from ray import tune
 
+    from study.noise import verbose
+    from trainables.progress import EpochLines
     from trainables.stopper import AccuracyPlateauStopper
 
     metric = selection_metric(config)
@@ -99,11 +104,12 @@ def run_tuner(config: StudyConfig, name: str, trainable, param_space: dict, reso
                 storage_path=storage,
                 stop=AccuracyPlateauStopper(metric=metric, tolerance=config.tolerance,
                                             patience=config.patience, max_epochs=max_epochs),
-                checkpoint_config=tune.CheckpointConfig(
-                    num_to_keep=2, checkpoint_score_attribute=metric,
+                checkpoint_config=tune.CheckpointConfig(  # Tune always keeps the latest as well
+                    num_to_keep=1, checkpoint_score_attribute=metric,
                     checkpoint_score_order="max"),
                 failure_config=tune.FailureConfig(max_failures=2),
-                verbose=1,
+                callbacks=[EpochLines(name, several_seeds=config.seeds > 1)],
+                verbose=1 if verbose() else 0,
             ),
         )
     try:
@@ -117,4 +123,19 @@ def run_tuner(config: StudyConfig, name: str, trainable, param_space: dict, reso
     errors = [str(r.error).splitlines()[0] for r in grid if r.error]
     if errors:
         raise StudyError(f"{len(errors)} {name} trial(s) failed; first error: {errors[0]}")
+    drop_optimizer_state(Path(path))
     return grid
+
+
+def drop_optimizer_state(experiment: Path) -> int:
+    """Delete the resume-only file (``trainables.train.STATE_FILE``: Adam state, epoch, history;
+    twice the size of the weights) from every checkpoint of a finished Tune experiment; the
+    weights (``model.pt``), which selection and the later stages read, stay. Returns the bytes
+    freed. Only for an experiment whose trials have all finished: no trial resumes any more."""
+    from trainables.train import STATE_FILE
+
+    freed = 0
+    for state in Path(experiment).glob(f"*/checkpoint_*/{STATE_FILE}"):
+        freed += state.stat().st_size
+        state.unlink()
+    return freed

@@ -1,0 +1,152 @@
+"""SparseML recipes: load a recipe file into a ``ScheduledModifierManager`` (with one-line errors
+for every way a file can be wrong) and read its schedule (epochs of pruning, QAT, ...).
+
+Pure SparseML 1.7 + PyYAML; ``trainables.sparsify_core`` runs what is loaded here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Dict
+
+import yaml
+
+import study  # noqa: F401  (sets NM_DISABLE_ANALYTICS before SparseML is imported)
+from sparseml.optim.helpers import (
+    load_global_recipe_variables_from_yaml,
+    load_recipe_yaml_str_no_classes,
+)
+from sparseml.pytorch.optim import ScheduledModifierManager
+
+__all__ = ["RECIPE_EXTENSIONS", "load_recipe", "recipe_phases"]
+
+#: file name endings SparseML 1.7's recipe loader accepts (``_load_yaml_str_from_file``)
+RECIPE_EXTENSIONS = (".yaml", ".md")
+
+
+def _one_line(text: Any) -> str:
+    """Collapse an exception message to one line (no newlines, runs of spaces squeezed)."""
+    return re.sub(r"\s+", " ", str(text)).strip()
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """Short one-line description of a PyYAML error: problem + line/column."""
+    problem = getattr(exc, "problem", None)
+    mark = getattr(exc, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return _one_line(exc)
+
+
+def load_recipe(path: "str | os.PathLike", **overrides: Any) -> ScheduledModifierManager:
+    """Load a SparseML recipe file into a ``ScheduledModifierManager``.
+
+    Args:
+        path: recipe file, ``.yaml`` (or a SparseML ``.md`` recipe card with YAML
+            front matter).
+        **overrides: values for the recipe's top-level variables, e.g.
+            ``num_epochs=3``; passed to ``ScheduledModifierManager.from_yaml(...,
+            recipe_variables=overrides)``, which substitutes them before the
+            ``eval(...)`` expressions are evaluated, so derived variables follow.
+
+    Returns:
+        The manager (not yet initialized; :func:`run_recipe` calls ``modify``).
+
+    Raises:
+        ValueError (one line, naming ``path``): the file is missing or not a regular
+            file; its name does not end in ``.yaml``/``.md``; it is not valid YAML
+            or not a mapping; an override names a variable the recipe does not
+            define; a modifier tag is unknown to SparseML; a modifier's arguments
+            are invalid; or the recipe defines no modifiers.
+    """
+    p = os.fspath(path)
+    if not os.path.isfile(p):
+        raise ValueError(f"recipe file not found: {p!r} (expected an existing .yaml file)")
+    if not p.lower().endswith(RECIPE_EXTENSIONS):
+        raise ValueError(
+            f"recipe file {p!r} has an unsupported extension; allowed: {', '.join(RECIPE_EXTENSIONS)}"
+        )
+    if p.lower().endswith(".yaml"):
+        # Parse once without modifier classes to tell "not YAML" apart from
+        # "YAML with an unknown modifier" (SparseML's loader would raise a generic
+        # yaml error for both).
+        try:
+            with open(p, "r", encoding="utf-8") as fh:
+                text = fh.read()
+            container = load_recipe_yaml_str_no_classes(text)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"recipe {p!r} is not valid YAML: {_yaml_problem(exc)}") from exc
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"recipe {p!r} is not a UTF-8 text file: {_one_line(exc)}") from exc
+        if not isinstance(container, dict):
+            raise ValueError(
+                f"recipe {p!r} is not a YAML mapping of variables and *_modifiers lists "
+                f"(got {type(container).__name__})"
+            )
+
+    if overrides:
+        try:
+            known = load_global_recipe_variables_from_yaml(p)
+        except Exception as exc:  # noqa: BLE001 - re-raised with the path
+            raise ValueError(f"recipe {p!r} could not be read: {_one_line(exc)}") from exc
+        unknown = sorted(set(overrides) - set(known))
+        if unknown:
+            raise ValueError(
+                f"recipe {p!r} has no variable(s) {unknown}; overridable: {sorted(known)}"
+            )
+
+    try:
+        manager = ScheduledModifierManager.from_yaml(p, recipe_variables=dict(overrides) or None)
+    except yaml.constructor.ConstructorError as exc:
+        m = re.search(r"tag '!(?:pytorch\.)?([^']+)'", str(exc))
+        name = m.group(1) if m else _one_line(exc)
+        raise ValueError(
+            f"recipe {p!r} uses unknown modifier {name!r} (not a SparseML 1.7 PyTorch modifier)"
+        ) from exc
+    except yaml.YAMLError as exc:
+        raise ValueError(f"recipe {p!r} is not valid YAML: {_one_line(exc)}") from exc
+    except Exception as exc:  # noqa: BLE001 - SparseML raises ValueError/TypeError/RuntimeError
+        raise ValueError(f"recipe {p!r} is invalid: {type(exc).__name__}: {_one_line(exc)}") from exc
+
+    if not list(manager.iter_modifiers()):
+        raise ValueError(f"recipe {p!r} defines no modifiers (expected *_modifiers lists)")
+    return manager
+
+
+def recipe_phases(manager: ScheduledModifierManager) -> Dict[str, Any]:
+    """Read the schedule of a loaded recipe from its modifiers.
+
+    Args:
+        manager: a manager from :func:`load_recipe`.
+
+    Returns:
+        dict with
+          ``max_epochs`` (int): ``manager.max_epochs`` (ceil of the latest start/end
+            epoch of any modifier) - the number of epochs :func:`run_recipe` runs;
+          ``pruning_start_epoch`` / ``pruning_end_epoch`` (float or None): earliest
+            start / latest end of the pruning modifiers;
+          ``final_sparsity`` (float or None): the (first) pruning modifier's target,
+            fraction 0..1 of its prunable weights;
+          ``qat_start_epoch`` (float or None): earliest start of the quantization
+            modifiers;
+          ``freeze_bn_stats_epoch``, ``disable_observer_epoch`` (float or None):
+            from the (first) ``QuantizationModifier``.
+        Epochs are in (possibly fractional) epochs from 0; None where the recipe
+        has no such modifier.
+    """
+    pruners = list(manager.pruning_modifiers)
+    quants = list(manager.quantization_modifiers)
+    final = None
+    if pruners and isinstance(getattr(pruners[0], "final_sparsity", None), (int, float)):
+        final = float(pruners[0].final_sparsity)
+    q0 = quants[0] if quants else None
+    return {
+        "max_epochs": int(manager.max_epochs),
+        "pruning_start_epoch": min(float(m.start_epoch) for m in pruners) if pruners else None,
+        "pruning_end_epoch": max(float(m.end_epoch) for m in pruners) if pruners else None,
+        "final_sparsity": final,
+        "qat_start_epoch": min(float(m.start_epoch) for m in quants) if quants else None,
+        "freeze_bn_stats_epoch": getattr(q0, "freeze_bn_stats_epoch", None),
+        "disable_observer_epoch": getattr(q0, "disable_quantization_observer_epoch", None),
+    }
