@@ -323,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     except StudyError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:  # leave the cluster now, not from an atexit hook while the interpreter shuts down
+        if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+            sys.modules["ray"].shutdown()
 
 
 def run_study(config: StudyConfig, args: argparse.Namespace) -> int:

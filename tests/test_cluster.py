@@ -29,6 +29,71 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 NODE_CPUS = 2
 
 
+# ---------------------------------------------------------------------------------------------
+# A resumed experiment: resources and threads of the cluster it resumes on (one local Ray at a
+# time, before the two-node cluster starts).
+
+RESUME_SCRIPT = '''
+import os, sys, tempfile, time
+import ray
+from ray import tune
+from study import make_config
+from trainables.tuning import run_tuner, trial_config, trial_resources
+
+def probe(config):
+    """A stand-in trainable: one 'epoch' per 2 s, reporting the threads and CPUs it was given."""
+    start = 0
+    if tune.get_checkpoint():
+        with tune.get_checkpoint().as_directory() as folder:
+            start = int(open(os.path.join(folder, "epoch")).read())
+    for epoch in range(start + 1, config["max_epochs"] + 1):
+        time.sleep(2.0)
+        with tempfile.TemporaryDirectory() as folder:
+            open(os.path.join(folder, "epoch"), "w").write(str(epoch))
+            tune.report({"test_acc": 0.1 * epoch, "threads": config["threads"],
+                         "cpu": ray.get_runtime_context().get_assigned_resources().get("CPU")},
+                        checkpoint=tune.Checkpoint.from_directory(folder))
+
+ray.init(address="local", num_cpus=int(sys.argv[2]), include_dashboard=False)
+config = make_config("smoke", output_dir=sys.argv[1], setups=("ce", "kd"), max_epochs=6)
+resources = trial_resources(config, "student")
+space = {**trial_config(config, "student", resources), "setup": tune.grid_search(list(config.setups))}
+run_tuner(config, "students", probe, space, resources, config.max_epochs)
+'''
+
+
+def test_a_resumed_run_gets_the_resources_of_its_new_cluster(tmp_path):
+    """Started on a 4-CPU Ray (2 trials: 2 CPUs and 2 threads each), killed after two epochs,
+    resumed on a 2-CPU Ray: the resumed epochs run with 1 CPU and 1 thread, from the checkpoint."""
+    script = tmp_path / "resume.py"
+    script.write_text(RESUME_SCRIPT)
+    out = tmp_path / "run"
+    log = open(tmp_path / "resume.log", "a")
+    first = subprocess.Popen([sys.executable, str(script), str(out), "4"], cwd=REPO_ROOT, stdout=log,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 300
+    while len(list(out.glob("students/*/checkpoint_000001"))) < 2:
+        assert first.poll() is None and time.time() < deadline, (tmp_path / "resume.log").read_text()[-3000:]
+        time.sleep(0.5)
+    os.killpg(first.pid, signal.SIGKILL)  # the driver and its local Ray
+    first.wait()
+    second = subprocess.run([sys.executable, str(script), str(out), "2"], cwd=REPO_ROOT, stdout=log,
+                            stderr=subprocess.STDOUT, timeout=300)
+    assert second.returncode == 0, (tmp_path / "resume.log").read_text()[-3000:]
+    results = sorted(out.glob("students/*/result.json"))
+    assert len(results) == 2
+    for result in results:
+        rows = [json.loads(line) for line in result.read_text().splitlines()]
+        by_epoch = {row["training_iteration"]: (row["threads"], row["cpu"]) for row in rows}
+        assert sorted(by_epoch) == [1, 2, 3, 4, 5, 6]
+        assert by_epoch[1] == (2, 2.0) and by_epoch[6] == (1, 1.0)
+        assert rows[-1]["config"]["threads"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Two Ray nodes of NODE_CPUS logical CPUs each.
+
+
 @pytest.fixture(scope="module")
 def two_nodes():
     """A running two-node Ray cluster (``Cluster``: head + 1 node, ``NODE_CPUS`` CPUs each)."""
@@ -162,61 +227,3 @@ def test_two_node_requests_were_sized_by_node(two_node_run):
     assert [c["threads"] for c in students.get_all_configs().values()] == [1, 1, 1]
     bench = pd.read_csv(two_node_run / "benchmark.csv")
     assert set(bench["num_cores"]) == {min(NODE_CPUS, cpu_isa()["num_cores"])}
-
-
-# ---------------------------------------------------------------------------------------------
-# A resumed experiment: resources and threads of the cluster it resumes on.
-
-RESUME_SCRIPT = '''
-import os, sys, tempfile, time
-import ray
-from ray import tune
-from study import make_config
-from trainables.tuning import run_tuner, trial_config, trial_resources
-
-def probe(config):
-    """A stand-in trainable: one 'epoch' per second, reporting the threads and CPUs it was given."""
-    start = 0
-    if tune.get_checkpoint():
-        with tune.get_checkpoint().as_directory() as folder:
-            start = int(open(os.path.join(folder, "epoch")).read())
-    for epoch in range(start + 1, config["max_epochs"] + 1):
-        time.sleep(1.0)
-        with tempfile.TemporaryDirectory() as folder:
-            open(os.path.join(folder, "epoch"), "w").write(str(epoch))
-            tune.report({"test_acc": 0.1 * epoch, "threads": config["threads"],
-                         "cpu": ray.get_runtime_context().get_assigned_resources().get("CPU")},
-                        checkpoint=tune.Checkpoint.from_directory(folder))
-
-ray.init(address="local", num_cpus=int(sys.argv[2]), include_dashboard=False)
-config = make_config("smoke", output_dir=sys.argv[1], setups=("ce", "kd"), max_epochs=6)
-resources = trial_resources(config, "student")
-space = {**trial_config(config, "student", resources), "setup": tune.grid_search(list(config.setups))}
-run_tuner(config, "students", probe, space, resources, config.max_epochs)
-'''
-
-
-def test_a_resumed_run_gets_the_resources_of_its_new_cluster(tmp_path):
-    """Started on a 4-CPU Ray (2 trials: 2 CPUs and 2 threads each), killed after two epochs,
-    resumed on a 2-CPU Ray: the resumed epochs run with 1 CPU and 1 thread, from the checkpoint."""
-    script = tmp_path / "resume.py"
-    script.write_text(RESUME_SCRIPT)
-    out = tmp_path / "run"
-    log = open(tmp_path / "resume.log", "a")
-    first = subprocess.Popen([sys.executable, str(script), str(out), "4"], cwd=REPO_ROOT, stdout=log,
-                             stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 300
-    while len(list(out.glob("students/*/checkpoint_000001"))) < 2:
-        assert first.poll() is None and time.time() < deadline, (tmp_path / "resume.log").read_text()[-3000:]
-        time.sleep(0.5)
-    os.killpg(first.pid, signal.SIGKILL)  # the driver and its local Ray
-    first.wait()
-    second = subprocess.run([sys.executable, str(script), str(out), "2"], cwd=REPO_ROOT, stdout=log,
-                            stderr=subprocess.STDOUT, timeout=300)
-    assert second.returncode == 0, (tmp_path / "resume.log").read_text()[-3000:]
-    for result in out.glob("students/*/result.json"):
-        rows = [json.loads(line) for line in result.read_text().splitlines()]
-        by_epoch = {row["training_iteration"]: (row["threads"], row["cpu"]) for row in rows}
-        assert sorted(by_epoch) == [1, 2, 3, 4, 5, 6]
-        assert by_epoch[1] == (2, 2.0) and by_epoch[6] == (1, 1.0)
-        assert rows[-1]["config"]["threads"] == 1
