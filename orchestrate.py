@@ -107,46 +107,27 @@ def check_avx2(cpuinfo: str | None = None) -> None:
 # Stages
 
 
-def check_address(address: str | None, timeout: float = 5.0) -> None:
-    """StudyError unless a TCP connection to ``--address`` (``host:port``, optionally ``ray://``)
-    opens within ``timeout`` seconds; ``ray.init`` itself retries an unreachable head for minutes.
-    ``None`` (start a local cluster) and ``auto`` (find a running local one) are left to Ray."""
-    import socket
-
-    if address in (None, "auto", "local"):
-        return
-    host, _, port = address.split("://")[-1].rpartition(":")
-    if not host or not port.isdigit():
-        raise StudyError(f"--address {address!r} is not host:port (e.g. 10.0.0.1:6379), 'auto' or ray://host:port")
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-    except OSError as err:
-        raise StudyError(f"cannot reach Ray cluster at --address {address!r}: {err.strerror or err}") from None
-
-
 def start_ray(config: StudyConfig):
-    """``ray.init`` (local, or ``--address``); prints the dashboard URL."""
-    import ray
-
+    """Join the cluster at ``--address`` (shipping this project as the job's ``working_dir``) or
+    start a local Ray of this run's own (``trainables.cluster.connect``), print the dashboard line,
+    then size every request of the run from the cluster's nodes and print that plan. Returns the
+    nodes. StudyError (one line) for an unreachable cluster or a request that no node can hold."""
     import logging
 
+    from study.resources import plan_resources
+    from trainables.cluster import cluster_nodes, connect
+    from trainables.tuning import student_trials
+
     runtime_env = None
-    if config.address:  # a remote cluster: ship this project (and --verbose) to its nodes
+    if config.address:  # an existing cluster: ship this project (and --verbose) to its nodes
         runtime_env = {"working_dir": str(PROJECT_DIR), "excludes": ["runs/", ".git/", "*.onnx", "*.pt"],
                        "env_vars": {VERBOSE_ENV: "1" if verbose() else "0"}}
-    check_address(config.address)
-    try:
-        # "local": always a new local Ray, never a cluster that `ray start` left on this machine.
-        # Unless --verbose, the driver's "ray" logger shows warnings only (no "Started a local Ray").
-        context = ray.init(address=config.address or "local", include_dashboard=config.dashboard,
-                           dashboard_host="127.0.0.1", runtime_env=runtime_env,
-                           logging_level=logging.INFO if verbose() else logging.WARNING)
-    except (ConnectionError, ValueError, RuntimeError) as err:
-        raise StudyError(f"cannot reach Ray cluster at --address {config.address!r}: "
-                         f"{str(err).splitlines()[0]}") from None
-    url = getattr(context, "dashboard_url", None)
-    print(f"Ray dashboard: http://{url}" if url else "Ray dashboard: off (--no-dashboard)", flush=True)
-    return context
+    # Unless --verbose, the driver's "ray" logger shows warnings only (no "Started a local Ray").
+    print(connect(config.address, config.dashboard, runtime_env,
+                  logging_level=logging.INFO if verbose() else logging.WARNING), flush=True)
+    nodes = cluster_nodes()
+    print(plan_resources(config, nodes, student_trials(config)).describe(), flush=True)
+    return nodes
 
 
 def stage_teacher(config: StudyConfig, data) -> Path:
@@ -218,7 +199,7 @@ def stage_sparsify(config: StudyConfig, data, best) -> dict:
     print(f"[sparsify] best trial: {best.path.rsplit('/', 1)[-1]} (setup {best.config['setup']}, seed "
           f"{best.config['seed']}, {metric} {metrics[metric]:.4f} at epoch {metrics['training_iteration']}); "
           f"recipe {config.recipe}", flush=True)
-    resources = trial_resources(config, "teacher")
+    resources = trial_resources(config, "teacher")  # this cluster's, also on a resumed run
     task = ray.remote(num_cpus=resources["cpu"], num_gpus=resources["gpu"])(sparsify_student)
     try:
         return ray.get(task.remote(
@@ -235,26 +216,32 @@ def stage_sparsify(config: StudyConfig, data, best) -> dict:
 def stage_bench(config: StudyConfig, data, summary: dict) -> tuple:
     """Stage 4: ``bench.benchmark.run_benchmarks`` on every exported model, unless
     ``benchmark.csv`` and ``onnx_accuracy.json`` exist; the models' sha256 (``summary``, the
-    sparsify stage's) are checked before and after. Returns (benchmark table,
+    sparsify stage's) are checked before and after. It runs on one node
+    (``study.resources.bench_node``) with ``--bench-cores`` or that node's physical cores.
+    Returns (benchmark table,
     {model: onnx_test_acc})."""
     import pandas as pd
-    import ray
 
-    from bench.benchmark import run_benchmarks
+    from bench.benchmark import cpu_isa, run_benchmarks
     from study.files import atomic_write_text
+    from study.resources import bench_cores, bench_node
     from trainables.batches import normalize
+    from trainables.cluster import cluster_nodes, on_node, run_on_node
 
     layout = RunLayout(config.output_dir)
     if layout.benchmark.exists() and layout.onnx_accuracy.exists():
         print(f"[bench] {layout.benchmark} exists: skipping the benchmark stage", flush=True)
         return pd.read_csv(layout.benchmark), json.loads(layout.onnx_accuracy.read_text())
+    node = bench_node(cluster_nodes(), config.bench_cores)
+    cores = config.bench_cores or bench_cores(node, run_on_node(node, cpu_isa)["num_cores"])
+    print(f"[bench] {cores} cores on node {node.name}", flush=True)
     try:
         layout.check_onnx(summary)
         table, accuracies = run_benchmarks(
             {name: layout.onnx(name) for name in summary["sha256"]}, normalize(data.test_images).numpy(),
-            data.test_labels.numpy(), num_cores=config.bench_cores or int(ray.cluster_resources().get("CPU", 1)),
-            batch_sizes=config.bench_batch_sizes, warmup_s=config.bench_warmup_seconds,
-            duration_s=config.bench_seconds)
+            data.test_labels.numpy(), num_cores=cores, batch_sizes=config.bench_batch_sizes,
+            warmup_s=config.bench_warmup_seconds, duration_s=config.bench_seconds,
+            scheduling_strategy=on_node(node))
         layout.check_onnx(summary)  # measuring changed nothing
     except ValueError as err:
         raise StudyError(str(err)) from None
@@ -316,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     except StudyError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:  # leave the cluster now, not from an atexit hook while the interpreter shuts down
+        if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+            sys.modules["ray"].shutdown()
 
 
 def run_study(config: StudyConfig, args: argparse.Namespace) -> int:
@@ -329,6 +319,9 @@ def run_study(config: StudyConfig, args: argparse.Namespace) -> int:
 
     out, layout = Path(config.output_dir), RunLayout(config.output_dir)
     replace = check_output_dir(config, args.overwrite)
+    # Joining a cluster takes a second: its requests are checked first. A local Ray takes longer
+    # to start, so it starts once the data and inputs have passed their checks.
+    nodes = start_ray(config) if config.address else None
     from trainables.batches import study_data
 
     try:
@@ -336,11 +329,15 @@ def run_study(config: StudyConfig, args: argparse.Namespace) -> int:
     except ValueError as err:  # DataRootError and subset errors: one line naming the problem
         raise StudyError(str(err)) from None
     check_inputs(config, teacher_stage=replace or not layout.teacher.exists())
-    start_ray(config)
+    nodes = nodes or start_ray(config)
     if replace:
         print(f"--overwrite: removing the earlier run in {out}", flush=True)
         layout.remove_outputs()
     out.mkdir(parents=True, exist_ok=True)
+    if config.address:  # Tune's storage_path and every stage's output: one folder for all nodes
+        from trainables.cluster import check_shared_storage
+
+        check_shared_storage(out, nodes)
     atomic_write_text(layout.config, config_json(config))
     val = f" / {len(data.val_labels)} validation" if data.val_labels is not None else ""
     print(f"data: {len(data.train_labels)} training{val} / {len(data.test_labels)} test images; "

@@ -329,7 +329,7 @@ def _first_line(err: BaseException) -> str:
 
 
 def run_benchmarks(onnx_paths: Dict[str, str], images_float32: Any, labels: Any, *, num_cores: int,
-                   batch_sizes, warmup_s: float, duration_s: float):
+                   batch_sizes, warmup_s: float, duration_s: float, **actor_options: Any):
     """Stage 4: one CPU-only Ray actor with ``num_cores`` cores benchmarks every exported model
     (DeepSparse; onnxruntime too for ``dense``) at each batch size, one run at a time so runs do
     not compete for the cores, then measures each model's test accuracy in DeepSparse.
@@ -345,6 +345,8 @@ def run_benchmarks(onnx_paths: Dict[str, str], images_float32: Any, labels: Any,
         num_cores: cores of the actor and of every engine.
         batch_sizes: batch sizes to benchmark (e.g. ``(1, 32)``).
         warmup_s, duration_s: seconds of warm-up and of timed runs per benchmark.
+        **actor_options: ``ray.remote`` options of the actor, e.g. ``scheduling_strategy`` (the
+            node it runs on; its ``num_cores`` must fit there).
 
     Returns:
         ``(table, accuracies)``: a DataFrame with ``BENCHMARK_COLUMNS`` (items_per_sec in
@@ -353,7 +355,7 @@ def run_benchmarks(onnx_paths: Dict[str, str], images_float32: Any, labels: Any,
     import pandas as pd
     import ray
 
-    actor = make_cpu_benchmark_actor(num_cores)
+    actor = make_cpu_benchmark_actor(num_cores, **actor_options)
 
     def call(method: str, *args, **kwargs):
         """``actor.<method>(...)``; replaces the actor when it died, then re-raises."""
@@ -361,7 +363,7 @@ def run_benchmarks(onnx_paths: Dict[str, str], images_float32: Any, labels: Any,
         try:
             return ray.get(getattr(actor, method).remote(*args, **kwargs))
         except ray.exceptions.RayActorError:
-            actor = make_cpu_benchmark_actor(num_cores)
+            actor = make_cpu_benchmark_actor(num_cores, **actor_options)
             raise
 
     jobs = [(name, engine, batch) for name in onnx_paths

@@ -68,7 +68,7 @@ class StudyConfig:
     Units: learning rates are Adam step sizes; epochs count passes over the (subset of the)
     training set; ``bench_seconds``/``bench_warmup_seconds`` are seconds; ``*_subset`` are image
     counts (0 = the whole split); ``cpus_per_trial``/``gpus_per_trial`` are Ray resource units
-    (fractions allowed; ``None`` = share the machine between the concurrent student trials).
+    (fractions allowed; ``None`` = sized from the Ray nodes, ``study.resources``).
     Architecture and presets: ``ARCHITECTURE.md``.
     """
 
@@ -103,11 +103,16 @@ class StudyConfig:
     teacher_max_epochs: int = option(30, "safety bound on teacher epochs", int)
     setups: tuple[str, ...] = option(SETUPS, "comma-separated student setups", csv_of(str))
     cpus_per_trial: float | None = option(
-        None, "Ray CPUs per student trial ('none': a share of the cluster)", optional_number(float))
+        None, "Ray CPUs per student trial ('none': the largest share with which all student trials fit "
+        "on the nodes at once, at least 0.5)", optional_number(float))
     gpus_per_trial: float | None = option(
-        None, "Ray GPUs per student trial ('none': 1/(#setups x #seeds) when a GPU is present)", optional_number(float))
-    address: str | None = option(None, "address of an existing Ray cluster ('none': start a local one)",
-                                 optional_str)
+        None, "Ray GPUs per student trial, a fraction up to 1 or a whole number ('none': when a node has "
+        "a GPU, the largest fraction with which all student trials (#setups x #seeds) fit on the GPU "
+        "nodes at once)", optional_number(float))
+    address: str | None = option(
+        None, "Ray cluster to run on: HOST:PORT or ray://HOST:PORT of a running cluster, or 'auto' (the "
+        "cluster `ray start` runs on this machine, or $RAY_ADDRESS); 'none': a new local Ray for this "
+        "run only, never one that is already running", optional_str)
     seed: int = option(0, "random seed of the subsets and the validation split; the weight init and "
                        "augmentation stream of the teacher and of each setup's first seed", int)
     seeds: int = option(1, "seeds per student setup: seed, seed+1, ... each (setup, seed) is one Tune trial; "
@@ -118,12 +123,14 @@ class StudyConfig:
     compile: bool | None = option(
         None, "torch.compile the teacher and the students; when neither flag is given: on a GPU, "
         "not on a CPU", bool)
-    dashboard: bool = option(True, "start the Ray dashboard", bool)
+    dashboard: bool = option(True, "start the Ray dashboard of a local run (with --address: the cluster's "
+                             "own, if it runs one)", bool)
     recipe: str = option(str(PROJECT_DIR / "recipes" / "prune_quantize.yaml"),
                          "SparseML recipe YAML of the sparsify stage (pruning, fine-tuning and QAT schedule)", str)
     recipe_epochs: float = option(55.0, "num_epochs of the recipe (its phases scale with it)", float)
     bench_cores: int | None = option(
-        None, "cores of the CPU-only benchmark actor ('none': all of this machine's)", optional_number(int))
+        None, "cores of the CPU-only benchmark actor, on one node ('none': the physical cores of the node "
+        "with the most CPUs, at most its Ray CPUs)", optional_number(int))
     bench_batch_sizes: tuple[int, ...] = option((1, 32), "comma-separated batch sizes to benchmark", csv_of(int))
     bench_warmup_seconds: float = option(2.0, "seconds of untimed warm-up per benchmark", float)
     bench_seconds: float = option(10.0, "seconds each benchmark is timed", float)
@@ -229,6 +236,16 @@ def validate(config: StudyConfig) -> None:
         raise StudyError(f"--stem {config.stem!r} unknown; allowed: {', '.join(STEMS)}")
     if config.stop_after not in STAGES:
         raise StudyError(f"--stop-after {config.stop_after!r} unknown; allowed: {', '.join(STAGES)}")
+    if "://" in config.output_dir:
+        raise StudyError(f"--output-dir {config.output_dir}: URIs are not supported (the sparsify and bench "
+                         "stages write plain files); use a folder on a filesystem every node mounts")
+    if config.cpus_per_trial is not None and not config.cpus_per_trial > 0:
+        raise StudyError(f"--cpus-per-trial {config.cpus_per_trial} must be > 0 (or 'none')")
+    gpus = config.gpus_per_trial
+    if gpus is not None and (gpus < 0 or (gpus > 1 and not float(gpus).is_integer())):
+        raise StudyError(f"--gpus-per-trial {gpus} must be a fraction 0..1 or a whole number (Ray's rule)")
+    if config.bench_cores is not None and config.bench_cores < 1:
+        raise StudyError(f"--bench-cores {config.bench_cores} must be >= 1 (or 'none')")
     if any(b < 1 for b in config.bench_batch_sizes):
         raise StudyError(f"--bench-batch-sizes {config.bench_batch_sizes} must all be >= 1")
 

@@ -140,7 +140,7 @@ CLI_VALUES = {
     "max_epochs": [("1", 1), ("50", 50)],
     "teacher_max_epochs": [("1", 1), ("30", 30)],
     "setups": [("kd", ("kd",)), ("ce,kd,kd_feat", ("ce", "kd", "kd_feat"))],
-    "cpus_per_trial": [("none", None), ("0", 0.0), ("0.5", 0.5)],
+    "cpus_per_trial": [("none", None), ("0.5", 0.5), ("2", 2.0)],  # 0 is refused: a trial needs CPU
     "gpus_per_trial": [("none", None), ("0", 0.0), ("0.25", 0.25)],
     "address": [("none", None), ("10.0.0.1:6379", "10.0.0.1:6379")],
     "seed": [("0", 0), ("7", 7)],

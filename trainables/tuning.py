@@ -12,30 +12,33 @@ import os
 from pathlib import Path
 
 from study import StudyConfig, StudyError, selection_metric
+from study.resources import Node, plan_resources
 
 
-def trial_resources(config: StudyConfig, role: str) -> dict:
-    """Ray resources of one trial, ``{"cpu": float, "gpu": float}``: the teacher takes the whole
-    machine (or ``cpus_per_trial`` x #setups) and one GPU when there is one; a student takes
-    ``cpus_per_trial`` (default: an equal share of the CPUs) and ``gpus_per_trial`` (default:
-    1/#student trials of a GPU when there is one). #student trials = #setups x ``seeds``."""
-    import ray
+def student_trials(config: StudyConfig) -> int:
+    """How many student trials the grid holds: one per (setup, seed)."""
+    return len(config.setups) * config.seeds
 
-    total_cpus = ray.cluster_resources().get("CPU", 1.0)
-    has_gpu = ray.cluster_resources().get("GPU", 0.0) > 0
-    n = len(config.setups)
-    if role == "teacher":
-        cpus = config.cpus_per_trial * n if config.cpus_per_trial else total_cpus
-        return {"cpu": cpus, "gpu": 1.0 if has_gpu else 0.0}
-    n *= config.seeds  # student trials at once: one per (setup, seed)
-    cpus = config.cpus_per_trial or total_cpus / n
-    gpus = config.gpus_per_trial if config.gpus_per_trial is not None else (1.0 / n if has_gpu else 0.0)
-    return {"cpu": cpus, "gpu": gpus}
+
+def trial_resources(config: StudyConfig, role: str, nodes: list[Node] | None = None) -> dict:
+    """Ray resources of one ``role`` ("teacher" or "student") trial, ``{"cpu": float, "gpu":
+    float}``, sized from the cluster's nodes (``nodes``; default: the connected cluster's) by
+    ``study.resources.plan_resources``: the teacher takes the whole of one node (plus one GPU when
+    it has one); a student takes ``cpus_per_trial``/``gpus_per_trial``, or by default the largest
+    share with which all student trials (``student_trials``) fit on the nodes at once. StudyError
+    when no node holds it."""
+    if nodes is None:
+        from trainables.cluster import cluster_nodes
+
+        nodes = cluster_nodes()
+    plan = plan_resources(config, nodes, student_trials(config))
+    return (plan.teacher if role == "teacher" else plan.student).tune()
 
 
 def trial_config(config: StudyConfig, role: str, resources: dict) -> dict:
     """The ``param_space`` handed to a trainable (plain values only; keys in ``trainables.train``).
-    ``threads`` = floor of the trial's CPU share, at least 1 (Ray's OMP_NUM_THREADS rule);
+    ``threads`` = floor of the trial's CPU share, at least 1 (Ray's OMP_NUM_THREADS rule); it is
+    derived from the cluster, so ``run_tuner`` resolves it when each trial starts (``RESOURCE_KEYS``);
     ``compile`` = ``--compile`` (None: the trainable decides by its device)."""
     return {
         "arch": config.arch, "stem": config.stem, "num_classes": 10, "seed": config.seed,
@@ -64,6 +67,23 @@ def student_space(config: StudyConfig, resources: dict) -> dict:
     return space
 
 
+#: ``param_space`` keys derived from the cluster the run is on, not from the study's settings.
+RESOURCE_KEYS = ("threads",)
+
+
+def _resolved_at_trial_start(param_space: dict) -> dict:
+    """``param_space`` with each ``RESOURCE_KEYS`` value as ``tune.sample_from``: Tune stores a
+    placeholder in the trial and resolves it when the trial is added, and on ``Tuner.restore``
+    resolves it from the ``param_space`` given there, i.e. computed for the cluster the run
+    resumes on, not restored from the old experiment (``ray.tune.impl.placeholder``)."""
+    from ray import tune
+
+    def constant(value):
+        return tune.sample_from(lambda _spec: value)
+
+    return {key: constant(value) if key in RESOURCE_KEYS else value for key, value in param_space.items()}
+
+
 def run_tuner(config: StudyConfig, name: str, trainable, param_space: dict, resources: dict,
               max_epochs: int):
     """One Tune experiment under ``<output-dir>/<name>``; returns its ResultGrid.
@@ -71,10 +91,10 @@ def run_tuner(config: StudyConfig, name: str, trainable, param_space: dict, reso
     Stopping by AccuracyPlateauStopper on the selection metric (``study.selection_metric``:
     ``val_acc`` with ``--val-size``, else ``test_acc``), a checkpoint every epoch (the best by that
     metric and the latest are kept: selection and resume need no more), failed trials retried
-    from their last checkpoint (twice at most); up to #setups x #seeds trials run at once. One
-    line per epoch per trial (``EpochLines``); Tune's own tables only with ``--verbose``. Once
-    every trial has finished, the optimizer state is dropped from the checkpoints
-    (``drop_optimizer_state``).
+    from their last checkpoint (twice at most). As many trials run at once as ``resources`` fit
+    on the nodes (``study.resources``); the rest wait. One line per epoch per trial
+    (``EpochLines``); Tune's own tables only with ``--verbose``. Once every trial has finished,
+    the optimizer state is dropped from the checkpoints (``drop_optimizer_state``).
 
     Raises StudyError when any trial ended in an error (the first error's first line), or when
     the machine ran out of memory (each of #setups x #seeds trials holds its own model copies).
@@ -88,17 +108,19 @@ def run_tuner(config: StudyConfig, name: str, trainable, param_space: dict, reso
     metric = selection_metric(config)
     storage = str(Path(config.output_dir).resolve())
     path = os.path.join(storage, name)
+    # Resources and threads are this cluster's, also on restore: the restored trials take their
+    # resources from the trainable given here and their threads from this param_space.
     wrapped = tune.with_resources(trainable, resources)
+    param_space = _resolved_at_trial_start(param_space)
     if tune.Tuner.can_restore(path):
         print(f"[{name}] restoring the experiment in {path}: finished trials are kept, "
               "unfinished ones resume from their last checkpoint", flush=True)
-        tuner = tune.Tuner.restore(path, trainable=wrapped, resume_unfinished=True,
-                                   restart_errored=True)
+        tuner = tune.Tuner.restore(path, trainable=wrapped, param_space=param_space,
+                                   resume_unfinished=True, restart_errored=True)
     else:
         tuner = tune.Tuner(
             wrapped,
             param_space=param_space,
-            tune_config=tune.TuneConfig(max_concurrent_trials=len(config.setups) * config.seeds),
             run_config=tune.RunConfig(
                 name=name,
                 storage_path=storage,
