@@ -174,11 +174,13 @@ def stage_students(config: StudyConfig, data, teacher_path: Path):
     return run_tuner(config, "students", trainable, space, resources, config.max_epochs)
 
 
-def stage_sparsify(config: StudyConfig, data, best) -> dict:
+def stage_sparsify(config: StudyConfig, data, best, teacher_path: Path) -> dict:
     """Stage 3: the trial ``best`` (``trainables.results.sparsify_trial``: the winning setup's
     best seed), from its best checkpoint, through the recipe, as a Ray task on the training
-    device; returns ``sparsify/summary.json``'s content."""
+    device, trained with that setup's loss and the frozen teacher (``--sparsify-loss setup``) or
+    cross-entropy (``ce``); returns ``sparsify/summary.json``'s content."""
     import ray
+    import torch
 
     from study import ONNX_MODELS
     from trainables.results import best_checkpoint
@@ -196,9 +198,11 @@ def stage_sparsify(config: StudyConfig, data, best) -> dict:
         return summary
     metric = selection_metric(config)
     checkpoint, metrics = best_checkpoint(best, metric)
-    print(f"[sparsify] best trial: {best.path.rsplit('/', 1)[-1]} (setup {best.config['setup']}, seed "
+    setup = best.config["setup"]
+    loss = setup if config.sparsify_loss == "setup" else "ce"
+    print(f"[sparsify] best trial: {best.path.rsplit('/', 1)[-1]} (setup {setup}, seed "
           f"{best.config['seed']}, {metric} {metrics[metric]:.4f} at epoch {metrics['training_iteration']}); "
-          f"recipe {config.recipe}", flush=True)
+          f"recipe {config.recipe}, loss {loss}", flush=True)
     resources = trial_resources(config, "teacher")  # this cluster's, also on a resumed run
     task = ray.remote(num_cpus=resources["cpu"], num_gpus=resources["gpu"])(sparsify_student)
     try:
@@ -206,7 +210,8 @@ def stage_sparsify(config: StudyConfig, data, best) -> dict:
             checkpoint, data, recipe=config.recipe, recipe_epochs=config.recipe_epochs,
             batch_size=config.batch_size, seed=int(best.config["seed"]), threads=max(1, math.floor(resources["cpu"])),
             output_dir=str(Path(config.output_dir).resolve()), trial_id=best.path.rsplit("/", 1)[-1],
-            setup=best.config["setup"]))
+            setup=setup, loss=loss, temperature=config.temperature,
+            teacher=None if loss == "ce" else torch.load(teacher_path, map_location="cpu")))
     except ray.exceptions.RayTaskError as err:
         if isinstance(err.cause, ValueError):  # bad recipe and the like: the one line it carries
             raise StudyError(str(err.cause)) from None
@@ -352,7 +357,7 @@ def run_study(config: StudyConfig, args: argparse.Namespace) -> int:
     bench = None
     if config.stop_after in ("sparsify", "bench"):
         best = sparsify_trial(config, students, rows)
-        summary = stage_sparsify(config, data, best)
+        summary = stage_sparsify(config, data, best, teacher_path)
         rows += sparsified_rows(summary, rows, seed=best.config["seed"])
         if config.stop_after == "bench":
             bench, accuracies = stage_bench(config, data, summary)

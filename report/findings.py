@@ -91,6 +91,14 @@ def _winner_one_run(run: RunData) -> str | None:
     return None
 
 
+#: The recipe's loss (``sparsify/summary.json`` ``loss``, ``--sparsify-loss``) in words.
+RECIPE_LOSS_WORDS = {
+    "ce": "cross-entropy to the labels only",
+    "kd": "the kd loss (labels and the frozen teacher's soft targets)",
+    "kd_feat": "the kd_feat loss (labels, the frozen teacher's soft targets and feature maps)",
+}
+
+
 def findings(run: RunData) -> list[str]:
     """A few sentences, written from the numbers: which student setup won and by how much, what
     sparsification cost in accuracy, which model is fastest per batch size (and the factor vs dense
@@ -119,7 +127,9 @@ def findings(run: RunData) -> list[str]:
         if quant is not None:
             parts.append(f"pruning + INT8 quantization-aware training {_change(dense, _value(quant, 'test_acc'))}")
         which = f"{base} student" + ("" if seed is None or run.seeds <= 1 else f" (seed {seed}, its best seed)")
-        text = f"Sparsifying the {which} ({_pct(dense)} dense, PyTorch): " + "; ".join(parts) + "."
+        loss = (run.sparsify_summary or {}).get("loss")
+        trained = f", fine-tuned with {RECIPE_LOSS_WORDS.get(loss, loss)}" if loss else ""
+        text = f"Sparsifying the {which} ({_pct(dense)} dense, PyTorch{trained}): " + "; ".join(parts) + "."
         onnx = [f"{m} {_pct(_value(r, 'onnx_test_acc'))}"
                 for m, r in ((f"dense {base}", _results_row(run, base, seed)), *zip(SPARSE_MODELS, (pruned, quant)))
                 if r is not None and not math.isnan(_value(r, "onnx_test_acc"))]

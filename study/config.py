@@ -29,6 +29,10 @@ CIFAR10_TRAIN_IMAGES = 50_000
 #: Input stems for 32x32 images (``models.resnet`` module docstring).
 STEMS: tuple[str, ...] = ("cifar", "upsample")
 
+#: Losses the sparsify stage can fine-tune with (``--sparsify-loss``): ``setup`` = the winning
+#: setup's own loss (teacher soft targets, feature MSE for kd_feat), ``ce`` = labels only.
+SPARSIFY_LOSSES: tuple[str, ...] = ("setup", "ce")
+
 
 class StudyError(Exception):
     """A problem with the user's input or machine, reported as one line and exit code 2."""
@@ -128,6 +132,10 @@ class StudyConfig:
     recipe: str = option(str(PROJECT_DIR / "recipes" / "prune_quantize.yaml"),
                          "SparseML recipe YAML of the sparsify stage (pruning, fine-tuning and QAT schedule)", str)
     recipe_epochs: float = option(55.0, "num_epochs of the recipe (its phases scale with it)", float)
+    sparsify_loss: str = option(
+        "setup", "loss of the recipe's fine-tuning and QAT: 'setup' (the winning setup's own loss: the "
+        "frozen teacher's soft targets, for kd_feat also the feature MSE) or 'ce' (cross-entropy to the "
+        "labels only)", str)
     bench_cores: int | None = option(
         None, "cores of the CPU-only benchmark actor, on one node ('none': the physical cores of the node "
         "with the most CPUs, at most its Ray CPUs)", optional_number(int))
@@ -234,6 +242,9 @@ def validate(config: StudyConfig) -> None:
         raise StudyError(f"--arch {config.arch!r} unknown; allowed: {', '.join(ARCHS)}")
     if config.stem not in STEMS:
         raise StudyError(f"--stem {config.stem!r} unknown; allowed: {', '.join(STEMS)}")
+    if config.sparsify_loss not in SPARSIFY_LOSSES:
+        raise StudyError(f"--sparsify-loss {config.sparsify_loss!r} unknown; allowed: "
+                         f"{', '.join(SPARSIFY_LOSSES)}")
     if config.stop_after not in STAGES:
         raise StudyError(f"--stop-after {config.stop_after!r} unknown; allowed: {', '.join(STAGES)}")
     if "://" in config.output_dir:

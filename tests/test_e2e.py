@@ -21,6 +21,7 @@ from ray import tune
 from helpers import onnx_input_shape, onnx_op_types, onnx_weight_sparsity
 from study import ONNX_MODELS, make_config
 from study.files import sha256_file
+from trainables.export import read_metadata
 from trainables.stopper import plateau_epoch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -196,3 +197,15 @@ def test_recipe_epochs_are_timed_before_and_during_qat(smoke_run):
     assert (history["epoch_seconds"] > 0).all()
     assert summary["epoch_seconds_before_qat"] == pytest.approx(history["epoch_seconds"][0])
     assert summary["epoch_seconds_qat"] == pytest.approx(history["epoch_seconds"][1])
+
+
+def test_the_recipe_trains_with_the_winning_setups_loss_by_default(smoke_run):
+    """``--sparsify-loss setup`` (the default): the summary names the loss, its terms are logged."""
+    summary = json.loads((smoke_run / "sparsify" / "summary.json").read_text())
+    history = pd.read_csv(smoke_run / "sparsify" / "history.csv")
+    terms = {"ce": ["ce"], "kd": ["ce", "soft_ce"], "kd_feat": ["ce", "soft_ce", "mse_layer1",
+                                                                 "mse_layer2", "mse_layer4"]}
+    assert summary["loss"] == summary["setup"]
+    assert read_metadata(smoke_run / "onnx" / "pruned_quantized.onnx")["recipe_loss"] == summary["loss"]
+    assert [c for c in history.columns if c.startswith("loss_")] == [f"loss_{t}" for t in terms[summary["loss"]]]
+    assert json.loads((smoke_run / "config.json").read_text())["sparsify_loss"] == "setup"

@@ -40,6 +40,7 @@ def test_cli_overrides_are_parsed_into_the_config():
     ({"max_epochs": 0}, "--max-epochs 0 must be >= 1"),
     ({"setups": ("ce", "dark")}, "unknown setup(s) ['dark']; allowed: ce, kd, kd_feat"),
     ({"arch": "vgg16"}, "--arch 'vgg16' unknown; allowed: resnet18, resnet34, resnet50, resnet101, resnet152"),
+    ({"sparsify_loss": "mse"}, "--sparsify-loss 'mse' unknown; allowed: setup, ce"),
     ({"train_subset": -5}, "--train-subset -5 must be >= 0 (0 = all)"),
 ])
 def test_bad_values_raise_one_line(overrides, message):
@@ -150,6 +151,7 @@ CLI_VALUES = {
     "dashboard": [(True, True), (False, False)],
     "recipe": [("other.yaml", "other.yaml")],
     "recipe_epochs": [("3", 3.0), ("55", 55.0)],
+    "sparsify_loss": [("ce", "ce"), ("setup", "setup")],
     "bench_cores": [("none", None), ("1", 1)],
     "bench_batch_sizes": [("1", (1,)), ("1,8,64", (1, 8, 64))],
     "bench_warmup_seconds": [("0.1", 0.1), ("2", 2.0)],

@@ -141,7 +141,7 @@ def _seeds_run(tmp_path):
 
     config = dataclasses.asdict(make_config("smoke", seeds=2, val_size=100))
     return RunData(run_dir=tmp_path, config=config, results=results,
-                   setups=setups, sparsify_summary={"setup": "kd", "test_acc_dense": 0.28})
+                   setups=setups, sparsify_summary={"setup": "kd", "loss": "kd", "test_acc_dense": 0.28})
 
 
 def test_setups_and_sparse_tables_of_a_seeds_run(tmp_path):
@@ -165,7 +165,8 @@ def test_setups_and_sparse_tables_of_a_seeds_run(tmp_path):
     assert lines[0].startswith("Winner by mean validation accuracy over 2 seeds: kd (test accuracy 27.0 %, "
                                "95 % CI 9.0-45.0 %); ahead of ce by 5.0 percentage points of test accuracy; "
                                "Welch's t-test p = 0.0572: not significant at the 0.05 level.")
-    assert "Sparsifying the kd student (seed 1, its best seed) (28.0 % dense, PyTorch)" in lines[1]
+    assert "Sparsifying the kd student (seed 1, its best seed) (28.0 % dense, PyTorch, fine-tuned with the kd " \
+           "loss (labels and the frozen teacher's soft targets)): pruning" in lines[1]
     summary = report.run_summary(run)
     assert "300 training (100 of them held out for validation) / 200 test images" in summary
     assert "stop when validation accuracy changes" in summary and "2 seeds per setup (0..1)" in summary

@@ -2,8 +2,12 @@
 
 ``sparsify_student`` is a plain function; ``orchestrate.py`` runs it as a Ray task on the
 training device (``ray.remote(num_gpus=..., num_cpus=...)``). No stopping rule applies here:
-the recipe's epochs rule. The fine-tuning loss is cross-entropy to the labels; on a GPU with bf16
-the epochs before QAT run under bf16 autocast, QAT epochs in float32 (fake-quant needs it).
+the recipe's epochs rule. The fine-tuning and QAT loss is ``loss``: by default (``--sparsify-loss
+setup``) the winning setup's own, through the students' ``trainables.train.student_loss`` with the
+frozen teacher (soft targets at the students' temperature; for ``kd_feat`` also the layer1/2/4
+feature MSE, the student's feature maps read by hooks so they follow SparseML's QAT module swap), or
+cross-entropy to the labels (``ce``). On a GPU with bf16 the epochs before QAT run under bf16
+autocast, QAT epochs in float32 (fake-quant needs it).
 
 Outputs under ``output_dir`` (paths from ``study.RunLayout``; each written atomically):
 ``onnx/dense.onnx`` (the student as trained), ``onnx/pruned.onnx`` (FP32, saved when pruning ends,
@@ -27,7 +31,7 @@ import pandas as pd
 import torch
 
 from models import load_checkpoint
-from study import ONNX_MODELS, RunLayout
+from study import ONNX_MODELS, SETUPS, RunLayout
 from study.files import atomic_write_text, check_digests, sha256_file
 from trainables.batches import train_batches
 from trainables.data import CIFAR10Tensors
@@ -35,12 +39,13 @@ from trainables.export import export_model_onnx, model_metadata
 from trainables.recipe_checkpoint import load_recipe_checkpoint
 from trainables.sparsify_core import (global_sparsity, is_quantized, load_recipe, run_recipe,
                                       weight_sparsity)
-from trainables.train import MODEL_FILE, autocast, evaluate, pick_device
+from trainables.train import MODEL_FILE, autocast, evaluate, frozen_teacher, pick_device, student_loss
 
 
 def sparsify_student(checkpoint, data: CIFAR10Tensors, *, recipe: str, recipe_epochs: float,
                      batch_size: int, seed: int, threads: int, output_dir: str,
-                     trial_id: str = "", setup: str = "") -> dict:
+                     trial_id: str = "", setup: str = "", loss: str = "ce",
+                     teacher: dict | None = None, temperature: float = 4.0) -> dict:
     """Prune + quantize the student in ``checkpoint`` with ``recipe``; export three ONNX models.
 
     Args:
@@ -53,9 +58,15 @@ def sparsify_student(checkpoint, data: CIFAR10Tensors, *, recipe: str, recipe_ep
         output_dir: the run directory.
         trial_id, setup: the Tune trial the checkpoint comes from and its setup (recorded in the
             summary and in each ONNX file's metadata).
+        loss: the setup whose loss the recipe trains with (``study.SETUPS``: ``ce``, ``kd``,
+            ``kd_feat``; ``trainables.losses.distillation_loss``).
+        teacher: the frozen teacher's checkpoint payload (``torch.load`` of ``teacher.pt``);
+            needed unless ``loss`` is ``ce``.
+        temperature: softmax temperature T of the soft targets (> 0; the students' value).
 
     Returns:
-        The summary dict (also ``sparsify/summary.json``): ``trial_id``, ``setup``, ``arch``,
+        The summary dict (also ``sparsify/summary.json``): ``trial_id``, ``setup``, ``loss`` (the
+        setup whose loss the recipe trained with), ``temperature`` (None for ``ce``), ``arch``,
         ``recipe``, ``recipe_epochs``, ``test_acc_dense``, ``test_acc_pruned``,
         ``test_acc_pruned_quantized`` (0..1), ``weight_sparsity_pruned``,
         ``weight_sparsity_pruned_quantized`` (fraction 0..1 of prunable conv/linear weights that
@@ -65,11 +76,16 @@ def sparsify_student(checkpoint, data: CIFAR10Tensors, *, recipe: str, recipe_ep
 
     Raises:
         ValueError: the recipe is missing, not YAML, or names an unknown modifier
-            (``load_recipe``); the checkpoint is not a student checkpoint of this project; a
-            recipe checkpoint from an interrupted attempt is unreadable, belongs to another trial
-            or recipe length, or an ONNX file it recorded has changed (one line each).
+            (``load_recipe``); the checkpoint is not a student checkpoint of this project;
+            ``loss`` is unknown or needs a teacher that is missing; a recipe checkpoint from an
+            interrupted attempt is unreadable, belongs to another trial, loss or recipe length,
+            or an ONNX file it recorded has changed (one line each).
     """
     manager = load_recipe(recipe, num_epochs=recipe_epochs)  # fail before any work
+    if loss not in SETUPS:
+        raise ValueError(f"loss {loss!r} is unknown; allowed: {', '.join(SETUPS)}")
+    if loss != "ce" and teacher is None:
+        raise ValueError(f"loss {loss!r} needs the teacher's checkpoint payload; got None")
     torch.manual_seed(seed)
     torch.set_num_threads(max(1, int(threads)))
     device = pick_device()
@@ -90,18 +106,21 @@ def sparsify_student(checkpoint, data: CIFAR10Tensors, *, recipe: str, recipe_ep
         path = layout.onnx(variant)
         export_model_onnx(m, path, convert_qat=convert_qat, metadata=model_metadata(
             variant=variant, arch=meta["arch"], stem=meta["stem"], source_trial=trial_id, setup=setup,
-            recipe=recipe, recipe_epochs=recipe_epochs, weight_sparsity=global_sparsity(m),
+            recipe=recipe, recipe_epochs=recipe_epochs, recipe_loss=loss, weight_sparsity=global_sparsity(m),
             test_acc=test_acc))
         state["sha256"][variant] = sha256_file(path)
 
     if resume is None:
-        state = {"trial_id": trial_id, "test_acc_dense": accuracy(model), "sha256": {}}
+        state = {"trial_id": trial_id, "loss": loss, "test_acc_dense": accuracy(model), "sha256": {}}
         export("dense", model, state["test_acc_dense"])
     else:  # an interrupted attempt: its exports must be the files it made
         state = resume["extra"]
         if state.get("trial_id") != trial_id:
             raise ValueError(f"{layout.sparsify_checkpoint} belongs to trial {state.get('trial_id')!r}, "
                              f"not {trial_id!r}; delete it to run the recipe from epoch 0")
+        if state.get("loss", "ce") != loss:
+            raise ValueError(f"{layout.sparsify_checkpoint} was trained with loss {state.get('loss', 'ce')!r}, "
+                             f"not {loss!r}; delete it to run the recipe from epoch 0")
         check_digests(state["sha256"], {name: layout.onnx(name) for name in state["sha256"]},
                       remedy=f"delete {layout.sparsify_checkpoint} to run the recipe from epoch 0")
 
@@ -113,12 +132,15 @@ def sparsify_student(checkpoint, data: CIFAR10Tensors, *, recipe: str, recipe_ep
         export("pruned", m, state["pruned"]["test_acc"])
 
     train_images, train_labels = data.train_images.to(device), data.train_labels.to(device)
+    loss_fn = student_loss(loss, model, None if loss == "ce" else frozen_teacher(teacher, device),
+                           temperature, trace_student=False)
     history = run_recipe(
         model, manager,
         lambda epoch: train_batches(train_images, train_labels, batch_size, seed=seed,
                                     epoch=epoch, device=device),
         accuracy, optimizer=torch.optim.Adam(model.parameters()), on_pruning_end=on_pruning_end,
-        autocast=autocast, checkpoint_path=layout.sparsify_checkpoint, resume=resume, extra=state)
+        autocast=autocast, checkpoint_path=layout.sparsify_checkpoint, resume=resume, extra=state,
+        loss_fn=loss_fn)
     test_acc_quantized = accuracy(model)
     export("pruned_quantized", model, test_acc_quantized, convert_qat=True)
 
@@ -130,7 +152,8 @@ def sparsify_student(checkpoint, data: CIFAR10Tensors, *, recipe: str, recipe_ep
     atomic_write_text(layout.sparsify_history, table.to_csv(index=False))
     seconds = table.groupby("quantized")["epoch_seconds"].mean()
     summary = {
-        "trial_id": trial_id, "setup": setup, "arch": meta["arch"], "recipe": str(recipe),
+        "trial_id": trial_id, "setup": setup, "loss": loss,
+        "temperature": None if loss == "ce" else temperature, "arch": meta["arch"], "recipe": str(recipe),
         "recipe_epochs": recipe_epochs, "test_acc_dense": state["test_acc_dense"],
         "test_acc_pruned": pruned["test_acc"], "weight_sparsity_pruned": pruned["sparsity"],
         "test_acc_pruned_quantized": test_acc_quantized,

@@ -132,6 +132,8 @@ def run_recipe(
     checkpoint_path: "str | os.PathLike | None" = None,
     resume: Optional[Dict[str, Any]] = None,
     extra: Optional[Dict[str, Any]] = None,
+    loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor],
+                               Tuple[torch.Tensor, Dict[str, torch.Tensor]]]] = None,
 ) -> List[Dict[str, Any]]:
     """Train ``model`` under the recipe for ``manager.max_epochs`` epochs (in place).
 
@@ -179,10 +181,17 @@ def run_recipe(
         extra: a dict of plain values saved with every checkpoint (e.g. what
             ``on_pruning_end`` measured); on resume the caller reads it back from
             ``resume["extra"]``.
+        loss_fn: ``loss_fn(x, y) -> (loss, terms)`` on a batch already on the model's
+            device: ``loss`` a 0-d float tensor with gradient w.r.t. ``model``, ``terms``
+            name -> detached 0-d tensor (e.g. ``trainables.train.student_loss``, whose
+            summands are ``trainables.losses.TERM_NAMES``). It must call ``model`` itself
+            so that it runs what the model is at that step (QAT modules included). None:
+            cross-entropy of ``model(x)`` to ``y``, one term ``ce``.
 
     Returns:
-        One dict per epoch: ``epoch`` (int), ``train_loss`` (mean cross-entropy over
-        the epoch's batches, nats), ``test_acc`` (0..1, from ``eval_fn`` after the
+        One dict per epoch: ``epoch`` (int), ``train_loss`` (mean of ``loss_fn``'s loss
+        over the epoch's batches; cross-entropy by default, nats), ``loss_<term>`` (mean of
+        each term), ``test_acc`` (0..1, from ``eval_fn`` after the
         epoch), ``sparsity`` (:func:`global_sparsity`, 0..1), ``lr`` (learning rate
         of param group 0 at the end of the epoch), ``quantized`` (bool, QAT modules
         present), ``steps`` (real optimizer steps taken), ``precision`` (``bfloat16``
@@ -213,6 +222,10 @@ def run_recipe(
         )
     steps_per_epoch = int(steps_per_epoch)
     device = next(model.parameters()).device
+    if loss_fn is None:
+        def loss_fn(x, y):
+            ce = F.cross_entropy(model(x), y)
+            return ce, {"ce": ce.detach()}
 
     fired = bool(resume and resume["fired"])
 
@@ -259,6 +272,7 @@ def run_recipe(
         amp = autocast is not None and epoch + 1 <= qat_start
         precision = _precision(autocast(device)) if amp else "float32"
         loss_sum = 0.0
+        term_sums: Dict[str, float] = {}
         steps = 0
         for x, y in train_batches_fn(epoch):
             if steps >= steps_per_epoch:
@@ -269,11 +283,13 @@ def run_recipe(
             y = y.to(device, non_blocking=True)
             wrapped.zero_grad(set_to_none=True)
             with autocast(device) if amp else contextlib.nullcontext():
-                loss = F.cross_entropy(model(x), y)
+                loss, terms = loss_fn(x, y)
             loss = wrapped.loss_update(loss)
             loss.backward()
             wrapped.step()
             loss_sum += float(loss.detach())
+            for name, value in terms.items():
+                term_sums[name] = term_sums.get(name, 0.0) + float(value)
             steps += 1
         for _ in range(steps, steps_per_epoch):
             if not fired and wrapped.wrapped_epoch >= hook_epoch:
@@ -285,6 +301,7 @@ def run_recipe(
         row = {
             "epoch": epoch,
             "train_loss": loss_sum / steps if steps else float("nan"),
+            **{f"loss_{name}": total / steps for name, total in term_sums.items()},
             "test_acc": test_acc,
             "sparsity": global_sparsity(model),
             "lr": float(optimizer.param_groups[0]["lr"]),

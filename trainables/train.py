@@ -26,12 +26,15 @@ import math
 import os
 import tempfile
 import time
+from functools import partial
 from typing import Callable
 
 import torch
 from ray import tune
 
-from models import build_student, build_teacher, feature_extractor, load_checkpoint, save_checkpoint
+from models import (build_student, build_teacher, feature_extractor, forward_features, load_checkpoint,
+                    save_checkpoint)
+from study import SETUPS
 from trainables.batches import eval_batches, train_batches
 from trainables.data import CIFAR10Tensors
 from trainables.losses import distillation_loss
@@ -255,8 +258,24 @@ def train_teacher(config: dict, data: CIFAR10Tensors) -> None:
     _fit(config, data, model, "teacher", loss_fn, device)
 
 
+def frozen_teacher(teacher: dict, device: torch.device) -> torch.nn.Module:
+    """The teacher rebuilt from its checkpoint payload (``torch.load`` of ``teacher.pt``:
+    ``{"arch", "stem", "num_classes", "state_dict", ...}``) on ``device``, float32, in eval mode,
+    gradients off (channels_last on a GPU).
+
+    Raises:
+        KeyError: the payload lacks one of those keys; RuntimeError: its state dict does not fit
+        the architecture it names (``load_state_dict``).
+    """
+    model = build_teacher(teacher["arch"], num_classes=teacher["num_classes"], stem=teacher["stem"],
+                          weights=None)
+    model.load_state_dict(teacher["state_dict"])
+    return _on_device(model, device).eval().requires_grad_(False)
+
+
 def student_loss(setup: str, student: torch.nn.Module, teacher: torch.nn.Module | None,
-                 temperature: float, compile_with: str | None = None):
+                 temperature: float, compile_with: str | None = None, *,
+                 trace_student: bool = True):
     """The loss of one student step for ``setup``, as a function ``loss_fn(x, y) -> (loss, terms)``
     of a batch x (B,3,32,32) float32 and labels y (B,) int64 (see ``distillation_loss``).
 
@@ -266,10 +285,25 @@ def student_loss(setup: str, student: torch.nn.Module, teacher: torch.nn.Module 
     ``models.feature_extractor`` graphs built here once (no hooks per call). With
     ``compile_with`` (a ``torch.compile`` backend, e.g. ``"inductor"``) the student's and the
     teacher's forward are compiled; the parameters stay those of ``student``/``teacher``.
+
+    ``trace_student=False`` takes the student's feature maps from forward hooks at each call
+    (``models.forward_features``) instead of a graph traced once: a traced graph keeps the
+    submodules it was built with, so after SparseML swaps in fused fake-quant modules for QAT it
+    would silently compute the un-quantized network. The sparsify stage uses this; the hooks see
+    whatever ``layer1``/``layer2``/``layer4`` of ``student`` compute at that moment.
+
+    Raises:
+        ValueError: ``setup`` is not one of ``study.SETUPS``, or ``teacher`` is None for
+            ``kd``/``kd_feat``.
     """
+    if setup not in SETUPS:
+        raise ValueError(f"setup {setup!r} is unknown; allowed: {', '.join(SETUPS)}")
+    if setup != "ce" and teacher is None:
+        raise ValueError(f"setup {setup!r} needs the teacher; got None")
     s_forward, t_forward = student, teacher
     if setup == "kd_feat":
-        s_forward, t_forward = feature_extractor(student), feature_extractor(teacher)
+        t_forward = feature_extractor(teacher)
+        s_forward = feature_extractor(student) if trace_student else partial(forward_features, student)
     s_forward = maybe_compile(s_forward, compile_with)
     if t_forward is not None and setup != "ce":
         t_forward = maybe_compile(t_forward, compile_with)
@@ -308,12 +342,7 @@ def train_student(config: dict, data: CIFAR10Tensors, teacher: dict) -> None:
     setup = config["setup"]
     student = _on_device(build_student(config["arch"], num_classes=config["num_classes"],
                                        stem=config["stem"]), device)
-    teacher_model = None
-    if setup != "ce":
-        teacher_model = build_teacher(teacher["arch"], num_classes=teacher["num_classes"],
-                                      stem=teacher["stem"], weights=None)
-        teacher_model.load_state_dict(teacher["state_dict"])
-        teacher_model = _on_device(teacher_model, device).eval().requires_grad_(False)
+    teacher_model = None if setup == "ce" else frozen_teacher(teacher, device)
     loss_fn = student_loss(setup, student, teacher_model, float(config["temperature"]),
                            compile_backend(config, device))
     _fit(config, data, student, "student", loss_fn, device)
