@@ -188,18 +188,22 @@ def stage_sparsify(config: StudyConfig, data, best, teacher_path: Path) -> dict:
     from trainables.tuning import trial_resources
 
     layout = RunLayout(config.output_dir)
+    setup = best.config["setup"]
+    loss = setup if config.sparsify_loss == "setup" else "ce"
     if layout.sparsify_summary.exists() and all(layout.onnx(name).exists() for name in ONNX_MODELS):
         summary = json.loads(layout.sparsify_summary.read_text())
         try:
             layout.check_onnx(summary)  # the exported models are still the files it recorded
         except ValueError as err:
             raise StudyError(str(err)) from None
+        if summary.get("loss", "ce") != loss:  # no key: made before --sparsify-loss, with ce
+            raise StudyError(f"{layout.sparsify_summary} was trained with loss {summary.get('loss', 'ce')!r}, "
+                             f"not {loss!r} (--sparsify-loss {config.sparsify_loss}); pass --overwrite "
+                             "to replace the run, or choose another --output-dir")
         print(f"[sparsify] {layout.sparsify_summary} exists: skipping the sparsify stage", flush=True)
         return summary
     metric = selection_metric(config)
     checkpoint, metrics = best_checkpoint(best, metric)
-    setup = best.config["setup"]
-    loss = setup if config.sparsify_loss == "setup" else "ce"
     print(f"[sparsify] best trial: {best.path.rsplit('/', 1)[-1]} (setup {setup}, seed "
           f"{best.config['seed']}, {metric} {metrics[metric]:.4f} at epoch {metrics['training_iteration']}); "
           f"recipe {config.recipe}, loss {loss}", flush=True)

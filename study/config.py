@@ -269,6 +269,11 @@ def config_json(config: StudyConfig) -> str:
                        "decision_rule": decision_rule(config)}, indent=2)
 
 
+#: What a run made before a field existed did, where that differs from the field's default: the
+#: recipe trained with cross-entropy before ``--sparsify-loss`` (its default is now ``setup``).
+LEGACY_VALUES: dict[str, Any] = {"sparsify_loss": "ce"}
+
+
 def check_output_dir(config: StudyConfig, overwrite: bool) -> bool:
     """Refuse an --output-dir whose ``config.json`` differs from ``config`` (outside
     RUNTIME_FIELDS) unless ``overwrite``: StudyError naming up to three differing fields.
@@ -285,10 +290,12 @@ def check_output_dir(config: StudyConfig, overwrite: bool) -> bool:
     except (OSError, ValueError) as err:
         raise StudyError(f"{saved} is unreadable ({err}); pass --overwrite to start a new run there") from None
     current = json.loads(config_json(config))
-    defaults = json.loads(config_json(StudyConfig()))  # for fields newer than the saved run
-    changed = [k for k in current if k not in RUNTIME_FIELDS and previous.get(k, defaults[k]) != current[k]]
+    # A field newer than the saved run: what that run did without it (LEGACY_VALUES), else the default.
+    before = {**json.loads(config_json(StudyConfig())), **LEGACY_VALUES}
+    previous = {k: previous.get(k, before[k]) for k in current}
+    changed = [k for k in current if k not in RUNTIME_FIELDS and previous[k] != current[k]]
     if changed and not overwrite:
-        diff = "; ".join(f"{k}: {previous.get(k)!r} -> {current[k]!r}" for k in changed[:3])
+        diff = "; ".join(f"{k}: {previous[k]!r} -> {current[k]!r}" for k in changed[:3])
         raise StudyError(f"--output-dir {out} holds a run made with a different config ({diff}); "
                          "pass --overwrite to replace it, or choose another --output-dir")
     return bool(changed)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import study  # noqa: F401  (sets NM_DISABLE_ANALYTICS for the tests and their subprocesses)
-from helpers import extract_image_subset
+from helpers import extract_image_subset, run_orchestrate
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CIFAR_TARBALL = REPO_ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
@@ -33,19 +33,7 @@ def smoke_run(cifar_root, tmp_path_factory) -> Path:
     (300 train / 200 test images) once per session; returns its output directory.
 
     Fails (does not skip) when the run exits non-zero, with the tail of its output."""
-    import os
-    import subprocess
-    import sys
-
-    out = tmp_path_factory.mktemp("smoke-run")
-    env = dict(os.environ, RAY_DEDUP_LOGS="0")
-    proc = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "orchestrate.py"), "--preset", "smoke",
-         "--data-root", str(cifar_root), "--output-dir", str(out), "--no-dashboard"],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1200)
-    (out / "orchestrate.log").write_text(proc.stdout + proc.stderr)
-    assert proc.returncode == 0, f"smoke run failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}"
-    return out
+    return run_orchestrate(tmp_path_factory.mktemp("smoke-run"), cifar_root)
 
 
 @pytest.fixture(scope="session")
@@ -53,15 +41,5 @@ def smoke_seeds_run(cifar_root, tmp_path_factory) -> Path:
     """``python orchestrate.py --preset smoke --seeds 2 --val-size 100 --stop-after students`` on
     the small real CIFAR-10 tree, once per session (six student trials, 200 training / 100
     validation / 200 test images); returns its output directory. Fails when the run exits non-zero."""
-    import os
-    import subprocess
-    import sys
-
-    out = tmp_path_factory.mktemp("smoke-seeds-run")
-    proc = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "orchestrate.py"), "--preset", "smoke", "--seeds", "2", "--val-size", "100",
-         "--stop-after", "students", "--data-root", str(cifar_root), "--output-dir", str(out), "--no-dashboard"],
-        cwd=REPO_ROOT, env=dict(os.environ, RAY_DEDUP_LOGS="0"), capture_output=True, text=True, timeout=1800)
-    (out / "orchestrate.log").write_text(proc.stdout + proc.stderr)
-    assert proc.returncode == 0, f"seeds run failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}"
-    return out
+    return run_orchestrate(tmp_path_factory.mktemp("smoke-seeds-run"), cifar_root, "--seeds", "2",
+                           "--val-size", "100", "--stop-after", "students", timeout=1800)

@@ -16,6 +16,24 @@ from onnx import numpy_helper
 from trainables.data import CIFAR10_CLASSES
 
 
+def run_orchestrate(out: Path, cifar_root: Path, *args: str, timeout: float = 1200) -> Path:
+    """Run ``python orchestrate.py --preset smoke --data-root CIFAR_ROOT --output-dir OUT
+    --no-dashboard ARGS...`` from the repository root; its stdout+stderr go to
+    ``OUT/orchestrate.log``. Returns ``out``; AssertionError with the output's tail when it exits
+    non-zero."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, str(repo / "orchestrate.py"), "--preset", "smoke", "--data-root", str(cifar_root),
+         "--output-dir", str(out), "--no-dashboard", *args],
+        cwd=repo, env=dict(os.environ, RAY_DEDUP_LOGS="0"), capture_output=True, text=True, timeout=timeout)
+    (out / "orchestrate.log").write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, f"run {args} failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}"
+    return out
+
+
 def extract_image_subset(tarball: str | os.PathLike, dest: str | os.PathLike,
                          per_class: dict[str, int]) -> Path:
     """Extract the first ``per_class[split]`` images of every class of each split (in archive

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 from ray import tune
 
-from helpers import onnx_input_shape, onnx_op_types, onnx_weight_sparsity
+from helpers import onnx_input_shape, onnx_op_types, onnx_weight_sparsity, run_orchestrate
 from study import ONNX_MODELS, make_config
 from study.files import sha256_file
 from trainables.export import read_metadata
@@ -206,6 +206,25 @@ def test_the_recipe_trains_with_the_winning_setups_loss_by_default(smoke_run):
     terms = {"ce": ["ce"], "kd": ["ce", "soft_ce"], "kd_feat": ["ce", "soft_ce", "mse_layer1",
                                                                  "mse_layer2", "mse_layer4"]}
     assert summary["loss"] == summary["setup"]
-    assert read_metadata(smoke_run / "onnx" / "pruned_quantized.onnx")["recipe_loss"] == summary["loss"]
+    for name in ("pruned", "pruned_quantized"):
+        assert read_metadata(smoke_run / "onnx" / f"{name}.onnx")["recipe_loss"] == summary["loss"]
+    assert "recipe_loss" not in read_metadata(smoke_run / "onnx" / "dense.onnx")
     assert [c for c in history.columns if c.startswith("loss_")] == [f"loss_{t}" for t in terms[summary["loss"]]]
     assert json.loads((smoke_run / "config.json").read_text())["sparsify_loss"] == "setup"
+
+
+def test_a_kd_feat_winner_is_sparsified_with_its_loss_and_the_teacher(cifar_root, tmp_path):
+    """The path the smoke run's ce winner does not take: a kd_feat student (one setup, one epoch)
+    through the recipe with the frozen teacher's soft targets and feature MSE, orchestrated."""
+    out = run_orchestrate(tmp_path, cifar_root, "--setups", "kd_feat", "--teacher-max-epochs", "1",
+                          "--max-epochs", "1", "--stop-after", "sparsify")
+    summary = json.loads((out / "sparsify" / "summary.json").read_text())
+    assert (summary["setup"], summary["loss"], summary["temperature"]) == ("kd_feat", "kd_feat", 4.0)
+    history = pd.read_csv(out / "sparsify" / "history.csv")
+    terms = ["loss_ce", "loss_soft_ce", "loss_mse_layer1", "loss_mse_layer2", "loss_mse_layer4"]
+    assert [c for c in history.columns if c.startswith("loss_")] == terms
+    assert list(history["quantized"]) == [False, True]  # the feature MSE also ran in the QAT epoch
+    assert np.allclose(history["train_loss"], history[terms].mean(axis=1), rtol=1e-4)
+    assert read_metadata(out / "onnx" / "pruned_quantized.onnx")["recipe_loss"] == "kd_feat"
+    assert "loss kd_feat" in (out / "orchestrate.log").read_text()
+    assert summary["weight_sparsity_pruned_quantized"] == pytest.approx(0.8, abs=0.01)

@@ -234,3 +234,21 @@ def test_every_option_has_a_description():
     for action in orchestrate.build_parser()._actions:
         text = (action.help or "").split(" (default:")[0]
         assert len(text.split()) >= 3, (action.option_strings, action.help)
+
+
+def test_a_run_from_before_sparsify_loss_counts_as_ce(tmp_path):
+    """config.json of a run made before --sparsify-loss existed has no such key; that run's recipe
+    trained with cross-entropy, so resuming it asks for ``ce`` (the new default would differ)."""
+    import json
+
+    from study.config import check_output_dir, config_json
+
+    config = make_config("smoke", output_dir=str(tmp_path))
+    saved = json.loads(config_json(config))
+    del saved["sparsify_loss"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(StudyError, match=r"different config \(sparsify_loss: 'ce' -> 'setup'\)"):
+        check_output_dir(config, overwrite=False)
+    assert check_output_dir(make_config("smoke", output_dir=str(tmp_path), sparsify_loss="ce"),
+                            overwrite=False) is False
+    assert check_output_dir(config, overwrite=True) is True

@@ -254,7 +254,7 @@ def test_exported_models_describe_themselves(sparsified, tmp_path):
 
     meta = model_metadata(variant="pruned", arch="resnet18", stem="cifar", source_trial="t_00000",
                           setup="kd", recipe="recipes/prune_quantize.yaml", recipe_epochs=3.0,
-                          weight_sparsity=0.8, test_acc=0.25)
+                          weight_sparsity=0.8, test_acc=0.25, recipe_loss="kd")
     path = export_model_onnx(sparsified["model"], tmp_path / "q.onnx", convert_qat=True, metadata=meta)
     props = read_metadata(path)
     assert props == meta
@@ -263,5 +263,10 @@ def test_exported_models_describe_themselves(sparsified, tmp_path):
     assert json.loads(props["normalization_std"]) == [0.2470, 0.2435, 0.2616]
     assert json.loads(props["class_names"])[:2] == ["airplane", "automobile"]
     assert (props["source_trial"], props["source_setup"], props["recipe_epochs"]) == ("t_00000", "kd", "3")
+    assert props["recipe_loss"] == "kd"
+    dense = model_metadata(variant="dense", arch="resnet18", stem="cifar", source_trial="t", setup="kd",
+                           recipe="r.yaml", recipe_epochs=3.0, weight_sparsity=0.0, test_acc=0.3,
+                           recipe_loss=None)
+    assert "recipe_loss" not in dense  # the recipe never trained the dense model
     assert onnx_input_shape(path) == ["batch", 3, 32, 32]
     assert {"ConvInteger", "QLinearConv"} & onnx_op_types(path)

@@ -18,7 +18,9 @@ from torch.ao.quantization import disable_observer
 from helpers import TinyResNet
 from models import build_student, build_teacher, feature_extractor, forward_features, save_checkpoint
 from trainables.data import CIFAR10Tensors
+from study import RunLayout
 from trainables.losses import TERM_NAMES
+from trainables.recipe_checkpoint import CHECKPOINT_FORMAT
 from trainables.sparsify import sparsify_student
 from trainables.sparsify_core import is_quantized, load_recipe, run_recipe
 from trainables.train import MODEL_FILE, student_loss
@@ -147,3 +149,19 @@ def test_a_distillation_loss_without_the_teacher_is_refused(tmp_path):
     with pytest.raises(ValueError, match="loss 'mse' is unknown; allowed: ce, kd, kd_feat"):
         sparsify_student(tmp_path, data, recipe=RECIPE, recipe_epochs=2, batch_size=16, seed=0,
                          threads=1, output_dir=str(tmp_path / "run"), loss="mse")
+
+
+def test_a_recipe_checkpoint_trained_with_another_loss_is_refused(tmp_path):
+    """An interrupted attempt with ``ce`` is not continued with ``kd``: one line, before training."""
+    student, teacher = _models()
+    layout = RunLayout(tmp_path / "run")
+    layout.sparsify_checkpoint.parent.mkdir(parents=True)  # what the attempt's checks read first
+    torch.save({"format": CHECKPOINT_FORMAT, "epoch": 1, "extra": {"trial_id": "t0", "loss": "ce", "sha256": {}}},
+               layout.sparsify_checkpoint)
+    payload = {"arch": "resnet18", "stem": "cifar", "num_classes": 10, "state_dict": teacher.state_dict()}
+    data = CIFAR10Tensors(*(torch.zeros(0),) * 4)
+    with pytest.raises(ValueError, match=r"recipe_checkpoint.pt was trained with loss 'ce', not 'kd'; "
+                                         r"delete it to run the recipe from epoch 0$"):
+        sparsify_student(_student_checkpoint(tmp_path, student), data, recipe=RECIPE, recipe_epochs=2,
+                         batch_size=16, seed=0, threads=1, output_dir=str(layout.root), trial_id="t0",
+                         loss="kd", teacher=payload)

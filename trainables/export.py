@@ -47,7 +47,7 @@ __all__ = ["export_model_onnx", "model_metadata", "read_metadata"]
 
 def model_metadata(*, variant: str, arch: str, stem: str, source_trial: str, setup: str,
                    recipe: str, recipe_epochs: float, weight_sparsity: float,
-                   test_acc: float, recipe_loss: str = "ce") -> dict:
+                   test_acc: float, recipe_loss: str | None) -> dict:
     """The ``metadata_props`` of an exported classifier: everything a deployer needs to feed it
     and read its output, and where it came from. All values are strings (ONNX requires it);
     lists are JSON.
@@ -59,8 +59,8 @@ def model_metadata(*, variant: str, arch: str, stem: str, source_trial: str, set
     ``CIFAR10_STD``, exactly what training used), ``output_name`` ("output"), ``output``
     (in words), ``class_names`` (JSON list, in output order), ``variant`` (dense, pruned or
     pruned_quantized), ``arch``, ``stem``, ``source_trial``, ``source_setup``, ``recipe``,
-    ``recipe_epochs``, ``recipe_loss`` (the setup whose loss the recipe trained with: ce, kd,
-    kd_feat; the dense model's parent was trained with ``source_setup``'s), ``weight_sparsity`` (0..1 of conv/linear weights that are zero),
+    ``recipe_epochs``, ``recipe_loss`` (pruned models only, ``recipe_loss`` not None: the setup
+    whose loss the recipe trained with, ce, kd or kd_feat), ``weight_sparsity`` (0..1 of conv/linear weights that are zero),
     ``test_acc`` (torch test accuracy 0..1 when exported).
     """
     return {
@@ -75,7 +75,7 @@ def model_metadata(*, variant: str, arch: str, stem: str, source_trial: str, set
         "class_names": json.dumps(list(CIFAR10_CLASSES)),
         "variant": variant, "arch": arch, "stem": stem, "source_trial": source_trial,
         "source_setup": setup, "recipe": str(recipe), "recipe_epochs": f"{float(recipe_epochs):g}",
-        "recipe_loss": recipe_loss,
+        **({} if recipe_loss is None else {"recipe_loss": recipe_loss}),
         "weight_sparsity": f"{weight_sparsity:.6f}", "test_acc": f"{test_acc:.6f}",
     }
 

@@ -271,8 +271,8 @@ def run_recipe(
         # Reduced precision only for epochs that end before QAT starts: fake-quant needs float32.
         amp = autocast is not None and epoch + 1 <= qat_start
         precision = _precision(autocast(device)) if amp else "float32"
-        loss_sum = 0.0
-        term_sums: Dict[str, float] = {}
+        loss_sum = torch.zeros((), device=device)
+        term_sums: Dict[str, torch.Tensor] = {}  # summed on the device, read once per epoch
         steps = 0
         for x, y in train_batches_fn(epoch):
             if steps >= steps_per_epoch:
@@ -287,9 +287,9 @@ def run_recipe(
             loss = wrapped.loss_update(loss)
             loss.backward()
             wrapped.step()
-            loss_sum += float(loss.detach())
+            loss_sum += loss.detach().float()
             for name, value in terms.items():
-                term_sums[name] = term_sums.get(name, 0.0) + float(value)
+                term_sums[name] = term_sums[name] + value if name in term_sums else value.float()
             steps += 1
         for _ in range(steps, steps_per_epoch):
             if not fired and wrapped.wrapped_epoch >= hook_epoch:
@@ -300,8 +300,8 @@ def run_recipe(
         model.train()
         row = {
             "epoch": epoch,
-            "train_loss": loss_sum / steps if steps else float("nan"),
-            **{f"loss_{name}": total / steps for name, total in term_sums.items()},
+            "train_loss": float(loss_sum) / steps if steps else float("nan"),
+            **{f"loss_{name}": float(total) / steps for name, total in term_sums.items()},
             "test_acc": test_acc,
             "sparsity": global_sparsity(model),
             "lr": float(optimizer.param_groups[0]["lr"]),

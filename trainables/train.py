@@ -281,7 +281,7 @@ def student_loss(setup: str, student: torch.nn.Module, teacher: torch.nn.Module 
 
     The frozen ``teacher`` (None for ``ce``; in eval mode, gradients off) runs under
     ``torch.no_grad()``: its outputs are ordinary tensors that need no copy. ``kd`` needs only
-    its logits; ``kd_feat`` also the layer1/2/4 feature maps of both models, from
+    its logits; ``kd_feat`` also the layer1/2/4 feature maps of both models, by default from
     ``models.feature_extractor`` graphs built here once (no hooks per call). With
     ``compile_with`` (a ``torch.compile`` backend, e.g. ``"inductor"``) the student's and the
     teacher's forward are compiled; the parameters stay those of ``student``/``teacher``.
