@@ -128,7 +128,7 @@ def findings(run: RunData) -> list[str]:
             parts.append(f"pruning + INT8 quantization-aware training {_change(dense, _value(quant, 'test_acc'))}")
         which = f"{base} student" + ("" if seed is None or run.seeds <= 1 else f" (seed {seed}, its best seed)")
         # no "loss" key: a run from before --sparsify-loss, whose recipe trained with cross-entropy
-        loss = (run.sparsify_summary or {}).get("loss", "ce") if run.sparsify_summary else None
+        loss = run.sparsify_summary.get("loss", "ce") if run.sparsify_summary else None
         trained = f", fine-tuned with {RECIPE_LOSS_WORDS.get(loss, loss)}" if loss else ""
         text = f"Sparsifying the {which} ({_pct(dense)} dense, PyTorch{trained}): " + "; ".join(parts) + "."
         onnx = [f"{m} {_pct(_value(r, 'onnx_test_acc'))}"

@@ -106,7 +106,8 @@ def sparsify_student(checkpoint, data: CIFAR10Tensors, *, recipe: str, recipe_ep
         path = layout.onnx(variant)
         export_model_onnx(m, path, convert_qat=convert_qat, metadata=model_metadata(
             variant=variant, arch=meta["arch"], stem=meta["stem"], source_trial=trial_id, setup=setup,
-            recipe=recipe, recipe_epochs=recipe_epochs, recipe_loss=None if variant == "dense" else loss, weight_sparsity=global_sparsity(m),
+            recipe=recipe, recipe_epochs=recipe_epochs, recipe_loss=None if variant == "dense" else loss,
+            weight_sparsity=global_sparsity(m),
             test_acc=test_acc))
         state["sha256"][variant] = sha256_file(path)
 
