@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,8 +132,6 @@ def test_student_epoch_on_cpu_is_fp32_and_contiguous(monkeypatch):
 
     def report(metrics, checkpoint=None):
         reports.append(metrics)
-        if checkpoint is not None:
-            shutil.rmtree(checkpoint.path, ignore_errors=True)
 
     monkeypatch.setattr(train, "feature_extractor", spy)
     monkeypatch.setattr(train.tune, "report", report)
@@ -154,6 +152,35 @@ def test_student_epoch_on_cpu_is_fp32_and_contiguous(monkeypatch):
     assert {"loss_ce", "loss_soft_ce", "loss_mse_layer1", "loss_mse_layer2",
             "loss_mse_layer4"} <= set(metrics)
     assert all(math.isfinite(v) for v in metrics.values())
+
+
+def test_epoch_checkpoints_leave_nothing_in_the_temp_folder(monkeypatch, tmp_path):
+    """Each epoch's checkpoint exists while ``tune.report`` runs and is gone after it, also when
+    the report ends the trial (Ray raises SystemExit from ``report`` when Tune stops a trial).
+    Before, every epoch left a ``ckpt-*`` folder (130 MB for a ResNet-101 student) in /tmp."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    held = []
+
+    def report(metrics, checkpoint=None):
+        files = sorted(p.name for p in Path(checkpoint.path).iterdir())
+        held.append((metrics["epoch"], checkpoint.path, files))
+        if metrics["epoch"] == 2:
+            raise SystemExit(0)  # what ray.train's session does when the stopper ends the trial
+
+    monkeypatch.setattr(train.tune, "report", report)
+    monkeypatch.setattr(train.tune, "get_checkpoint", lambda: None)
+    config = {"arch": "resnet18", "stem": "cifar", "num_classes": 10, "batch_size": 8,
+              "lr": 1e-3, "seed": 0, "threads": 1, "max_epochs": 3, "teacher_weights": None}
+    with pytest.raises(SystemExit):
+        train.train_teacher(config, data=_tiny_data())
+
+    assert [epoch for epoch, _, _ in held] == [1, 2]
+    for _, path, files in held:
+        assert path.startswith(str(tmp_path / "ckpt-"))
+        assert files == sorted([train.MODEL_FILE, train.STATE_FILE])
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_evaluate_counts_on_cpu():

@@ -40,10 +40,11 @@ def _run(tmp_path, val_size: int):
         import tempfile
 
         for val, test in sequences[config["name"]]:
-            folder = tempfile.mkdtemp()
-            with open(os.path.join(folder, "epoch"), "w") as f:
-                f.write(str(val))
-            tune.report({"val_acc": val, "test_acc": test}, checkpoint=tune.Checkpoint.from_directory(folder))
+            with tempfile.TemporaryDirectory() as folder:
+                with open(os.path.join(folder, "epoch"), "w") as f:
+                    f.write(str(val))
+                tune.report({"val_acc": val, "test_acc": test},
+                            checkpoint=tune.Checkpoint.from_directory(folder))
 
     config = make_config("smoke", output_dir=str(tmp_path), val_size=val_size, max_epochs=6)
     grid = run_tuner(config, "rule", trainable, {"name": tune.grid_search(list(SEQUENCES))},

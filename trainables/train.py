@@ -137,15 +137,23 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return correct.item() / len(labels)
 
 
-def _save_epoch_checkpoint(model, optimizer, config: dict, role: str, epoch: int,
-                           history: list[float]) -> tune.Checkpoint:
-    directory = tempfile.mkdtemp(prefix="ckpt-")
-    save_checkpoint(model, os.path.join(directory, MODEL_FILE), arch=config["arch"],
-                    stem=config["stem"], num_classes=config["num_classes"], role=role,
-                    extra={"epoch": epoch, "setup": config.get("setup")})
-    torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch, "history": history},
-               os.path.join(directory, STATE_FILE))
-    return tune.Checkpoint.from_directory(directory)
+@contextlib.contextmanager
+def _epoch_checkpoint(model, optimizer, config: dict, role: str, epoch: int,
+                      history: list[float]):
+    """A ``tune.Checkpoint`` of this epoch in a temporary directory, removed on exit.
+
+    ``tune.report`` copies the checkpoint into the run's storage before it returns (Ray's
+    documented pattern: report inside ``tempfile.TemporaryDirectory``), so nothing is left in
+    the temp folder: one ResNet-101 student checkpoint is about 130 MB, written every epoch.
+    The directory also goes when the report ends the trial (Ray raises ``SystemExit`` there).
+    """
+    with tempfile.TemporaryDirectory(prefix="ckpt-") as directory:
+        save_checkpoint(model, os.path.join(directory, MODEL_FILE), arch=config["arch"],
+                        stem=config["stem"], num_classes=config["num_classes"], role=role,
+                        extra={"epoch": epoch, "setup": config.get("setup")})
+        torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch, "history": history},
+                   os.path.join(directory, STATE_FILE))
+        yield tune.Checkpoint.from_directory(directory)
 
 
 def _fit(config: dict, data: CIFAR10Tensors, model: torch.nn.Module, role: str,
@@ -227,8 +235,8 @@ def _fit(config: dict, data: CIFAR10Tensors, model: torch.nn.Module, role: str,
         )
         if not all(math.isfinite(v) for v in metrics.values()):
             raise FloatingPointError(f"non-finite metrics at epoch {epoch + 1}: {metrics}")
-        tune.report(metrics, checkpoint=_save_epoch_checkpoint(
-            model, optimizer, config, role, epoch + 1, history))
+        with _epoch_checkpoint(model, optimizer, config, role, epoch + 1, history) as checkpoint:
+            tune.report(metrics, checkpoint=checkpoint)
 
 
 def _on_device(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

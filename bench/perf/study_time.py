@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -83,8 +82,6 @@ def run_trainable(role: str, space: dict, data, teacher: dict | None) -> list[di
 
     def report(metrics, checkpoint=None):
         reports.append(dict(metrics))
-        if checkpoint is not None:
-            shutil.rmtree(checkpoint.path, ignore_errors=True)
 
     with mock.patch.object(train.tune, "report", report), \
             mock.patch.object(train.tune, "get_checkpoint", lambda: None):
