@@ -8,7 +8,6 @@ that needs CUDA skips without it."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -54,16 +53,16 @@ def _config(setup: str, **extra) -> dict:
             "seed": 0, "threads": 1, "setup": setup, "temperature": 4.0, "max_epochs": 1, **extra}
 
 
-def _run_student(monkeypatch, config: dict, data: CIFAR10Tensors, keep: list | None = None) -> list[dict]:
-    """train_student called directly; returns the reported metrics (checkpoints kept in ``keep``)."""
+def _run_student(monkeypatch, config: dict, data: CIFAR10Tensors, keep: Path | None = None) -> list[dict]:
+    """train_student called directly; returns the reported metrics. With ``keep``, each epoch's
+    checkpoint is copied to ``keep / epoch_N`` (as Tune persists it: the trainable deletes its
+    own copy once ``report`` returns)."""
     reports = []
 
     def report(metrics, checkpoint=None):
         reports.append(dict(metrics))
         if keep is not None:
-            keep.append(checkpoint.path)
-        elif checkpoint is not None:
-            shutil.rmtree(checkpoint.path, ignore_errors=True)
+            checkpoint.to_directory(str(keep / f"epoch_{metrics['epoch']}"))
 
     monkeypatch.setattr(train.tune, "report", report)
     monkeypatch.setattr(train.tune, "get_checkpoint", lambda: None)
@@ -237,14 +236,12 @@ def test_compiled_kd_feat_trains_and_saves_a_plain_checkpoint(monkeypatch, tmp_p
         return real_compile(module, **kwargs)
 
     monkeypatch.setattr(torch, "compile", spy)
-    kept = []
     (metrics,) = _run_student(monkeypatch, _config("kd_feat", compile=True, compile_backend="eager"),
-                              _data(20), keep=kept)
+                              _data(20), keep=tmp_path)
     assert compiled == [("_FeatureTaps", "eager"), ("_FeatureTaps", "eager")]
     assert metrics["train_images_per_sec"] > 0 and metrics["epoch"] == 1
-    model, meta = load_checkpoint(Path(kept[0]) / train.MODEL_FILE)
+    model, meta = load_checkpoint(tmp_path / "epoch_1" / train.MODEL_FILE)
     assert meta["role"] == "student" and not any("_orig_mod" in k for k in model.state_dict())
-    shutil.rmtree(kept[0], ignore_errors=True)
 
 
 def test_compiled_steps_see_one_batch_shape(monkeypatch):

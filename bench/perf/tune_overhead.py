@@ -148,8 +148,6 @@ def run_direct(space: dict, data, teacher: dict | None) -> dict:
     def report(values, checkpoint=None):
         stamps.append(time.perf_counter())
         metrics.append(dict(values))
-        if checkpoint is not None:
-            shutil.rmtree(checkpoint.path, ignore_errors=True)
 
     threads = torch.get_num_threads()
     t0 = time.perf_counter()
