@@ -145,7 +145,9 @@ def _epoch_checkpoint(model, optimizer, config: dict, role: str, epoch: int,
     ``tune.report`` copies the checkpoint into the run's storage before it returns (Ray's
     documented pattern: report inside ``tempfile.TemporaryDirectory``), so nothing is left in
     the temp folder: one ResNet-101 student checkpoint is about 130 MB, written every epoch.
-    The directory also goes when the report ends the trial (Ray raises ``SystemExit`` there).
+    The directory also goes when the report ends the trial (Ray raises ``SystemExit`` there),
+    unless Ray ends the process first: ``FunctionTrainable.cleanup`` does not wait for the training
+    thread, so now and then the last epoch's folder stays (seen: one, emptied, in a smoke run).
     """
     with tempfile.TemporaryDirectory(prefix="ckpt-") as directory:
         save_checkpoint(model, os.path.join(directory, MODEL_FILE), arch=config["arch"],
