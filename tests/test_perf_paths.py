@@ -157,7 +157,7 @@ def test_student_epoch_on_cpu_is_fp32_and_contiguous(monkeypatch):
 def test_epoch_checkpoints_leave_nothing_in_the_temp_folder(monkeypatch, tmp_path):
     """Each epoch's checkpoint exists while ``tune.report`` runs and is gone after it, also when
     the report ends the trial (Ray raises SystemExit from ``report`` when Tune stops a trial).
-    Before, every epoch left a ``ckpt-*`` folder (130 MB for a ResNet-101 student) in /tmp."""
+    Before, every epoch left a ``ckpt-*`` folder (115 MB or more for a ResNet-101 student) in /tmp."""
     import tempfile
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))

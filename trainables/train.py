@@ -142,9 +142,9 @@ def _epoch_checkpoint(model, optimizer, config: dict, role: str, epoch: int,
                       history: list[float]):
     """A ``tune.Checkpoint`` of this epoch in a temporary directory, removed on exit.
 
-    ``tune.report`` copies the checkpoint into the run's storage before it returns (Ray's
+    ``tune.report`` copies the checkpoint into the run's storage before it blocks (Ray's
     documented pattern: report inside ``tempfile.TemporaryDirectory``), so nothing is left in
-    the temp folder: one ResNet-101 student checkpoint is about 130 MB, written every epoch.
+    the temp folder: a ResNet-101 student's weights + Adam state are 115 MB or more, every epoch.
     The directory also goes when the report ends the trial (Ray raises ``SystemExit`` there),
     unless Ray ends the process first: ``FunctionTrainable.cleanup`` does not wait for the training
     thread, so now and then the last epoch's folder stays (seen: one, emptied, in a smoke run).
