@@ -196,8 +196,9 @@ def stage_sparsify(config: StudyConfig, data, best, teacher_path: Path) -> dict:
             layout.check_onnx(summary)  # the exported models are still the files it recorded
         except ValueError as err:
             raise StudyError(str(err)) from None
-        if summary.get("loss", "ce") != loss:  # no key: made before --sparsify-loss, with ce
-            raise StudyError(f"{layout.sparsify_summary} was trained with loss {summary.get('loss', 'ce')!r}, "
+        trained_with = summary.get("loss", "ce")  # no key: made before --sparsify-loss, with ce
+        if trained_with != loss:
+            raise StudyError(f"{layout.sparsify_summary} was trained with loss {trained_with!r}, "
                              f"not {loss!r} (--sparsify-loss {config.sparsify_loss}); pass --overwrite "
                              "to replace the run, or choose another --output-dir")
         print(f"[sparsify] {layout.sparsify_summary} exists: skipping the sparsify stage", flush=True)

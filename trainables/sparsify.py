@@ -119,8 +119,9 @@ def sparsify_student(checkpoint, data: CIFAR10Tensors, *, recipe: str, recipe_ep
         if state.get("trial_id") != trial_id:
             raise ValueError(f"{layout.sparsify_checkpoint} belongs to trial {state.get('trial_id')!r}, "
                              f"not {trial_id!r}; delete it to run the recipe from epoch 0")
-        if state.get("loss", "ce") != loss:
-            raise ValueError(f"{layout.sparsify_checkpoint} was trained with loss {state.get('loss', 'ce')!r}, "
+        trained_with = state.get("loss", "ce")  # no key: an attempt from before --sparsify-loss
+        if trained_with != loss:
+            raise ValueError(f"{layout.sparsify_checkpoint} was trained with loss {trained_with!r}, "
                              f"not {loss!r}; delete it to run the recipe from epoch 0")
         check_digests(state["sha256"], {name: layout.onnx(name) for name in state["sha256"]},
                       remedy=f"delete {layout.sparsify_checkpoint} to run the recipe from epoch 0")
