@@ -4,7 +4,7 @@
 Stages (each one hop away from here; ``ARCHITECTURE.md`` draws the whole picture):
   1. teacher   ``trainables.train.train_teacher``  - fine-tune a ResNet teacher (one Tune trial)
   2. students  ``trainables.train.train_student``  - three setups (ce, kd, kd_feat) at once under Tune
-  3. sparsify  ``trainables.sparsify``             - best student -> SparseML recipe -> ONNX
+  3. sparsify  ``trainables.compress.sparsify``             - best student -> SparseML recipe -> ONNX
   4. bench     ``bench.benchmark``                 - DeepSparse / onnxruntime on a CPU-only actor
   5. report    ``report``                          - executed report.ipynb -> HTML/PDF (``--report``)
 
@@ -109,14 +109,14 @@ def check_avx2(cpuinfo: str | None = None) -> None:
 
 def start_ray(config: StudyConfig):
     """Join the cluster at ``--address`` (shipping this project as the job's ``working_dir``) or
-    start a local Ray of this run's own (``trainables.cluster.connect``), print the dashboard line,
+    start a local Ray of this run's own (``driver.cluster.connect``), print the dashboard line,
     then size every request of the run from the cluster's nodes and print that plan. Returns the
     nodes. StudyError (one line) for an unreachable cluster or a request that no node can hold."""
     import logging
 
     from study.resources import plan_resources
-    from trainables.cluster import cluster_nodes, connect
-    from trainables.tuning import student_trials
+    from driver.cluster import cluster_nodes, connect
+    from driver.tuning import student_trials
 
     runtime_env = None
     if config.address:  # an existing cluster: ship this project (and --verbose) to its nodes
@@ -137,9 +137,9 @@ def stage_teacher(config: StudyConfig, data) -> Path:
 
     from models import load_checkpoint
     from study.files import atomic_copy
-    from trainables.results import best_checkpoint
+    from driver.results import best_checkpoint
     from trainables.train import MODEL_FILE, train_teacher
-    from trainables.tuning import run_tuner, trial_config, trial_resources
+    from driver.tuning import run_tuner, trial_config, trial_resources
 
     target = RunLayout(config.output_dir).teacher
     if target.exists():
@@ -165,7 +165,7 @@ def stage_students(config: StudyConfig, data, teacher_path: Path):
     from ray import tune
 
     from trainables.train import train_student
-    from trainables.tuning import run_tuner, student_space, trial_resources
+    from driver.tuning import run_tuner, student_space, trial_resources
 
     teacher = torch.load(teacher_path, map_location="cpu")
     resources = trial_resources(config, "student")
@@ -175,7 +175,7 @@ def stage_students(config: StudyConfig, data, teacher_path: Path):
 
 
 def stage_sparsify(config: StudyConfig, data, best, teacher_path: Path) -> dict:
-    """Stage 3: the trial ``best`` (``trainables.results.sparsify_trial``: the winning setup's
+    """Stage 3: the trial ``best`` (``driver.results.sparsify_trial``: the winning setup's
     best seed), from its best checkpoint, through the recipe, as a Ray task on the training
     device, trained with that setup's loss and the frozen teacher (``--sparsify-loss setup``) or
     cross-entropy (``ce``); returns ``sparsify/summary.json``'s content."""
@@ -183,9 +183,9 @@ def stage_sparsify(config: StudyConfig, data, best, teacher_path: Path) -> dict:
     import torch
 
     from study import ONNX_MODELS
-    from trainables.results import best_checkpoint
-    from trainables.sparsify import sparsify_student
-    from trainables.tuning import trial_resources
+    from driver.results import best_checkpoint
+    from trainables.compress.sparsify import sparsify_student
+    from driver.tuning import trial_resources
 
     layout = RunLayout(config.output_dir)
     setup = best.config["setup"]
@@ -236,7 +236,7 @@ def stage_bench(config: StudyConfig, data, summary: dict) -> tuple:
     from study.files import atomic_write_text
     from study.resources import bench_cores, bench_node
     from trainables.batches import normalize
-    from trainables.cluster import cluster_nodes, on_node, run_on_node
+    from driver.cluster import cluster_nodes, on_node, run_on_node
 
     layout = RunLayout(config.output_dir)
     if layout.benchmark.exists() and layout.onnx_accuracy.exists():
@@ -279,7 +279,7 @@ def check_inputs(config: StudyConfig, teacher_stage: bool) -> None:
     sparsify stage will run) and the teacher's initial weights (when the teacher stage will run:
     'imagenet' is downloaded now, a checkpoint path must hold a teacher of this arch and stem)."""
     if config.stop_after in ("sparsify", "bench"):
-        from trainables.sparsify_core import load_recipe
+        from trainables.compress.core import load_recipe
 
         try:
             load_recipe(config.recipe, num_epochs=config.recipe_epochs)
@@ -324,7 +324,7 @@ def run_study(config: StudyConfig, args: argparse.Namespace) -> int:
 
     from report import fastest_model
     from study.files import atomic_write_text
-    from trainables.results import (RESULT_COLUMNS, setups_table, sparsified_rows, sparsify_trial, summary_text,
+    from driver.results import (RESULT_COLUMNS, setups_table, sparsified_rows, sparsify_trial, summary_text,
                                     training_rows)
 
     out, layout = Path(config.output_dir), RunLayout(config.output_dir)
@@ -345,7 +345,7 @@ def run_study(config: StudyConfig, args: argparse.Namespace) -> int:
         layout.remove_outputs()
     out.mkdir(parents=True, exist_ok=True)
     if config.address:  # Tune's storage_path and every stage's output: one folder for all nodes
-        from trainables.cluster import check_shared_storage
+        from driver.cluster import check_shared_storage
 
         check_shared_storage(out, nodes)
     atomic_write_text(layout.config, config_json(config))

@@ -156,9 +156,9 @@ def findings(run: RunData) -> list[str]:
 
 
 def _winner_over_seeds(run: RunData) -> str:
-    """The winner sentence of a run with ``setups.csv`` (``trainables.stats.lead_sentence``), with
+    """The winner sentence of a run with ``setups.csv`` (``driver.stats.lead_sentence``), with
     the teacher's best-epoch test accuracy for comparison."""
-    from trainables.stats import lead, lead_sentence
+    from driver.stats import lead, lead_sentence
 
     text = lead_sentence(run.setups, run.metric)
     info = lead(run.setups, run.metric)

@@ -126,7 +126,7 @@ class RunLayout:
     @property
     def setups(self) -> Path:
         """``setups.csv``: one row per student setup, mean and 95 % interval over its seeds
-        (written by orchestrate after the students stage; columns ``trainables.stats.SETUP_COLUMNS``)."""
+        (written by orchestrate after the students stage; columns ``driver.stats.SETUP_COLUMNS``)."""
         return self.root / "setups.csv"
 
     def report(self, suffix: str) -> Path:

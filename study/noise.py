@@ -2,7 +2,7 @@
 
 A run prints one line per epoch of every trial, one per recipe epoch, one per benchmark and the
 tables at the end. The libraries would print much more (about 330 lines for a 5-minute smoke
-run); what is silenced, and why, is listed here (loggers) and in ``trainables.export.quiet_export``
+run); what is silenced, and why, is listed here (loggers) and in ``trainables.compress.export.quiet_export``
 (the ONNX export's warnings). ``--verbose`` brings all of it back.
 
 ``set_verbose`` records the choice in the environment variable ``DISTILL_SPARSIFY_VERBOSE``

@@ -2,7 +2,7 @@
 
 Ray places a task, an actor or a Tune trial (one placement-group bundle) on a single node, so a
 request is sized from the nodes (``Node``: one alive Ray node's logical CPUs and GPUs, as
-``ray.nodes()`` reports them; ``trainables.cluster.cluster_nodes`` reads them), never from the
+``ray.nodes()`` reports them; ``driver.cluster.cluster_nodes`` reads them), never from the
 cluster's totals: on two 2-CPU nodes a 4-CPU request waits forever. The rule (README, "On a Ray
 cluster"):
 

@@ -38,7 +38,7 @@ import os, sys, tempfile, time
 import ray
 from ray import tune
 from study import make_config
-from trainables.tuning import run_tuner, trial_config, trial_resources
+from driver.tuning import run_tuner, trial_config, trial_resources
 
 def probe(config):
     """A stand-in trainable: one 'epoch' per 2 s, reporting the threads and CPUs it was given."""
@@ -147,7 +147,7 @@ def test_an_impossible_request_fails_before_any_training(two_nodes, cifar_root, 
 def test_a_local_run_starts_its_own_ray_and_auto_joins(two_nodes, monkeypatch):
     import ray
 
-    from trainables.cluster import cluster_nodes, connect
+    from driver.cluster import cluster_nodes, connect
 
     monkeypatch.setenv("RAY_ADDRESS", two_nodes.address)  # even where the environment names a cluster
     try:
@@ -168,7 +168,7 @@ def test_a_local_run_starts_its_own_ray_and_auto_joins(two_nodes, monkeypatch):
 def test_the_output_dir_is_probed_on_every_node(two_nodes, tmp_path):
     import ray
 
-    from trainables.cluster import check_shared_storage, cluster_nodes
+    from driver.cluster import check_shared_storage, cluster_nodes
 
     ray.init(address=two_nodes.address)
     try:

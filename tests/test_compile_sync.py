@@ -304,8 +304,8 @@ def test_training_modules_import_without_the_sparsify_stack(tmp_path):
     code = textwrap.dedent(f"""
         import sys
         import orchestrate, study, models, report
-        import trainables.batches, trainables.data, trainables.losses, trainables.results
-        import trainables.stopper, trainables.train, trainables.tuning
+        import trainables.batches, trainables.data, trainables.losses, driver.results
+        import trainables.stopper, trainables.train, driver.tuning
         import importlib.util
         orchestrate.check_packages(orchestrate.required_packages("students"))
         assert importlib.util.find_spec("sparseml") is None, "the blocker did not block"

@@ -21,7 +21,7 @@ from ray import tune
 from helpers import onnx_input_shape, onnx_op_types, onnx_weight_sparsity, run_orchestrate
 from study import ONNX_MODELS, make_config
 from study.files import sha256_file
-from trainables.export import read_metadata
+from trainables.compress.export import read_metadata
 from trainables.stopper import plateau_epoch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -116,7 +116,7 @@ def test_dense_onnx_runs_in_onnxruntime_at_batch_1_and_32(smoke_run):
 
 def test_exported_models_describe_themselves(smoke_run):
     from trainables.data import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
-    from trainables.export import read_metadata
+    from trainables.compress.export import read_metadata
 
     summary = json.loads((smoke_run / "sparsify" / "summary.json").read_text())
     for name in ONNX_MODELS:

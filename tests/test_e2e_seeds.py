@@ -16,7 +16,7 @@ import pytest
 from scipy import stats
 
 from study import make_config
-from trainables.stats import SETUP_COLUMNS, welch_p
+from driver.stats import SETUP_COLUMNS, welch_p
 from trainables.stopper import plateau_epoch
 
 CONFIG = make_config("smoke", seeds=2, val_size=100)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from study.noise import QUIET_LOGGERS, VERBOSE_ENV, set_verbose, verbose
-from trainables.export import quiet_export
-from trainables.progress import epoch_line
+from trainables.compress.export import quiet_export
+from driver.progress import epoch_line
 
 
 @pytest.fixture(autouse=True)

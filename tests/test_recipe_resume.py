@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from helpers import TinyResNet
-from trainables.recipe_checkpoint import CHECKPOINT_FORMAT, load_recipe_checkpoint
-from trainables.sparsify_core import global_sparsity, is_quantized, load_recipe, recipe_phases, run_recipe
+from trainables.compress.checkpoint import CHECKPOINT_FORMAT, load_recipe_checkpoint
+from trainables.compress.core import global_sparsity, is_quantized, load_recipe, recipe_phases, run_recipe
 
 RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes",
                       "prune_quantize.yaml")

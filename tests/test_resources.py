@@ -12,7 +12,7 @@ from study import StudyError, make_config
 from study.resources import (
     MIN_CPU_SHARE, Node, Request, bench_cores, bench_node, capacity, holds, nodes_from_ray, plan_resources,
     round_down, student_share, whole_node)
-from trainables.cluster import dashboard_line
+from driver.cluster import dashboard_line
 
 
 def nodes(*sizes) -> list[Node]:

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from helpers import TinyResNet, onnx_input_shape, onnx_op_types, onnx_weight_sparsity
-from trainables.export import export_model_onnx
-from trainables.sparsify_core import (
+from trainables.compress.export import export_model_onnx
+from trainables.compress.core import (
     global_sparsity,
     is_quantized,
     load_recipe,
@@ -250,7 +250,7 @@ def test_a_failing_benchmark_is_a_row_and_the_others_are_measured(sparsified, tm
 def test_exported_models_describe_themselves(sparsified, tmp_path):
     import json
 
-    from trainables.export import model_metadata, read_metadata
+    from trainables.compress.export import model_metadata, read_metadata
 
     meta = model_metadata(variant="pruned", arch="resnet18", stem="cifar", source_trial="t_00000",
                           setup="kd", recipe="recipes/prune_quantize.yaml", recipe_epochs=3.0,

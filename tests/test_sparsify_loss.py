@@ -20,9 +20,9 @@ from models import build_student, build_teacher, feature_extractor, forward_feat
 from trainables.data import CIFAR10Tensors
 from study import RunLayout
 from trainables.losses import TERM_NAMES
-from trainables.recipe_checkpoint import CHECKPOINT_FORMAT
-from trainables.sparsify import sparsify_student
-from trainables.sparsify_core import is_quantized, load_recipe, run_recipe
+from trainables.compress.checkpoint import CHECKPOINT_FORMAT
+from trainables.compress.sparsify import sparsify_student
+from trainables.compress.core import is_quantized, load_recipe, run_recipe
 from trainables.train import MODEL_FILE, student_loss
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

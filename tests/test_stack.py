@@ -106,7 +106,7 @@ def test_onnx_export_matches_torch_in_onnxruntime_and_deepsparse(tmp_path):
     from deepsparse import Engine
     from sparseml.pytorch.utils import ModuleExporter
 
-    from trainables.export import quiet_export
+    from trainables.compress.export import quiet_export
 
     model = tiny_convnet().eval()
     with torch.no_grad():  # non-trivial BN statistics

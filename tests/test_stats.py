@@ -12,8 +12,8 @@ import torch
 
 from study import StudyError, decision_rule, make_config, selection_metric
 from trainables.batches import stratified_split, stratified_subset
-from trainables.results import best_checkpoint, per_seed_frame, sparsify_trial
-from trainables.stats import SETUP_COLUMNS, lead, lead_sentence, mean_std, setup_table, t_interval, welch_p, winner
+from driver.results import best_checkpoint, per_seed_frame, sparsify_trial
+from driver.stats import SETUP_COLUMNS, lead, lead_sentence, mean_std, setup_table, t_interval, welch_p, winner
 
 # --- the statistics, on numbers computed by hand ------------------------------------------------
 
@@ -166,7 +166,7 @@ def test_bad_seeds_and_val_size_are_one_line(overrides, message):
 
 
 def test_student_space_is_a_grid_over_setup_and_seed():
-    from trainables.tuning import student_space, trial_seeds
+    from driver.tuning import student_space, trial_seeds
 
     assert trial_seeds(make_config("smoke")) == [0]
     assert trial_seeds(make_config("smoke", seed=5, seeds=3)) == [5, 6, 7]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from study import make_config
-from trainables.results import best_checkpoint
+from driver.results import best_checkpoint
 from trainables.stopper import plateau_epoch
 
 # per trial: (val_acc, test_acc) per epoch
@@ -31,7 +31,7 @@ def ray_local():
 def _run(tmp_path, val_size: int):
     from ray import tune
 
-    from trainables.tuning import run_tuner
+    from driver.tuning import run_tuner
 
     sequences = SEQUENCES
 
@@ -82,7 +82,7 @@ def test_out_of_memory_is_one_line(ray_local, tmp_path, monkeypatch):
     from ray import tune
 
     from study import StudyError
-    from trainables.tuning import run_tuner
+    from driver.tuning import run_tuner
 
     def fit(self):  # what Tune raises when Ray's memory monitor kills a trial's actor as it starts
         raise RuntimeError("Caught unexpected exception: Task was killed due to the node running low on memory.\n"

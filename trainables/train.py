@@ -6,7 +6,7 @@ Both follow Ray Tune's function-trainable convention: a function of ``config`` t
 teacher's weights) arrive through ``tune.with_parameters`` and so sit once in Ray's object store,
 not pickled into every trial's config.
 
-``config`` keys read here (all set by ``trainables.tuning.trial_config``):
+``config`` keys read here (all set by ``driver.tuning.trial_config``):
 ``arch``, ``stem``, ``num_classes``, ``batch_size`` (128..512), ``lr`` (Adam), ``seed``,
 ``threads`` (torch intra-op threads = the trial's CPU share), ``compile`` (``torch.compile``:
 True/False, None = on a GPU only), optionally ``compile_backend`` (default ``"inductor"``), and

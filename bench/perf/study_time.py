@@ -8,8 +8,8 @@ warm-up: compilation, cuDNN autotuning) of
 * ``teacher``: ``train_teacher`` with the whole device;
 * ``student <setup>``: ``train_student`` for each setup alone, with the whole device;
 * ``students x3``: the setups at once, each with 1/#setups of the GPU (or of the CPUs), as
-  ``trainables.tuning`` gives the Tune trials;
-* ``recipe pre-QAT`` / ``recipe QAT``: ``trainables.sparsify_core.run_recipe`` with the study's
+  ``driver.tuning`` gives the Tune trials;
+* ``recipe pre-QAT`` / ``recipe QAT``: ``trainables.compress.core.run_recipe`` with the study's
   recipe at ``num_epochs=3`` (epochs 0-1 prune and fine-tune, epoch 2 is QAT); epoch 1 and epoch 2
   are the measured epochs. Skipped when SparseML is not installed.
 
@@ -97,7 +97,7 @@ def run_recipe_epochs(config, space: dict, data) -> list[dict]:
     training seconds, test seconds, images, QAT on or not."""
     from models import build_student
     from trainables.batches import num_batches, train_batches
-    from trainables.sparsify_core import is_quantized, load_recipe, run_recipe
+    from trainables.compress.core import is_quantized, load_recipe, run_recipe
     from trainables.train import evaluate, pick_device, setup_torch
 
     device = pick_device()
@@ -219,7 +219,7 @@ def project(config, table: pd.DataFrame) -> pd.DataFrame:
             "seconds": config.max_epochs * max((epoch(s) for s in concurrent), default=math.nan)
             + max((overhead(s) for s in concurrent), default=0.0)}]
     try:
-        from trainables.sparsify_core import load_recipe, recipe_phases
+        from trainables.compress.core import load_recipe, recipe_phases
 
         phases = recipe_phases(load_recipe(config.recipe, num_epochs=config.recipe_epochs))
         pre = math.ceil(phases["qat_start_epoch"] or phases["max_epochs"])
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     from models import build_teacher, save_checkpoint
     from trainables.batches import study_data
     from trainables.train import use_compile
-    from trainables.tuning import trial_config
+    from driver.tuning import trial_config
 
     parser = build_parser()
     args = parser.parse_args(argv)

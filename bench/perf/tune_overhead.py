@@ -4,7 +4,7 @@
 Parts (``--parts``, run in this order, all in one process and one Ray instance):
 
 * ``direct``: ``trainables.train.train_student`` called as a plain function with the study's
-  config (``study.make_config`` + ``trainables.tuning.trial_config``), ``tune.report`` replaced by
+  config (``study.make_config`` + ``driver.tuning.trial_config``), ``tune.report`` replaced by
   a recorder (outside a Tune session Ray 2.49's ``tune.report`` is a no-op and
   ``tune.get_checkpoint`` returns None, so the loop runs unchanged; the per-epoch checkpoint is
   still written to a temporary folder, then deleted). It runs in a plain Ray task with the same
@@ -13,7 +13,7 @@ Parts (``--parts``, run in this order, all in one process and one Ray instance):
 * ``tune``: the same trainable, config and threads as one Tune trial (``tune.with_parameters``,
   the study's stopper and checkpoint settings);
 * ``concurrent``: the three setups as one Tune grid, ``max_concurrent_trials=3``, each trial with
-  the resources and threads ``trainables.tuning.trial_resources``/``trial_config`` give it (a third of
+  the resources and threads ``driver.tuning.trial_resources``/``trial_config`` give it (a third of
   the CPUs; threads = max(1, round(share)));
 * ``sequential``: the same three trials, ``max_concurrent_trials=1``, same per-trial config;
 * ``sequential_full``: one after another, each trial given every core (threads = cores);
@@ -192,7 +192,7 @@ def probe_trainable(config: dict, data) -> None:
 
 def fit(config, storage: str, name: str, trainable, space: dict, resources: dict,
         max_concurrent: int):
-    """``trainables.tuning.run_tuner``'s Tuner (stopper, checkpoints) with ``max_concurrent``
+    """``driver.tuning.run_tuner``'s Tuner (stopper, checkpoints) with ``max_concurrent``
     trials at once; no retries, quiet. Returns (ResultGrid, wall seconds of ``fit()``)."""
     from ray import tune
 
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray import tune
 
     import study
-    from trainables import tuning
+    from driver import tuning
     from trainables.train import train_student, train_teacher
 
     teacher_role = args.role == "teacher"

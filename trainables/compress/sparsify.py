@@ -18,7 +18,7 @@ of the pruned model) and ``sparsify/summary.json`` (written last: its presence m
 it records each ONNX file's sha256, which later stages and resumed runs check).
 
 Interrupted? ``sparsify/recipe_checkpoint.pt`` holds the state after the latest finished recipe
-epoch (``trainables.recipe_checkpoint``); a rerun continues from there, checking that the ONNX files
+epoch (``trainables.compress.checkpoint``); a rerun continues from there, checking that the ONNX files
 already exported are unchanged. It is deleted once ``summary.json`` is written.
 """
 
@@ -35,9 +35,9 @@ from study import ONNX_MODELS, SETUPS, RunLayout
 from study.files import atomic_write_text, check_digests, sha256_file
 from trainables.batches import train_batches
 from trainables.data import CIFAR10Tensors
-from trainables.export import export_model_onnx, model_metadata
-from trainables.recipe_checkpoint import load_recipe_checkpoint
-from trainables.sparsify_core import (global_sparsity, is_quantized, load_recipe, run_recipe,
+from trainables.compress.export import export_model_onnx, model_metadata
+from trainables.compress.checkpoint import load_recipe_checkpoint
+from trainables.compress.core import (global_sparsity, is_quantized, load_recipe, run_recipe,
                                       weight_sparsity)
 from trainables.train import MODEL_FILE, autocast, evaluate, frozen_teacher, pick_device, student_loss
 

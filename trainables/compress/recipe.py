@@ -1,7 +1,7 @@
 """SparseML recipes: load a recipe file into a ``ScheduledModifierManager`` (with one-line errors
 for every way a file can be wrong) and read its schedule (epochs of pruning, QAT, ...).
 
-Pure SparseML 1.7 + PyYAML; ``trainables.sparsify_core`` runs what is loaded here.
+Pure SparseML 1.7 + PyYAML; ``trainables.compress.core`` runs what is loaded here.
 """
 
 from __future__ import annotations

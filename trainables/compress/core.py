@@ -1,7 +1,7 @@
-"""Recipe-driven sparsification core: run a SparseML recipe (``trainables.recipe`` loads it),
+"""Recipe-driven sparsification core: run a SparseML recipe (``trainables.compress.recipe`` loads it),
 checkpoint it after every recipe epoch and resume it, measure sparsity.
 
-Pure torch + SparseML 1.7 (no Ray); the Ray task in ``trainables.sparsify`` wraps these.
+Pure torch + SparseML 1.7 (no Ray); the Ray task in ``trainables.compress.sparsify`` wraps these.
 
 The training loop follows SparseML's documented PyTorch integration
 (``sparseml/pytorch/optim/manager.py``)::
@@ -48,8 +48,8 @@ from torch import nn
 import study  # noqa: F401  (sets NM_DISABLE_ANALYTICS before SparseML is imported)
 from sparseml.pytorch.optim import ScheduledModifierManager
 from sparseml.pytorch.utils import LoggerManager, PythonLogger
-from trainables.recipe import RECIPE_EXTENSIONS, load_recipe, recipe_phases
-from trainables.recipe_checkpoint import restore, save_recipe_checkpoint
+from trainables.compress.recipe import RECIPE_EXTENSIONS, load_recipe, recipe_phases
+from trainables.compress.checkpoint import restore, save_recipe_checkpoint
 
 __all__ = [
     "RECIPE_EXTENSIONS",
@@ -173,7 +173,7 @@ def run_recipe(
             SparseML's pruning masks work under any dtype). E.g. ``trainables.train.autocast``:
             bf16 on a GPU that supports it, a no-op elsewhere. None: float32 throughout.
         checkpoint_path: where the state after every finished epoch is saved
-            (``trainables.recipe_checkpoint``, atomically); None: no checkpoints.
+            (``trainables.compress.checkpoint``, atomically); None: no checkpoints.
         resume: a checkpoint dict (``load_recipe_checkpoint``) to continue from: the
             finished epochs are not trained again, their history rows are kept, and the
             model, optimizer and manager continue from the saved state (the model,

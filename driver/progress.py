@@ -2,7 +2,7 @@
 
 Tune's own reporter (a status table every 30 s, a config table and a result table per trial, the
 TensorBoard hint) is switched off unless ``--verbose`` (``RunConfig(verbose=0)``, see
-``trainables.tuning.run_tuner``); this callback prints instead, from the driver, e.g.::
+``driver.tuning.run_tuner``); this callback prints instead, from the driver, e.g.::
 
     [students kd_feat] epoch 2: test_acc 0.1050  train_loss 8.3491  (38.9 s, 8.4 images/s)
 """

@@ -28,7 +28,7 @@ def trial_resources(config: StudyConfig, role: str, nodes: list[Node] | None = N
     share with which all student trials (``student_trials``) fit on the nodes at once. StudyError
     when no node holds it."""
     if nodes is None:
-        from trainables.cluster import cluster_nodes
+        from driver.cluster import cluster_nodes
 
         nodes = cluster_nodes()
     plan = plan_resources(config, nodes, student_trials(config))
@@ -102,7 +102,7 @@ def run_tuner(config: StudyConfig, name: str, trainable, param_space: dict, reso
     from ray import tune
 
     from study.noise import verbose
-    from trainables.progress import EpochLines
+    from driver.progress import EpochLines
     from trainables.stopper import AccuracyPlateauStopper
 
     metric = selection_metric(config)

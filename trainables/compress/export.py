@@ -40,7 +40,7 @@ from torch import nn
 from study.files import atomic_output
 from study.noise import verbose
 from trainables.data import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
-from trainables.sparsify_core import is_quantized
+from trainables.compress.core import is_quantized
 
 __all__ = ["export_model_onnx", "model_metadata", "read_metadata"]
 

@@ -1,5 +1,5 @@
 """Rows of ``results.csv`` (one per trained model and seed, from the Tune experiments and the
-sparsify summary), ``setups.csv`` (``trainables.stats``) and the trial the sparsify stage takes."""
+sparsify summary), ``setups.csv`` (``driver.stats``) and the trial the sparsify stage takes."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def training_rows(config: StudyConfig, teacher_dir: Path, students) -> list[dict
 
 
 def per_seed_frame(config: StudyConfig, rows: list[dict]):
-    """The student rows as the input of ``trainables.stats.setup_table``: one row per (setup,
+    """The student rows as the input of ``driver.stats.setup_table``: one row per (setup,
     seed), ``test_acc`` = the kept checkpoint's test accuracy, ``val_acc`` its validation accuracy."""
     import pandas as pd
 
@@ -73,19 +73,19 @@ def per_seed_frame(config: StudyConfig, rows: list[dict]):
 
 
 def setups_table(config: StudyConfig, rows: list[dict]):
-    """``setups.csv`` (``trainables.stats.SETUP_COLUMNS``) from the results rows."""
-    from trainables.stats import setup_table
+    """``setups.csv`` (``driver.stats.SETUP_COLUMNS``) from the results rows."""
+    from driver.stats import setup_table
 
     return setup_table(per_seed_frame(config, rows), config.setups, selection_metric(config))
 
 
 def sparsify_trial(config: StudyConfig, students, rows: list[dict]):
     """The trial the sparsify stage starts from: the winning setup's best seed. The winner has the
-    best mean of the selection metric over its seeds (``trainables.stats.winner``); its best seed
+    best mean of the selection metric over its seeds (``driver.stats.winner``); its best seed
     the highest best-epoch value of that metric (ties: the lower seed). With one seed per setup this
     is the trial with the highest value of any epoch, as ``ResultGrid.get_best_result(metric, "max",
     scope="all")`` picks it."""
-    from trainables.stats import winner
+    from driver.stats import winner
 
     metric = selection_metric(config)
     best_setup = winner(per_seed_frame(config, rows), config.setups, metric)
@@ -107,7 +107,7 @@ def sparsified_rows(summary: dict, rows: list[dict], seed=None) -> list[dict]:
 def summary_text(config: StudyConfig, table, setups) -> str:
     """What orchestrate prints at the end: the results table (without empty columns), the setups
     table (``setups.csv``), the winner's lead and its significance, and the decision rule."""
-    from trainables.stats import lead_sentence
+    from driver.stats import lead_sentence
 
     shown = table.drop(columns=["started_at", "finished_at"]).dropna(axis=1, how="all")
     return ("\nAccuracy (0..1):\n" + shown.to_markdown(index=False, floatfmt=".4f")
