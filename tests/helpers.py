@@ -16,22 +16,107 @@ from onnx import numpy_helper
 from trainables.data import CIFAR10_CLASSES
 
 
-def run_orchestrate(out: Path, cifar_root: Path, *args: str, timeout: float = 1200) -> Path:
-    """Run ``python orchestrate.py --preset smoke --data-root CIFAR_ROOT --output-dir OUT
-    --no-dashboard ARGS...`` from the repository root; its stdout+stderr go to
-    ``OUT/orchestrate.log``. Returns ``out``; AssertionError with the output's tail when it exits
-    non-zero."""
-    import subprocess
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def orchestrate_command(out: Path, cifar_root: Path, *args: str) -> list:
+    """``python orchestrate.py --preset smoke --data-root CIFAR_ROOT --output-dir OUT --no-dashboard
+    ARGS...`` as an argv list (run it from the repository root)."""
     import sys
 
-    repo = Path(__file__).resolve().parent.parent
-    proc = subprocess.run(
-        [sys.executable, str(repo / "orchestrate.py"), "--preset", "smoke", "--data-root", str(cifar_root),
-         "--output-dir", str(out), "--no-dashboard", *args],
-        cwd=repo, env=dict(os.environ, RAY_DEDUP_LOGS="0"), capture_output=True, text=True, timeout=timeout)
-    (out / "orchestrate.log").write_text(proc.stdout + proc.stderr)
+    return [sys.executable, str(REPO_ROOT / "orchestrate.py"), "--preset", "smoke", "--data-root",
+            str(cifar_root), "--output-dir", str(out), "--no-dashboard", *map(str, args)]
+
+
+def run_orchestrate(out: Path, cifar_root: Path, *args: str, timeout: float = 1200, env: dict | None = None,
+                    log: str = "orchestrate.log") -> Path:
+    """Run ``orchestrate_command(out, cifar_root, *args)`` to its end; its stdout+stderr go to
+    ``OUT/<log>``. ``env``: extra environment variables. Returns ``out``; AssertionError with the
+    output's tail when it exits non-zero."""
+    import subprocess
+
+    out.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(orchestrate_command(out, cifar_root, *args), cwd=REPO_ROOT,
+                          env=dict(os.environ, RAY_DEDUP_LOGS="0", **(env or {})), capture_output=True, text=True,
+                          timeout=timeout)
+    (out / log).write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, f"run {args} failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}"
     return out
+
+
+def kill_orchestrate_when(out: Path, cifar_root: Path, condition, *args: str, timeout: float = 900,
+                          log: str = "interrupted.log") -> None:
+    """Start ``orchestrate_command(out, cifar_root, *args)`` in a process group of its own (the
+    driver and its local Ray), poll ``condition()`` every 0.5 s and SIGKILL the whole group once it
+    holds; output to ``OUT/<log>``. AssertionError when the run ends first or ``timeout`` (seconds)
+    passes."""
+    import signal
+    import subprocess
+    import time
+
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / log, "a") as stream:
+        proc = subprocess.Popen(orchestrate_command(out, cifar_root, *args), cwd=REPO_ROOT, stdout=stream,
+                                stderr=subprocess.STDOUT, env=dict(os.environ, RAY_DEDUP_LOGS="0"),
+                                start_new_session=True)
+        deadline = time.time() + timeout
+        try:
+            while not condition():
+                assert proc.poll() is None, "the run ended before it could be interrupted"
+                assert time.time() < deadline, "the run did not reach the point of interruption"
+                time.sleep(0.5)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def copy_run(source: Path, dest: Path, *names: str) -> Path:
+    """``dest`` holding copies of ``names`` (files or folders) of the run directory ``source``
+    (metadata kept, so a skipped stage's files keep their mtime). Returns ``dest``."""
+    import shutil
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (shutil.copytree if (source / name).is_dir() else shutil.copy2)(source / name, dest / name)
+    return dest
+
+
+#: The sparsify/bench stack: what ``blocked_env`` hides from every Python process.
+BLOCKED = ("sparseml", "deepsparse", "sparsezoo", "onnx", "onnxruntime")
+
+BLOCKER = f'''
+import sys
+
+BLOCKED = {BLOCKED!r}
+
+
+class _Hide:
+    """Wraps an import finder so that it never finds the sparsify/bench stack: ``import onnx``
+    raises ModuleNotFoundError and ``importlib.util.find_spec("onnx")`` is None, as if the
+    packages were not installed."""
+
+    def __init__(self, finder):
+        self.finder = finder
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            return None
+        return self.finder.find_spec(name, path, target)
+
+    def __getattr__(self, attr):
+        return getattr(self.finder, attr)
+
+
+sys.meta_path[:] = [_Hide(finder) for finder in sys.meta_path]
+'''
+
+
+def blocked_env(folder: Path) -> dict:
+    """Environment variables under which every Python process (Ray's workers too) loads a
+    ``sitecustomize`` written into ``folder`` that hides ``BLOCKED``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(BLOCKER)
+    return {"PYTHONPATH": os.pathsep.join([str(folder), str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
 
 
 def extract_image_subset(tarball: str | os.PathLike, dest: str | os.PathLike,

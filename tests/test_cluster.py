@@ -186,35 +186,66 @@ def test_the_output_dir_is_probed_on_every_node(two_nodes, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# The smoke preset end to end on two nodes, through --address, no resource flags.
+# The smoke preset's training stages on two nodes, through --address, no resource flags; then the
+# benchmark stage of a copy of the local smoke run on the same two nodes.
+
+TRAINED = ("teacher", "ce", "kd", "kd_feat")
 
 
 @pytest.fixture(scope="module")
 def two_node_run(two_nodes, cifar_root, tmp_path_factory) -> Path:
+    """``--preset smoke --address CLUSTER --stop-after students``: the teacher and the three
+    students trained on the two nodes (the fourth and last training launch of the suite)."""
     out = tmp_path_factory.mktemp("two-node-run")
-    proc, seconds = orchestrate(cifar_root, out, "--address", two_nodes.address)
+    proc, seconds = orchestrate(cifar_root, out, "--address", two_nodes.address, "--stop-after", "students")
     (out / "orchestrate.log").write_text(proc.stdout + proc.stderr + f"\nwall time: {seconds:.0f} s\n")
-    print(f"two-node smoke run: {seconds:.0f} s")
+    print(f"two-node students run: {seconds:.0f} s")
     assert proc.returncode == 0, f"two-node run failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}"
     return out
 
 
-def test_two_node_smoke_run_finishes_with_every_model(two_node_run):
+@pytest.fixture(scope="module")
+def two_node_bench(two_nodes, smoke_run, cifar_root, tmp_path_factory) -> Path:
+    """A copy of the local smoke run without its benchmark, rerun through ``--address``: every
+    stage before the benchmark is skipped (nothing trains), the benchmark runs on the cluster."""
+    from helpers import copy_run
+
+    out = copy_run(smoke_run, tmp_path_factory.mktemp("two-node-bench"), "config.json", "teacher.pt", "teacher",
+                   "students", "sparsify", "onnx")
+    proc, seconds = orchestrate(cifar_root, out, "--address", two_nodes.address)
+    (out / "orchestrate.log").write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, f"two-node bench failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}"
+    return out
+
+
+def test_two_node_smoke_run_trains_every_model_at_once(two_node_run):
     table = pd.read_csv(two_node_run / "results.csv")
-    assert list(table["model"]) == ["teacher", "ce", "kd", "kd_feat", "pruned", "pruned_quantized"]
-    assert table["test_acc"].between(0, 1).all()
+    assert list(table["model"]) == list(TRAINED)
     students = table.set_index("model").loc[["ce", "kd", "kd_feat"]]
     assert students["started_at"].max() < students["finished_at"].min()  # all three at once
     log = (two_node_run / "orchestrate.log").read_text()
     assert "Ray dashboard: none (the Ray cluster at --address " in log
     assert "[resources] 2 node(s), largest {'CPU': 2.0, 'GPU': 0.0}; teacher and sparsify {'CPU': 2.0, " \
            "'GPU': 0.0}" in log and "each of 3 student trials {'CPU': 1.0, 'GPU': 0.0} (3 at once)" in log
+    assert not (two_node_run / "onnx").exists()
 
 
-def test_two_node_requests_were_sized_by_node(two_node_run):
+def test_a_killed_and_resumed_local_run_and_a_two_node_run_train_the_same_models(smoke_run, two_node_run):
+    """The local smoke run (killed during its students stage, then resumed) and the straight
+    two-node run give each model the same accuracies and stop epochs: same seeds and threads (2 for
+    the teacher, 1 per student in both), so resuming from a checkpoint and spreading the trials
+    over two nodes change nothing. Catches a resume that redoes or skips epochs, or restores other
+    weights or optimizer state."""
+    columns = ["test_acc", "best_test_acc", "best_epoch", "epochs"]
+    local = pd.read_csv(smoke_run / "results.csv").set_index("model").loc[list(TRAINED), columns]
+    nodes = pd.read_csv(two_node_run / "results.csv").set_index("model").loc[list(TRAINED), columns]
+    pd.testing.assert_frame_equal(local, nodes)
+
+
+def test_two_node_requests_were_sized_by_node(two_node_run, two_node_bench):
     """The teacher asked for one node's 2 CPUs (not the cluster's 4), each student for 1 CPU (so
     the three ran at once, spread over both nodes); threads follow; the benchmark used one node's
-    cores."""
+    cores, and the stages before it were skipped."""
     from ray import tune
 
     from bench.benchmark import cpu_isa
@@ -225,5 +256,10 @@ def test_two_node_requests_were_sized_by_node(two_node_run):
     assert [t.placement_group_factory.required_resources for t in students.trials] == [{"CPU": 1.0}] * 3
     assert [c["threads"] for c in teacher.get_all_configs().values()] == [2]
     assert [c["threads"] for c in students.get_all_configs().values()] == [1, 1, 1]
-    bench = pd.read_csv(two_node_run / "benchmark.csv")
-    assert set(bench["num_cores"]) == {min(NODE_CPUS, cpu_isa()["num_cores"])}
+    cores = min(NODE_CPUS, cpu_isa()["num_cores"])
+    bench = pd.read_csv(two_node_bench / "benchmark.csv")
+    assert set(bench["num_cores"]) == {cores} and (bench["status"] == "ok").all()
+    log = (two_node_bench / "orchestrate.log").read_text()
+    assert f"[bench] {cores} cores on node " in log
+    assert "skipping the teacher stage" in log and "skipping the sparsify stage" in log
+    assert "[students] restoring the experiment" in log and "epoch 1: test_acc" not in log  # nothing trained

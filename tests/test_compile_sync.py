@@ -21,8 +21,9 @@ from trainables import train
 from trainables.batches import _epoch_seed, augment, normalize, train_batches
 from trainables.data import CIFAR10Tensors
 
+from helpers import BLOCKED, blocked_env
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-BLOCKED = ("sparseml", "deepsparse", "sparsezoo", "onnx", "onnxruntime")
 
 
 @pytest.fixture(autouse=True)
@@ -264,42 +265,6 @@ def test_compiled_steps_see_one_batch_shape(monkeypatch):
 # ------------------------------------------------------------------------------ without SparseML
 
 
-BLOCKER = f'''
-import sys
-
-BLOCKED = {BLOCKED!r}
-
-
-class _Hide:
-    """Wraps an import finder so that it never finds the sparsify/bench stack: ``import onnx``
-    raises ModuleNotFoundError and ``importlib.util.find_spec("onnx")`` is None, as if the
-    packages were not installed."""
-
-    def __init__(self, finder):
-        self.finder = finder
-
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            return None
-        return self.finder.find_spec(name, path, target)
-
-    def __getattr__(self, attr):
-        return getattr(self.finder, attr)
-
-
-sys.meta_path[:] = [_Hide(finder) for finder in sys.meta_path]
-'''
-
-
-def _blocked_env(tmp_path: Path) -> dict:
-    """Environment whose Python processes (Ray's workers too) load the blocker first."""
-    site = tmp_path / "blocker"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(BLOCKER)
-    path = os.pathsep.join([str(site), str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])
-    return dict(os.environ, PYTHONPATH=path, RAY_DEDUP_LOGS="0")
-
-
 def test_training_modules_import_without_the_sparsify_stack(tmp_path):
     code = textwrap.dedent(f"""
         import sys
@@ -318,22 +283,7 @@ def test_training_modules_import_without_the_sparsify_stack(tmp_path):
         loaded = sorted(m for m in sys.modules if m.split(".")[0] in {BLOCKED!r})
         print("loaded:", loaded)
     """)
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=_blocked_env(tmp_path),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, **blocked_env(tmp_path / "blocker")), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "loaded: []"
-
-
-def test_stop_after_students_runs_without_the_sparsify_stack(cifar_root, tmp_path):
-    """The smoke preset's teacher and students, one epoch each, with every import of SparseML,
-    DeepSparse, SparseZoo, ONNX and onnxruntime failing in the driver and in Ray's workers."""
-    out = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "orchestrate.py"), "--preset", "smoke", "--data-root",
-         str(cifar_root), "--output-dir", str(out), "--no-dashboard", "--stop-after", "students",
-         "--max-epochs", "1", "--teacher-max-epochs", "1"],
-        cwd=REPO_ROOT, env=_blocked_env(tmp_path), capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    results = (out / "results.csv").read_text().splitlines()
-    assert [line.split(",")[0] for line in results] == ["model", "teacher", "ce", "kd", "kd_feat"]
-    assert (out / "teacher.pt").is_file() and not (out / "onnx").exists()

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -19,6 +17,8 @@ import orchestrate
 from models import build_teacher, save_checkpoint
 from study import make_config
 from trainables.data import CIFAR10_CLASSES
+
+from helpers import copy_run
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EARLIER = "model,test_acc\nteacher,0.5\n"
@@ -153,85 +153,21 @@ def test_no_avx2_is_one_line(capsys, monkeypatch, cifar_root, earlier_run, tmp_p
 
 
 # ---------------------------------------------------------------------------------------------
-# Interruption: kill the driver (and its local Ray cluster) twice, then let it finish.
+# Interruption. A run killed during its students stage resumes to the same models: the smoke run
+# itself (conftest.py ``smoke_run``), checked in test_e2e.py (what it printed) and test_cluster.py
+# (the same accuracies as a straight two-node run). Below: the recipe, and what a rerun checks.
+
+TRAINED_STATE = ("config.json", "teacher.pt", "teacher", "students")
 
 
-def _start(cifar_root, out, stop_after="students"):
-    cmd = [sys.executable, str(REPO_ROOT / "orchestrate.py"), "--preset", "smoke", "--no-dashboard",
-           "--data-root", str(cifar_root), "--output-dir", str(out), "--stop-after", stop_after]
-    log = open(out.parent / f"{out.name}.log", "a")
-    return subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-
-
-def _kill_when(proc, condition, timeout=900):
-    deadline = time.time() + timeout
-    while not condition():
-        assert proc.poll() is None, "the run ended before it could be interrupted"
-        assert time.time() < deadline, "the run did not reach the point of interruption"
-        time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
-def test_interrupted_run_resumes_to_the_same_tables(smoke_run, cifar_root, tmp_path):
-    out = tmp_path / "interrupted"
-    out.mkdir()
-    # 1st kill: right after the teacher stage has written teacher.pt
-    _kill_when(_start(cifar_root, out), lambda: (out / "teacher.pt").exists())
-    # 2nd kill: during the student stage, once a student has saved its 2nd epoch
-    _kill_when(_start(cifar_root, out), lambda: any(out.glob("students/*/checkpoint_000001")))
-    proc = _start(cifar_root, out)
-    assert proc.wait(timeout=900) == 0, (out.parent / "interrupted.log").read_text()[-3000:]
-    log = (out.parent / "interrupted.log").read_text()
-    assert "teacher.pt exists: skipping the teacher stage" in log
-    assert "[students] restoring the experiment" in log
-    resumed = pd.read_csv(out / "results.csv").set_index("model")
-    straight = pd.read_csv(smoke_run / "results.csv").set_index("model")
-    for model in ("teacher", "ce", "kd", "kd_feat"):
-        for column in ("test_acc", "best_test_acc", "epochs"):
-            assert resumed.loc[model, column] == straight.loc[model, column], (model, column)
-
-
-def _copy_trained(smoke_run, out, with_sparsify=False):
-    """``out`` holding the smoke run's config, teacher and students (and its sparsify stage)."""
-    import shutil
-
-    out.mkdir()
-    for name in ("config.json", "teacher.pt"):
-        shutil.copy2(smoke_run / name, out / name)
-    for name in ("teacher", "students") + (("onnx", "sparsify") if with_sparsify else ()):
-        shutil.copytree(smoke_run / name, out / name)
-    return out
-
-
-def test_an_interrupted_recipe_resumes_to_the_same_results(smoke_run, cifar_root, tmp_path):
-    """Kill the run during the smoke recipe, once its first epoch is checkpointed; the rerun
-    continues from there and ends with the uninterrupted run's accuracies and sparsities."""
-    out = _copy_trained(smoke_run, tmp_path / "recipe")
-    checkpoint = out / "sparsify" / "recipe_checkpoint.pt"
-    _kill_when(_start(cifar_root, out, "sparsify"), checkpoint.exists)
-    assert not (out / "sparsify" / "summary.json").exists()
-    proc = _start(cifar_root, out, "sparsify")
-    assert proc.wait(timeout=900) == 0, (out.parent / "recipe.log").read_text()[-3000:]
-    assert "resumed the recipe after epoch 1/2" in (out.parent / "recipe.log").read_text()
-    resumed = json.loads((out / "sparsify" / "summary.json").read_text())
-    straight = json.loads((smoke_run / "sparsify" / "summary.json").read_text())
-    for key in ("trial_id", "test_acc_dense", "test_acc_pruned", "test_acc_pruned_quantized",
-                "weight_sparsity_pruned", "weight_sparsity_pruned_quantized"):
-        assert resumed[key] == straight[key], key
-    assert resumed["sha256"]["dense"] == straight["sha256"]["dense"]  # exported before the kill, kept
-    columns = ["epoch", "train_loss", "test_acc", "sparsity", "lr", "quantized", "steps"]
-    pd.testing.assert_frame_equal(pd.read_csv(out / "sparsify" / "history.csv")[columns],
-                                  pd.read_csv(smoke_run / "sparsify" / "history.csv")[columns])
-    assert not checkpoint.exists()
+RECIPE_TEST_PLACEHOLDER
 
 
 def test_a_changed_onnx_model_stops_a_resumed_run(smoke_run, cifar_root, tmp_path):
     """The exported models are checked against sparsify/summary.json's sha256 on every rerun."""
     import onnx
 
-    out = _copy_trained(smoke_run, tmp_path / "changed", with_sparsify=True)
+    out = copy_run(smoke_run, tmp_path / "changed", *TRAINED_STATE, "onnx", "sparsify")
     model = onnx.load(str(out / "onnx" / "dense.onnx"))
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 32  # what DeepSparse's ORT did
     onnx.save(model, str(out / "onnx" / "dense.onnx"))

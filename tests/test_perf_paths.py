@@ -39,11 +39,6 @@ def test_pick_device_is_cpu_without_a_gpu(monkeypatch):
     assert ray.is_initialized() == was_initialized  # no Ray instance started just to ask
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
-def test_pick_device_here_is_cpu():
-    assert pick_device().type == "cpu"
-
-
 def test_pick_device_outside_ray_with_a_gpu_is_cuda(monkeypatch):
     import ray
 

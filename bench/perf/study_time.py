@@ -337,8 +337,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nProjected study, preset {args.preset} ({n_train_p} train / {n_test_p} test images, "
           "every stage at its epoch bound):")
     print(projection.to_markdown(index=False, floatfmt=".1f"))
-    print(f"total: {projection['seconds'].iloc[-1] / 60:.1f} min")
+    print(total_line(projection))
     return 0
+
+
+def total_line(projection: pd.DataFrame) -> str:
+    """The projection's last line: the total in minutes, or which stages it lacks because they were
+    not measured (``--stages``)."""
+    stages = projection.iloc[:-1]
+    missing = list(stages.loc[stages["seconds"].isna(), "stage"])
+    if missing:
+        return f"total: not projected ({', '.join(missing)} not measured; see --stages)"
+    return f"total: {projection['seconds'].iloc[-1] / 60:.1f} min"
 
 
 if __name__ == "__main__":
