@@ -184,7 +184,7 @@ def stage_sparsify(config: StudyConfig, data, best, teacher_path: Path) -> dict:
 
     from study import ONNX_MODELS
     from driver.results import best_checkpoint
-    from trainables.compress.sparsify import sparsify_student
+    from trainables.compress.sparsify import SparsifySettings, sparsify_student
     from driver.tuning import trial_resources
 
     layout = RunLayout(config.output_dir)
@@ -210,12 +210,14 @@ def stage_sparsify(config: StudyConfig, data, best, teacher_path: Path) -> dict:
           f"recipe {config.recipe}, loss {loss}", flush=True)
     resources = trial_resources(config, "teacher")  # this cluster's, also on a resumed run
     task = ray.remote(num_cpus=resources["cpu"], num_gpus=resources["gpu"])(sparsify_student)
+    settings = SparsifySettings(
+        recipe=config.recipe, recipe_epochs=config.recipe_epochs, batch_size=config.batch_size,
+        seed=int(best.config["seed"]), threads=max(1, math.floor(resources["cpu"])),
+        output_dir=str(Path(config.output_dir).resolve()), trial_id=best.path.rsplit("/", 1)[-1],
+        setup=setup, loss=loss, temperature=config.temperature)
     try:
         return ray.get(task.remote(
-            checkpoint, data, recipe=config.recipe, recipe_epochs=config.recipe_epochs,
-            batch_size=config.batch_size, seed=int(best.config["seed"]), threads=max(1, math.floor(resources["cpu"])),
-            output_dir=str(Path(config.output_dir).resolve()), trial_id=best.path.rsplit("/", 1)[-1],
-            setup=setup, loss=loss, temperature=config.temperature,
+            checkpoint, data, settings,
             teacher=None if loss == "ce" else torch.load(teacher_path, map_location="cpu")))
     except ray.exceptions.RayTaskError as err:
         if isinstance(err.cause, ValueError):  # bad recipe and the like: the one line it carries

@@ -17,7 +17,7 @@ import torch
 
 from helpers import TinyResNet
 from trainables.compress.checkpoint import CHECKPOINT_FORMAT, load_recipe_checkpoint
-from trainables.compress.core import global_sparsity, is_quantized, load_recipe, recipe_phases, run_recipe
+from trainables.compress.core import RecipeRun, global_sparsity, is_quantized, load_recipe, recipe_phases
 
 RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes",
                       "prune_quantize.yaml")
@@ -55,9 +55,9 @@ def run(checkpoint, kill_before=None, **kwargs):
             raise Killed(epoch)
         return batches(epoch)
 
-    history = run_recipe(model, manager, train_batches, accuracy,
-                         optimizer=torch.optim.Adam(model.parameters()), log=None,
-                         checkpoint_path=checkpoint, resume=load_recipe_checkpoint(checkpoint), **kwargs)
+    recipe = RecipeRun(model, manager, torch.optim.Adam(model.parameters()), train_batches, accuracy,
+                       log=None, **kwargs)
+    history = recipe.run(checkpoint_path=checkpoint, resume=load_recipe_checkpoint(checkpoint))
     return model, history
 
 
@@ -115,8 +115,8 @@ def test_reduced_precision_only_before_qat(tmp_path):
     model = TinyResNet()
     dtypes = []
     model.conv2.register_forward_hook(lambda m, inp, out: dtypes.append((model.training, out.dtype)))
-    history = run_recipe(model, load_recipe(RECIPE, num_epochs=EPOCHS), batches, accuracy,
-                         optimizer=torch.optim.Adam(model.parameters()), log=None, autocast=bf16)
+    history = RecipeRun(model, load_recipe(RECIPE, num_epochs=EPOCHS), torch.optim.Adam(model.parameters()),
+                        batches, accuracy, log=None, autocast=bf16).run()
     assert [row["precision"] for row in history] == ["bfloat16"] * 9 + ["float32"] * 2
     training = [dtype for is_training, dtype in dtypes if is_training]
     assert training == [torch.bfloat16] * 27 + [torch.float32] * 6  # 3 steps per epoch
@@ -130,9 +130,8 @@ def test_a_checkpoint_of_another_length_is_refused(tmp_path):
     torch.manual_seed(0)
     model = TinyResNet()
     with pytest.raises(ValueError, match=r"max_epochs=11, this run has 12; delete it"):
-        run_recipe(model, load_recipe(RECIPE, num_epochs=12), batches, accuracy,
-                   optimizer=torch.optim.Adam(model.parameters()), log=None,
-                   resume=load_recipe_checkpoint(checkpoint))
+        RecipeRun(model, load_recipe(RECIPE, num_epochs=12), torch.optim.Adam(model.parameters()),
+                  batches, accuracy, log=None).resume(load_recipe_checkpoint(checkpoint))
     checkpoint.write_bytes(b"garbage")
     with pytest.raises(ValueError, match=r"recipe checkpoint .* is unreadable"):
         load_recipe_checkpoint(checkpoint)

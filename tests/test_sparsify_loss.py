@@ -21,8 +21,8 @@ from trainables.data import CIFAR10Tensors
 from study import RunLayout
 from trainables.losses import TERM_NAMES
 from trainables.compress.checkpoint import CHECKPOINT_FORMAT
-from trainables.compress.sparsify import sparsify_student
-from trainables.compress.core import is_quantized, load_recipe, run_recipe
+from trainables.compress.sparsify import SparsifySettings, sparsify_student
+from trainables.compress.core import RecipeRun, is_quantized, load_recipe
 from trainables.train import MODEL_FILE, student_loss
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,16 +96,16 @@ def test_run_recipe_trains_with_the_given_loss_and_logs_its_terms():
         yield images[:4], labels[:4]
         yield images[4:], labels[4:]
 
-    history = run_recipe(student, load_recipe(RECIPE, num_epochs=2), batches, lambda m: 0.5,
-                         optimizer=torch.optim.Adam(student.parameters()), log=None,
-                         loss_fn=student_loss("kd", student, teacher, 4.0, trace_student=False))
+    history = RecipeRun(student, load_recipe(RECIPE, num_epochs=2), torch.optim.Adam(student.parameters()),
+                        batches, lambda m: 0.5, log=None,
+                        loss_fn=student_loss("kd", student, teacher, 4.0, trace_student=False)).run()
     assert [row["quantized"] for row in history] == [False, True]
     for row in history:
         assert row["train_loss"] == pytest.approx((row["loss_ce"] + row["loss_soft_ce"]) / 2, rel=1e-5)
         assert not any(key.startswith("loss_mse") for key in row)
     plain = TinyResNet()  # no loss_fn: cross-entropy, one term
-    history = run_recipe(plain, load_recipe(RECIPE, num_epochs=2), batches, lambda m: 0.5,
-                         optimizer=torch.optim.Adam(plain.parameters()), log=None)
+    history = RecipeRun(plain, load_recipe(RECIPE, num_epochs=2), torch.optim.Adam(plain.parameters()),
+                        batches, lambda m: 0.5, log=None).run()
     for row in history:
         assert row["train_loss"] == pytest.approx(row["loss_ce"], rel=1e-6)
         assert [key for key in row if key.startswith("loss_")] == ["loss_ce"]
@@ -129,9 +129,10 @@ def test_sparsify_student_records_the_loss_it_trained_with(tmp_path):
                           torch.arange(8) % 10)
     payload = {"arch": "resnet18", "stem": "cifar", "num_classes": 10,
                "state_dict": teacher.state_dict()}
-    summary = sparsify_student(checkpoint, data, recipe=RECIPE, recipe_epochs=2, batch_size=16,
-                               seed=0, threads=2, output_dir=str(tmp_path / "run"), trial_id="t0",
-                               setup="kd_feat", loss=loss, teacher=payload, temperature=4.0)
+    settings = SparsifySettings(recipe=RECIPE, recipe_epochs=2, batch_size=16, seed=0, threads=2,
+                                output_dir=str(tmp_path / "run"), trial_id="t0", setup="kd_feat",
+                                loss=loss, temperature=4.0)
+    summary = sparsify_student(checkpoint, data, settings, teacher=payload)
     saved = json.loads((tmp_path / "run" / "sparsify" / "summary.json").read_text())
     assert saved["loss"] == summary["loss"] == loss
     assert saved["temperature"] == 4.0
@@ -140,15 +141,19 @@ def test_sparsify_student_records_the_loss_it_trained_with(tmp_path):
     assert saved["weight_sparsity_pruned_quantized"] == pytest.approx(0.8, abs=0.01)
 
 
+def _settings(output_dir, **fields):
+    """The stage's settings for a 2-epoch recipe in ``output_dir`` (one thread), with ``fields``."""
+    return SparsifySettings(recipe=RECIPE, recipe_epochs=2, batch_size=16, seed=0, threads=1,
+                            output_dir=str(output_dir), **fields)
+
+
 def test_a_distillation_loss_without_the_teacher_is_refused(tmp_path):
     student, _ = _models()
     data = CIFAR10Tensors(*(torch.zeros(0),) * 4)
     with pytest.raises(ValueError, match="loss 'kd' needs the teacher"):
-        sparsify_student(_student_checkpoint(tmp_path, student), data, recipe=RECIPE, recipe_epochs=2,
-                         batch_size=16, seed=0, threads=1, output_dir=str(tmp_path / "run"), loss="kd")
+        sparsify_student(_student_checkpoint(tmp_path, student), data, _settings(tmp_path / "run", loss="kd"))
     with pytest.raises(ValueError, match="loss 'mse' is unknown; allowed: ce, kd, kd_feat"):
-        sparsify_student(tmp_path, data, recipe=RECIPE, recipe_epochs=2, batch_size=16, seed=0,
-                         threads=1, output_dir=str(tmp_path / "run"), loss="mse")
+        sparsify_student(tmp_path, data, _settings(tmp_path / "run", loss="mse"))
 
 
 def test_a_recipe_checkpoint_trained_with_another_loss_is_refused(tmp_path):
@@ -162,6 +167,5 @@ def test_a_recipe_checkpoint_trained_with_another_loss_is_refused(tmp_path):
     data = CIFAR10Tensors(*(torch.zeros(0),) * 4)
     with pytest.raises(ValueError, match=r"recipe_checkpoint.pt was trained with loss 'ce', not 'kd'; "
                                          r"delete it to run the recipe from epoch 0$"):
-        sparsify_student(_student_checkpoint(tmp_path, student), data, recipe=RECIPE, recipe_epochs=2,
-                         batch_size=16, seed=0, threads=1, output_dir=str(layout.root), trial_id="t0",
-                         loss="kd", teacher=payload)
+        sparsify_student(_student_checkpoint(tmp_path, student), data,
+                         _settings(layout.root, trial_id="t0", loss="kd"), teacher=payload)

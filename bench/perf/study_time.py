@@ -9,7 +9,7 @@ warm-up: compilation, cuDNN autotuning) of
 * ``student <setup>``: ``train_student`` for each setup alone, with the whole device;
 * ``students x3``: the setups at once, each with 1/#setups of the GPU (or of the CPUs), as
   ``driver.tuning`` gives the Tune trials;
-* ``recipe pre-QAT`` / ``recipe QAT``: ``trainables.compress.core.run_recipe`` with the study's
+* ``recipe pre-QAT`` / ``recipe QAT``: ``trainables.compress.core.RecipeRun`` with the study's
   recipe at ``num_epochs=3`` (epochs 0-1 prune and fine-tune, epoch 2 is QAT); epoch 1 and epoch 2
   are the measured epochs. Skipped when SparseML is not installed.
 
@@ -97,7 +97,7 @@ def run_recipe_epochs(config, space: dict, data) -> list[dict]:
     training seconds, test seconds, images, QAT on or not."""
     from models import build_student
     from trainables.batches import num_batches, train_batches
-    from trainables.compress.core import is_quantized, load_recipe, run_recipe
+    from trainables.compress.core import RecipeRun, is_quantized, load_recipe
     from trainables.train import evaluate, pick_device, setup_torch
 
     device = pick_device()
@@ -117,9 +117,9 @@ def run_recipe_epochs(config, space: dict, data) -> list[dict]:
                      "images": len(labels), "qat": is_quantized(m)})
         return acc
 
-    run_recipe(model, load_recipe(config.recipe, num_epochs=3), batches, accuracy,
-               optimizer=torch.optim.Adam(model.parameters()), log=None,
-               steps_per_epoch=num_batches(len(labels), config.batch_size))
+    RecipeRun(model, load_recipe(config.recipe, num_epochs=3), torch.optim.Adam(model.parameters()),
+              batches, accuracy, steps_per_epoch=num_batches(len(labels), config.batch_size),
+              log=None).run()
     return rows
 
 

@@ -1,4 +1,4 @@
-"""The recipe loop's checkpoint: what ``run_recipe`` saves after every recipe epoch, and how a
+"""The recipe loop's checkpoint: what ``core.RecipeRun`` saves after every recipe epoch, and how a
 rerun puts a fresh model, optimizer and SparseML manager back into that state.
 
 The file is ``torch.save`` of a dict, written atomically and read back with
@@ -6,7 +6,7 @@ The file is ``torch.save`` of a dict, written atomically and read back with
 
 * ``format`` (``CHECKPOINT_FORMAT``), ``epoch`` (recipe epochs finished, int),
   ``steps_per_epoch``, ``max_epochs`` (ints; a resume must use the same);
-* ``history`` (one dict per finished epoch, as ``run_recipe`` returns them), ``fired``
+* ``history`` (one dict per finished epoch, as ``RecipeRun.run`` returns them), ``fired``
   (whether ``on_pruning_end`` has been called), ``extra`` (the caller's dict of plain values);
 * ``model``: ``model.state_dict()`` - the weights with the pruning zeros, BatchNorm statistics
   and, once QAT has started, the fake-quant scales, zero points and observer state (CPU tensors);

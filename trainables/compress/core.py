@@ -1,7 +1,7 @@
 """Recipe-driven sparsification core: run a SparseML recipe (``trainables.compress.recipe`` loads it),
 checkpoint it after every recipe epoch and resume it, measure sparsity.
 
-Pure torch + SparseML 1.7 (no Ray); the Ray task in ``trainables.compress.sparsify`` wraps these.
+Pure torch + SparseML 1.7 (no Ray); the Ray task in ``trainables.compress.sparsify`` wraps :class:`RecipeRun`.
 
 The training loop follows SparseML's documented PyTorch integration
 (``sparseml/pytorch/optim/manager.py``)::
@@ -28,13 +28,14 @@ Where things happen (read from the 1.7 source, not guessed):
   masks stay valid.
 * Hence the last point at which the model is pruned but not yet quantized is
   *just before the first optimizer step whose epoch is >= qat_start_epoch*; that is
-  where :func:`run_recipe` calls ``on_pruning_end`` (for an integer
+  where :class:`RecipeRun` calls ``on_pruning_end`` (for an integer
   ``qat_start_epoch``, the start of that epoch).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import os
@@ -55,7 +56,7 @@ __all__ = [
     "RECIPE_EXTENSIONS",
     "load_recipe",
     "recipe_phases",
-    "run_recipe",
+    "RecipeRun",
     "weight_sparsity",
     "global_sparsity",
     "is_quantized",
@@ -113,177 +114,168 @@ def is_quantized(model: nn.Module) -> bool:
     return False
 
 
-def _count_steps(train_batches_fn: Callable[[int], Iterable], epoch: int) -> int:
-    return sum(1 for _ in train_batches_fn(epoch))
+def _quiet_loggers() -> LoggerManager:
+    """One disabled ``PythonLogger`` for the modifiers: no modifier-level logging. (No loggers, or
+    an empty ``LoggerManager`` - it is falsy - make SparseML build its default ``PythonLogger``,
+    which creates ``./sparse_logs/<date>.log`` in the current directory.)"""
+    return LoggerManager(
+        [PythonLogger(logger=logging.getLogger(__name__ + ".sparseml"), enabled=False)],
+        log_python=False,
+    )
 
 
-def run_recipe(
-    model: nn.Module,
-    manager: ScheduledModifierManager,
-    train_batches_fn: Callable[[int], Iterable[Tuple[torch.Tensor, torch.Tensor]]],
-    eval_fn: Callable[[nn.Module], float],
-    *,
-    optimizer: torch.optim.Optimizer,
-    on_pruning_end: Optional[Callable[[nn.Module], Any]] = None,
-    log: Optional[Callable[[str], Any]] = print,
-    steps_per_epoch: Optional[int] = None,
-    loggers: Any = None,
-    autocast: Optional[Callable[[torch.device], ContextManager]] = None,
-    checkpoint_path: "str | os.PathLike | None" = None,
-    resume: Optional[Dict[str, Any]] = None,
-    extra: Optional[Dict[str, Any]] = None,
-    loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor],
-                               Tuple[torch.Tensor, Dict[str, torch.Tensor]]]] = None,
-) -> List[Dict[str, Any]]:
-    """Train ``model`` under the recipe for ``manager.max_epochs`` epochs (in place).
+class RecipeRun:
+    """One SparseML recipe applied to one model, epoch by epoch, in place: the model, the
+    recipe's ``manager``, the optimizer it wraps, the per-epoch ``history`` and whether the
+    pruning-end hook has run (``fired``).
+
+    Use: ``RecipeRun(...)``, then :meth:`start` (or :meth:`resume` from a recipe checkpoint),
+    :meth:`train_epoch` until ``epoch == max_epochs`` (:meth:`save` after each to checkpoint),
+    then :meth:`finish`; :meth:`run` does all of that.
 
     Args:
-        model: torch module, float32; modified in place (pruned, then QAT modules
-            swapped in if the recipe quantizes). Device: wherever it lives; batches
-            are moved to the device of its first parameter.
+        model: torch module, float32; modified in place (pruned, then QAT modules swapped in if
+            the recipe quantizes). Batches are moved to the device of its first parameter.
         manager: from :func:`load_recipe`; must not have been used for another run.
-        train_batches_fn: ``train_batches_fn(epoch)`` -> iterable of
-            ``(x float32 (B, C, H, W), y int64 (B,))`` for that epoch.
-        eval_fn: ``eval_fn(model)`` -> test accuracy, float 0..1 (it should put the
-            model in eval mode itself; :func:`run_recipe` sets ``train()`` again).
-        optimizer: a torch optimizer over ``model.parameters()`` (e.g. Adam); the
-            recipe's LR modifiers overwrite its learning rate.
-        on_pruning_end: called once as ``on_pruning_end(model)`` at the last point
-            where the model is pruned but not quantized: just before the first
-            optimizer step whose epoch is >= the recipe's QAT start (the start of
-            that epoch for an integer QAT start; before ``modify`` when QAT starts
-            at epoch <= 0). Without a QAT modifier: at the first step whose epoch is
-            >= the pruning end. If that point lies at/after ``max_epochs`` it is
-            called after the last epoch, before ``finalize``. The model is in train
-            mode; the hook may switch it to eval, train mode is restored after.
-        log: one-line progress messages (``None`` for silence).
+        optimizer: a torch optimizer over ``model.parameters()`` (e.g. Adam); the recipe's LR
+            modifiers overwrite its learning rate.
+        train_batches: ``train_batches(epoch)`` -> iterable of ``(x float32 (B, C, H, W),
+            y int64 (B,))`` for that epoch.
+        evaluate: ``evaluate(model)`` -> test accuracy, float 0..1 (it may switch the model to
+            eval mode; train mode is set again after).
         steps_per_epoch: optimizer steps per epoch. Default: counted by iterating
-            ``train_batches_fn(0)`` once. Epochs that yield more batches are cut at
-            this count; epochs that yield fewer are padded with
-            ``emulated_step()`` so SparseML's epoch clock stays exact.
-        loggers: SparseML loggers for the modifiers (a
-            ``sparseml.pytorch.utils.LoggerManager`` or list of ``BaseLogger``).
-            Default: one disabled ``PythonLogger`` bound to this module's logger,
-            i.e. no modifier-level logging. (Passing nothing, or an empty
-            ``LoggerManager`` - it is falsy - makes SparseML build its default
-            ``PythonLogger``, which creates ``./sparse_logs/<date>.log`` in the
-            current directory.)
+            ``train_batches(0)`` once. Epochs that yield more batches are cut at this count;
+            epochs that yield fewer are padded with ``emulated_step()`` so SparseML's epoch
+            clock stays exact.
+        loss_fn: ``loss_fn(x, y) -> (loss, terms)`` on a batch already on the model's device:
+            ``loss`` a 0-d float tensor with gradient w.r.t. ``model``, ``terms`` name ->
+            detached 0-d tensor (e.g. ``trainables.train.student_loss``). It must call ``model``
+            itself, so that it runs what the model is at that step (QAT modules included).
+            None: cross-entropy of ``model(x)`` to ``y``, one term ``ce``.
         autocast: ``autocast(device)`` -> the context the forward pass and loss run in, used
-            only in epochs that end before the recipe's QAT start (fake-quant needs float32;
-            SparseML's pruning masks work under any dtype). E.g. ``trainables.train.autocast``:
-            bf16 on a GPU that supports it, a no-op elsewhere. None: float32 throughout.
-        checkpoint_path: where the state after every finished epoch is saved
-            (``trainables.compress.checkpoint``, atomically); None: no checkpoints.
-        resume: a checkpoint dict (``load_recipe_checkpoint``) to continue from: the
-            finished epochs are not trained again, their history rows are kept, and the
-            model, optimizer and manager continue from the saved state (the model,
-            optimizer and manager passed in must be built as in the run that saved it).
-        extra: a dict of plain values saved with every checkpoint (e.g. what
-            ``on_pruning_end`` measured); on resume the caller reads it back from
-            ``resume["extra"]``.
-        loss_fn: ``loss_fn(x, y) -> (loss, terms)`` on a batch already on the model's
-            device: ``loss`` a 0-d float tensor with gradient w.r.t. ``model``, ``terms``
-            name -> detached 0-d tensor (e.g. ``trainables.train.student_loss``, whose
-            summands are ``trainables.losses.TERM_NAMES``). It must call ``model`` itself
-            so that it runs what the model is at that step (QAT modules included). None:
-            cross-entropy of ``model(x)`` to ``y``, one term ``ce``.
-
-    Returns:
-        One dict per epoch: ``epoch`` (int), ``train_loss`` (mean of ``loss_fn``'s loss
-        over the epoch's batches; cross-entropy by default, nats), ``loss_<term>`` (mean of
-        each term), ``test_acc`` (0..1, from ``eval_fn`` after the
-        epoch), ``sparsity`` (:func:`global_sparsity`, 0..1), ``lr`` (learning rate
-        of param group 0 at the end of the epoch), ``quantized`` (bool, QAT modules
-        present), ``steps`` (real optimizer steps taken), ``precision`` (``bfloat16``
-        when ``autocast`` gave a bf16 autocast context that epoch, else ``float32``),
-        ``epoch_seconds`` (wall seconds of the epoch's training and evaluation).
+            only in epochs that end before the recipe's QAT start (fake-quant needs float32).
+            E.g. ``trainables.train.autocast``. None: float32 throughout.
+        on_pruning_end: called once as ``on_pruning_end(model)`` at the last point where the
+            model is pruned but not quantized: just before the first optimizer step whose epoch
+            is >= the recipe's QAT start (the start of that epoch for an integer QAT start;
+            before ``modify`` when QAT starts at epoch <= 0). Without a QAT modifier: at the
+            first step whose epoch is >= the pruning end. If that point lies at/after
+            ``max_epochs``: in :meth:`finish`, before ``finalize``. The model is in train mode;
+            the hook may switch it to eval, train mode is restored after.
+        log: one-line progress messages (``None`` for silence).
 
     Raises:
-        ValueError: ``steps_per_epoch`` < 1, ``train_batches_fn(0)`` is empty, or
-            ``resume`` was saved with another ``steps_per_epoch``/``max_epochs`` or
-            does not fit the model.
+        ValueError: ``steps_per_epoch`` < 1 or ``train_batches(0)`` is empty.
     """
-    say = log or (lambda _msg: None)
-    phases = recipe_phases(manager)
-    max_epochs = phases["max_epochs"]
-    if phases["qat_start_epoch"] is not None:
-        hook_epoch = phases["qat_start_epoch"]
-    elif phases["pruning_end_epoch"] is not None:
-        hook_epoch = phases["pruning_end_epoch"]
-    else:
-        hook_epoch = math.inf
-    qat_start = math.inf if phases["qat_start_epoch"] is None else phases["qat_start_epoch"]
 
-    if steps_per_epoch is None:
-        steps_per_epoch = _count_steps(train_batches_fn, 0)
-    if int(steps_per_epoch) < 1:
-        raise ValueError(
-            f"steps_per_epoch must be >= 1, got {steps_per_epoch} (is train_batches_fn(0) empty?)"
-        )
-    steps_per_epoch = int(steps_per_epoch)
-    device = next(model.parameters()).device
-    if loss_fn is None:
-        def loss_fn(x, y):
-            ce = F.cross_entropy(model(x), y)
-            return ce, {"ce": ce.detach()}
+    def __init__(self, model: nn.Module, manager: ScheduledModifierManager,
+                 optimizer: torch.optim.Optimizer,
+                 train_batches: Callable[[int], Iterable[Tuple[torch.Tensor, torch.Tensor]]],
+                 evaluate: Callable[[nn.Module], float], *,
+                 steps_per_epoch: Optional[int] = None,
+                 loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor],
+                                            Tuple[torch.Tensor, Dict[str, torch.Tensor]]]] = None,
+                 autocast: Optional[Callable[[torch.device], ContextManager]] = None,
+                 on_pruning_end: Optional[Callable[[nn.Module], Any]] = None,
+                 log: Optional[Callable[[str], Any]] = print) -> None:
+        phases = recipe_phases(manager)
+        qat_start, pruning_end = phases["qat_start_epoch"], phases["pruning_end_epoch"]
+        if steps_per_epoch is None:
+            steps_per_epoch = sum(1 for _ in train_batches(0))
+        if int(steps_per_epoch) < 1:
+            raise ValueError(
+                f"steps_per_epoch must be >= 1, got {steps_per_epoch} (is train_batches_fn(0) empty?)"
+            )
+        self.model, self.manager, self.optimizer = model, manager, optimizer
+        self.train_batches, self.evaluate = train_batches, evaluate
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.max_epochs: int = phases["max_epochs"]
+        #: the epoch (fractional) at which ``on_pruning_end`` is due; inf: at the end
+        self.hook_epoch = (qat_start if qat_start is not None
+                           else pruning_end if pruning_end is not None else math.inf)
+        self.qat_start = math.inf if qat_start is None else qat_start
+        self.loss_fn = loss_fn or self._cross_entropy
+        self.autocast, self.on_pruning_end = autocast, on_pruning_end
+        self.say = log or (lambda _msg: None)
+        self.device = next(model.parameters()).device
+        self.wrapped = None  # the manager's optimizer wrapper, from start()
+        self.history: List[Dict[str, Any]] = []
+        self.epoch = 0  # recipe epochs finished
+        self.fired = False  # on_pruning_end has been called (or was due without a hook)
 
-    fired = bool(resume and resume["fired"])
+    def _cross_entropy(self, x: torch.Tensor, y: torch.Tensor):
+        ce = F.cross_entropy(self.model(x), y)
+        return ce, {"ce": ce.detach()}
 
-    def fire(where: str) -> None:
-        nonlocal fired
-        if fired or on_pruning_end is None:
-            fired = True
+    def start(self) -> None:
+        """Wrap the optimizer (``manager.modify``, epoch 0), after calling the hook if it is
+        due at epoch 0 (QAT from epoch <= 0). No step is taken."""
+        self.model.train()
+        self._pruning_end_if_due(0.0, "epoch 0 (before modify)")
+        self.wrapped = self.manager.modify(self.model, self.optimizer, steps_per_epoch=self.steps_per_epoch,
+                                           epoch=0.0, loggers=_quiet_loggers())
+
+    def resume(self, state: Dict[str, Any]) -> None:
+        """:meth:`start`, then continue from ``state`` (``load_recipe_checkpoint``): its
+        finished epochs are not trained again, their history rows are kept, and the model,
+        optimizer and manager continue from the saved state (they must be built as in the run
+        that saved it; ``trainables.compress.checkpoint.restore``).
+
+        Raises:
+            ValueError (one line): ``state`` was saved with another ``steps_per_epoch`` or
+                ``max_epochs``, or does not fit the model.
+        """
+        self.fired = bool(state["fired"])
+        self.start()
+        restore(state, wrapped=self.wrapped, model=self.model, optimizer=self.optimizer,
+                manager=self.manager, steps_per_epoch=self.steps_per_epoch, max_epochs=self.max_epochs)
+        self.history, self.epoch = [dict(row) for row in state["history"]], int(state["epoch"])
+        self.say(f"resumed the recipe after epoch {self.epoch}/{self.max_epochs} from its checkpoint")
+
+    def _pruning_end_if_due(self, epoch: float, where: str) -> None:
+        """Call ``on_pruning_end`` if it has not run and ``epoch`` (the wrapper's fractional
+        epoch) has reached ``hook_epoch``; ``where`` names the point in the log line."""
+        if self.fired or epoch < self.hook_epoch:
             return
-        fired = True
-        for mod in manager.pruning_modifiers:
+        self.fired = True
+        if self.on_pruning_end is None:
+            return
+        model = self.model
+        for mod in self.manager.pruning_modifiers:
             if getattr(mod, "initialized", False) and not mod.ended:
-                say(
+                self.say(
                     f"warning: pruning modifier not finished at {where} "
                     f"(end_epoch={mod.end_epoch}); snapshot sparsity {global_sparsity(model):.4f}"
                 )
         was_training = model.training
-        on_pruning_end(model)
+        self.on_pruning_end(model)
         model.train(was_training)
-        say(f"on_pruning_end at {where}: global sparsity {global_sparsity(model):.4f}")
+        self.say(f"on_pruning_end at {where}: global sparsity {global_sparsity(model):.4f}")
 
-    model.train()
-    if hook_epoch <= 0:
-        fire("epoch 0 (before modify)")
-    if loggers is None:
-        loggers = LoggerManager(
-            [PythonLogger(logger=logging.getLogger(__name__ + ".sparseml"), enabled=False)],
-            log_python=False,
-        )
-    wrapped = manager.modify(
-        model, optimizer, steps_per_epoch=steps_per_epoch, epoch=0.0, loggers=loggers
-    )
-
-    history: List[Dict[str, Any]] = []
-    start = 0
-    if resume is not None:
-        restore(resume, wrapped=wrapped, model=model, optimizer=optimizer, manager=manager,
-                steps_per_epoch=steps_per_epoch, max_epochs=max_epochs)
-        history, start = [dict(row) for row in resume["history"]], int(resume["epoch"])
-        say(f"resumed the recipe after epoch {start}/{max_epochs} from its checkpoint")
-    for epoch in range(start, max_epochs):
+    def train_epoch(self) -> Dict[str, Any]:
+        """Train recipe epoch ``self.epoch`` (``steps_per_epoch`` optimizer steps, real or
+        emulated), evaluate, append its history row and return it (keys: :meth:`run`)."""
+        epoch, model, wrapped, device = self.epoch, self.model, self.wrapped, self.device
         t0 = time.perf_counter()
         model.train()
         # Reduced precision only for epochs that end before QAT starts: fake-quant needs float32.
-        amp = autocast is not None and epoch + 1 <= qat_start
-        precision = _precision(autocast(device)) if amp else "float32"
+        amp = self.autocast is not None and epoch + 1 <= self.qat_start
+        precision = _precision(self.autocast(device)) if amp else "float32"
         loss_sum = torch.zeros((), device=device)
         term_sums: Dict[str, torch.Tensor] = {}  # summed on the device, read once per epoch
         steps = 0
-        for x, y in train_batches_fn(epoch):
-            if steps >= steps_per_epoch:
-                break
-            if not fired and wrapped.wrapped_epoch >= hook_epoch:
-                fire(f"epoch {wrapped.wrapped_epoch:g}")
-            x = x.to(device, non_blocking=True)
-            y = y.to(device, non_blocking=True)
+        # exactly steps_per_epoch steps: the epoch's batches, then None (an emulated step) if short
+        batches = itertools.chain(itertools.islice(self.train_batches(epoch), self.steps_per_epoch),
+                                  itertools.repeat(None))
+        for batch in itertools.islice(batches, self.steps_per_epoch):
+            self._pruning_end_if_due(wrapped.wrapped_epoch, f"epoch {wrapped.wrapped_epoch:g}")
+            if batch is None:
+                wrapped.emulated_step()
+                continue
+            x, y = (t.to(device, non_blocking=True) for t in batch)
             wrapped.zero_grad(set_to_none=True)
-            with autocast(device) if amp else contextlib.nullcontext():
-                loss, terms = loss_fn(x, y)
+            with self.autocast(device) if amp else contextlib.nullcontext():
+                loss, terms = self.loss_fn(x, y)
             loss = wrapped.loss_update(loss)
             loss.backward()
             wrapped.step()
@@ -291,12 +283,8 @@ def run_recipe(
             for name, value in terms.items():
                 term_sums[name] = term_sums[name] + value if name in term_sums else value.float()
             steps += 1
-        for _ in range(steps, steps_per_epoch):
-            if not fired and wrapped.wrapped_epoch >= hook_epoch:
-                fire(f"epoch {wrapped.wrapped_epoch:g}")
-            wrapped.emulated_step()
 
-        test_acc = float(eval_fn(model))
+        test_acc = float(self.evaluate(model))
         model.train()
         row = {
             "epoch": epoch,
@@ -304,27 +292,66 @@ def run_recipe(
             **{f"loss_{name}": float(total) / steps for name, total in term_sums.items()},
             "test_acc": test_acc,
             "sparsity": global_sparsity(model),
-            "lr": float(optimizer.param_groups[0]["lr"]),
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
             "quantized": is_quantized(model),
             "steps": steps,
             "precision": precision,
             "epoch_seconds": time.perf_counter() - t0,
         }
-        history.append(row)
-        say(
-            f"recipe epoch {epoch + 1}/{max_epochs}: loss {row['train_loss']:.4f} acc {test_acc:.4f} "
+        self.history.append(row)
+        self.epoch += 1
+        self.say(
+            f"recipe epoch {self.epoch}/{self.max_epochs}: loss {row['train_loss']:.4f} acc {test_acc:.4f} "
             f"sparsity {row['sparsity']:.4f} lr {row['lr']:.2e} qat {row['quantized']} "
             f"{precision} {row['epoch_seconds']:.1f} s"
         )
-        if checkpoint_path is not None:
-            save_recipe_checkpoint(checkpoint_path, model=model, optimizer=optimizer, manager=manager,
-                                   epoch=epoch + 1, steps_per_epoch=steps_per_epoch,
-                                   max_epochs=max_epochs, history=history, fired=fired, extra=extra)
+        return row
 
-    if not fired:
-        fire(f"end of training (epoch {max_epochs})")
-    manager.finalize(model)
-    return history
+    def save(self, path: "str | os.PathLike", extra: Optional[Dict[str, Any]] = None) -> None:
+        """Checkpoint the state after the finished epochs to ``path`` (atomically;
+        ``trainables.compress.checkpoint``), with ``extra``: a dict of plain values the caller
+        reads back from the checkpoint's ``"extra"`` on resume."""
+        save_recipe_checkpoint(path, model=self.model, optimizer=self.optimizer, manager=self.manager,
+                               epoch=self.epoch, steps_per_epoch=self.steps_per_epoch,
+                               max_epochs=self.max_epochs, history=self.history, fired=self.fired,
+                               extra=extra)
+
+    def finish(self) -> List[Dict[str, Any]]:
+        """Call the hook if it has not run yet, ``manager.finalize`` the model; the history."""
+        self._pruning_end_if_due(math.inf, f"end of training (epoch {self.max_epochs})")
+        self.manager.finalize(self.model)
+        return self.history
+
+    def run(self, *, checkpoint_path: "str | os.PathLike | None" = None,
+            resume: Optional[Dict[str, Any]] = None,
+            extra: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
+        """The whole recipe: :meth:`start` (or :meth:`resume` from ``resume``), every remaining
+        epoch (checkpointed to ``checkpoint_path`` with ``extra`` after each, unless None),
+        :meth:`finish`.
+
+        Returns:
+            One dict per epoch: ``epoch`` (int), ``train_loss`` (mean of ``loss_fn``'s loss
+            over the epoch's batches; cross-entropy by default, nats), ``loss_<term>`` (mean of
+            each term), ``test_acc`` (0..1, from ``evaluate`` after the epoch), ``sparsity``
+            (:func:`global_sparsity`, 0..1), ``lr`` (learning rate of param group 0 at the end
+            of the epoch), ``quantized`` (bool, QAT modules present), ``steps`` (real optimizer
+            steps taken), ``precision`` (``bfloat16`` when ``autocast`` gave a bf16 autocast
+            context that epoch, else ``float32``), ``epoch_seconds`` (wall seconds of the
+            epoch's training and evaluation).
+
+        Raises:
+            ValueError: ``resume`` was saved with another ``steps_per_epoch``/``max_epochs``
+                or does not fit the model (:meth:`resume`).
+        """
+        if resume is None:
+            self.start()
+        else:
+            self.resume(resume)
+        while self.epoch < self.max_epochs:
+            self.train_epoch()
+            if checkpoint_path is not None:
+                self.save(checkpoint_path, extra)
+        return self.finish()
 
 
 def _precision(context: ContextManager) -> str:

@@ -51,7 +51,7 @@ def load_recipe(path: "str | os.PathLike", **overrides: Any) -> ScheduledModifie
             ``eval(...)`` expressions are evaluated, so derived variables follow.
 
     Returns:
-        The manager (not yet initialized; :func:`run_recipe` calls ``modify``).
+        The manager (not yet initialized; ``core.RecipeRun.start`` calls ``modify``).
 
     Raises:
         ValueError (one line, naming ``path``): the file is missing or not a regular
@@ -123,7 +123,7 @@ def recipe_phases(manager: ScheduledModifierManager) -> Dict[str, Any]:
     Returns:
         dict with
           ``max_epochs`` (int): ``manager.max_epochs`` (ceil of the latest start/end
-            epoch of any modifier) - the number of epochs :func:`run_recipe` runs;
+            epoch of any modifier) - the number of epochs ``core.RecipeRun`` runs;
           ``pruning_start_epoch`` / ``pruning_end_epoch`` (float or None): earliest
             start / latest end of the pruning modifiers;
           ``final_sparsity`` (float or None): the (first) pruning modifier's target,

@@ -2,7 +2,7 @@
 
 ``sparsify_student`` is a plain function; ``orchestrate.py`` runs it as a Ray task on the
 training device (``ray.remote(num_gpus=..., num_cpus=...)``). No stopping rule applies here:
-the recipe's epochs rule. The fine-tuning and QAT loss is ``loss``: by default (``--sparsify-loss
+the recipe's epochs rule. The fine-tuning and QAT loss is ``SparsifySettings.loss``: by default (``--sparsify-loss
 setup``) the winning setup's own, through the students' ``trainables.train.student_loss`` with the
 frozen teacher (soft targets at the students' temperature; for ``kd_feat`` also the layer1/2/4
 feature MSE, the student's feature maps read by hooks so they follow SparseML's QAT module swap), or
@@ -25,10 +25,13 @@ already exported are unchanged. It is deleted once ``summary.json`` is written.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Dict, List, Optional
 
 import pandas as pd
 import torch
+from torch import nn
 
 from models import load_checkpoint
 from study import ONNX_MODELS, SETUPS, RunLayout
@@ -37,32 +40,52 @@ from trainables.batches import train_batches
 from trainables.data import CIFAR10Tensors
 from trainables.compress.export import export_model_onnx, model_metadata
 from trainables.compress.checkpoint import load_recipe_checkpoint
-from trainables.compress.core import (global_sparsity, is_quantized, load_recipe, run_recipe,
-                                      weight_sparsity)
+from trainables.compress.core import RecipeRun, global_sparsity, is_quantized, load_recipe, weight_sparsity
 from trainables.train import MODEL_FILE, autocast, evaluate, frozen_teacher, pick_device, student_loss
 
+__all__ = ["SparsifySettings", "sparsify_student"]
 
-def sparsify_student(checkpoint, data: CIFAR10Tensors, *, recipe: str, recipe_epochs: float,
-                     batch_size: int, seed: int, threads: int, output_dir: str,
-                     trial_id: str = "", setup: str = "", loss: str = "ce",
-                     teacher: dict | None = None, temperature: float = 4.0) -> dict:
-    """Prune + quantize the student in ``checkpoint`` with ``recipe``; export three ONNX models.
+
+@dataclass(frozen=True)
+class SparsifySettings:
+    """What the sparsify stage runs with.
+
+    Attributes:
+        recipe: SparseML recipe YAML path; ``recipe_epochs`` overrides its ``num_epochs`` variable.
+        batch_size, seed: as in the student trials (same augmentation stream).
+        threads: torch intra-op threads (the task's CPU share).
+        output_dir: the run directory.
+        trial_id, setup: the Tune trial the checkpoint comes from and its setup (recorded in the
+            summary and in each ONNX file's metadata; an empty ``setup``: the checkpoint's).
+        loss: the setup whose loss the recipe trains with (``study.SETUPS``: ``ce``, ``kd``,
+            ``kd_feat``; ``trainables.losses.distillation_loss``).
+        temperature: softmax temperature T of the soft targets (> 0; the students' value).
+    """
+
+    recipe: str
+    recipe_epochs: float
+    batch_size: int
+    seed: int
+    threads: int
+    output_dir: str
+    trial_id: str = ""
+    setup: str = ""
+    loss: str = "ce"
+    temperature: float = 4.0
+
+
+def sparsify_student(checkpoint, data: CIFAR10Tensors, settings: SparsifySettings,
+                     teacher: Optional[dict] = None) -> dict:
+    """Prune + quantize the student in ``checkpoint`` with ``settings.recipe``; export three ONNX
+    models.
 
     Args:
         checkpoint: a ``ray.train.Checkpoint`` (or a folder path) holding ``model.pt`` as written by
             the student trainable.
         data: CIFAR-10 uint8 tensors (train (N,3,32,32), test (M,3,32,32)) of the run.
-        recipe: SparseML recipe YAML; ``recipe_epochs`` overrides its ``num_epochs`` variable.
-        batch_size, seed: as in the student trials (same augmentation stream).
-        threads: torch intra-op threads (the task's CPU share).
-        output_dir: the run directory.
-        trial_id, setup: the Tune trial the checkpoint comes from and its setup (recorded in the
-            summary and in each ONNX file's metadata).
-        loss: the setup whose loss the recipe trains with (``study.SETUPS``: ``ce``, ``kd``,
-            ``kd_feat``; ``trainables.losses.distillation_loss``).
+        settings: the stage's settings.
         teacher: the frozen teacher's checkpoint payload (``torch.load`` of ``teacher.pt``);
-            needed unless ``loss`` is ``ce``.
-        temperature: softmax temperature T of the soft targets (> 0; the students' value).
+            needed unless ``settings.loss`` is ``ce``.
 
     Returns:
         The summary dict (also ``sparsify/summary.json``): ``trial_id``, ``setup``, ``loss`` (the
@@ -81,90 +104,121 @@ def sparsify_student(checkpoint, data: CIFAR10Tensors, *, recipe: str, recipe_ep
             interrupted attempt is unreadable, belongs to another trial, loss or recipe length,
             or an ONNX file it recorded has changed (one line each).
     """
-    manager = load_recipe(recipe, num_epochs=recipe_epochs)  # fail before any work
-    if loss not in SETUPS:
-        raise ValueError(f"loss {loss!r} is unknown; allowed: {', '.join(SETUPS)}")
-    if loss != "ce" and teacher is None:
-        raise ValueError(f"loss {loss!r} needs the teacher's checkpoint payload; got None")
-    torch.manual_seed(seed)
-    torch.set_num_threads(max(1, int(threads)))
+    s = settings
+    manager = load_recipe(s.recipe, num_epochs=s.recipe_epochs)  # fail before any work
+    if s.loss not in SETUPS:
+        raise ValueError(f"loss {s.loss!r} is unknown; allowed: {', '.join(SETUPS)}")
+    if s.loss != "ce" and teacher is None:
+        raise ValueError(f"loss {s.loss!r} needs the teacher's checkpoint payload; got None")
+    torch.manual_seed(s.seed)
+    torch.set_num_threads(max(1, int(s.threads)))
     device = pick_device()
-    if hasattr(checkpoint, "as_directory"):  # ray.train.Checkpoint
-        with checkpoint.as_directory() as folder:
-            model, meta = load_checkpoint(Path(folder) / MODEL_FILE)
-    else:
-        model, meta = load_checkpoint(Path(checkpoint) / MODEL_FILE)
+    model, meta = _load_student(checkpoint)
     model.to(device)
-    layout = RunLayout(output_dir)
-    setup = setup or (meta.get("extra") or {}).get("setup")
-    resume = load_recipe_checkpoint(layout.sparsify_checkpoint)
-
-    def accuracy(m):  # float32 once fake-quant modules are in
-        return evaluate(m, data.test_images, data.test_labels, batch_size, device, amp=not is_quantized(m))
-
-    def export(variant, m, test_acc, convert_qat=False):
-        path = layout.onnx(variant)
-        export_model_onnx(m, path, convert_qat=convert_qat, metadata=model_metadata(
-            variant=variant, arch=meta["arch"], stem=meta["stem"], source_trial=trial_id, setup=setup,
-            recipe=recipe, recipe_epochs=recipe_epochs, recipe_loss=None if variant == "dense" else loss,
-            weight_sparsity=global_sparsity(m),
-            test_acc=test_acc))
-        state["sha256"][variant] = sha256_file(path)
-
+    stage = _Stage(s, RunLayout(s.output_dir), meta, device, data)
+    resume = load_recipe_checkpoint(stage.layout.sparsify_checkpoint)
     if resume is None:
-        state = {"trial_id": trial_id, "loss": loss, "test_acc_dense": accuracy(model), "sha256": {}}
-        export("dense", model, state["test_acc_dense"])
-    else:  # an interrupted attempt: its exports must be the files it made
-        state = resume["extra"]
-        if state.get("trial_id") != trial_id:
-            raise ValueError(f"{layout.sparsify_checkpoint} belongs to trial {state.get('trial_id')!r}, "
-                             f"not {trial_id!r}; delete it to run the recipe from epoch 0")
-        trained_with = state.get("loss", "ce")  # no key: an attempt from before --sparsify-loss
-        if trained_with != loss:
-            raise ValueError(f"{layout.sparsify_checkpoint} was trained with loss {trained_with!r}, "
-                             f"not {loss!r}; delete it to run the recipe from epoch 0")
-        check_digests(state["sha256"], {name: layout.onnx(name) for name in state["sha256"]},
-                      remedy=f"delete {layout.sparsify_checkpoint} to run the recipe from epoch 0")
-
-    def on_pruning_end(m):
-        layers = weight_sparsity(m)
-        weights = dict(m.named_parameters())
-        state["pruned"] = {"test_acc": accuracy(m), "layers": layers, "sparsity": global_sparsity(m),
-                           "params": {name: weights[name].numel() for name in layers}}
-        export("pruned", m, state["pruned"]["test_acc"])
+        stage.record = {"trial_id": s.trial_id, "loss": s.loss, "test_acc_dense": stage.accuracy(model),
+                        "sha256": {}}
+        stage.export("dense", model, stage.record["test_acc_dense"])
+    else:
+        stage.record = stage.checked_record(resume)
 
     train_images, train_labels = data.train_images.to(device), data.train_labels.to(device)
-    loss_fn = student_loss(loss, model, None if loss == "ce" else frozen_teacher(teacher, device),
-                           temperature, trace_student=False)
-    history = run_recipe(
-        model, manager,
-        lambda epoch: train_batches(train_images, train_labels, batch_size, seed=seed,
+    run = RecipeRun(
+        model, manager, torch.optim.Adam(model.parameters()),
+        lambda epoch: train_batches(train_images, train_labels, s.batch_size, seed=s.seed,
                                     epoch=epoch, device=device),
-        accuracy, optimizer=torch.optim.Adam(model.parameters()), on_pruning_end=on_pruning_end,
-        autocast=autocast, checkpoint_path=layout.sparsify_checkpoint, resume=resume, extra=state,
-        loss_fn=loss_fn)
-    test_acc_quantized = accuracy(model)
-    export("pruned_quantized", model, test_acc_quantized, convert_qat=True)
+        stage.accuracy, autocast=autocast, on_pruning_end=stage.pruning_end,
+        loss_fn=student_loss(s.loss, model, None if s.loss == "ce" else frozen_teacher(teacher, device),
+                             s.temperature, trace_student=False))
+    history = run.run(checkpoint_path=stage.layout.sparsify_checkpoint, resume=resume, extra=stage.record)
+    test_acc_quantized = stage.accuracy(model)
+    stage.export("pruned_quantized", model, test_acc_quantized, convert_qat=True)
+    return stage.finish(model, history, test_acc_quantized)
 
-    pruned = state["pruned"]
-    layer_table = pd.DataFrame({"layer": list(pruned["layers"]), "params": list(pruned["params"].values()),
-                                "sparsity": list(pruned["layers"].values())})
-    atomic_write_text(layout.layer_sparsity, layer_table.to_csv(index=False))
-    table = pd.DataFrame(history)
-    atomic_write_text(layout.sparsify_history, table.to_csv(index=False))
-    seconds = table.groupby("quantized")["epoch_seconds"].mean()
-    summary = {
-        "trial_id": trial_id, "setup": setup, "loss": loss,
-        "temperature": None if loss == "ce" else temperature, "arch": meta["arch"], "recipe": str(recipe),
-        "recipe_epochs": recipe_epochs, "test_acc_dense": state["test_acc_dense"],
-        "test_acc_pruned": pruned["test_acc"], "weight_sparsity_pruned": pruned["sparsity"],
-        "test_acc_pruned_quantized": test_acc_quantized,
-        "weight_sparsity_pruned_quantized": global_sparsity(model),
-        "epoch_seconds_before_qat": float(seconds[False]) if False in seconds else None,
-        "epoch_seconds_qat": float(seconds[True]) if True in seconds else None,
-        "onnx": {name: str(layout.onnx(name)) for name in ONNX_MODELS},
-        "sha256": {name: state["sha256"][name] for name in ONNX_MODELS},
-    }
-    atomic_write_text(layout.sparsify_summary, json.dumps(summary, indent=2))
-    layout.sparsify_checkpoint.unlink(missing_ok=True)  # done: nothing left to resume
-    return summary
+
+def _load_student(checkpoint) -> tuple:
+    """(model, meta) from ``model.pt`` in ``checkpoint`` (a ``ray.train.Checkpoint`` or a folder)."""
+    if hasattr(checkpoint, "as_directory"):  # ray.train.Checkpoint
+        with checkpoint.as_directory() as folder:
+            return load_checkpoint(Path(folder) / MODEL_FILE)
+    return load_checkpoint(Path(checkpoint) / MODEL_FILE)
+
+
+class _Stage:
+    """The stage's outputs in the making: the ONNX exports and ``record``, the plain values the
+    recipe checkpoint carries as its ``extra`` (``trial_id``, ``loss``, ``test_acc_dense``,
+    ``sha256`` name -> digest of each file exported so far, ``pruned`` once pruning has ended)."""
+
+    def __init__(self, settings: SparsifySettings, layout: RunLayout, meta: dict,
+                 device: torch.device, data: CIFAR10Tensors) -> None:
+        self.settings, self.layout, self.meta, self.device, self.data = settings, layout, meta, device, data
+        self.setup = settings.setup or (meta.get("extra") or {}).get("setup")
+        self.record: Dict[str, Any] = {}
+
+    def accuracy(self, model: nn.Module) -> float:
+        """Test accuracy 0..1; bf16 autocast (where the device has it) only before QAT."""
+        return evaluate(model, self.data.test_images, self.data.test_labels, self.settings.batch_size,
+                        self.device, amp=not is_quantized(model))
+
+    def export(self, variant: str, model: nn.Module, test_acc: float, convert_qat: bool = False) -> None:
+        """Write ``onnx/<variant>.onnx`` with its metadata; record its sha256."""
+        s, path = self.settings, self.layout.onnx(variant)
+        export_model_onnx(model, path, convert_qat=convert_qat, metadata=model_metadata(
+            variant=variant, arch=self.meta["arch"], stem=self.meta["stem"], source_trial=s.trial_id,
+            setup=self.setup, recipe=s.recipe, recipe_epochs=s.recipe_epochs,
+            recipe_loss=None if variant == "dense" else s.loss, weight_sparsity=global_sparsity(model),
+            test_acc=test_acc))
+        self.record["sha256"][variant] = sha256_file(path)
+
+    def pruning_end(self, model: nn.Module) -> None:
+        """The recipe's pruning-end hook: measure the pruned model, export ``pruned.onnx``."""
+        layers = weight_sparsity(model)
+        weights = dict(model.named_parameters())
+        self.record["pruned"] = {"test_acc": self.accuracy(model), "layers": layers,
+                                 "sparsity": global_sparsity(model),
+                                 "params": {name: weights[name].numel() for name in layers}}
+        self.export("pruned", model, self.record["pruned"]["test_acc"])
+
+    def checked_record(self, resume: dict) -> Dict[str, Any]:
+        """The record of an interrupted attempt, after checking it is this trial's and loss's and
+        that its exports are the files it made. Raises ValueError (one line) otherwise."""
+        record, s, path = resume["extra"], self.settings, self.layout.sparsify_checkpoint
+        if record.get("trial_id") != s.trial_id:
+            raise ValueError(f"{path} belongs to trial {record.get('trial_id')!r}, "
+                             f"not {s.trial_id!r}; delete it to run the recipe from epoch 0")
+        trained_with = record.get("loss", "ce")  # no key: an attempt from before --sparsify-loss
+        if trained_with != s.loss:
+            raise ValueError(f"{path} was trained with loss {trained_with!r}, "
+                             f"not {s.loss!r}; delete it to run the recipe from epoch 0")
+        check_digests(record["sha256"], {name: self.layout.onnx(name) for name in record["sha256"]},
+                      remedy=f"delete {path} to run the recipe from epoch 0")
+        return record
+
+    def finish(self, model: nn.Module, history: List[Dict[str, Any]], test_acc_quantized: float) -> dict:
+        """Write ``layer_sparsity.csv``, ``history.csv``, then ``summary.json`` (last: it marks
+        the stage done) and delete the recipe checkpoint; the summary."""
+        s, layout, pruned = self.settings, self.layout, self.record["pruned"]
+        layer_table = pd.DataFrame({"layer": list(pruned["layers"]), "params": list(pruned["params"].values()),
+                                    "sparsity": list(pruned["layers"].values())})
+        atomic_write_text(layout.layer_sparsity, layer_table.to_csv(index=False))
+        table = pd.DataFrame(history)
+        atomic_write_text(layout.sparsify_history, table.to_csv(index=False))
+        seconds = table.groupby("quantized")["epoch_seconds"].mean()
+        summary = {
+            "trial_id": s.trial_id, "setup": self.setup, "loss": s.loss,
+            "temperature": None if s.loss == "ce" else s.temperature, "arch": self.meta["arch"],
+            "recipe": str(s.recipe), "recipe_epochs": s.recipe_epochs,
+            "test_acc_dense": self.record["test_acc_dense"],
+            "test_acc_pruned": pruned["test_acc"], "weight_sparsity_pruned": pruned["sparsity"],
+            "test_acc_pruned_quantized": test_acc_quantized,
+            "weight_sparsity_pruned_quantized": global_sparsity(model),
+            "epoch_seconds_before_qat": float(seconds[False]) if False in seconds else None,
+            "epoch_seconds_qat": float(seconds[True]) if True in seconds else None,
+            "onnx": {name: str(layout.onnx(name)) for name in ONNX_MODELS},
+            "sha256": {name: self.record["sha256"][name] for name in ONNX_MODELS},
+        }
+        atomic_write_text(layout.sparsify_summary, json.dumps(summary, indent=2))
+        layout.sparsify_checkpoint.unlink(missing_ok=True)  # done: nothing left to resume
+        return summary
