@@ -180,11 +180,10 @@ def stage_sparsify(config: StudyConfig, data, best, teacher_path: Path) -> dict:
     device, trained with that setup's loss and the frozen teacher (``--sparsify-loss setup``) or
     cross-entropy (``ce``); returns ``sparsify/summary.json``'s content."""
     import ray
-    import torch
 
     from study import ONNX_MODELS
     from driver.results import best_checkpoint
-    from trainables.compress.sparsify import SparsifySettings, sparsify_student
+    from trainables.compress.sparsify import sparsify_student
     from driver.tuning import trial_resources
 
     layout = RunLayout(config.output_dir)
@@ -210,19 +209,31 @@ def stage_sparsify(config: StudyConfig, data, best, teacher_path: Path) -> dict:
           f"recipe {config.recipe}, loss {loss}", flush=True)
     resources = trial_resources(config, "teacher")  # this cluster's, also on a resumed run
     task = ray.remote(num_cpus=resources["cpu"], num_gpus=resources["gpu"])(sparsify_student)
-    settings = SparsifySettings(
-        recipe=config.recipe, recipe_epochs=config.recipe_epochs, batch_size=config.batch_size,
-        seed=int(best.config["seed"]), threads=max(1, math.floor(resources["cpu"])),
-        output_dir=str(Path(config.output_dir).resolve()), trial_id=best.path.rsplit("/", 1)[-1],
-        setup=setup, loss=loss, temperature=config.temperature)
+    settings, teacher = sparsify_settings(config, best, teacher_path, threads=max(1, math.floor(resources["cpu"])))
     try:
-        return ray.get(task.remote(
-            checkpoint, data, settings,
-            teacher=None if loss == "ce" else torch.load(teacher_path, map_location="cpu")))
+        return ray.get(task.remote(checkpoint, data, settings, teacher=teacher))
     except ray.exceptions.RayTaskError as err:
         if isinstance(err.cause, ValueError):  # bad recipe and the like: the one line it carries
             raise StudyError(str(err.cause)) from None
         raise
+
+
+def sparsify_settings(config: StudyConfig, best, teacher_path: Path, threads: int) -> tuple:
+    """``(SparsifySettings, teacher payload or None)`` with which the sparsify stage runs the
+    recipe on the trial ``best`` (a ``ray.tune.Result``) with ``threads`` torch threads: the
+    trial's seed and setup, the loss ``--sparsify-loss`` names (the setup's own, or ``ce``, which
+    needs no teacher) and this run's recipe settings."""
+    import torch
+
+    from trainables.compress.sparsify import SparsifySettings
+
+    setup = best.config["setup"]
+    loss = setup if config.sparsify_loss == "setup" else "ce"
+    settings = SparsifySettings(
+        recipe=config.recipe, recipe_epochs=config.recipe_epochs, batch_size=config.batch_size,
+        seed=int(best.config["seed"]), threads=threads, output_dir=str(Path(config.output_dir).resolve()),
+        trial_id=best.path.rsplit("/", 1)[-1], setup=setup, loss=loss, temperature=config.temperature)
+    return settings, None if loss == "ce" else torch.load(teacher_path, map_location="cpu")
 
 
 def stage_bench(config: StudyConfig, data, summary: dict) -> tuple:

@@ -81,6 +81,36 @@ def copy_run(source: Path, dest: Path, *names: str) -> Path:
     return dest
 
 
+def sparsify_in_process(run_dir: Path, setup: str, seed: int = 0, threads: int = 2) -> dict:
+    """The sparsify stage's recipe, in this process, on the (``setup``, ``seed``) trial of the
+    students' experiment in ``run_dir`` (a finished or copied run: its ``config.json`` and
+    ``teacher.pt``), from that trial's best checkpoint, with the settings the stage would use
+    (``orchestrate.sparsify_settings``; the smoke run's task had 2 threads). Writes into
+    ``run_dir`` as the stage does; returns the summary."""
+    import dataclasses
+    import json
+
+    from ray import tune
+    from ray.tune.result_grid import ResultGrid
+
+    import orchestrate
+    from driver.results import best_checkpoint
+    from study import RunLayout, StudyConfig, make_config, selection_metric
+    from trainables.batches import study_data
+    from trainables.compress.sparsify import sparsify_student
+
+    saved = json.loads((run_dir / "config.json").read_text())
+    fields = {f.name for f in dataclasses.fields(StudyConfig)} - {"preset"}
+    config = make_config(saved["preset"], **{**{k: v for k, v in saved.items() if k in fields},
+                                             "output_dir": str(run_dir), "setups": tuple(saved["setups"]),
+                                             "bench_batch_sizes": tuple(saved["bench_batch_sizes"])})
+    grid = ResultGrid(tune.ExperimentAnalysis(str(RunLayout(run_dir).students_dir)))
+    best = next(r for r in grid if (r.config["setup"], r.config["seed"]) == (setup, seed))
+    checkpoint, _ = best_checkpoint(best, selection_metric(config))
+    settings, teacher = orchestrate.sparsify_settings(config, best, RunLayout(run_dir).teacher, threads)
+    return sparsify_student(checkpoint, study_data(config), settings, teacher=teacher)
+
+
 #: The sparsify/bench stack: what ``blocked_env`` hides from every Python process.
 BLOCKED = ("sparseml", "deepsparse", "sparsezoo", "onnx", "onnxruntime")
 

@@ -18,7 +18,7 @@ from models import build_teacher, save_checkpoint
 from study import make_config
 from trainables.data import CIFAR10_CLASSES
 
-from helpers import copy_run
+from helpers import copy_run, sparsify_in_process
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EARLIER = "model,test_acc\nteacher,0.5\n"
@@ -160,7 +160,43 @@ def test_no_avx2_is_one_line(capsys, monkeypatch, cifar_root, earlier_run, tmp_p
 TRAINED_STATE = ("config.json", "teacher.pt", "teacher", "students")
 
 
-RECIPE_TEST_PLACEHOLDER
+def test_an_interrupted_recipe_resumes_to_the_same_results(smoke_run, tmp_path, monkeypatch, capsys):
+    """The smoke run's recipe, run again in this process on a copy of its trained state, stops
+    right after its first epoch's recipe checkpoint is written (as a kill then would leave it); the
+    rerun resumes from that checkpoint and ends with the uninterrupted run's accuracies,
+    sparsities, history and dense model. Catches a resume that restarts the recipe, skips or
+    replays part of its schedule, or restores other weights, masks or optimizer state."""
+    from trainables.compress.core import RecipeRun
+
+    out = copy_run(smoke_run, tmp_path / "recipe", *TRAINED_STATE)
+    straight = json.loads((smoke_run / "sparsify" / "summary.json").read_text())
+    checkpoint = out / "sparsify" / "recipe_checkpoint.pt"
+
+    class Killed(Exception):
+        pass
+
+    save = RecipeRun.save
+
+    def save_then_die(self, path, extra=None):
+        save(self, path, extra)
+        raise Killed
+
+    monkeypatch.setattr(RecipeRun, "save", save_then_die)
+    with pytest.raises(Killed):
+        sparsify_in_process(out, straight["setup"])
+    assert checkpoint.exists() and not (out / "sparsify" / "summary.json").exists()
+    monkeypatch.setattr(RecipeRun, "save", save)
+    capsys.readouterr()
+    resumed = sparsify_in_process(out, straight["setup"])
+    assert "resumed the recipe after epoch 1/2" in capsys.readouterr().out
+    for key in ("trial_id", "loss", "test_acc_dense", "test_acc_pruned", "test_acc_pruned_quantized",
+                "weight_sparsity_pruned", "weight_sparsity_pruned_quantized"):
+        assert resumed[key] == straight[key], key
+    assert resumed["sha256"]["dense"] == straight["sha256"]["dense"]  # exported before the kill, kept
+    columns = ["epoch", "train_loss", "test_acc", "sparsity", "lr", "quantized", "steps"]
+    pd.testing.assert_frame_equal(pd.read_csv(out / "sparsify" / "history.csv")[columns],
+                                  pd.read_csv(smoke_run / "sparsify" / "history.csv")[columns])
+    assert not checkpoint.exists()
 
 
 def test_a_changed_onnx_model_stops_a_resumed_run(smoke_run, cifar_root, tmp_path):
