@@ -331,14 +331,34 @@ def main(argv: list[str] | None = None) -> int:
             sys.modules["ray"].shutdown()
 
 
+def print_results(config: StudyConfig, table, setups, bench) -> None:
+    """What a run prints at its end: ``driver.results.summary_text`` of the results and setups
+    tables (DataFrames of ``results.csv``, ``setups.csv``) and, when the bench stage ran
+    (``bench``: the ``benchmark.csv`` frame, else None), the throughput and latency table (its
+    ``status``/``error`` columns only when a benchmark failed), the CPU's instruction set and
+    VNNI, and per batch size which model is fastest (``report.fastest_model``)."""
+    from driver.results import summary_text
+    from report import fastest_model
+
+    print(summary_text(config, table, setups))
+    if bench is None:
+        return
+    failed = bench["items_per_sec"].isna()  # rows of failed benchmarks (status "error")
+    print("\nThroughput (items/s) and latency (ms):\n" + (bench if failed.any() else bench.drop(
+        columns=["status", "error"], errors="ignore")).to_markdown(index=False, floatfmt=".2f"))
+    if not failed.all():
+        print(f"CPU: {bench[~failed]['isa'].iloc[0]}, VNNI {bench[~failed]['vnni'].iloc[0]}")
+    for batch in sorted(set(bench[~failed]["batch_size"])):
+        print(fastest_model(bench, batch))
+
+
 def run_study(config: StudyConfig, args: argparse.Namespace) -> int:
     """All stages in order, skipping those whose outputs are already complete."""
     import pandas as pd
 
-    from report import fastest_model
     from study.files import atomic_write_text
-    from driver.results import (RESULT_COLUMNS, setups_table, sparsified_rows, sparsify_trial, summary_text,
-                                    training_rows)
+    from driver.results import (RESULT_COLUMNS, set_onnx_accuracy, setups_table, sparsified_rows, sparsify_trial,
+                                training_rows)
 
     out, layout = Path(config.output_dir), RunLayout(config.output_dir)
     replace = check_output_dir(config, args.overwrite)
@@ -379,20 +399,10 @@ def run_study(config: StudyConfig, args: argparse.Namespace) -> int:
         rows += sparsified_rows(summary, rows, seed=best.config["seed"])
         if config.stop_after == "bench":
             bench, accuracies = stage_bench(config, data, summary)
-            for row in rows:  # the exported models' own accuracy, run in DeepSparse
-                parent = (row["model"], row["seed"]) == (summary["setup"], best.config["seed"])
-                row["onnx_test_acc"] = accuracies.get("dense" if parent else row["model"])
+            set_onnx_accuracy(rows, accuracies, summary["setup"], best.config["seed"])
     table = pd.DataFrame(rows, columns=RESULT_COLUMNS)
     atomic_write_text(layout.results, table.to_csv(index=False))
-    print(summary_text(config, table, setups))
-    if bench is not None:
-        failed = bench["items_per_sec"].isna()  # rows of failed benchmarks (status "error")
-        print("\nThroughput (items/s) and latency (ms):\n" + (bench if failed.any() else bench.drop(
-            columns=["status", "error"], errors="ignore")).to_markdown(index=False, floatfmt=".2f"))
-        if not failed.all():
-            print(f"CPU: {bench[~failed]['isa'].iloc[0]}, VNNI {bench[~failed]['vnni'].iloc[0]}")
-        for batch in sorted(set(bench[~failed]["batch_size"])):
-            print(fastest_model(bench, batch))
+    print_results(config, table, setups, bench)
     if config.report:
         return stage_report(config)
     return 0

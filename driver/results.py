@@ -104,6 +104,17 @@ def sparsified_rows(summary: dict, rows: list[dict], seed=None) -> list[dict]:
              "base": summary["setup"]} for name in ("pruned", "pruned_quantized")]
 
 
+def set_onnx_accuracy(rows: list[dict], accuracies: dict, setup: str, seed) -> None:
+    """Set ``onnx_test_acc`` on every row of ``rows`` (in place): the test accuracy (0..1) of the
+    row's exported ONNX model in DeepSparse, from ``accuracies`` (the bench stage's
+    ``onnx_accuracy.json``: ONNX model name -> accuracy). The trial the sparsify stage started
+    from (model ``setup``, seed ``seed``) is the ``dense`` export, the ``pruned`` and
+    ``pruned_quantized`` rows are their own models; every other row gets None."""
+    for row in rows:
+        parent = (row["model"], row["seed"]) == (setup, seed)
+        row["onnx_test_acc"] = accuracies.get("dense" if parent else row["model"])
+
+
 def summary_text(config: StudyConfig, table, setups) -> str:
     """What orchestrate prints at the end: the results table (without empty columns), the setups
     table (``setups.csv``), the winner's lead and its significance, and the decision rule."""

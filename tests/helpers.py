@@ -1,6 +1,7 @@
-"""Helpers the tests (and the developer scripts in ``bench/perf``) share: a few real CIFAR-10
-images out of the offline tarball, reading exported ONNX models back (weight sparsity, op
-types, input shape), and a tiny ResNet-like model for recipe tests."""
+"""Helpers the tests share: running orchestrate.py, a few real CIFAR-10 images out of the
+offline tarball (``trainables.data.extract_image_subset``, re-exported here), reading exported
+ONNX models back (weight sparsity, op types, input shape), and a tiny ResNet-like model for
+recipe tests."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from trainables.data import CIFAR10_CLASSES
+from trainables.data import extract_image_subset  # noqa: F401  (re-exported: conftest.py)
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -147,37 +148,6 @@ def blocked_env(folder: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "sitecustomize.py").write_text(BLOCKER)
     return {"PYTHONPATH": os.pathsep.join([str(folder), str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
-
-
-def extract_image_subset(tarball: str | os.PathLike, dest: str | os.PathLike,
-                         per_class: dict[str, int]) -> Path:
-    """Extract the first ``per_class[split]`` images of every class of each split (in archive
-    order) from an image-folder tarball such as ``cifar10-jpg.tar.gz`` into
-    ``dest/<split>/<class>/<name>``; streams the archive once and stops when all are written.
-
-    ``per_class`` maps split names ("train", "test") to images per class. Returns ``dest``.
-    Raises OSError/tarfile.TarError for an unreadable archive.
-    """
-    import tarfile
-
-    dest = Path(dest)
-    counts: dict[tuple[str, str], int] = {}
-    need = sum(per_class.values()) * len(CIFAR10_CLASSES)
-    with tarfile.open(tarball, "r|gz") as archive:
-        for member in archive:
-            parts = member.name.split("/")
-            if not member.isfile() or len(parts) != 3 or parts[0] not in per_class:
-                continue
-            split, cls, name = parts
-            if counts.get((split, cls), 0) >= per_class[split] or name.startswith("."):
-                continue
-            counts[(split, cls)] = counts.get((split, cls), 0) + 1
-            (dest / split / cls).mkdir(parents=True, exist_ok=True)
-            (dest / split / cls / name).write_bytes(archive.extractfile(member).read())
-            need -= 1
-            if need == 0:
-                break
-    return dest
 
 
 # op type -> (weight input index, weight zero-point input index or None)

@@ -136,6 +136,39 @@ def test_feature_taps_trace_into_one_graph():
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
 
 
+# ------------------------------------------------------------------------------ epoch timing
+
+
+def _clock(*ticks):
+    readings = iter(ticks)
+    return train._EpochClock(torch.device("cpu"), now=lambda: next(readings))
+
+
+def test_warmup_is_the_first_steps_excess_over_the_other_steps_in_the_first_epoch_only():
+    clock = _clock(0.0, 5.0, 8.0, 9.0,  20.0, 23.0, 24.0)
+    clock.start()
+    clock.first_step_done()
+    assert clock.steps_done(4) == 8.0 and clock.elapsed() == 9.0
+    assert clock.warmup_seconds == 5.0 - (8.0 - 5.0) / 3  # first step 5 s, the other three 1 s each
+    clock.start()
+    clock.first_step_done()  # a later epoch: no sync, no reading
+    assert clock.steps_done(4) == 3.0 and clock.elapsed() == 4.0 and clock.warmup_seconds == 0.0
+
+
+def test_warmup_is_zero_for_a_one_step_epoch_and_never_negative():
+    clock = _clock(0.0, 2.0, 2.0,  10.0, 11.0)
+    clock.start()
+    clock.first_step_done()
+    assert clock.steps_done(1) == 2.0 and clock.warmup_seconds == 0.0
+    clock.start()  # the first step was timed: not a warm-up epoch again
+    clock.first_step_done()
+    assert clock.steps_done(3) == 1.0 and clock.warmup_seconds == 0.0
+    fast_first = _clock(0.0, 1.0, 10.0)
+    fast_first.start()
+    fast_first.first_step_done()
+    assert fast_first.steps_done(4) == 10.0 and fast_first.warmup_seconds == 0.0  # 1 - 3 < 0
+
+
 # ------------------------------------------------------------------------------ no read-backs
 
 

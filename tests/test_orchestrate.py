@@ -231,3 +231,41 @@ def test_a_run_from_before_sparsify_loss_counts_as_ce(tmp_path):
     assert check_output_dir(make_config("smoke", output_dir=str(tmp_path), sparsify_loss="ce"),
                             overwrite=False) is False
     assert check_output_dir(config, overwrite=True) is True
+
+
+def _bench(failed: int = 0):
+    import pandas as pd
+
+    rows = [("dense", "onnxruntime", 1, 100.0, 10.0), ("dense", "deepsparse", 1, 150.0, 6.0),
+            ("pruned", "deepsparse", 1, 300.0, 3.0), ("dense", "onnxruntime", 16, 900.0, 17.0)]
+    frame = pd.DataFrame([{"model": m, "engine": e, "batch_size": b, "num_cores": 2, "items_per_sec": ips,
+                           "latency_mean_ms": p50, "latency_p50_ms": p50, "latency_p99_ms": p50,
+                           "isa": "avx2", "vnni": False, "status": "ok", "error": ""}
+                          for m, e, b, ips, p50 in rows])
+    for i in range(failed):  # the last rows fail: no measurements
+        frame.loc[len(frame) - 1 - i, ["items_per_sec", "latency_mean_ms", "latency_p50_ms",
+                                       "latency_p99_ms", "status", "error"]] = \
+            [float("nan")] * 4 + ["error", "RuntimeError: boom"]
+    return frame
+
+
+@pytest.mark.parametrize("failed", [0, 1, 4])
+def test_the_end_of_a_run_prints_the_tables_the_cpu_and_the_fastest_models(monkeypatch, capsys, failed):
+    import driver.results
+    from report import fastest_model
+
+    monkeypatch.setattr(driver.results, "summary_text", lambda config, table, setups: "SUMMARY")
+    orchestrate.print_results(None, None, None, None)
+    assert capsys.readouterr().out == "SUMMARY\n"
+    bench = _bench(failed)
+    orchestrate.print_results(None, None, None, bench)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:3] == ["SUMMARY", "", "Throughput (items/s) and latency (ms):"]
+    assert ("error" in lines[3]) == bool(failed)  # status/error columns only when one failed
+    table = lines[3:3 + len(bench) + 2]
+    assert len(table) == len(bench) + 2 and all(line.startswith("|") for line in table)
+    ends = lines[3 + len(bench) + 2:]
+    if failed == len(bench):
+        assert ends == []
+    else:
+        assert ends == ["CPU: avx2, VNNI False"] + [fastest_model(bench, b) for b in ((1, 16) if failed == 0 else (1,))]

@@ -230,3 +230,24 @@ def test_train_throughput_rejects_bad_input(capsys):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit):
             parse_args(["--device", "cuda"])
+
+
+def test_the_perf_scripts_import_nothing_from_the_tests():
+    """bench/perf is product code (layer ``bench``): no module of tests/ imported, no
+    ``sys.path`` entry into tests/ (what it needs from there lives in the product)."""
+    import ast
+
+    repo = Path(__file__).resolve().parent.parent
+    test_modules = {path.stem for path in (repo / "tests").glob("*.py")} | {"tests"}
+    for script in sorted((repo / "bench" / "perf").glob("*.py")):
+        source = script.read_text()
+        tree = ast.parse(source)
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                    for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and node.module and not node.level}
+        assert not imported & test_modules, f"{script.name} imports {sorted(imported & test_modules)}"
+        path_edits = [ast.get_source_segment(source, node) for node in ast.walk(tree)
+                      if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                      and ast.get_source_segment(source, node.func.value) == "sys.path"]
+        assert not [edit for edit in path_edits if "tests" in edit], f"{script.name}: {path_edits}"

@@ -12,7 +12,7 @@ import torch
 
 from study import StudyError, decision_rule, make_config, selection_metric
 from trainables.batches import stratified_split, stratified_subset
-from driver.results import best_checkpoint, per_seed_frame, sparsify_trial
+from driver.results import best_checkpoint, per_seed_frame, set_onnx_accuracy, sparsify_trial
 from driver.stats import SETUP_COLUMNS, lead, lead_sentence, mean_std, setup_table, t_interval, welch_p, winner
 
 # --- the statistics, on numbers computed by hand ------------------------------------------------
@@ -137,6 +137,15 @@ def test_sparsify_trial_is_the_winning_setups_best_seed():
     # the task's rule: test means ce 0.31, kd 0.205, kd_feat 0.40 -> kd_feat; seeds tie at 0.40 -> seed 0
     chosen = sparsify_trial(make_config("smoke", seeds=2), trials, rows)
     assert chosen.config == {"setup": "kd_feat", "seed": 0}
+
+
+def test_onnx_accuracy_goes_to_the_sparsified_trial_and_its_pruned_rows():
+    """The sparsified trial (setup and seed) is the dense export; another seed of the setup, or
+    another setup with that seed, has no ONNX model."""
+    rows = [{"model": "teacher", "seed": 0}, {"model": "kd", "seed": 0}, {"model": "kd", "seed": 1},
+            {"model": "ce", "seed": 1}, {"model": "pruned", "seed": 1}, {"model": "pruned_quantized", "seed": 1}]
+    set_onnx_accuracy(rows, {"dense": 0.30, "pruned": 0.28, "pruned_quantized": 0.27}, "kd", 1)
+    assert [r["onnx_test_acc"] for r in rows] == [None, None, 0.30, None, 0.28, 0.27]
 
 
 # --- config and data ----------------------------------------------------------------------------

@@ -7,7 +7,8 @@ Sources (Krizhevsky, "Learning Multiple Layers of Features from Tiny Images", 20
 32x32 RGB, 50,000 train + 10,000 test images. Accepted on disk as
 
 (a) an image-folder tree ``root/train/<class>/*.{jpg,jpeg,png}`` and ``root/test/<class>/*``
-    (the layout of ``shared/data/cifar10-jpg.tar.gz``),
+    (the layout of ``shared/data/cifar10-jpg.tar.gz``; ``extract_image_subset`` writes the first
+    images per class of such a tarball into it),
 (b) the original python release ``root/cifar-10-batches-py/{data_batch_1..5,test_batch}``,
 (c) ``download=True``: torchvision fetches (b) into ``root``.
 """
@@ -271,6 +272,37 @@ def _download(root: Path) -> None:
         raise DataRootError(
             f"could not download CIFAR-10 into {str(root)!r} (no network? "
             f"{type(exc).__name__}: {first}); point --data-root at a local copy: {_LAYOUTS}") from None
+
+
+def extract_image_subset(tarball: str | os.PathLike, dest: str | os.PathLike,
+                         per_class: dict[str, int]) -> Path:
+    """Extract the first ``per_class[split]`` images of every class of each split (in archive
+    order) from an image-folder tarball such as ``cifar10-jpg.tar.gz`` into
+    ``dest/<split>/<class>/<name>``; streams the archive once and stops when all are written.
+
+    ``per_class`` maps split names ("train", "test") to images per class. Returns ``dest``.
+    Raises OSError/tarfile.TarError for an unreadable archive.
+    """
+    import tarfile
+
+    dest = Path(dest)
+    counts: dict[tuple[str, str], int] = {}
+    need = sum(per_class.values()) * len(CIFAR10_CLASSES)
+    with tarfile.open(tarball, "r|gz") as archive:
+        for member in archive:
+            parts = member.name.split("/")
+            if not member.isfile() or len(parts) != 3 or parts[0] not in per_class:
+                continue
+            split, cls, name = parts
+            if counts.get((split, cls), 0) >= per_class[split] or name.startswith("."):
+                continue
+            counts[(split, cls)] = counts.get((split, cls), 0) + 1
+            (dest / split / cls).mkdir(parents=True, exist_ok=True)
+            (dest / split / cls / name).write_bytes(archive.extractfile(member).read())
+            need -= 1
+            if need == 0:
+                break
+    return dest
 
 
 # --------------------------------------------------------------------------- cache

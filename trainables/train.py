@@ -158,6 +158,75 @@ def _epoch_checkpoint(model, optimizer, config: dict, role: str, epoch: int,
         yield tune.Checkpoint.from_directory(directory)
 
 
+class _EpochClock:
+    """The wall-clock times ``_fit`` reports for each epoch (``time.perf_counter``).
+
+    Per epoch: ``start()`` before the first batch is made; ``first_step_done()`` after the first
+    optimizer step; ``steps_done(steps)`` after the last one (syncs the device) returns the
+    training seconds; ``elapsed()`` is the seconds since ``start()``. ``warmup_seconds``: in the
+    first epoch this clock times, how much longer the first step took than the mean of the
+    epoch's other steps (``first_step_done`` syncs the device once there to time that step
+    alone; never below 0.0; 0.0 for a one-step epoch), 0.0 on every later epoch. ``now``: the
+    clock (default ``time.perf_counter``).
+    """
+
+    def __init__(self, device: torch.device, now: Callable[[], float] | None = None):
+        self._device, self._now = device, now or time.perf_counter
+        self._first_step: float | None = None  # seconds of the first step this process runs
+        self._warm, self._t0, self.warmup_seconds = False, 0.0, 0.0
+
+    def start(self) -> None:
+        self._t0 = self._now()
+        self._warm, self.warmup_seconds = self._first_step is None, 0.0
+
+    def first_step_done(self) -> None:
+        if self._warm:
+            _sync(self._device)  # once per process: the first step's own time
+            self._first_step = self._now() - self._t0
+
+    def steps_done(self, steps: int) -> float:
+        _sync(self._device)
+        seconds = self._now() - self._t0
+        if self._warm and steps > 1:
+            others = (seconds - self._first_step) / (steps - 1)
+            self.warmup_seconds = max(0.0, self._first_step - others)
+        return seconds
+
+    def elapsed(self) -> float:
+        return self._now() - self._t0
+
+
+def _train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]],
+                 batches, device: torch.device,
+                 first_step_done: Callable[[], None]) -> tuple[list[str], torch.Tensor | None, int, int]:
+    """One optimizer step per batch of ``batches``; calls ``first_step_done()`` after the first.
+
+    Returns (names, totals, images, steps): the metric names (``train_loss``, then
+    ``loss_<term>`` per loss term), the float64 sums of loss * batch size per name on
+    ``device`` (one tensor, None without a batch), the images seen, the steps taken. Nothing is
+    read back from the device.
+    """
+    names, totals, seen, steps = [], None, 0, 0
+    for x, y in batches:
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device):
+            loss, terms = loss_fn(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        n = len(y)
+        seen, steps = seen + n, steps + 1
+        # Sum loss * n per term on the device (float64, as the python floats were summed).
+        values = torch.stack([loss.detach().double()] + [v.double() for v in terms.values()]) * n
+        totals = values if totals is None else totals + values
+        if steps == 1:
+            names = ["train_loss"] + [f"loss_{name}" for name in terms]
+            first_step_done()
+    return names, totals, seen, steps
+
+
 def _fit(config: dict, data: CIFAR10Tensors, model: torch.nn.Module, role: str,
          loss_fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]],
          device: torch.device) -> None:
@@ -192,36 +261,15 @@ def _fit(config: dict, data: CIFAR10Tensors, model: torch.nn.Module, role: str,
     train_labels = data.train_labels.to(device)
     test_images, test_labels = data.test_images.to(device), data.test_labels.to(device)
     drop_last = use_compile(config, device) and len(train_labels) > batch_size
-    started = time.time()
-    first_step = None  # seconds of the first step this process runs (warm-up included)
+    started, clock = time.time(), _EpochClock(device)
     for epoch in range(start_epoch, int(config["max_epochs"])):
         model.train()
-        t0 = time.perf_counter()
-        names, totals, seen, steps, warm = [], None, 0, 0, first_step is None
-        for x, y in train_batches(train_images, train_labels, batch_size, seed=int(config["seed"]),
-                                  epoch=epoch, device=device, drop_last=drop_last):
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(device):
-                loss, terms = loss_fn(x, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            n = len(y)
-            seen, steps = seen + n, steps + 1
-            # Sum loss * n per term on the device (float64, as the python floats were summed).
-            values = torch.stack([loss.detach().double()] + [v.double() for v in terms.values()]) * n
-            totals = values if totals is None else totals + values
-            if steps == 1:
-                names = ["train_loss"] + [f"loss_{name}" for name in terms]
-                if warm:
-                    _sync(device)  # once per process: the first step's own time
-                    first_step = time.perf_counter() - t0
-        _sync(device)
-        train_seconds = time.perf_counter() - t0
-        warmup = 0.0
-        if warm and steps > 1:
-            warmup = max(0.0, first_step - (train_seconds - first_step) / (steps - 1))
+        clock.start()
+        batches = train_batches(train_images, train_labels, batch_size, seed=int(config["seed"]),
+                                epoch=epoch, device=device, drop_last=drop_last)
+        names, totals, seen, steps = _train_epoch(model, optimizer, loss_fn, batches, device,
+                                                  clock.first_step_done)
+        train_seconds = clock.steps_done(steps)
         test_acc = evaluate(model, test_images, test_labels, batch_size, device)
         history.append(test_acc)
         metrics = {name: total / seen for name, total in zip(names, totals.tolist())}
@@ -230,9 +278,9 @@ def _fit(config: dict, data: CIFAR10Tensors, model: torch.nn.Module, role: str,
         metrics.update(
             epoch=epoch + 1,
             test_acc=test_acc,
-            epoch_seconds=time.perf_counter() - t0,
+            epoch_seconds=clock.elapsed(),
             train_images_per_sec=seen / train_seconds,
-            warmup_seconds=warmup,
+            warmup_seconds=clock.warmup_seconds,
             trial_started_at=started,
         )
         if not all(math.isfinite(v) for v in metrics.values()):

@@ -49,6 +49,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 
@@ -100,10 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
 def load_data(args, workdir: Path):
     """(CIFAR10Tensors, source description): stratified subsets of ``--data-root``, or of images
     extracted from the shared tarball into ``workdir`` when no root is given."""
-    sys.path.insert(0, str(PROJECT_DIR / "tests"))
-    from helpers import extract_image_subset  # the tests' way to pull a few real images out of the tarball
     from trainables.batches import stratified_subset
-    from trainables.data import CIFAR10Tensors, load_cifar10
+    from trainables.data import CIFAR10Tensors, extract_image_subset, load_cifar10
 
     if args.data_root:
         data, source = load_cifar10(args.data_root), args.data_root
@@ -250,115 +249,133 @@ def _epoch_row(mode: str, setup: str, threads: int, r: dict) -> dict:
             "trial_total_s": r["total"]}
 
 
-# ------------------------------------------------------------------------------------ main
+# ------------------------------------------------------------------------------------ measurements
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the chosen parts, print the table and the ratios; returns the exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    parts = [p for p in args.parts.split(",") if p]
-    bad = [p for p in parts if p not in PARTS]
-    if bad or not parts:
-        parser.error(f"--parts {','.join(bad) or '(none)'}: allowed {','.join(PARTS)}")
+@dataclass
+class Context:
+    """What every measurement shares: the study config and data, the Tune storage, the machine
+    (``cores`` of the Ray instance, ``gpus`` 0 or 1), and for the direct/tune parts the trainable
+    (``one_trainable``; ``one_teacher`` None for the teacher), its resources (``one``), config
+    (``one_space``) and row label; for the three-trial parts the students' trainable, their
+    resource share and grid (``share``, ``grid_space``)."""
 
-    import ray
+    config: object
+    data: object
+    storage: str
+    cores: int
+    threads: int
+    gpus: float
+    student: object
+    one: dict
+    one_space: dict
+    one_trainable: object
+    one_teacher: dict | None
+    label: str
+    share: dict
+    grid_space: dict
+
+
+def prepare(args, config, data, teacher: dict, storage: str, cores: int, gpus: float) -> Context:
+    """The trainables, resources and configs of the parts (``driver.tuning``'s, as the study
+    builds them)."""
     from ray import tune
 
-    import study
     from driver import tuning
     from trainables.train import train_student, train_teacher
 
-    teacher_role = args.role == "teacher"
-    if teacher_role and set(parts) - {"direct", "direct_driver", "tune", "env"}:
-        parser.error("--role teacher: only the parts direct, direct_driver, tune, env")
-    cores = args.cpus or len(os.sched_getaffinity(0))
     threads = args.threads or cores
-    gpus = 1.0 if torch.cuda.is_available() else 0.0
-    overrides = dict(batch_size=args.batch_size, train_subset=args.train_subset, test_subset=args.test_subset,
-                     max_epochs=args.epochs, teacher_max_epochs=args.epochs, teacher_weights=None)
-    if args.arch:
-        overrides["arch"] = args.arch
-    config = study.make_config(args.preset, **overrides)
-    workdir = Path(tempfile.mkdtemp(prefix="tune-overhead-"))
-    storage = str(Path(args.output_dir).resolve()) if args.output_dir else str(workdir / "runs")
-    try:
-        data, source = load_data(args, workdir)
-        teacher = teacher_payload(config)
-        ray.init(address="local", num_cpus=cores, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
-        where = ray.get(ray.remote(lambda: __import__("trainables.train").train.__file__).remote())
-        print(f"config: preset {args.preset}, arch {config.arch}, batch {config.batch_size}, "
-              f"{len(data.train_labels)} train / {len(data.test_labels)} test images ({source}), "
-              f"{args.epochs} epochs; Ray CPUs {cores}; workers import {where}", flush=True)
+    student = tune.with_parameters(train_student, data=data, teacher=teacher)
+    one = {"cpu": threads, "gpu": gpus}
+    one_space = {**tuning.trial_config(config, args.role, one), "setup": args.setup}
+    one_trainable, one_teacher = student, teacher
+    if args.role == "teacher":
+        one_trainable, one_teacher = tune.with_parameters(train_teacher, data=data), None
+    share = tuning.trial_resources(config, "student")
+    grid_space = {**tuning.trial_config(config, "student", share), "setup": tune.grid_search(list(config.setups))}
+    return Context(config=config, data=data, storage=storage, cores=cores, threads=threads, gpus=gpus,
+                   student=student, one=one, one_space=one_space, one_trainable=one_trainable,
+                   one_teacher=one_teacher, label="teacher" if args.role == "teacher" else args.setup,
+                   share=share, grid_space=grid_space)
 
-        student = tune.with_parameters(train_student, data=data, teacher=teacher)
-        one = {"cpu": threads, "gpu": gpus}
-        one_space = {**tuning.trial_config(config, args.role, one), "setup": args.setup}
-        one_trainable, one_teacher = student, teacher
-        if teacher_role:
-            one_trainable, one_teacher = tune.with_parameters(train_teacher, data=data), None
-        label = "teacher" if teacher_role else args.setup
-        share = tuning.trial_resources(config, "student")
-        share_space = tuning.trial_config(config, "student", share)
-        grid_space = {**share_space, "setup": tune.grid_search(list(config.setups))}
-        epoch_rows, wall_rows = [], []
 
-        for part in parts:
-            print(f"[{part}] running ...", flush=True)
-            if part == "direct":
-                task = ray.remote(num_cpus=threads, num_gpus=gpus)(run_direct)
-                t0 = time.perf_counter()
-                r = ray.get(task.remote(one_space, data, one_teacher))
-                epoch_rows.append(_epoch_row("direct", label, one_space["threads"], r))
-                epoch_rows[-1]["fit_wall_s"] = time.perf_counter() - t0  # Ray task, start to end
-            elif part == "direct_driver":
-                r = run_direct(one_space, data, one_teacher)
-                epoch_rows.append(_epoch_row("direct_driver", label, one_space["threads"], r))
-            elif part == "env":
-                task = ray.remote(num_cpus=threads, num_gpus=gpus)(probe)
-                grid, _ = fit(config, storage, "tune-env", tune.with_parameters(probe_trainable, data=data),
-                              one_space, one, 1)
-                keys = list(probe(data))
-                envs = pd.DataFrame([{"where": "this process (driver)", **probe(data)},
-                                     {"where": "Ray task", **ray.get(task.remote(data))},
-                                     {"where": "Tune trial", **{k: grid[0].metrics[k] for k in keys}}])
-                print(envs.to_markdown(index=False))
-            elif part == "tune":
-                grid, wall = fit(config, storage, "tune-one", one_trainable, one_space, one, 1)
-                (r,) = trial_rows(grid, label)
-                epoch_rows.append(_epoch_row("tune", label, r["threads"], r))
-                epoch_rows[-1]["fit_wall_s"] = wall
-            else:
-                concurrent = part.startswith("concurrent")
-                resources, space = share, dict(grid_space)
-                if part == "sequential_full":
-                    resources = {"cpu": float(cores), "gpu": 0.0}
-                    space = {**tuning.trial_config(config, "student", resources),
-                             "setup": grid_space["setup"]}
-                if part == "concurrent_oversubscribed":
-                    space["threads"] = cores
-                grid, wall = fit(config, storage, part, student, space, resources,
-                                 len(config.setups) if concurrent else 1)
-                rows = trial_rows(grid)
-                for r in rows:
-                    epoch_rows.append(_epoch_row(part, r["setup"], r["threads"], r))
-                starts, ends = [r["start"] for r in rows], [r["end"] for r in rows]
-                wall_rows.append({"mode": part, "max_concurrent": len(rows) if concurrent else 1,
-                                  "cpus_per_trial": resources["cpu"], "threads_per_trial": space["threads"],
-                                  "fit_wall_s": wall, "trials_span_s": max(ends) - min(starts),
-                                  "sum_trial_s": sum(r["total"] for r in rows),
-                                  "images_per_s_total": sum(
-                                      config.train_subset * r["epochs"] for r in rows) / wall})
-            print(f"[{part}] done", flush=True)
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        shutil.rmtree(workdir, ignore_errors=True)
+def measure_direct(b: Context, part: str) -> tuple[list[dict], dict | None]:
+    """``direct``: the trainable in a plain Ray task with the trial's resources; its row also
+    holds the task's wall time, start to end."""
+    import ray
 
-    epochs = pd.DataFrame(epoch_rows)
-    print("\nPer-trial epoch times (s; later_epochs_s = mean wall time between reports after the "
-          "first; loop_epoch_s = the loop's own train+evaluate time):")
-    print(epochs.to_markdown(index=False, floatfmt=".2f"))
+    task = ray.remote(num_cpus=b.threads, num_gpus=b.gpus)(run_direct)
+    t0 = time.perf_counter()
+    r = ray.get(task.remote(b.one_space, b.data, b.one_teacher))
+    row = _epoch_row("direct", b.label, b.one_space["threads"], r)
+    row["fit_wall_s"] = time.perf_counter() - t0  # Ray task, start to end
+    return [row], None
+
+
+def measure_direct_driver(b: Context, part: str) -> tuple[list[dict], dict | None]:
+    """``direct_driver``: the trainable called in this process."""
+    r = run_direct(b.one_space, b.data, b.one_teacher)
+    return [_epoch_row("direct_driver", b.label, b.one_space["threads"], r)], None
+
+
+def measure_env(b: Context, part: str) -> tuple[list[dict], dict | None]:
+    """``env``: prints ``probe`` in this process, in a Ray task and in a Tune trial."""
+    import ray
+    from ray import tune
+
+    task = ray.remote(num_cpus=b.threads, num_gpus=b.gpus)(probe)
+    grid, _ = fit(b.config, b.storage, "tune-env", tune.with_parameters(probe_trainable, data=b.data),
+                  b.one_space, b.one, 1)
+    keys = list(probe(b.data))
+    envs = pd.DataFrame([{"where": "this process (driver)", **probe(b.data)},
+                         {"where": "Ray task", **ray.get(task.remote(b.data))},
+                         {"where": "Tune trial", **{k: grid[0].metrics[k] for k in keys}}])
+    print(envs.to_markdown(index=False))
+    return [], None
+
+
+def measure_tune(b: Context, part: str) -> tuple[list[dict], dict | None]:
+    """``tune``: the trainable as one Tune trial; its row also holds ``tuner.fit()``'s wall time."""
+    grid, wall = fit(b.config, b.storage, "tune-one", b.one_trainable, b.one_space, b.one, 1)
+    (r,) = trial_rows(grid, b.label)
+    row = _epoch_row("tune", b.label, r["threads"], r)
+    row["fit_wall_s"] = wall
+    return [row], None
+
+
+def measure_three_trials(b: Context, part: str) -> tuple[list[dict], dict | None]:
+    """``concurrent``, ``sequential``, ``sequential_full``, ``concurrent_oversubscribed``: the three
+    setups as one Tune grid; one row per trial, and the grid's wall-time row."""
+    concurrent = part.startswith("concurrent")
+    resources, space = b.share, dict(b.grid_space)
+    if part == "sequential_full":
+        from driver import tuning
+
+        resources = {"cpu": float(b.cores), "gpu": 0.0}
+        space = {**tuning.trial_config(b.config, "student", resources), "setup": b.grid_space["setup"]}
+    if part == "concurrent_oversubscribed":
+        space["threads"] = b.cores
+    grid, wall = fit(b.config, b.storage, part, b.student, space, resources,
+                     len(b.config.setups) if concurrent else 1)
+    rows = trial_rows(grid)
+    starts, ends = [r["start"] for r in rows], [r["end"] for r in rows]
+    walls = {"mode": part, "max_concurrent": len(rows) if concurrent else 1,
+             "cpus_per_trial": resources["cpu"], "threads_per_trial": space["threads"],
+             "fit_wall_s": wall, "trials_span_s": max(ends) - min(starts),
+             "sum_trial_s": sum(r["total"] for r in rows),
+             "images_per_s_total": sum(b.config.train_subset * r["epochs"] for r in rows) / wall}
+    return [_epoch_row(part, r["setup"], r["threads"], r) for r in rows], walls
+
+
+MEASURE = {"direct": measure_direct, "direct_driver": measure_direct_driver, "env": measure_env,
+           "tune": measure_tune}  # every other part: measure_three_trials
+
+
+# ------------------------------------------------------------------------------------ tables
+
+
+def tune_ratios(epochs) -> list[dict]:
+    """Tune's overhead over each direct part that ran (needs ``tune`` too), in %."""
     ratios = []
     modes = set(epochs["mode"])
     for base in ("direct", "direct_driver"):
@@ -376,22 +393,90 @@ def main(argv: list[str] | None = None) -> int:
         if base == "direct":
             ratios.append({"ratio": "Tune overhead, tuner.fit() vs the direct Ray task, start to end %",
                            "value": 100 * (t["fit_wall_s"] / d["fit_wall_s"] - 1)})
+    return ratios
+
+
+def wall_ratios(walls) -> list[dict]:
+    """Sequential over concurrent wall time of the three-trial parts that ran."""
+    ratios = []
+    by_mode = dict(zip(walls["mode"], walls["fit_wall_s"]))
+    for seq in ("sequential", "sequential_full"):
+        for con in ("concurrent", "concurrent_oversubscribed"):
+            if seq in by_mode and con in by_mode:
+                ratios.append({"ratio": f"{seq} / {con} wall time",
+                               "value": by_mode[seq] / by_mode[con]})
+    if "concurrent_oversubscribed" in by_mode and "concurrent" in by_mode:
+        ratios.append({"ratio": "concurrent_oversubscribed / concurrent wall time",
+                       "value": by_mode["concurrent_oversubscribed"] / by_mode["concurrent"]})
+    return ratios
+
+
+def print_tables(epoch_rows: list[dict], wall_rows: list[dict]) -> None:
+    """The per-trial epoch table, the three-trial wall-time table (when those parts ran) and the
+    ratios."""
+    epochs = pd.DataFrame(epoch_rows)
+    print("\nPer-trial epoch times (s; later_epochs_s = mean wall time between reports after the "
+          "first; loop_epoch_s = the loop's own train+evaluate time):")
+    print(epochs.to_markdown(index=False, floatfmt=".2f"))
+    ratios = tune_ratios(epochs)
     if wall_rows:
         walls = pd.DataFrame(wall_rows)
         print("\nThree student trials (wall time of tuner.fit(), s):")
         print(walls.to_markdown(index=False, floatfmt=".2f"))
-        by_mode = dict(zip(walls["mode"], walls["fit_wall_s"]))
-        for seq in ("sequential", "sequential_full"):
-            for con in ("concurrent", "concurrent_oversubscribed"):
-                if seq in by_mode and con in by_mode:
-                    ratios.append({"ratio": f"{seq} / {con} wall time",
-                                   "value": by_mode[seq] / by_mode[con]})
-        if "concurrent_oversubscribed" in by_mode and "concurrent" in by_mode:
-            ratios.append({"ratio": "concurrent_oversubscribed / concurrent wall time",
-                           "value": by_mode["concurrent_oversubscribed"] / by_mode["concurrent"]})
+        ratios += wall_ratios(walls)
     if ratios:
         print()
         print(pd.DataFrame(ratios).to_markdown(index=False, floatfmt=".2f"))
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the chosen parts, print the table and the ratios; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    parts = [p for p in args.parts.split(",") if p]
+    bad = [p for p in parts if p not in PARTS]
+    if bad or not parts:
+        parser.error(f"--parts {','.join(bad) or '(none)'}: allowed {','.join(PARTS)}")
+    if args.role == "teacher" and set(parts) - {"direct", "direct_driver", "tune", "env"}:
+        parser.error("--role teacher: only the parts direct, direct_driver, tune, env")
+
+    import ray
+
+    import study
+
+    cores = args.cpus or len(os.sched_getaffinity(0))
+    gpus = 1.0 if torch.cuda.is_available() else 0.0
+    overrides = dict(batch_size=args.batch_size, train_subset=args.train_subset, test_subset=args.test_subset,
+                     max_epochs=args.epochs, teacher_max_epochs=args.epochs, teacher_weights=None)
+    if args.arch:
+        overrides["arch"] = args.arch
+    config = study.make_config(args.preset, **overrides)
+    workdir = Path(tempfile.mkdtemp(prefix="tune-overhead-"))
+    storage = str(Path(args.output_dir).resolve()) if args.output_dir else str(workdir / "runs")
+    epoch_rows, wall_rows = [], []
+    try:
+        data, source = load_data(args, workdir)
+        teacher = teacher_payload(config)
+        ray.init(address="local", num_cpus=cores, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
+        where = ray.get(ray.remote(lambda: __import__("trainables.train").train.__file__).remote())
+        print(f"config: preset {args.preset}, arch {config.arch}, batch {config.batch_size}, "
+              f"{len(data.train_labels)} train / {len(data.test_labels)} test images ({source}), "
+              f"{args.epochs} epochs; Ray CPUs {cores}; workers import {where}", flush=True)
+        context = prepare(args, config, data, teacher, storage, cores, gpus)
+        for part in parts:
+            print(f"[{part}] running ...", flush=True)
+            rows, walls = MEASURE.get(part, measure_three_trials)(context, part)
+            epoch_rows += rows
+            wall_rows += [walls] if walls else []
+            print(f"[{part}] done", flush=True)
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        shutil.rmtree(workdir, ignore_errors=True)
+    print_tables(epoch_rows, wall_rows)
     return 0
 
 
