@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from report.data import SETUPS, SPARSE_MODELS, RunData, _base_setup, _results_row, _value, base_seed
+from report.data import SETUP_INFO, SETUPS, SPARSE_MODELS, RunData, _base_setup, _results_row, _value, base_seed
 from report.tables import overlap_sentence
 from study import decision_rule
 
@@ -92,11 +92,7 @@ def _winner_one_run(run: RunData) -> str | None:
 
 
 #: The recipe's loss (``sparsify/summary.json`` ``loss``, ``--sparsify-loss``) in words.
-RECIPE_LOSS_WORDS = {
-    "ce": "cross-entropy to the labels only",
-    "kd": "the kd loss (labels and the frozen teacher's soft targets)",
-    "kd_feat": "the kd_feat loss (labels, the frozen teacher's soft targets and feature maps)",
-}
+RECIPE_LOSS_WORDS = {setup: info.words for setup, info in SETUP_INFO.items()}
 
 
 def findings(run: RunData) -> list[str]:
