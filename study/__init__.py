@@ -1,5 +1,6 @@
 """The study's vocabulary, importable by every layer: config and presets (``study.config``), the
-run directory's layout (``study.layout``) and atomic file writes (``study.files``).
+run directory's layout (``study.layout``), atomic file writes (``study.files``) and one-line errors
+(``study.errors``).
 
 Importing this package sets ``NM_DISABLE_ANALYTICS=1`` (unless already set): the Neural Magic
 packages (SparseML, DeepSparse, SparseZoo) otherwise try to send usage analytics at import, and
