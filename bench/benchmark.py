@@ -27,16 +27,41 @@ import contextlib
 import os
 import shutil
 import tempfile
-from typing import Any, Dict, Iterator, Optional, Union
+from typing import Any, Dict, Iterator, NamedTuple, Optional, Union
 
 import numpy as np
 
 import study  # noqa: F401  (sets NM_DISABLE_ANALYTICS before DeepSparse is imported)
+from study.errors import error_line
 
-__all__ = ["ENGINES", "CPUBenchmark", "make_cpu_benchmark_actor", "onnx_accuracy", "cpu_isa"]
+__all__ = ["ENGINES", "ENGINE_INFO", "BASELINE_ENGINE", "Engine", "CPUBenchmark", "make_cpu_benchmark_actor",
+           "onnx_accuracy", "cpu_isa"]
 
+
+class Engine(NamedTuple):
+    """One inference engine of the bench stage (``ARCHITECTURE.md``, "How to add a benchmark engine")."""
+
+    #: the Python package it imports (checked up front: ``study.requirements.SPARSIFY_PACKAGES``)
+    package: str
+    #: whether it is benchmarked on the sparse models too (else on ``dense`` only)
+    sparse: bool
+    #: its place among a model's rows in the report's benchmark table (lower first)
+    display_order: int
+    #: whether its ``dense`` row is the report's speed-up baseline ("vs dense <engine>"); exactly one is
+    baseline: bool = False
+
+
+#: The engines, in the order ``run_benchmarks`` measures them (the rows of ``benchmark.csv``). Each
+#: needs a branch in ``_accuracy`` and is timed by ``deepsparse.benchmark.benchmark_model``, which
+#: knows ``deepsparse`` and ``onnxruntime`` (another engine needs its own timed loop in ``CPUBenchmark.run``).
+ENGINE_INFO: Dict[str, Engine] = {
+    "deepsparse": Engine(package="deepsparse", sparse=True, display_order=1),
+    "onnxruntime": Engine(package="onnxruntime", sparse=False, display_order=0, baseline=True),
+}
 #: engine names accepted by :meth:`CPUBenchmark.run` and :func:`onnx_accuracy`
-ENGINES = ("deepsparse", "onnxruntime")
+ENGINES = tuple(ENGINE_INFO)
+#: the engine whose ``dense`` row the report's speed-ups are relative to
+BASELINE_ENGINE = next(name for name, engine in ENGINE_INFO.items() if engine.baseline)
 
 
 def _check_common(model_path: str, batch_size: Any, engine: str, num_cores: Any) -> None:
@@ -323,15 +348,13 @@ BENCHMARK_COLUMNS = ["model", "engine", "batch_size", "num_cores", "items_per_se
 
 def _first_line(err: BaseException) -> str:
     """The innermost cause of a Ray error (or ``err`` itself) as ``Type: first line``."""
-    cause = getattr(err, "cause", None) or err
-    text = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {text[0] if text else ''}".strip()
+    return error_line(getattr(err, "cause", None) or err, typed=True)
 
 
 def run_benchmarks(onnx_paths: Dict[str, str], images_float32: Any, labels: Any, *, num_cores: int,
                    batch_sizes, warmup_s: float, duration_s: float, **actor_options: Any):
     """Stage 4: one CPU-only Ray actor with ``num_cores`` cores benchmarks every exported model
-    (DeepSparse; onnxruntime too for ``dense``) at each batch size, one run at a time so runs do
+    (each engine of ``ENGINE_INFO`` that runs sparse models; all of them on ``dense``) at each batch size, one run at a time so runs do
     not compete for the cores, then measures each model's test accuracy in DeepSparse.
 
     A combination that fails (the engine rejects the model, the actor dies, ...) becomes a row
@@ -367,7 +390,7 @@ def run_benchmarks(onnx_paths: Dict[str, str], images_float32: Any, labels: Any,
             raise
 
     jobs = [(name, engine, batch) for name in onnx_paths
-            for engine in (ENGINES if name == "dense" else ("deepsparse",))
+            for engine in ENGINES if name == "dense" or ENGINE_INFO[engine].sparse
             for batch in batch_sizes]
     rows = []
     for name, engine, batch in jobs:

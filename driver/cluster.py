@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from study import StudyError
+from study.errors import error_line
 from study.resources import Node, nodes_from_ray
 
 #: Seconds a probe task may take on one node (a fresh worker starts, maybe a runtime_env unpacks).
@@ -70,7 +71,7 @@ def connect(address: Optional[str], dashboard: bool, runtime_env: Optional[dict]
         context = ray.init(**options, logging_level=logging_level)
     except (ConnectionError, ValueError, RuntimeError) as err:
         raise StudyError(f"cannot reach Ray cluster at --address {address!r}: "
-                         f"{str(err).splitlines()[0]}") from None
+                         f"{error_line(err)}") from None
     return dashboard_line(address, dashboard, getattr(context, "dashboard_url", None))
 
 
@@ -129,7 +130,7 @@ def check_shared_storage(directory: Path, nodes: list[Node], timeout: float = PR
                 run_on_node(node, _write_probe, str(path), f"{token} {node.node_id}", timeout=timeout)
             except ray.exceptions.RayTaskError as err:
                 cause = err.cause if isinstance(err.cause, OSError) else err
-                reason = getattr(cause, "strerror", None) or str(cause).splitlines()[0]
+                reason = getattr(cause, "strerror", None) or error_line(cause)
                 raise StudyError(f"--output-dir {directory} is not writable on node {node.name} "
                                  f"({reason}); {shared}") from None
             if not path.is_file() or path.read_text() != f"{token} {node.node_id}":

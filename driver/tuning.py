@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from study import StudyConfig, StudyError, selection_metric
+from study.errors import error_line
 from study.resources import Node, plan_resources
 
 
@@ -142,7 +143,7 @@ def run_tuner(config: StudyConfig, name: str, trainable, param_space: dict, reso
         raise StudyError(f"the machine ran out of memory during the {name} stage (Ray killed a trial); run the "
                          "same command again to resume it, with a larger --cpus-per-trial to run fewer trials "
                          "at once") from None
-    errors = [str(r.error).splitlines()[0] for r in grid if r.error]
+    errors = [error_line(r.error) for r in grid if r.error]
     if errors:
         raise StudyError(f"{len(errors)} {name} trial(s) failed; first error: {errors[0]}")
     drop_optimizer_state(Path(path))

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from study import ARCHS, STEMS
+from study.errors import error_line
 
 #: Roles a checkpoint can hold (decides the builder used on load).
 ROLES = ("teacher", "student")
@@ -40,6 +41,6 @@ def check_role(role: Any) -> str:
 
 
 def first_line(exc: BaseException) -> str:
-    """``"ExceptionType: first line of its message"``, for one-line error messages."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+    """``"ExceptionType: first line of its message"``, for one-line error messages
+    (``study.errors.error_line``)."""
+    return error_line(exc, typed=True)

@@ -39,7 +39,7 @@ from torch import nn
 
 from models.checkpoint import _load_state_strict, _read_checkpoint
 from models.checks import check_arch, check_num_classes, check_stem, first_line
-from study import ARCHS, STEMS
+from study import ARCHS, FEATURE_LAYERS, STEMS
 
 __all__ = [
     "ARCHS",
@@ -54,7 +54,6 @@ __all__ = [
     "load_checkpoint",
 ]
 
-FEATURE_LAYERS = ("layer1", "layer2", "layer4")
 
 _UPSAMPLE_SIZE = (224, 224)
 

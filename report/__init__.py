@@ -12,14 +12,14 @@ Usage: ``python -m report RUN_DIR`` (re-render an existing run); ``orchestrate.p
 below.
 """
 
-from report.data import (MODELS, SETUPS, SPARSE_MODELS, RunData, base_seed, load_result_grid, load_run, stop_epoch,
+from report.data import (LOSS_COLUMNS, MODELS, SETUPS, SPARSE_MODELS, RunData, base_seed, load_result_grid, load_run, stop_epoch,
                          trial_label)
 from report.findings import fastest_model, findings, run_summary
 from report.render import ReportError, main, render_report
 from report.tables import (accuracy_note, accuracy_table, benchmark_frame, benchmark_table, overlap_sentence,
                            section, setups_table, show_table, sparse_table, student_overlap, use_print_style)
 
-__all__ = ["MODELS", "SETUPS", "SPARSE_MODELS", "ReportError", "RunData", "load_result_grid", "load_run",
+__all__ = ["LOSS_COLUMNS", "MODELS", "SETUPS", "SPARSE_MODELS", "ReportError", "RunData", "load_result_grid", "load_run",
            "stop_epoch", "trial_label", "base_seed", "setups_table", "sparse_table", "accuracy_table", "accuracy_note", "show_table", "benchmark_frame",
            "benchmark_table", "student_overlap", "overlap_sentence", "fastest_model", "findings",
            "run_summary", "section", "use_print_style", "render_report", "main"]

@@ -11,10 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from study import SETUPS, RunLayout, selection_metric
+from study import LOSS_TERMS, SETUP_INFO, SETUPS, RunLayout, selection_metric
 
 SPARSE_MODELS = ("pruned", "pruned_quantized")
 MODELS = ("teacher", *SETUPS, *SPARSE_MODELS)
+#: The columns of the report's loss plot (``report.ipynb``) and their legends: the total, then one
+#: ``loss_<term>`` per summand of ``study.LOSS_TERMS``.
+LOSS_COLUMNS = {"train_loss": "total (mean of terms)", **{f"loss_{name}": term.label for name, term in LOSS_TERMS.items()}}
 
 
 @dataclass
@@ -239,9 +242,7 @@ def _describe(run: RunData, model: str) -> str:
     base = _base_setup(run) or "best student"
     return {
         "teacher": f"{cfg.get('arch', '?')}, CE",
-        "ce": "CE",
-        "kd": "CE + soft CE",
-        "kd_feat": "CE + soft CE + MSE",
+        **{setup: info.formula for setup, info in SETUP_INFO.items()},
         "pruned": f"{base}, pruned",
         "pruned_quantized": f"{base}, pruned + INT8",
     }.get(model, "")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 
-from report.data import SETUPS, SPARSE_MODELS, RunData, _base_setup, _results_row, _value, base_seed
+from bench.benchmark import BASELINE_ENGINE
+from report.data import SETUP_INFO, SETUPS, SPARSE_MODELS, RunData, _base_setup, _results_row, _value, base_seed
 from report.tables import overlap_sentence
 from study import decision_rule
 
@@ -40,10 +41,10 @@ def fastest_model(bench, batch_size: int, markdown: bool = False) -> str:
     name = f"{fastest['model']} on {fastest['engine']}"
     text = (f"At batch {batch_size}, {f'**{name}**' if markdown else name} is fastest: "
             f"{fastest['items_per_sec']:.0f} images/s (p50 latency {fastest['latency_p50_ms']:.1f} ms")
-    ref = rows[(rows["model"] == "dense") & (rows["engine"] == "onnxruntime")]
-    if len(ref) and not (fastest["model"] == "dense" and fastest["engine"] == "onnxruntime"):
+    ref = rows[(rows["model"] == "dense") & (rows["engine"] == BASELINE_ENGINE)]
+    if len(ref) and not (fastest["model"] == "dense" and fastest["engine"] == BASELINE_ENGINE):
         r = ref.iloc[0]
-        return text + (f"), {fastest['items_per_sec'] / r['items_per_sec']:.2f}× dense onnxruntime "
+        return text + (f"), {fastest['items_per_sec'] / r['items_per_sec']:.2f}× dense {BASELINE_ENGINE} "
                        f"({r['items_per_sec']:.0f} images/s).")
     return text + ")."
 
@@ -92,11 +93,7 @@ def _winner_one_run(run: RunData) -> str | None:
 
 
 #: The recipe's loss (``sparsify/summary.json`` ``loss``, ``--sparsify-loss``) in words.
-RECIPE_LOSS_WORDS = {
-    "ce": "cross-entropy to the labels only",
-    "kd": "the kd loss (labels and the frozen teacher's soft targets)",
-    "kd_feat": "the kd_feat loss (labels, the frozen teacher's soft targets and feature maps)",
-}
+RECIPE_LOSS_WORDS = {setup: info.words for setup, info in SETUP_INFO.items()}
 
 
 def findings(run: RunData) -> list[str]:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 
+from bench.benchmark import BASELINE_ENGINE, ENGINE_INFO
 from report.data import (MODELS, SETUPS, SPARSE_MODELS, RunData, _base_setup, _describe, _results_row, _value,
                          base_seed)
+from study import ONNX_MODELS
 
 
 def accuracy_table(run: RunData):
@@ -147,8 +149,9 @@ def show_table(table, title: str, note: str | None = None) -> None:
     display({"text/markdown": markdown, "text/html": html, "text/plain": markdown}, raw=True)
 
 
-_BENCH_ORDER = {("dense", "onnxruntime"): 0, ("dense", "deepsparse"): 1, ("pruned", "deepsparse"): 2,
-                ("pruned_quantized", "deepsparse"): 3}
+#: Rows of the benchmark table: by model (``study.ONNX_MODELS``), then engine (``Engine.display_order``).
+_BENCH_ORDER = {(model, engine): len(ENGINE_INFO) * i + info.display_order for i, model in enumerate(ONNX_MODELS)
+                for engine, info in ENGINE_INFO.items()}
 
 
 def benchmark_frame(run: RunData):
@@ -158,10 +161,10 @@ def benchmark_frame(run: RunData):
     import pandas as pd
 
     b = run.benchmark.copy()
-    b["_o"] = [_BENCH_ORDER.get((m, e), 9) for m, e in zip(b["model"], b["engine"])]
+    b["_o"] = [_BENCH_ORDER.get((m, e), len(_BENCH_ORDER)) for m, e in zip(b["model"], b["engine"])]
     b = b.sort_values(["batch_size", "_o", "model", "engine"]).drop(columns="_o").reset_index(drop=True)
     b["name"] = b["model"] + "\n(" + b["engine"] + ")"
-    ref = b[(b["model"] == "dense") & (b["engine"] == "onnxruntime")].set_index("batch_size")["items_per_sec"]
+    ref = b[(b["model"] == "dense") & (b["engine"] == BASELINE_ENGINE)].set_index("batch_size")["items_per_sec"]
     b["speedup"] = b["items_per_sec"] / b["batch_size"].map(ref)
     b["speed_label"] = [f"{ips:.0f}" + ("" if pd.isna(s) else f" ({s:.2f}×)")
                         for ips, s in zip(b["items_per_sec"], b["speedup"])]
@@ -177,7 +180,7 @@ def benchmark_table(run: RunData):
         "model": b["model"], "engine": b["engine"], "batch": b["batch_size"].astype(str),
         "cores": b["num_cores"].map(lambda v: "" if pd.isna(v) else f"{v:.0f}") if "num_cores" in b else "",
         "images/s": b["items_per_sec"].map("{:.1f}".format),
-        "vs dense onnxruntime": b["speedup"].map(lambda v: "" if pd.isna(v) else f"{v:.2f}×"),
+        f"vs dense {BASELINE_ENGINE}": b["speedup"].map(lambda v: "" if pd.isna(v) else f"{v:.2f}×"),
         "mean (ms)": b["latency_mean_ms"].map("{:.1f}".format),
         "p50 (ms)": b["latency_p50_ms"].map("{:.1f}".format),
         "p99 (ms)": b["latency_p99_ms"].map("{:.1f}".format),

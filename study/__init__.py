@@ -1,5 +1,6 @@
 """The study's vocabulary, importable by every layer: config and presets (``study.config``), the
-run directory's layout (``study.layout``) and atomic file writes (``study.files``).
+run directory's layout (``study.layout``), atomic file writes (``study.files``) and one-line errors
+(``study.errors``).
 
 Importing this package sets ``NM_DISABLE_ANALYTICS=1`` (unless already set): the Neural Magic
 packages (SparseML, DeepSparse, SparseZoo) otherwise try to send usage analytics at import, and
@@ -14,13 +15,15 @@ import os
 os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
 
 from study.config import (  # noqa: E402
-    ARCHS, PRESETS, RUNTIME_FIELDS, SETUPS, SPARSIFY_LOSSES, STAGES, STEMS, TASK_BATCH_RANGE, StudyConfig, StudyError,
-    decision_rule, make_config, selection_metric, validate)
+    ARCHS, FEATURE_LAYERS, LOSS_TERMS, PRESETS, RUNTIME_FIELDS, SETUP_INFO, SETUPS, SPARSIFY_LOSSES, STAGES, STEMS,
+    TASK_BATCH_RANGE, LossTerm, Setup, StudyConfig, StudyError, decision_rule, make_config, needs_teacher,
+    selection_metric, setup_needs, validate)
 from study.layout import ONNX_MODELS, RunLayout  # noqa: E402
 from study.noise import quiet_loggers  # noqa: E402
 
 quiet_loggers()
 
-__all__ = ["ARCHS", "ONNX_MODELS", "PRESETS", "RUNTIME_FIELDS", "SETUPS", "SPARSIFY_LOSSES", "STAGES", "STEMS",
-           "TASK_BATCH_RANGE", "RunLayout", "StudyConfig", "StudyError", "decision_rule", "make_config",
-           "selection_metric", "validate"]
+__all__ = ["ARCHS", "FEATURE_LAYERS", "LOSS_TERMS", "ONNX_MODELS", "PRESETS", "RUNTIME_FIELDS", "SETUP_INFO",
+           "SETUPS", "SPARSIFY_LOSSES", "STAGES", "STEMS", "TASK_BATCH_RANGE", "LossTerm", "RunLayout", "Setup",
+           "StudyConfig", "StudyError", "decision_rule", "make_config", "needs_teacher", "selection_metric",
+           "setup_needs", "validate"]

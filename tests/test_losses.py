@@ -102,7 +102,7 @@ def test_kd_feat_is_mean_of_five_with_known_mse():
     loss, terms = distillation_loss(
         "kd_feat", _t(S), torch.tensor(Y), _t(T), student_feats, teacher_feats, temperature=2.0
     )
-    assert list(terms) == list(TERM_NAMES)
+    assert list(terms) == ["ce", "soft_ce", "mse_layer1", "mse_layer2", "mse_layer4"]
     assert {k: float(v) for k, v in terms.items() if k.startswith("mse")} == {
         "mse_layer1": 1.0, "mse_layer2": 4.0, "mse_layer4": 0.0}
     expected = (_ce_ref(S, Y) + _soft_ce_ref(S, T, 2.0) + 1.0 + 4.0 + 0.0) / 5
@@ -184,3 +184,56 @@ def test_kd_feat_feature_shape_mismatch():
     tf["layer4"] = torch.zeros(2, 1, 2, 2)
     msg = _one_line_error("layer4", distillation_loss, "kd_feat", _t(S), torch.tensor(Y), _t(T), _feats([0] * 3), tf)
     assert "(2, 1, 1, 2)" in msg and "(2, 1, 2, 2)" in msg
+
+
+# --- the setup table (study.SETUP_INFO) drives the dispatch -------------------------------------
+
+def _all_inputs():
+    return dict(teacher_logits=_t(T), student_feats=_feats([1, 2, 3]), teacher_feats=_feats([0, 0, 0]))
+
+
+@pytest.mark.parametrize("setup", SETUPS)
+def test_setup_table_names_the_terms_its_loss_returns(setup):
+    from study import SETUP_INFO
+
+    loss, terms = distillation_loss(setup, _t(S), torch.tensor(Y), **_all_inputs())
+    assert tuple(terms) == SETUP_INFO[setup].terms
+    assert loss.item() == pytest.approx(sum(v.item() for v in terms.values()) / len(terms), rel=1e-6)
+
+
+def test_every_loss_term_has_a_computation_and_a_known_input():
+    from study import LOSS_TERMS, SETUP_INFO
+    from trainables.losses import _TERMS
+
+    assert tuple(_TERMS) == tuple(LOSS_TERMS) == TERM_NAMES
+    assert {term.needs for term in LOSS_TERMS.values()} <= {"labels", "teacher_logits", "features"}
+    assert all(set(info.terms) <= set(LOSS_TERMS) and info.terms for info in SETUP_INFO.values())
+
+
+def _student_loss_terms(setup):
+    from models import build_student
+    from trainables.train import student_loss
+
+    torch.manual_seed(0)
+    student, teacher = build_student("resnet18"), build_student("resnet18").eval()
+    fn = student_loss(setup, student, teacher, 4.0, trace_student=False)
+    _, terms = fn(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))
+    return tuple(terms)
+
+
+def test_student_loss_feeds_each_setup_what_its_terms_need():
+    from study import SETUP_INFO
+
+    for setup in SETUPS:
+        assert _student_loss_terms(setup) == SETUP_INFO[setup].terms
+
+
+def test_a_new_row_in_the_table_is_a_new_setup(monkeypatch):
+    # A setup made only of existing terms needs nothing but its row in study.SETUP_INFO.
+    from study import SETUP_INFO, Setup
+
+    monkeypatch.setitem(SETUP_INFO, "ce_layer4", Setup(("ce", "mse_layer4"), "CE + MSE", "words"))
+    loss, terms = distillation_loss("ce_layer4", _t(S), torch.tensor(Y), **_all_inputs())
+    assert tuple(terms) == ("ce", "mse_layer4")
+    assert loss.item() == pytest.approx((_ce_ref(S, Y) + 9.0) / 2, rel=1e-6)  # MSE of 3 vs 0 = 9
+    assert _student_loss_terms("ce_layer4") == ("ce", "mse_layer4")

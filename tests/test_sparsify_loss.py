@@ -19,7 +19,7 @@ from helpers import TinyResNet
 from models import build_student, build_teacher, feature_extractor, forward_features, save_checkpoint
 from trainables.data import CIFAR10Tensors
 from study import RunLayout
-from trainables.losses import TERM_NAMES
+from study import SETUP_INFO
 from trainables.compress.checkpoint import CHECKPOINT_FORMAT
 from trainables.compress.sparsify import SparsifySettings, sparsify_student
 from trainables.compress.core import RecipeRun, is_quantized, load_recipe
@@ -80,7 +80,7 @@ def test_student_features_follow_the_qat_swap_and_match_the_teacher(tmp_path):
 
     loss_fn = student_loss("kd_feat", student, teacher, 4.0, trace_student=False)
     loss, terms = loss_fn(x, y)
-    assert tuple(terms) == TERM_NAMES
+    assert tuple(terms) == SETUP_INFO["kd_feat"].terms
     assert float(loss) == pytest.approx(sum(float(v) for v in terms.values()) / 5, rel=1e-6)
     with torch.no_grad():  # the MSE terms compare the QAT student's maps with the teacher's
         expected = torch.nn.functional.mse_loss(hooked["layer4"], teacher_feats["layer4"])
@@ -137,7 +137,7 @@ def test_sparsify_student_records_the_loss_it_trained_with(tmp_path):
     assert saved["loss"] == summary["loss"] == loss
     assert saved["temperature"] == 4.0
     history = (tmp_path / "run" / "sparsify" / "history.csv").read_text().splitlines()[0].split(",")
-    assert [c for c in history if c.startswith("loss_")] == [f"loss_{t}" for t in TERM_NAMES]
+    assert [c for c in history if c.startswith("loss_")] == [f"loss_{t}" for t in SETUP_INFO["kd_feat"].terms]
     assert saved["weight_sparsity_pruned_quantized"] == pytest.approx(0.8, abs=0.01)
 
 

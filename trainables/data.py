@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_image, read_file
 
+from study.errors import error_line
 from study.files import atomic_output
 
 __all__ = [
@@ -204,7 +205,7 @@ def _load_split_folder(split_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
             try:
                 img = decode_image(read_file(path), mode=ImageReadMode.UNCHANGED)
             except RuntimeError as exc:
-                msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                msg = error_line(exc) or type(exc).__name__
                 raise DataRootError(f"cannot decode image {path!r}: {msg}") from None
             if img.shape != (3, 32, 32):
                 c, h, w = img.shape
@@ -235,7 +236,7 @@ def _read_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
         labels = np.asarray(d["labels"], dtype=np.int64)
     except Exception as exc:  # any unpickling / key / conversion problem
         raise DataRootError(f"cannot read CIFAR-10 batch {str(path)!r}: {type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0] if str(exc) else ''}; expected a pickled "
+                            f"{error_line(exc)}; expected a pickled "
                             f"dict with 'data' (N, 3072) uint8 and 'labels'") from None
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != (data.shape[0],):
         raise DataRootError(f"CIFAR-10 batch {str(path)!r} has data {tuple(data.shape)} and "
@@ -268,7 +269,7 @@ def _download(root: Path) -> None:
         for train in (True, False):
             torchvision.datasets.CIFAR10(str(root), train=train, download=True)
     except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else ""
+        first = error_line(exc)
         raise DataRootError(
             f"could not download CIFAR-10 into {str(root)!r} (no network? "
             f"{type(exc).__name__}: {first}); point --data-root at a local copy: {_LAYOUTS}") from None

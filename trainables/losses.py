@@ -1,12 +1,12 @@
-"""Distillation losses for the three student setups.
+"""Distillation losses for the student setups.
 
-Setups (``study.SETUPS``; ``ARCHITECTURE.md``):
+Setups and their summands: ``study.SETUP_INFO`` (``ARCHITECTURE.md``); today
 
 - ``"ce"``      : CE(student, y)
 - ``"kd"``      : mean(CE, softCE(student, teacher))
 - ``"kd_feat"`` : mean(CE, softCE, MSE(layer1), MSE(layer2), MSE(layer4))
 
-Every setup's loss is the *simple average* of its summands, so the three setups are on
+Every setup's loss is the *simple average* of its summands, so the setups are on
 comparable scales. The soft cross-entropy is Hinton, Vinyals & Dean (2015), "Distilling the
 Knowledge in a Neural Network", arXiv:1503.02531, §2: cross-entropy between the teacher's and
 the student's temperature-softened distributions, multiplied by T² so that its gradient
@@ -22,13 +22,12 @@ gradient may flow into it, whether or not the caller ran it under ``torch.no_gra
 from __future__ import annotations
 
 import math
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from models import FEATURE_LAYERS
-from study import SETUPS
+from study import FEATURE_LAYERS, LOSS_TERMS, SETUP_INFO, SETUPS
 
 __all__ = [
     "SETUPS",
@@ -38,18 +37,11 @@ __all__ = [
     "distillation_loss",
 ]
 
-# FEATURE_LAYERS (imported from models): the feature maps matched by ``"kd_feat"``, as returned
+# FEATURE_LAYERS (from study): the feature maps matched by the ``mse_<layer>`` terms, as returned
 # by ``models.forward_features``.
 
-#: Names of the loss summands that can appear in ``terms``.
-TERM_NAMES: Tuple[str, ...] = ("ce", "soft_ce") + tuple(f"mse_{name}" for name in FEATURE_LAYERS)
-
-# Summands each setup averages (in this order).
-_SETUP_TERMS: Dict[str, Tuple[str, ...]] = {
-    "ce": ("ce",),
-    "kd": ("ce", "soft_ce"),
-    "kd_feat": TERM_NAMES,
-}
+#: Names of the loss summands that can appear in ``terms`` (``study.LOSS_TERMS``).
+TERM_NAMES: Tuple[str, ...] = tuple(LOSS_TERMS)
 
 
 def _check_temperature(temperature: float) -> float:
@@ -116,6 +108,7 @@ def soft_cross_entropy(
 
 
 def _feature_mse(
+    setup: str,
     layer: str,
     student_feats: Optional[Mapping[str, torch.Tensor]],
     teacher_feats: Optional[Mapping[str, torch.Tensor]],
@@ -123,12 +116,12 @@ def _feature_mse(
     for which, feats in (("student_feats", student_feats), ("teacher_feats", teacher_feats)):
         if feats is None or not isinstance(feats, Mapping):
             raise ValueError(
-                f"setup 'kd_feat' needs {which} as a dict with keys {FEATURE_LAYERS}; "
+                f"setup {setup!r} needs {which} as a dict with keys {FEATURE_LAYERS}; "
                 f"got {type(feats).__name__}"
             )
         if layer not in feats:
             raise ValueError(
-                f"setup 'kd_feat' needs {which}[{layer!r}]; present keys: {sorted(feats)}, "
+                f"setup {setup!r} needs {which}[{layer!r}]; present keys: {sorted(feats)}, "
                 f"required: {FEATURE_LAYERS}"
             )
     s = student_feats[layer]
@@ -191,20 +184,27 @@ def distillation_loss(
             a feature dict or one of its :data:`FEATURE_LAYERS` keys missing for ``"kd_feat"``;
             student/teacher shapes that differ; temperature not > 0 (when used).
     """
-    if setup not in _SETUP_TERMS:
+    if setup not in SETUP_INFO:
         raise ValueError(f"setup={setup!r} is unknown; allowed: {SETUPS}")
     _check_logits("student_logits", student_logits)
 
-    summands: Dict[str, torch.Tensor] = {"ce": F.cross_entropy(student_logits, labels)}
-    if setup in ("kd", "kd_feat"):
-        if teacher_logits is None:
+    names = SETUP_INFO[setup].terms
+    summands: Dict[str, torch.Tensor] = {}
+    for name in names:  # in the table's order, so the first missing input is the one reported
+        if LOSS_TERMS[name].needs != "labels" and teacher_logits is None:
             raise ValueError(f"setup {setup!r} needs teacher_logits, a (B, C) float tensor; got None")
-        summands["soft_ce"] = soft_cross_entropy(student_logits, teacher_logits, temperature)
-    if setup == "kd_feat":
-        for layer in FEATURE_LAYERS:
-            summands[f"mse_{layer}"] = _feature_mse(layer, student_feats, teacher_feats)
-
-    names = _SETUP_TERMS[setup]
+        summands[name] = _TERMS[name](setup, student_logits, labels, teacher_logits, student_feats, teacher_feats,
+                                      temperature)
     loss = sum(summands[name] for name in names) / len(names)
     terms = {name: summands[name].detach() for name in names}
     return loss, terms
+
+
+#: How each summand of ``study.LOSS_TERMS`` is computed, from ``(setup, student_logits, labels,
+#: teacher_logits, student_feats, teacher_feats, temperature)``; a new term needs an entry here.
+_TERMS: Dict[str, Callable[..., torch.Tensor]] = {
+    "ce": lambda setup, s, y, t, sf, tf, temp: F.cross_entropy(s, y),
+    "soft_ce": lambda setup, s, y, t, sf, tf, temp: soft_cross_entropy(s, t, temp),
+    **{f"mse_{layer}": (lambda setup, s, y, t, sf, tf, temp, layer=layer: _feature_mse(setup, layer, sf, tf))
+       for layer in FEATURE_LAYERS},
+}

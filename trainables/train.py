@@ -34,7 +34,7 @@ from ray import tune
 
 from models import (build_student, build_teacher, feature_extractor, forward_features, load_checkpoint,
                     save_checkpoint)
-from study import SETUPS
+from study import SETUP_INFO, SETUPS, needs_teacher, setup_needs
 from trainables.batches import eval_batches, train_batches
 from trainables.data import CIFAR10Tensors
 from trainables.losses import distillation_loss
@@ -337,9 +337,10 @@ def student_loss(setup: str, student: torch.nn.Module, teacher: torch.nn.Module 
     """The loss of one student step for ``setup``, as a function ``loss_fn(x, y) -> (loss, terms)``
     of a batch x (B,3,32,32) float32 and labels y (B,) int64 (see ``distillation_loss``).
 
-    The frozen ``teacher`` (None for ``ce``; in eval mode, gradients off) runs under
-    ``torch.no_grad()``: its outputs are ordinary tensors that need no copy. ``kd`` needs only
-    its logits; ``kd_feat`` also the layer1/2/4 feature maps of both models, by default from
+    The frozen ``teacher`` (None for a setup without teacher terms, ``ce``; in eval mode, gradients
+    off) runs under ``torch.no_grad()``: its outputs are ordinary tensors that need no copy. What a
+    setup reads follows from its terms (``study.SETUP_INFO``, ``study.setup_needs``): ``kd`` needs
+    only the teacher's logits; ``kd_feat`` also the layer1/2/4 feature maps of both models, by default from
     ``models.feature_extractor`` graphs built here once (no hooks per call). With
     ``compile_with`` (a ``torch.compile`` backend, e.g. ``"inductor"``) the student's and the
     teacher's forward are compiled; the parameters stay those of ``student``/``teacher``.
@@ -351,27 +352,31 @@ def student_loss(setup: str, student: torch.nn.Module, teacher: torch.nn.Module 
     whatever ``layer1``/``layer2``/``layer4`` of ``student`` compute at that moment.
 
     Raises:
-        ValueError: ``setup`` is not one of ``study.SETUPS``, or ``teacher`` is None for
-            ``kd``/``kd_feat``.
+        ValueError: ``setup`` is not one of ``study.SETUPS``, or ``teacher`` is None for a setup
+            that needs it (``study.needs_teacher``: ``kd``/``kd_feat``).
     """
-    if setup not in SETUPS:
-        raise ValueError(f"setup {setup!r} is unknown; allowed: {', '.join(SETUPS)}")
-    if setup != "ce" and teacher is None:
+    if setup not in SETUP_INFO:
+        raise ValueError(f"setup {setup!r} is unknown; allowed: {', '.join(SETUP_INFO)}")
+    # What the setup's terms read (study.SETUP_INFO, study.LOSS_TERMS): the teacher's logits,
+    # and for feature terms also both models' feature maps.
+    needs = setup_needs(setup)
+    use_teacher, use_features = needs_teacher(setup), "features" in needs
+    if use_teacher and teacher is None:
         raise ValueError(f"setup {setup!r} needs the teacher; got None")
     s_forward, t_forward = student, teacher
-    if setup == "kd_feat":
+    if use_features:
         t_forward = feature_extractor(teacher)
         s_forward = feature_extractor(student) if trace_student else partial(forward_features, student)
     s_forward = maybe_compile(s_forward, compile_with)
-    if t_forward is not None and setup != "ce":
+    if t_forward is not None and use_teacher:
         t_forward = maybe_compile(t_forward, compile_with)
 
     def loss_fn(x, y):
-        if setup == "ce":
+        if not use_teacher:
             return distillation_loss(setup, s_forward(x), y)
         with torch.no_grad():
             t_out = t_forward(x)
-        if setup == "kd":  # logits only
+        if not use_features:  # logits only
             return distillation_loss(setup, s_forward(x), y, teacher_logits=t_out,
                                      temperature=temperature)
         (t_logits, t_feats), (s_logits, s_feats) = t_out, s_forward(x)
@@ -400,7 +405,7 @@ def train_student(config: dict, data: CIFAR10Tensors, teacher: dict) -> None:
     setup = config["setup"]
     student = _on_device(build_student(config["arch"], num_classes=config["num_classes"],
                                        stem=config["stem"]), device)
-    teacher_model = None if setup == "ce" else frozen_teacher(teacher, device)
+    teacher_model = frozen_teacher(teacher, device) if needs_teacher(setup) else None
     loss_fn = student_loss(setup, student, teacher_model, float(config["temperature"]),
                            compile_backend(config, device))
     _fit(config, data, student, "student", loss_fn, device)

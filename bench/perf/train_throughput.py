@@ -43,7 +43,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from models import ARCHS, STEMS, build_student, build_teacher  # noqa: E402
-from study import SETUPS  # noqa: E402
+from study import SETUPS, needs_teacher  # noqa: E402
 from trainables.batches import stratified_subset, train_batches  # noqa: E402
 from trainables.data import CIFAR10_MEAN, CIFAR10_STD, load_cifar10  # noqa: E402
 from trainables.train import (autocast, compile_backend, maybe_compile, setup_torch,  # noqa: E402
@@ -263,7 +263,7 @@ def measure(args) -> tuple[pd.DataFrame, pd.DataFrame, str]:
 
     add(TEACHER, "", args.steps, _timed(teacher_step, args.warmup, args.steps, device))
     for setup in args.setups:
-        step = student_step_fn(setup, args, device, teacher if setup != "ce" else None, fmt)
+        step = student_step_fn(setup, args, device, teacher if needs_teacher(setup) else None, fmt)
         add(STEP, setup, args.steps, _timed(lambda: step(x, y), args.warmup, args.steps, device))
         del step
 

@@ -19,15 +19,17 @@ from sparseml.optim.helpers import (
 )
 from sparseml.pytorch.optim import ScheduledModifierManager
 
+from study.errors import error_line
+
 __all__ = ["RECIPE_EXTENSIONS", "load_recipe", "recipe_phases"]
 
 #: file name endings SparseML 1.7's recipe loader accepts (``_load_yaml_str_from_file``)
 RECIPE_EXTENSIONS = (".yaml", ".md")
 
 
-def _one_line(text: Any) -> str:
+def _one_line(exc: BaseException) -> str:
     """Collapse an exception message to one line (no newlines, runs of spaces squeezed)."""
-    return re.sub(r"\s+", " ", str(text)).strip()
+    return error_line(exc, whole=True)
 
 
 def _yaml_problem(exc: Exception) -> str:
