@@ -7,6 +7,7 @@ state works on a copy of the smoke run (``helpers.copy_run``)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,10 @@ def smoke_run(cifar_root, tmp_path_factory) -> Path:
     test images), once per session: SIGKILLed (driver and its local Ray) once a student trial has
     checkpointed its 2nd epoch (output in ``interrupted.log``), then the same command run to its end
     (``orchestrate.log``). Returns its output directory. Fails (does not skip) when the run exits
-    non-zero, with the tail of its output."""
+    non-zero, with the tail of its output. ``SMOKE_RUN_DIR=<dir>``: use that finished run of this
+    fixture instead (to iterate on the tests that read it)."""
+    if os.environ.get("SMOKE_RUN_DIR"):
+        return Path(os.environ["SMOKE_RUN_DIR"])
     out = tmp_path_factory.mktemp("smoke-run")
     kill_orchestrate_when(out, cifar_root, lambda: any(out.glob("students/*/checkpoint_000001")))
     return run_orchestrate(out, cifar_root)
