@@ -64,7 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             parser.add_argument(flag, type=f.metadata["parse"], help=text)
     parser.add_argument("--overwrite", action="store_true", default=False,
-                        help="reuse an --output-dir made with a different config (default: refuse)")
+                        help="start from nothing: remove the earlier run in --output-dir (default: keep it; "
+                             "rerun only the stages whose inputs changed, and those after them)")
+    parser.add_argument("--dry-run", action="store_true", default=False,
+                        help="print for every stage whether it would be skipped, run or rerun, and why; "
+                             "then exit without starting Ray")
     parser.add_argument("--report-only", action="store_true", default=False,
                         help="only (re)build the report of the run in --output-dir")
     return parser
@@ -130,9 +134,9 @@ def start_ray(config: StudyConfig):
     return nodes
 
 
-def stage_teacher(config: StudyConfig, data) -> Path:
+def stage_teacher(config: StudyConfig, data, reruns) -> Path:
     """Stage 1: fine-tune the teacher; its best checkpoint (by ``study.selection_metric``) becomes
-    ``teacher.pt``."""
+    ``teacher.pt``. ``reruns``: ``driver.reruns.Reruns``, what the run does with each stage."""
     from ray import tune
 
     from models import load_checkpoint
@@ -142,39 +146,61 @@ def stage_teacher(config: StudyConfig, data) -> Path:
     from driver.tuning import run_tuner, trial_config, trial_resources
 
     target = RunLayout(config.output_dir).teacher
-    if target.exists():
+    if reruns.action("teacher") in ("skip", "record"):
         try:
             load_checkpoint(target)
         except ValueError as err:
             raise StudyError(f"{err}; delete it to train the teacher again") from None
+        reruns.begin("teacher")
+        reruns.done("teacher")
         print(f"[teacher] {target} exists: skipping the teacher stage", flush=True)
         return target
+    out = reruns.begin("teacher")
     resources = trial_resources(config, "teacher")
     grid = run_tuner(config, "teacher", tune.with_parameters(train_teacher, data=data),
                      trial_config(config, "teacher", resources), resources,
-                     config.teacher_max_epochs)
+                     config.teacher_max_epochs, storage=str(out.root))
     best, _ = best_checkpoint(grid[0], selection_metric(config))
     with best.as_directory() as directory:
-        atomic_copy(Path(directory) / MODEL_FILE, target)
+        atomic_copy(Path(directory) / MODEL_FILE, out.teacher)
+    reruns.done("teacher")
     return target
 
 
-def stage_students(config: StudyConfig, data, teacher_path: Path):
-    """Stage 2: one Tune experiment, a grid over setup x seed, all trials running at once."""
+def stage_students(config: StudyConfig, data, teacher_path: Path, reruns):
+    """Stage 2: one Tune experiment, a grid over setup x seed, all trials running at once (a
+    rerun: a fresh one in ``rerun/students``, moved over the old one once finished)."""
     import torch
     from ray import tune
 
     from trainables.train import train_student
     from driver.tuning import run_tuner, student_space, trial_resources
 
+    out = None
+    if reruns.action("students") == "skip":  # finished with these inputs: read, not restored
+        from ray.tune.result_grid import ResultGrid
+
+        out = reruns.begin("students")
+        if reruns.action("students") == "skip":
+            print(f"[students] {RunLayout(config.output_dir).students_dir} is finished with these inputs: "
+                  "skipping the students stage", flush=True)
+            return ResultGrid(tune.ExperimentAnalysis(str(RunLayout(config.output_dir).students_dir)))
     teacher = torch.load(teacher_path, map_location="cpu")
     resources = trial_resources(config, "student")
     space = student_space(config, resources)
     trainable = tune.with_parameters(train_student, data=data, teacher=teacher)
-    return run_tuner(config, "students", trainable, space, resources, config.max_epochs)
+    out = out or reruns.begin("students")
+    grid = run_tuner(config, "students", trainable, space, resources, config.max_epochs, storage=str(out.root))
+    staged = reruns.staged("students")
+    reruns.done("students")
+    if staged:  # the experiment has moved: read it back from its place in the run directory
+        from ray.tune.result_grid import ResultGrid
+
+        grid = ResultGrid(tune.ExperimentAnalysis(str(RunLayout(config.output_dir).students_dir)))
+    return grid
 
 
-def stage_sparsify(config: StudyConfig, data, best, teacher_path: Path) -> dict:
+def stage_sparsify(config: StudyConfig, data, best, teacher_path: Path, reruns) -> dict:
     """Stage 3: the trial ``best`` (``driver.results.sparsify_trial``: the winning setup's
     best seed), from its best checkpoint, through the recipe, as a Ray task on the training
     device, trained with that setup's loss and the frozen teacher (``--sparsify-loss setup``) or
@@ -189,29 +215,32 @@ def stage_sparsify(config: StudyConfig, data, best, teacher_path: Path) -> dict:
     layout = RunLayout(config.output_dir)
     setup = best.config["setup"]
     loss = setup if config.sparsify_loss == "setup" else "ce"
-    if layout.sparsify_summary.exists() and all(layout.onnx(name).exists() for name in ONNX_MODELS):
+    metric = selection_metric(config)
+    checkpoint, metrics = best_checkpoint(best, metric)
+    if reruns.action("sparsify") in ("skip", "record"):
         summary = json.loads(layout.sparsify_summary.read_text())
         try:
             layout.check_onnx(summary)  # the exported models are still the files it recorded
         except ValueError as err:
             raise StudyError(str(err)) from None
-        trained_with = summary.get("loss", "ce")  # no key: made before --sparsify-loss, with ce
-        if trained_with != loss:
-            raise StudyError(f"{layout.sparsify_summary} was trained with loss {trained_with!r}, "
-                             f"not {loss!r} (--sparsify-loss {config.sparsify_loss}); pass --overwrite "
-                             "to replace the run, or choose another --output-dir")
-        print(f"[sparsify] {layout.sparsify_summary} exists: skipping the sparsify stage", flush=True)
-        return summary
-    metric = selection_metric(config)
-    checkpoint, metrics = best_checkpoint(best, metric)
+        out = reruns.begin("sparsify", checkpoint=str(Path(checkpoint.path) / "model.pt"))
+        if reruns.action("sparsify") in ("skip", "record"):
+            reruns.done("sparsify")
+            print(f"[sparsify] {layout.sparsify_summary} exists: skipping the sparsify stage", flush=True)
+            return summary
+    else:
+        out = reruns.begin("sparsify", checkpoint=str(Path(checkpoint.path) / "model.pt"))
     print(f"[sparsify] best trial: {best.path.rsplit('/', 1)[-1]} (setup {setup}, seed "
           f"{best.config['seed']}, {metric} {metrics[metric]:.4f} at epoch {metrics['training_iteration']}); "
           f"recipe {config.recipe}, loss {loss}", flush=True)
     resources = trial_resources(config, "teacher")  # this cluster's, also on a resumed run
     task = ray.remote(num_cpus=resources["cpu"], num_gpus=resources["gpu"])(sparsify_student)
-    settings, teacher = sparsify_settings(config, best, teacher_path, threads=max(1, math.floor(resources["cpu"])))
+    settings, teacher = sparsify_settings(dataclasses.replace(config, output_dir=str(out.root)), best, teacher_path,
+                                          threads=max(1, math.floor(resources["cpu"])))
     try:
-        return ray.get(task.remote(checkpoint, data, settings, teacher=teacher))
+        summary = ray.get(task.remote(checkpoint, data, settings, teacher=teacher))
+        reruns.done("sparsify")
+        return json.loads(layout.sparsify_summary.read_text())
     except ray.exceptions.RayTaskError as err:
         if isinstance(err.cause, ValueError):  # bad recipe and the like: the one line it carries
             raise StudyError(str(err.cause)) from None
@@ -236,7 +265,7 @@ def sparsify_settings(config: StudyConfig, best, teacher_path: Path, threads: in
     return settings, None if loss == "ce" else torch.load(teacher_path, map_location="cpu")
 
 
-def stage_bench(config: StudyConfig, data, summary: dict) -> tuple:
+def stage_bench(config: StudyConfig, data, summary: dict, reruns) -> tuple:
     """Stage 4: ``bench.benchmark.run_benchmarks`` on every exported model, unless
     ``benchmark.csv`` and ``onnx_accuracy.json`` exist; the models' sha256 (``summary``, the
     sparsify stage's) are checked before and after. It runs on one node
@@ -252,9 +281,14 @@ def stage_bench(config: StudyConfig, data, summary: dict) -> tuple:
     from driver.cluster import cluster_nodes, on_node, run_on_node
 
     layout = RunLayout(config.output_dir)
-    if layout.benchmark.exists() and layout.onnx_accuracy.exists():
-        print(f"[bench] {layout.benchmark} exists: skipping the benchmark stage", flush=True)
-        return pd.read_csv(layout.benchmark), json.loads(layout.onnx_accuracy.read_text())
+    if reruns.action("bench") in ("skip", "record"):
+        reruns.begin("bench")
+        if reruns.action("bench") in ("skip", "record"):
+            reruns.done("bench")
+            print(f"[bench] {layout.benchmark} exists: skipping the benchmark stage", flush=True)
+            return pd.read_csv(layout.benchmark), json.loads(layout.onnx_accuracy.read_text())
+    else:
+        reruns.begin("bench")
     node = bench_node(cluster_nodes(), config.bench_cores)
     cores = config.bench_cores or bench_cores(node, run_on_node(node, cpu_isa)["num_cores"])
     print(f"[bench] {cores} cores on node {node.name}", flush=True)
@@ -270,6 +304,7 @@ def stage_bench(config: StudyConfig, data, summary: dict) -> tuple:
         raise StudyError(str(err)) from None
     atomic_write_text(layout.onnx_accuracy, json.dumps(accuracies, indent=2))
     atomic_write_text(layout.benchmark, table.to_csv(index=False))
+    reruns.done("bench")
     return table, accuracies
 
 
@@ -314,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the study; returns the process exit code (0 ok, 2 bad input or machine)."""
     try:
         config, args = config_from_args(argv)
+        if args.dry_run:
+            return dry_run(config, args.overwrite)
         set_verbose(config.verbose)  # before Ray starts: its workers inherit the choice
         sparsify = sparsify_stages(config.stop_after) and not args.report_only
         check_python(sparsify=sparsify)  # SparseML/DeepSparse only where those stages run
@@ -352,6 +389,54 @@ def print_results(config: StudyConfig, table, setups, bench) -> None:
         print(fastest_model(bench, batch))
 
 
+def load_data(config: StudyConfig) -> tuple:
+    """``(data, digests)``: the run's tensors (``trainables.batches.study_data``) and their
+    fingerprint (``trainables.digests.data_digests``); StudyError (one line) for a bad data root."""
+    from trainables.batches import study_data
+    from trainables.digests import data_digests
+
+    try:
+        data = study_data(config)
+    except ValueError as err:  # DataRootError and subset errors: one line naming the problem
+        raise StudyError(str(err)) from None
+    return data, data_digests(data)
+
+
+def dry_run(config: StudyConfig, overwrite: bool) -> int:
+    """``--dry-run``: one line per stage, what a run would do with it and why (``driver.reruns``);
+    loads the data tensors (their fingerprint), starts no Ray and loads no model."""
+    from driver.reruns import plan_run
+
+    if check_output_dir(config, overwrite):
+        print(f"--overwrite: would remove the earlier run in {config.output_dir} and run every stage")
+        return 0
+    _, digests = load_data(config)
+    for decision in plan_run(config, digests):
+        print(decision.line(dry_run=True))
+    return 0
+
+
+def start_reruns(config: StudyConfig, decisions: list, digests: dict):
+    """Print the plan (one line per stage); when a stage reruns, first keep the result tables and
+    config of the run so far in ``previous/<timestamp>/``; then write this run's ``config.json``.
+    Returns the ``driver.reruns.Reruns`` the stages consult."""
+    from driver.reruns import Reruns, archive_previous, record_legacy_reruns
+    from study.files import atomic_write_text
+
+    layout = RunLayout(config.output_dir)
+    for decision in decisions:
+        if decision.action != "run" or layout.config.exists():
+            print(decision.line(), flush=True)
+    reruns = Reruns(config, decisions, digests)
+    if reruns.reruns_any():
+        record_legacy_reruns(config, decisions, digests)
+        kept = archive_previous(layout)
+        if kept is not None:
+            print(f"previous results kept in {kept}", flush=True)
+    atomic_write_text(layout.config, config_json(config))
+    return reruns
+
+
 def run_study(config: StudyConfig, args: argparse.Namespace) -> int:
     """All stages in order, skipping those whose outputs are already complete."""
     import pandas as pd
@@ -365,40 +450,40 @@ def run_study(config: StudyConfig, args: argparse.Namespace) -> int:
     # Joining a cluster takes a second: its requests are checked first. A local Ray takes longer
     # to start, so it starts once the data and inputs have passed their checks.
     nodes = start_ray(config) if config.address else None
-    from trainables.batches import study_data
 
-    try:
-        data = study_data(config)
-    except ValueError as err:  # DataRootError and subset errors: one line naming the problem
-        raise StudyError(str(err)) from None
-    check_inputs(config, teacher_stage=replace or not layout.teacher.exists())
+    from driver.reruns import plan_run
+
+    data, digests = load_data(config)
+    decisions = None if replace else plan_run(config, digests)
+    check_inputs(config, teacher_stage=replace or decisions[0].action not in ("skip", "record"))
     nodes = nodes or start_ray(config)
     if replace:
         print(f"--overwrite: removing the earlier run in {out}", flush=True)
         layout.remove_outputs()
+        decisions = plan_run(config, digests)
     out.mkdir(parents=True, exist_ok=True)
+    reruns = start_reruns(config, decisions, digests)
     if config.address:  # Tune's storage_path and every stage's output: one folder for all nodes
         from driver.cluster import check_shared_storage
 
         check_shared_storage(out, nodes)
-    atomic_write_text(layout.config, config_json(config))
     val = f" / {len(data.val_labels)} validation" if data.val_labels is not None else ""
     print(f"data: {len(data.train_labels)} training{val} / {len(data.test_labels)} test images; "
           f"{decision_rule(config)}; output: {out.resolve()}", flush=True)
-    teacher_path = stage_teacher(config, data)
+    teacher_path = stage_teacher(config, data, reruns)
     if config.stop_after == "teacher":
         return 0
-    students = stage_students(config, data, teacher_path)
+    students = stage_students(config, data, teacher_path, reruns)
     rows = training_rows(config, layout.teacher_dir.resolve(), students)
     setups = setups_table(config, rows)
     atomic_write_text(layout.setups, setups.to_csv(index=False))
     bench = None
     if config.stop_after in ("sparsify", "bench"):
         best = sparsify_trial(config, students, rows)
-        summary = stage_sparsify(config, data, best, teacher_path)
+        summary = stage_sparsify(config, data, best, teacher_path, reruns)
         rows += sparsified_rows(summary, rows, seed=best.config["seed"])
         if config.stop_after == "bench":
-            bench, accuracies = stage_bench(config, data, summary)
+            bench, accuracies = stage_bench(config, data, summary, reruns)
             set_onnx_accuracy(rows, accuracies, summary["setup"], best.config["seed"])
     table = pd.DataFrame(rows, columns=RESULT_COLUMNS)
     atomic_write_text(layout.results, table.to_csv(index=False))

@@ -86,8 +86,9 @@ def _resolved_at_trial_start(param_space: dict) -> dict:
 
 
 def run_tuner(config: StudyConfig, name: str, trainable, param_space: dict, resources: dict,
-              max_epochs: int):
-    """One Tune experiment under ``<output-dir>/<name>``; returns its ResultGrid.
+              max_epochs: int, storage: str | None = None):
+    """One Tune experiment under ``<output-dir>/<name>`` (or ``<storage>/<name>``: a rerun's
+    staging folder, ``RunLayout.staging``); returns its ResultGrid.
 
     Stopping by AccuracyPlateauStopper on the selection metric (``study.selection_metric``:
     ``val_acc`` with ``--val-size``, else ``test_acc``), a checkpoint every epoch (the best by that
@@ -107,7 +108,7 @@ def run_tuner(config: StudyConfig, name: str, trainable, param_space: dict, reso
     from trainables.stopper import AccuracyPlateauStopper
 
     metric = selection_metric(config)
-    storage = str(Path(config.output_dir).resolve())
+    storage = str(Path(storage or config.output_dir).resolve())
     path = os.path.join(storage, name)
     # Resources and threads are this cluster's, also on restore: the restored trials take their
     # resources from the trainable given here and their threads from this param_space.

@@ -332,27 +332,19 @@ LEGACY_VALUES: dict[str, Any] = {"sparsify_loss": "ce"}
 
 
 def check_output_dir(config: StudyConfig, overwrite: bool) -> bool:
-    """Refuse an --output-dir whose ``config.json`` differs from ``config`` (outside
-    RUNTIME_FIELDS) unless ``overwrite``: StudyError naming up to three differing fields.
-    Returns True when an earlier run there is to be replaced (``RunLayout.remove_outputs``, once
-    every other check has passed)."""
+    """Whether --output-dir holds an earlier run that ``--overwrite`` is to replace
+    (``RunLayout.remove_outputs``, once every other check has passed). Without ``overwrite`` a
+    changed config is no reason to refuse when a stage reads the changed field: that stage and
+    those after it rerun (``study.reruns``). StudyError (one line) only where no stage can absorb
+    the change: an unreadable ``config.json``, or a changed field that no stage declares
+    (``study.reruns.check_absorbable``)."""
     from study.layout import RunLayout
+    from study.reruns import check_absorbable, saved_config
 
-    out = Path(config.output_dir)
-    saved = RunLayout(out).config
+    saved = RunLayout(config.output_dir).config
     if not saved.exists():
         return False
-    try:
-        previous = json.loads(saved.read_text())
-    except (OSError, ValueError) as err:
-        raise StudyError(f"{saved} is unreadable ({err}); pass --overwrite to start a new run there") from None
-    current = json.loads(config_json(config))
-    # A field newer than the saved run: what that run did without it (LEGACY_VALUES), else the default.
-    before = {**json.loads(config_json(StudyConfig())), **LEGACY_VALUES}
-    previous = {k: previous.get(k, before[k]) for k in current}
-    changed = [k for k in current if k not in RUNTIME_FIELDS and previous[k] != current[k]]
-    if changed and not overwrite:
-        diff = "; ".join(f"{k}: {previous[k]!r} -> {current[k]!r}" for k in changed[:3])
-        raise StudyError(f"--output-dir {out} holds a run made with a different config ({diff}); "
-                         "pass --overwrite to replace it, or choose another --output-dir")
-    return bool(changed)
+    if overwrite:
+        return True
+    check_absorbable(saved_config(saved), json.loads(config_json(config)))
+    return False

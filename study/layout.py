@@ -133,11 +133,39 @@ class RunLayout:
         """``report.<suffix>`` (ipynb, html or pdf), written by the report stage."""
         return self.root / f"report.{suffix}"
 
+    # fingerprints and reruns (``study.fingerprint``, ``study.reruns``)
+    @property
+    def fingerprints_dir(self) -> Path:
+        """``fingerprints/``: one ``<stage>.json`` per stage, what it read (``study.fingerprint``)."""
+        return self.root / "fingerprints"
+
+    def fingerprint(self, stage: str) -> Path:
+        """``fingerprints/<stage>.json``: the fingerprint of the inputs of ``stage``'s outputs."""
+        return self.fingerprints_dir / f"{stage}.json"
+
+    @property
+    def staging(self) -> Path:
+        """``rerun/``: where a stage that reruns makes its new outputs (an output dir of the same
+        layout), moved over the old ones once complete."""
+        return self.root / "rerun"
+
+    @property
+    def previous_dir(self) -> Path:
+        """``previous/``: one ``<timestamp>/`` per run that reran a stage, holding the result tables
+        and ``config.json`` from before it (kept by ``--overwrite`` too)."""
+        return self.root / "previous"
+
+    def previous_tables(self) -> list[Path]:
+        """The result tables a rerun first copies into ``previous/<timestamp>/`` (with
+        ``config.json`` and the fingerprints)."""
+        return [self.config, self.results, self.setups, self.sparsify_summary, self.benchmark,
+                self.onnx_accuracy]
+
     def outputs(self) -> list[Path]:
         """Everything a run writes (what ``--overwrite`` removes); other files are kept."""
         return [self.config, self.teacher_dir, self.teacher, self.students_dir, self.onnx_dir,
                 self.sparsify_dir, self.results, self.setups, self.benchmark, self.onnx_accuracy,
-                *(self.report(s) for s in ("ipynb", "html", "pdf"))]
+                *(self.report(s) for s in ("ipynb", "html", "pdf")), self.fingerprints_dir, self.staging]
 
     def remove_outputs(self) -> None:
         """Delete everything ``outputs()`` names that exists (what ``--overwrite`` removes);

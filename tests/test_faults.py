@@ -138,9 +138,21 @@ def test_unreachable_address_is_one_line(capsys, earlier_run, cifar_root):
     assert (earlier_run / "results.csv").read_text() == EARLIER
 
 
-def test_a_different_config_is_refused_without_overwrite(capsys, earlier_run, cifar_root):
+def test_a_different_config_reruns_what_reads_it_and_only_an_unread_field_is_refused(capsys, earlier_run, cifar_root,
+                                                                                       monkeypatch):
+    """A changed field that a stage reads (--lr: the students) is absorbed by rerunning that stage
+    (here --dry-run: exit 0, no refusal); one that no stage declares is refused in one line saying
+    why, and the earlier results stay. Catches the old blanket refusal, or a silently passed change."""
+    import study.fingerprint as fingerprint
+
+    code = orchestrate.main(["--preset", "smoke", "--no-dashboard", "--data-root", str(cifar_root),
+                             "--output-dir", str(earlier_run), "--lr", "0.002", "--dry-run"])
+    assert code == 0 and "[students] would run" in capsys.readouterr().out
+    monkeypatch.setitem(fingerprint.STAGE_FIELDS, "students",
+                        tuple(n for n in fingerprint.STAGE_FIELDS["students"] if n != "lr"))
     code, err = run_main(capsys, "--data-root", cifar_root, "--output-dir", earlier_run, "--lr", "0.002")
-    assert_refused(code, err, "holds a run made with a different config", "lr: 0.001 -> 0.002", "--overwrite")
+    assert_refused(code, err, "made with a different config", "lr: 0.001 -> 0.002", "no stage declares",
+                   "--overwrite")
     assert (earlier_run / "results.csv").read_text() == EARLIER
 
 

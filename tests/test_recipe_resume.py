@@ -135,3 +135,30 @@ def test_a_checkpoint_of_another_length_is_refused(tmp_path):
     checkpoint.write_bytes(b"garbage")
     with pytest.raises(ValueError, match=r"recipe checkpoint .* is unreadable"):
         load_recipe_checkpoint(checkpoint)
+
+
+def test_a_checkpoint_saved_under_an_edited_recipe_restarts_the_recipe(tmp_path):
+    """The recipe checkpoint carries the recipe's sha256 (``extra``, as the sparsify stage saves it):
+    a resume under the same recipe continues, one under the recipe edited in place (final_sparsity
+    0.80 -> 0.50) or from a checkpoint that records no digest starts from epoch 0, in one line.
+    Catches a resume that only checks the steps per epoch and epoch count."""
+    from study.files import sha256_file
+    from trainables.compress.checkpoint import same_recipe
+
+    recipe, checkpoint = tmp_path / "my-recipe.yaml", tmp_path / "recipe.pt"
+    recipe.write_text(open(RECIPE).read())
+    torch.manual_seed(0)
+    model = TinyResNet()
+    run_ = RecipeRun(model, load_recipe(str(recipe), num_epochs=EPOCHS), torch.optim.Adam(model.parameters()),
+                     batches, accuracy, log=None)
+    run_.start()
+    run_.train_epoch()
+    run_.save(checkpoint, extra={"recipe_sha256": sha256_file(recipe)})
+    state, lines = load_recipe_checkpoint(checkpoint), []
+    assert same_recipe(state, sha256_file(recipe), checkpoint, log=lines.append) is state and lines == []
+    recipe.write_text(recipe.read_text().replace("final_sparsity: 0.80", "final_sparsity: 0.50"))
+    assert same_recipe(state, sha256_file(recipe), checkpoint, log=lines.append) is None
+    assert len(lines) == 1 and "saved under another recipe" in lines[0] and "starting the recipe from epoch 0" in lines[0]
+    state["extra"] = {}
+    assert same_recipe(state, sha256_file(recipe), checkpoint, log=lines.append) is None
+    assert "unrecorded" in lines[1]

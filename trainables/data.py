@@ -310,10 +310,13 @@ def extract_image_subset(tarball: str | os.PathLike, dest: str | os.PathLike,
 
 
 def _fingerprint(root: Path, kind: str) -> list[list]:
-    """Cheap staleness key: (relative path, mtime_ns[, size]) of the source folders/files."""
+    """Cheap staleness key: (relative path, mtime_ns, size) of the source folders and of every image
+    file (an image rewritten in place leaves its folder's mtime as it was, not its own)."""
     if kind == "folder":
         paths = [root / s for s in ("train", "test")]
         paths += [root / s / c for s in ("train", "test") for c in CIFAR10_CLASSES]
+        paths += [Path(f) for s in ("train", "test") for c in CIFAR10_CLASSES
+                  if (root / s / c).is_dir() for f in _image_files(root / s / c)]
     else:
         paths = [root / _BATCHES_DIR / f for f in _BATCH_FILES]
     out = []

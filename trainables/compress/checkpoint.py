@@ -38,7 +38,7 @@ from torch import nn
 
 from study.files import atomic_output
 
-__all__ = ["CHECKPOINT_FORMAT", "load_recipe_checkpoint", "restore", "save_recipe_checkpoint"]
+__all__ = ["CHECKPOINT_FORMAT", "load_recipe_checkpoint", "restore", "same_recipe", "save_recipe_checkpoint"]
 
 CHECKPOINT_FORMAT = "distill-sparsify/recipe-1"
 
@@ -93,6 +93,23 @@ def load_recipe_checkpoint(path: "str | os.PathLike") -> Optional[Dict[str, Any]
         raise ValueError(f"recipe checkpoint {path!r} is not a {CHECKPOINT_FORMAT!r} file; "
                          "delete it to start the recipe from epoch 0")
     return state
+
+
+def same_recipe(state: Optional[Dict[str, Any]], recipe_sha256: str, path: "str | os.PathLike",
+                log=print) -> Optional[Dict[str, Any]]:
+    """``state`` (from ``load_recipe_checkpoint``) when it was saved under the recipe whose sha256 is
+    ``recipe_sha256`` (``state["extra"]["recipe_sha256"]``), else None - the recipe starts again from
+    epoch 0 - with one ``log`` line naming ``path`` and both digests (a checkpoint that records no
+    recipe digest counts as another recipe)."""
+    if state is None:
+        return None
+    before = (state.get("extra") or {}).get("recipe_sha256")
+    if before == recipe_sha256:
+        return state
+    shown = before[:4] + "\u2026" if before else "unrecorded"
+    log(f"[sparsify] {path} was saved under another recipe (sha256 {shown} -> {recipe_sha256[:4]}\u2026): "
+        "starting the recipe from epoch 0")
+    return None
 
 
 def restore(state: Dict[str, Any], *, wrapped, model: nn.Module, optimizer: torch.optim.Optimizer,

@@ -18,8 +18,9 @@ of the pruned model) and ``sparsify/summary.json`` (written last: its presence m
 it records each ONNX file's sha256, which later stages and resumed runs check).
 
 Interrupted? ``sparsify/recipe_checkpoint.pt`` holds the state after the latest finished recipe
-epoch (``trainables.compress.checkpoint``); a rerun continues from there, checking that the ONNX files
-already exported are unchanged. It is deleted once ``summary.json`` is written.
+epoch (``trainables.compress.checkpoint``) and the recipe's sha256 (in its ``extra``); a rerun
+continues from there, checking that the ONNX files already exported are unchanged; under another
+recipe (or a checkpoint that records none) it starts the recipe from epoch 0 and says so. It is deleted once ``summary.json`` is written.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from study.files import atomic_write_text, check_digests, sha256_file
 from trainables.batches import train_batches
 from trainables.data import CIFAR10Tensors
 from trainables.compress.export import export_model_onnx, model_metadata
-from trainables.compress.checkpoint import load_recipe_checkpoint
+from trainables.compress.checkpoint import load_recipe_checkpoint, same_recipe
 from trainables.compress.core import RecipeRun, global_sparsity, is_quantized, load_recipe, weight_sparsity
 from trainables.train import MODEL_FILE, autocast, evaluate, frozen_teacher, pick_device, student_loss
 
@@ -116,10 +117,12 @@ def sparsify_student(checkpoint, data: CIFAR10Tensors, settings: SparsifySetting
     model, meta = _load_student(checkpoint)
     model.to(device)
     stage = _Stage(s, RunLayout(s.output_dir), meta, device, data)
-    resume = load_recipe_checkpoint(stage.layout.sparsify_checkpoint)
+    recipe_sha256 = sha256_file(s.recipe)
+    resume = same_recipe(load_recipe_checkpoint(stage.layout.sparsify_checkpoint), recipe_sha256,
+                         stage.layout.sparsify_checkpoint)
     if resume is None:
         stage.record = {"trial_id": s.trial_id, "loss": s.loss, "test_acc_dense": stage.accuracy(model),
-                        "sha256": {}}
+                        "sha256": {}, "recipe_sha256": recipe_sha256}
         stage.export("dense", model, stage.record["test_acc_dense"])
     else:
         stage.record = stage.checked_record(resume)
@@ -209,7 +212,8 @@ class _Stage:
         summary = {
             "trial_id": s.trial_id, "setup": self.setup, "loss": s.loss,
             "temperature": None if s.loss == "ce" else s.temperature, "arch": self.meta["arch"],
-            "recipe": str(s.recipe), "recipe_epochs": s.recipe_epochs,
+            "recipe": str(s.recipe), "recipe_sha256": self.record.get("recipe_sha256"),
+            "recipe_epochs": s.recipe_epochs,
             "test_acc_dense": self.record["test_acc_dense"],
             "test_acc_pruned": pruned["test_acc"], "weight_sparsity_pruned": pruned["sparsity"],
             "test_acc_pruned_quantized": test_acc_quantized,

@@ -1,0 +1,147 @@
+"""What each stage reads, and the fingerprint of those inputs that it records next to its outputs.
+
+A stage's fingerprint (``RunLayout.fingerprint(stage)``, ``fingerprints/<stage>.json``) holds:
+
+* ``fields``: the values of the StudyConfig fields the stage reads (``STAGE_FIELDS``, declared
+  once here); a field that names a file (``FILE_FIELDS``) is recorded by content, in ``files``;
+* ``files``: label -> ``{"path", "sha256"}`` of every file the stage reads (the recipe, the
+  teacher's initial weights, ``teacher.pt``, the winning checkpoint, the ONNX models);
+* ``data``: split -> sha256 of the uint8 images and labels the stage trained or tested on
+  (after subsetting; ``STAGE_DATA``), so the data root may move but its images may not change;
+* ``complete``: False while the stage runs in place (an interrupted first attempt), True once its
+  outputs are complete.
+
+Two fingerprints are the same input when their ``fields``, the sha256 of their ``files`` and
+their ``data`` agree: paths are not compared (a moved file or data root is the same input).
+Pure data and hashlib: nothing heavy is imported here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from study.config import RUNTIME_FIELDS, STAGES
+from study.files import atomic_write_text, sha256_file
+
+FINGERPRINT_FORMAT = 1
+
+#: The StudyConfig fields each stage reads (its own inputs; what earlier stages made is in its
+#: ``files``). A change in one of them reruns that stage and every stage after it.
+STAGE_FIELDS: dict[str, tuple[str, ...]] = {
+    "teacher": ("arch", "stem", "teacher_weights", "train_subset", "test_subset", "val_size", "seed",
+                "batch_size", "teacher_lr", "teacher_max_epochs", "tolerance", "patience", "compile"),
+    "students": ("arch", "stem", "train_subset", "test_subset", "val_size", "seed", "seeds", "setups",
+                 "batch_size", "lr", "temperature", "max_epochs", "tolerance", "patience", "compile"),
+    "sparsify": ("recipe", "recipe_epochs", "sparsify_loss", "temperature", "batch_size", "val_size"),
+    "bench": ("bench_cores", "bench_batch_sizes", "bench_warmup_seconds", "bench_seconds"),
+}
+
+#: Fields no stage reads as a value: the preset is only the name of the values the other fields
+#: hold (and those are compared).
+LABEL_FIELDS: tuple[str, ...] = ("preset",)
+
+#: Fields that name a file: the stage records the file's sha256 (``files[field]``), not its path.
+#: ``teacher_weights`` names a file unless it is one of ``NOT_A_FILE``.
+FILE_FIELDS: tuple[str, ...] = ("recipe", "teacher_weights")
+NOT_A_FILE: dict[str, tuple] = {"teacher_weights": (None, "imagenet")}
+#: What ``fields`` holds for a file field: the file itself is in ``files``.
+FILE_MARK = "<file>"
+
+#: The data splits each stage trains or tests on (``val`` only where the run has one).
+STAGE_DATA: dict[str, tuple[str, ...]] = {
+    "teacher": ("train", "val", "test"), "students": ("train", "val", "test"),
+    "sparsify": ("train", "test"), "bench": ("test",)}
+DATA_NAMES = {"train": "training images", "val": "validation images", "test": "test images"}
+
+
+def file_field(name: str, value: Any) -> bool:
+    """Whether config field ``name`` with ``value`` names a file (recorded by its content)."""
+    return name in FILE_FIELDS and value not in NOT_A_FILE.get(name, ())
+
+
+def stage_fields(stage: str, config: dict) -> dict:
+    """The values of the fields ``stage`` reads, from ``config`` (``config.json``'s dict); a file
+    field holds ``FILE_MARK`` (its file is fingerprinted by content)."""
+    return {name: FILE_MARK if file_field(name, config.get(name)) else config.get(name)
+            for name in STAGE_FIELDS[stage]}
+
+
+def file_inputs(stage: str, config: dict) -> dict[str, str]:
+    """label -> path of the files among ``stage``'s own config fields (the recipe, a teacher
+    weights file); files made by earlier stages are added by the caller."""
+    return {name: str(config[name]) for name in STAGE_FIELDS[stage] if file_field(name, config.get(name))}
+
+
+def make_fingerprint(stage: str, config: dict, data: dict, files: dict[str, str], complete: bool = True,
+                     root: str | os.PathLike | None = None) -> dict:
+    """The fingerprint of ``stage`` run with ``config`` (a StudyConfig as ``config.json``'s dict),
+    on ``data`` (split -> sha256, None for a split the run has not) and ``files`` (label -> path,
+    hashed here; a relative path is relative to ``root``, the run directory, and recorded so; a
+    missing file's digest is None)."""
+    hashed = {}
+    for label, path in files.items():
+        try:
+            digest = sha256_file(Path(root or ".") / path)
+        except OSError:
+            digest = None
+        hashed[label] = {"path": str(path), "sha256": digest}
+    return {"format": FINGERPRINT_FORMAT, "stage": stage, "complete": bool(complete),
+            "fields": stage_fields(stage, config), "files": hashed,
+            "data": {split: data.get(split) for split in STAGE_DATA[stage]}}
+
+
+def _short(digest: str | None) -> str:
+    return "missing" if digest is None else digest[:4] + "\u2026"
+
+
+def differences(old: dict, new: dict) -> list[str]:
+    """What changed from fingerprint ``old`` to ``new``, one phrase each (empty: the same inputs):
+    ``recipe my-recipe.yaml changed (sha256 3f2a… -> 9b1c…)``, ``temperature 4.0 -> 2.0``,
+    ``training images changed (sha256 …)``. Paths are not compared."""
+    out = []
+    old_fields, new_fields = old.get("fields", {}), new.get("fields", {})
+    for name in new_fields:
+        if name in old_fields and old_fields[name] != new_fields[name]:
+            out.append(f"{name} {old_fields[name]!r} -> {new_fields[name]!r}")
+        elif name not in old_fields:
+            out.append(f"{name} (not recorded) -> {new_fields[name]!r}")
+    old_files, new_files = old.get("files", {}), new.get("files", {})
+    for label in sorted(set(old_files) | set(new_files)):
+        before, after = old_files.get(label, {}).get("sha256"), new_files.get(label, {}).get("sha256")
+        if before != after:
+            name = Path((new_files.get(label) or old_files[label])["path"]).name
+            what = label if label == name else f"{label} {name}"
+            out.append(f"{what} changed (sha256 {_short(before)} -> {_short(after)})")
+    old_data, new_data = old.get("data", {}), new.get("data", {})
+    for split in new_data:
+        if old_data.get(split) != new_data[split]:
+            out.append(f"{DATA_NAMES[split]} changed (sha256 {_short(old_data.get(split))} -> "
+                       f"{_short(new_data[split])})")
+    return out
+
+
+def read_fingerprint(path: str | os.PathLike) -> dict | None:
+    """The fingerprint at ``path``, or None when there is none (or it is unreadable: unknown)."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) and value.get("format") == FINGERPRINT_FORMAT else None
+
+
+def write_fingerprint(path: str | os.PathLike, fingerprint: dict) -> None:
+    """Write ``fingerprint`` to ``path`` atomically."""
+    atomic_write_text(path, json.dumps(fingerprint, indent=2))
+
+
+def undeclared_fields(names) -> list[str]:
+    """Config fields (of ``names``) that no stage declares in ``STAGE_FIELDS`` and that are neither
+    ``RUNTIME_FIELDS`` nor ``LABEL_FIELDS``: no stage can rerun for a change in one of them."""
+    declared = {name for fields in STAGE_FIELDS.values() for name in fields}
+    return [n for n in names if n not in declared and n not in RUNTIME_FIELDS and n not in LABEL_FIELDS]
+
+
+assert set(STAGE_FIELDS) == set(STAGES) == set(STAGE_DATA)
