@@ -105,7 +105,11 @@ def open_tracker(config: StudyConfig) -> "Tracker | NullTracker":
     uri = tracking_uri(config)
     client = MlflowClient(tracking_uri=uri)
     _probe(client, uri)
-    return Tracker(client, config)
+    tracker = Tracker(client, config)
+    shown = f"mlflow ui --backend-store-uri {Path(config.output_dir).resolve() / 'mlruns'}" \
+        if config.mlflow == LOCAL else uri
+    print(f"[mlflow] experiment {tracker.study_dir}, study run {tracker.parent_id}: {shown}", flush=True)
+    return tracker
 
 
 def _probe(client, uri: str) -> None:
@@ -272,15 +276,20 @@ class Tracker:
     # -- stages ---------------------------------------------------------------------------------
 
     def sync(self, stage: str) -> None:
-        """Log what ``stage`` (teacher, students, sparsify, bench) wrote, as far as it is missing."""
-        if stage in TUNE_STAGES:
-            self._trials(stage)
-        elif stage == "sparsify":
-            self._recipe()
-        elif stage == "bench":
-            self._bench()
-        else:
+        """Log what ``stage`` (teacher, students, sparsify, bench) wrote, as far as it is missing.
+        A tracking store that fails now (the stage's outputs are safe on disk) is one warning line,
+        not the end of the study: the same command run again fills MLflow in."""
+        if stage not in (*TUNE_STAGES, "sparsify", "bench"):
             raise ValueError(f"unknown stage {stage!r}")
+        try:
+            if stage in TUNE_STAGES:
+                self._trials(stage)
+            elif stage == "sparsify":
+                self._recipe()
+            else:
+                self._bench()
+        except Exception as err:  # MlflowException, requests' errors, a full disk, ...
+            _warn(stage, err)
 
     def _trials(self, stage: str) -> None:
         experiment = self.layout.teacher_dir if stage == "teacher" else self.layout.students_dir
@@ -350,7 +359,16 @@ class Tracker:
     def finish(self, code: int = 0) -> int:
         """The run's tables (and ``report.pdf`` when built) as artefacts of the parent, which ends
         FINISHED; returns ``code`` (the study's exit code)."""
-        for path in (self.layout.config, self.layout.results, self.layout.setups, self.layout.report("pdf")):
-            self._artifact(self.parent_id, path)
-        self._end(self.parent_id)
+        try:
+            for path in (self.layout.config, self.layout.results, self.layout.setups, self.layout.report("pdf")):
+                self._artifact(self.parent_id, path)
+            self._end(self.parent_id)
+        except Exception as err:  # as in sync: one line, the study's exit code stands
+            _warn("study", err)
         return code
+
+
+def _warn(what: str, err: Exception) -> None:
+    detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+    print(f"[mlflow] warning: could not log the {what} run(s) ({detail}); run the same command again "
+          "to fill them in", flush=True)

@@ -346,3 +346,20 @@ def test_mlflow_server_on_the_store_answers_its_runs_over_rest(tracked, tmp_path
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
+
+
+def test_a_store_failing_after_a_stage_is_one_warning_line_not_the_end_of_the_study(tmp_path, capsys):
+    """Catches: a tracking server that goes away during the study ending it with a traceback after
+    the stage's work is done (its outputs are on disk; rerunning fills MLflow in), and finish()
+    then losing the study's exit code."""
+    config = make_run(tmp_path / "run")
+    tracker = tracking.open_tracker(config)
+
+    def broken(*args, **kwargs):
+        raise mlflow.exceptions.MlflowException("API request failed: connection refused")
+
+    tracker.client.search_runs = tracker.client.log_artifact = tracker.client.list_artifacts = broken
+    tracker.sync("students")
+    assert tracker.finish(0) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    assert len(lines) == 2 and all("connection refused" in line for line in lines), lines
