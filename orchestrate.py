@@ -447,6 +447,9 @@ def run_study(config: StudyConfig, args: argparse.Namespace) -> int:
 
     out, layout = Path(config.output_dir), RunLayout(config.output_dir)
     replace = check_output_dir(config, args.overwrite)
+    from driver import tracking  # --mlflow (driver/tracking.py): checked before any training; a no-op without it
+
+    tracker = tracking.open_tracker(config)
     # Joining a cluster takes a second: its requests are checked first. A local Ray takes longer
     # to start, so it starts once the data and inputs have passed their checks.
     nodes = start_ray(config) if config.address else None
@@ -471,9 +474,11 @@ def run_study(config: StudyConfig, args: argparse.Namespace) -> int:
     print(f"data: {len(data.train_labels)} training{val} / {len(data.test_labels)} test images; "
           f"{decision_rule(config)}; output: {out.resolve()}", flush=True)
     teacher_path = stage_teacher(config, data, reruns)
+    tracker.sync("teacher")  # --mlflow
     if config.stop_after == "teacher":
-        return 0
+        return tracker.finish(0)
     students = stage_students(config, data, teacher_path, reruns)
+    tracker.sync("students")  # --mlflow
     rows = training_rows(config, layout.teacher_dir.resolve(), students)
     setups = setups_table(config, rows)
     atomic_write_text(layout.setups, setups.to_csv(index=False))
@@ -481,16 +486,16 @@ def run_study(config: StudyConfig, args: argparse.Namespace) -> int:
     if config.stop_after in ("sparsify", "bench"):
         best = sparsify_trial(config, students, rows)
         summary = stage_sparsify(config, data, best, teacher_path, reruns)
+        tracker.sync("sparsify")  # --mlflow
         rows += sparsified_rows(summary, rows, seed=best.config["seed"])
         if config.stop_after == "bench":
             bench, accuracies = stage_bench(config, data, summary, reruns)
+            tracker.sync("bench")  # --mlflow
             set_onnx_accuracy(rows, accuracies, summary["setup"], best.config["seed"])
     table = pd.DataFrame(rows, columns=RESULT_COLUMNS)
     atomic_write_text(layout.results, table.to_csv(index=False))
     print_results(config, table, setups, bench)
-    if config.report:
-        return stage_report(config)
-    return 0
+    return tracker.finish(stage_report(config) if config.report else 0)  # --mlflow: tables, report.pdf
 
 
 if __name__ == "__main__":

@@ -199,6 +199,10 @@ class StudyConfig:
     bench_seconds: float = option(10.0, "seconds each benchmark is timed", float)
     stop_after: str = option("bench", f"last stage to run: {', '.join(STAGES)}", str)
     report: bool = option(False, "execute report.ipynb and render it to HTML/PDF at the end", bool)
+    mlflow: str | None = option(
+        None, "track the study in MLflow (driver/tracking.py; needs the '.[tracking]' extra): 'local' = a file "
+        "store in <output-dir>/mlruns (offline, no server), or a tracking URI (http://HOST:PORT, file:///PATH, "
+        "sqlite:///PATH, databricks); 'none': off, MLflow is not imported", optional_str)
     verbose: bool = option(False, "print everything the libraries print (Tune's status tables, export "
                            "warnings, SparseML and DeepSparse logs), not just one line per epoch and the "
                            "tables", bool)
@@ -223,7 +227,7 @@ PRESETS: dict[str, dict] = {
 #: Fields that change where and how a run executes, not what it computes: a resumed run may
 #: differ in them (the data root may move; the data it holds is checked when loaded).
 RUNTIME_FIELDS = ("data_root", "download", "output_dir", "dashboard", "address", "report", "stop_after",
-                  "cpus_per_trial", "gpus_per_trial", "verbose")
+                  "cpus_per_trial", "gpus_per_trial", "verbose", "mlflow")
 
 
 def selection_metric(config) -> str:
@@ -314,6 +318,10 @@ def validate(config: StudyConfig) -> None:
         raise StudyError(f"--gpus-per-trial {gpus} must be a fraction 0..1 or a whole number (Ray's rule)")
     if config.bench_cores is not None and config.bench_cores < 1:
         raise StudyError(f"--bench-cores {config.bench_cores} must be >= 1 (or 'none')")
+    if config.mlflow is not None and config.mlflow != "local" and "://" not in config.mlflow \
+            and config.mlflow != "databricks":
+        raise StudyError(f"--mlflow {config.mlflow!r}: give 'local' (<output-dir>/mlruns), a tracking URI "
+                         "(http://HOST:PORT, file:///PATH, sqlite:///PATH, databricks) or 'none'")
     if any(b < 1 for b in config.bench_batch_sizes):
         raise StudyError(f"--bench-batch-sizes {config.bench_batch_sizes} must all be >= 1")
 

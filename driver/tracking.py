@@ -1,0 +1,374 @@
+"""MLflow tracking of a study, on request (``--mlflow``); off by default, and then MLflow is never imported.
+
+Everything is logged from the driver, after each stage, from the files the stage wrote
+(``study.RunLayout``), never from inside a Ray task or a Tune trial:
+
+- one MLflow experiment per output directory (named by its resolved path);
+- a parent run for the study (``stage=study``): the config as params (the fields outside
+  ``RUNTIME_FIELDS``; those, which may change on a resume, as ``runtime.<field>`` tags), the
+  decision rule as a tag, and at the end ``config.json``, ``results.csv``, ``setups.csv`` and
+  ``report.pdf`` (when built) as artefacts;
+- under it (tag ``mlflow.parentRunId``), one run per Tune trial (``stage=teacher``/``students``, tags
+  ``trial_id``, ``trial_dir``, ``setup``, ``seed``): the trial's ``params.json`` as params and every
+  epoch of its ``result.json`` (``TRIAL_METRICS`` and each ``loss_<term>``) at step = epoch;
+- one run for the recipe (``stage=sparsify``): every row of ``sparsify/history.csv`` at step = its
+  epoch (accuracy, sparsity, loss terms, learning rate, ``quantized`` 0/1, ``precision_bits``), the
+  numbers of ``summary.json``, tags ``sha256_<model>`` / ``onnx_<model>`` per exported model, the
+  three ONNX files and ``sparsify/*`` as artefacts;
+- one run for the benchmark (``stage=bench``): every row of ``benchmark.csv`` as metrics
+  ``<model>/<engine>/batch_<n>/<column>``, ``onnx_test_acc/<model>``, and both files as artefacts.
+
+Why not Tune callbacks (Ray's ``MLflowLoggerCallback`` or one of ours): the former starts a new MLflow
+run whenever a trial starts, so a resumed study would get duplicates; and Tune pickles a run's
+callbacks into ``tuner.pkl``, so ``Tuner.restore`` runs the callbacks of the experiment's first
+start, not the ones of the command that resumes it (``--mlflow`` added or dropped on a resume would
+be ignored, and restoring would import MLflow). Reading the stage's files after it is the same code
+for a fresh, a resumed and a skipped stage.
+
+Resume: runs are found again by tags (the parent by ``study_dir`` + ``config_digest``, a child by
+parent, ``stage`` and ``trial_id``), and only (metric, step) pairs not yet in MLflow are logged, so
+running the same command again adds no run and no metric step. An artefact is uploaded only when
+no file of that name and size is there yet.
+
+The ONNX files are not touched (their sha256, recorded in ``sparsify/summary.json``, is checked by
+later stages): the recipe run carries each file's digest (tag ``sha256_<model>``) and path, and each
+file's ``metadata_props`` name its ``source_trial``, the ``trial_dir`` tag of the student's run.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import time
+from pathlib import Path
+
+from study import RunLayout, StudyConfig, StudyError, decision_rule
+from study.config import RUNTIME_FIELDS
+
+#: ``--mlflow local``: a file store in ``<output-dir>/mlruns``.
+LOCAL = "local"
+#: Per-epoch metrics of a teacher or student trial (besides every ``loss_<term>``).
+TRIAL_METRICS = ("test_acc", "val_acc", "train_loss", "epoch_seconds", "train_images_per_sec")
+#: Columns of ``benchmark.csv`` logged as metrics (the other columns are tags of the run).
+BENCH_METRICS = ("items_per_sec", "latency_mean_ms", "latency_p50_ms", "latency_p99_ms")
+#: Experiment subfolders of the Tune stages (``RunLayout``).
+TUNE_STAGES = ("teacher", "students")
+#: Seconds the start-up probe waits for a tracking server.
+PROBE_TIMEOUT_S = 10
+
+
+def tracking_uri(config: StudyConfig) -> str | None:
+    """The tracking URI of ``--mlflow``: None (off), ``file://<output-dir>/mlruns`` for ``local``,
+    else the URI as given."""
+    if config.mlflow is None:
+        return None
+    if config.mlflow == LOCAL:
+        return (Path(config.output_dir).resolve() / "mlruns").as_uri()
+    return config.mlflow
+
+
+def config_digest(config: StudyConfig) -> str:
+    """sha256 (16 hex digits) of the fields that define what the study computes (all but
+    ``RUNTIME_FIELDS``): the same study resumed has the same digest, one made with ``--overwrite``
+    and another config a new one (and so a new parent run)."""
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in RUNTIME_FIELDS}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=list).encode()).hexdigest()[:16]
+
+
+class NullTracker:
+    """What ``open_tracker`` returns without ``--mlflow``: every hook does nothing."""
+
+    def sync(self, stage: str) -> None:
+        pass
+
+    def finish(self, code: int = 0) -> int:
+        return code
+
+
+def open_tracker(config: StudyConfig) -> "Tracker | NullTracker":
+    """The study's tracker: a ``NullTracker`` without ``--mlflow`` (MLflow not imported), else a
+    ``Tracker`` on the parent run of this study (found again on a resume, else created).
+
+    Raises StudyError (one line) when MLflow is not installed or the tracking server does not
+    answer, before anything has been trained."""
+    if config.mlflow is None:
+        return NullTracker()
+    try:
+        from mlflow.tracking import MlflowClient
+    except ModuleNotFoundError as err:
+        raise StudyError(f"--mlflow needs MLflow ({err}): pip install -e '.[tracking]'") from None
+    uri = tracking_uri(config)
+    client = MlflowClient(tracking_uri=uri)
+    _probe(client, uri)
+    tracker = Tracker(client, config)
+    shown = f"mlflow ui --backend-store-uri {Path(config.output_dir).resolve() / 'mlruns'}" \
+        if config.mlflow == LOCAL else uri
+    print(f"[mlflow] experiment {tracker.study_dir}, study run {tracker.parent_id}: {shown}", flush=True)
+    return tracker
+
+
+def _probe(client, uri: str) -> None:
+    """StudyError unless the tracking store at ``uri`` answers, within ``PROBE_TIMEOUT_S`` and
+    without MLflow's retries (which back off for minutes)."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=str(PROBE_TIMEOUT_S))
+    try:
+        client.search_experiments(max_results=1)
+    except Exception as err:  # requests' ConnectionError, MlflowException, ...: the cause's first line
+        detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise StudyError(f"--mlflow {uri}: the tracking server does not answer ({detail})") from None
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _value(value) -> str:
+    """A param value as MLflow stores it: strings as they are, the rest as JSON."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _number(value) -> float | None:
+    """``value`` as a finite float, or None (strings, NaN, missing)."""
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return {"true": 1.0, "false": 0.0}.get(value.lower())
+        return number if math.isfinite(number) else None
+    return None
+
+
+def read_trial(trial_dir: Path) -> tuple[dict, list[dict]]:
+    """A Tune trial folder's config (``params.json``) and its results (``result.json``, one JSON
+    object per line), one per ``training_iteration`` (the last line of an epoch wins)."""
+    params_file = trial_dir / "params.json"
+    params = json.loads(params_file.read_text()) if params_file.exists() else {}
+    by_epoch: dict[int, dict] = {}
+    for line in (trial_dir / "result.json").read_text().splitlines():
+        if line.strip():
+            result = json.loads(line)
+            by_epoch[int(result["training_iteration"])] = result
+    return params, [by_epoch[k] for k in sorted(by_epoch)]
+
+
+def trial_metrics(result: dict) -> dict[str, float]:
+    """The metrics of one epoch's result that a trial run logs."""
+    keys = [k for k in result if k in TRIAL_METRICS or k.startswith("loss_")]
+    return {k: v for k in keys if (v := _number(result[k])) is not None}
+
+
+def history_metrics(row: dict) -> dict[str, float]:
+    """The metrics of one row of ``sparsify/history.csv``: every numeric column but ``epoch``,
+    ``quantized`` as 0/1, ``precision`` (float32, int8) as ``precision_bits``."""
+    metrics = {k: v for k, text in row.items() if k not in ("epoch", "precision")
+               and (v := _number(text)) is not None}
+    bits = re.search(r"\d+", row.get("precision") or "")
+    if bits:
+        metrics["precision_bits"] = float(bits.group())
+    return metrics
+
+
+def _csv_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+class Tracker:
+    """The MLflow runs of one study (module docstring); ``sync(stage)`` after each stage,
+    ``finish(code)`` at the end. Safe to run again on the same files: it adds only what is missing."""
+
+    def __init__(self, client, config: StudyConfig):
+        from mlflow.entities import RunStatus
+
+        self.client, self.config = client, config
+        self.layout = RunLayout(config.output_dir)
+        self.study_dir = str(Path(config.output_dir).resolve())
+        self._running, self._finished = RunStatus.to_string(RunStatus.RUNNING), RunStatus.to_string(RunStatus.FINISHED)
+        experiment = client.get_experiment_by_name(self.study_dir)
+        self.experiment_id = experiment.experiment_id if experiment else client.create_experiment(self.study_dir)
+        self.parent_id = self._parent()
+
+    # -- runs -----------------------------------------------------------------------------------
+
+    def _search(self, filter_string: str) -> list:
+        return self.client.search_runs([self.experiment_id], filter_string=filter_string, max_results=1000,
+                                       order_by=["attributes.start_time ASC"])
+
+    def _parent(self) -> str:
+        digest = config_digest(self.config)
+        runtime = {f"runtime.{k}": _value(getattr(self.config, k)) for k in RUNTIME_FIELDS}
+        found = self._search(f"tags.stage = 'study' and tags.config_digest = '{digest}'")
+        if found:
+            run_id = found[0].info.run_id
+            self.client.update_run(run_id, status=self._running)
+            for key, value in runtime.items():
+                self.client.set_tag(run_id, key, value)
+            return run_id
+        run = self.client.create_run(self.experiment_id, run_name=f"study {Path(self.study_dir).name}", tags={
+            "stage": "study", "study_dir": self.study_dir, "config_digest": digest,
+            "decision_rule": decision_rule(self.config), **runtime})
+        self._params(run.info.run_id, {k: v for k, v in dataclasses.asdict(self.config).items()
+                                       if k not in RUNTIME_FIELDS})
+        return run.info.run_id
+
+    def _child(self, stage: str, key: str, name: str, tags: dict, params: dict,
+               start_time: int | None = None) -> str:
+        """The run of ``stage`` with tag ``trial_id`` = ``key`` under the parent: found, or
+        created with ``tags`` and ``params``."""
+        found = self._search(f"tags.`mlflow.parentRunId` = '{self.parent_id}' and tags.stage = '{stage}' "
+                             f"and tags.trial_id = '{key}'")
+        if found:
+            return found[0].info.run_id
+        run = self.client.create_run(self.experiment_id, run_name=name, start_time=start_time, tags={
+            "mlflow.parentRunId": self.parent_id, "stage": stage, "trial_id": key,
+            "study_dir": self.study_dir, **{k: _value(v) for k, v in tags.items()}})
+        self._params(run.info.run_id, params)
+        return run.info.run_id
+
+    def _params(self, run_id: str, params: dict) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, _value(v)) for k, v in sorted(params.items())]
+        for i in range(0, len(items), 100):  # MLflow's limit per log_batch
+            self.client.log_batch(run_id, params=items[i:i + 100])
+
+    def _metrics(self, run_id: str, steps: list[tuple[int, int, dict[str, float]]]) -> int:
+        """Log ``(step, timestamp_ms, {key: value})`` entries, skipping every (key, step) the run
+        already holds; returns how many metric values were logged."""
+        from mlflow.entities import Metric
+
+        logged: dict[str, set[int]] = {}
+        new = []
+        for step, timestamp, metrics in steps:
+            for key, value in metrics.items():
+                if key not in logged:
+                    logged[key] = {m.step for m in self.client.get_metric_history(run_id, key)}
+                if step not in logged[key]:
+                    new.append(Metric(key, value, timestamp, step))
+                    logged[key].add(step)
+        for i in range(0, len(new), 1000):  # MLflow's limit per log_batch
+            self.client.log_batch(run_id, metrics=new[i:i + 1000])
+        return len(new)
+
+    def _artifact(self, run_id: str, path: Path, folder: str | None = None) -> None:
+        """Upload ``path`` into the run's ``folder`` unless a file of its name and size is there."""
+        if not path.is_file():
+            return
+        there = {Path(f.path).name: f.file_size for f in self.client.list_artifacts(run_id, folder)}
+        if there.get(path.name) != path.stat().st_size:
+            self.client.log_artifact(run_id, str(path), folder)
+
+    def _end(self, run_id: str) -> None:
+        self.client.set_terminated(run_id, status=self._finished)
+
+    # -- stages ---------------------------------------------------------------------------------
+
+    def sync(self, stage: str) -> None:
+        """Log what ``stage`` (teacher, students, sparsify, bench) wrote, as far as it is missing.
+        A tracking store that fails now (the stage's outputs are safe on disk) is one warning line,
+        not the end of the study: the same command run again fills MLflow in."""
+        if stage not in (*TUNE_STAGES, "sparsify", "bench"):
+            raise ValueError(f"unknown stage {stage!r}")
+        try:
+            if stage in TUNE_STAGES:
+                self._trials(stage)
+            elif stage == "sparsify":
+                self._recipe()
+            else:
+                self._bench()
+        except Exception as err:  # MlflowException, requests' errors, a full disk, ...
+            _warn(stage, err)
+
+    def _trials(self, stage: str) -> None:
+        experiment = self.layout.teacher_dir if stage == "teacher" else self.layout.students_dir
+        for trial_dir in sorted(p.parent for p in experiment.glob("*/result.json")):
+            params, results = read_trial(trial_dir)
+            if not results:  # failed before its first epoch: nothing to show
+                continue
+            setup = params.get("setup")
+            seed = params.get("seed")
+            name = "teacher" if stage == "teacher" else f"{setup} seed {seed}"
+            tags = {"trial_dir": trial_dir.name, "role": "teacher" if stage == "teacher" else "student",
+                    **({"setup": setup} if setup else {}), **({"seed": seed} if seed is not None else {})}
+            started = results[0].get("trial_started_at")
+            run_id = self._child(stage, results[0]["trial_id"], name, tags, params,
+                                 start_time=int(started * 1000) if started else None)
+            self._metrics(run_id, [(int(r["training_iteration"]), int(r.get("timestamp", time.time()) * 1000),
+                                    trial_metrics(r)) for r in results])
+            if results[-1].get("done"):
+                self._end(run_id)
+
+    def _recipe(self) -> None:
+        layout = self.layout
+        if not layout.sparsify_summary.exists():
+            return
+        summary = json.loads(layout.sparsify_summary.read_text())
+        tags = {"source_trial": summary.get("trial_id", ""), "setup": summary.get("setup", ""),
+                "loss": summary.get("loss", "ce")}
+        for model, digest in summary.get("sha256", {}).items():
+            tags[f"sha256_{model}"] = digest
+            tags[f"onnx_{model}"] = str(layout.onnx(model).resolve())
+        params = {k: summary[k] for k in ("recipe", "recipe_epochs", "loss", "temperature", "arch", "setup")
+                  if k in summary}
+        run_id = self._child("sparsify", "recipe", "recipe", tags, params)
+        now = int(time.time() * 1000)
+        steps = []
+        if layout.sparsify_history.exists():
+            steps = [(int(float(row["epoch"])), now, history_metrics(row)) for row in _csv_rows(layout.sparsify_history)]
+        scalars = {k: v for k, value in summary.items() if (v := _number(value)) is not None
+                   and k not in ("recipe_epochs", "temperature")}
+        self._metrics(run_id, steps + [(0, now, scalars)])
+        for model in summary.get("sha256", {}):
+            self._artifact(run_id, layout.onnx(model), "onnx")
+        for path in (layout.sparsify_summary, layout.sparsify_history, layout.layer_sparsity):
+            self._artifact(run_id, path, "sparsify")
+        self._end(run_id)
+
+    def _bench(self) -> None:
+        layout = self.layout
+        if not layout.benchmark.exists():
+            return
+        rows = _csv_rows(layout.benchmark)
+        first = rows[0] if rows else {}
+        tags = {k: first[k] for k in ("isa", "vnni", "num_cores") if first.get(k)}
+        run_id = self._child("bench", "benchmark", "benchmark", tags, {})
+        metrics = {}
+        for row in rows:
+            prefix = f"{row['model']}/{row['engine']}/batch_{row['batch_size']}"
+            metrics.update({f"{prefix}/{k}": v for k in BENCH_METRICS if (v := _number(row.get(k))) is not None})
+        if layout.onnx_accuracy.exists():
+            accuracies = json.loads(layout.onnx_accuracy.read_text())
+            metrics.update({f"onnx_test_acc/{m}": v for m, a in accuracies.items() if (v := _number(a)) is not None})
+        self._metrics(run_id, [(0, int(time.time() * 1000), metrics)])
+        self._artifact(run_id, layout.benchmark)
+        self._artifact(run_id, layout.onnx_accuracy)
+        self._end(run_id)
+
+    def finish(self, code: int = 0) -> int:
+        """The run's tables (and ``report.pdf`` when built) as artefacts of the parent, which ends
+        FINISHED; returns ``code`` (the study's exit code)."""
+        try:
+            for path in (self.layout.config, self.layout.results, self.layout.setups, self.layout.report("pdf")):
+                self._artifact(self.parent_id, path)
+            self._end(self.parent_id)
+        except Exception as err:  # as in sync: one line, the study's exit code stands
+            _warn("study", err)
+        return code
+
+
+def _warn(what: str, err: Exception) -> None:
+    detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+    print(f"[mlflow] warning: could not log the {what} run(s) ({detail}); run the same command again "
+          "to fill them in", flush=True)
