@@ -363,3 +363,39 @@ def test_a_store_failing_after_a_stage_is_one_warning_line_not_the_end_of_the_st
     assert tracker.finish(0) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
     assert len(lines) == 2 and all("connection refused" in line for line in lines), lines
+
+
+def test_a_finished_smoke_run_rerun_with_mlflow_fills_the_store_from_its_files(smoke_run, cifar_root, tmp_path):
+    """The issue's acceptance run, on a copy of the session's smoke run (every stage is skipped, so
+    nothing trains): ``--mlflow local`` writes a store in which ``mlflow.search_runs`` finds the
+    parent, 1 teacher, 3 student, 1 recipe and 1 benchmark run; each student's test_acc history is
+    its result.json; the ONNX artefacts have the digests of sparsify/summary.json; the same command
+    again adds no run and no metric step. Catches hooks that log only stages that ran, or log
+    another run's files."""
+    from helpers import copy_run, run_orchestrate
+
+    out = copy_run(smoke_run, tmp_path / "tracked", "config.json", "teacher.pt", "teacher", "students", "sparsify",
+                   "onnx", "benchmark.csv", "onnx_accuracy.json", "results.csv", "setups.csv")
+    config = make_config("smoke", output_dir=str(out), mlflow="local")
+    run_orchestrate(out, cifar_root, "--mlflow", "local")
+    log = (out / "orchestrate.log").read_text()
+    assert "epoch 1: test_acc" not in log and "recipe epoch" not in log  # nothing trained
+    mlflow.set_tracking_uri(tracking.tracking_uri(config))
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert sorted(r.data.tags["stage"] for r in runs) == ["bench", "sparsify", "students", "students", "students",
+                                                         "study", "teacher"]
+    client = mlflow.tracking.MlflowClient(tracking.tracking_uri(config))
+    for run in (r for r in runs if r.data.tags["stage"] == "students"):
+        lines = (out / "students" / run.data.tags["trial_dir"] / "result.json").read_text().splitlines()
+        epochs = {json.loads(line)["training_iteration"]: json.loads(line)["test_acc"] for line in lines}
+        assert sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "test_acc")) == \
+            sorted(epochs.items()), run.data.tags["setup"]
+    summary = json.loads((out / "sparsify" / "summary.json").read_text())
+    recipe = next(r for r in runs if r.data.tags["stage"] == "sparsify")
+    folder = Path(client.download_artifacts(recipe.info.run_id, "onnx", str(tmp_path / "got")))
+    assert {p.name: _sha256(p) for p in folder.iterdir()} == {f"{m}.onnx": d for m, d in summary["sha256"].items()}
+    steps = metric_steps(client, runs)
+    run_orchestrate(out, cifar_root, "--mlflow", "local")
+    again = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert sorted(r.info.run_id for r in again) == sorted(r.info.run_id for r in runs)
+    assert metric_steps(client, again) == steps
