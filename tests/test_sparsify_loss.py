@@ -20,6 +20,7 @@ from models import build_student, build_teacher, feature_extractor, forward_feat
 from trainables.data import CIFAR10Tensors
 from study import RunLayout
 from study import SETUP_INFO
+from study.files import sha256_file
 from trainables.compress.checkpoint import CHECKPOINT_FORMAT
 from trainables.compress.sparsify import SparsifySettings, sparsify_student
 from trainables.compress.core import RecipeRun, is_quantized, load_recipe
@@ -161,11 +162,13 @@ def test_a_recipe_checkpoint_trained_with_another_loss_is_refused(tmp_path):
     student, teacher = _models()
     layout = RunLayout(tmp_path / "run")
     layout.sparsify_checkpoint.parent.mkdir(parents=True)  # what the attempt's checks read first
-    torch.save({"format": CHECKPOINT_FORMAT, "epoch": 1, "extra": {"trial_id": "t0", "loss": "ce", "sha256": {}}},
+    settings = _settings(layout.root, trial_id="t0", loss="kd")
+    same_recipe = sha256_file(settings.recipe)  # the attempt ran this recipe: only the loss differs
+    torch.save({"format": CHECKPOINT_FORMAT, "epoch": 1, "extra": {"trial_id": "t0", "loss": "ce", "sha256": {},
+                                                                    "recipe_sha256": same_recipe}},
                layout.sparsify_checkpoint)
     payload = {"arch": "resnet18", "stem": "cifar", "num_classes": 10, "state_dict": teacher.state_dict()}
     data = CIFAR10Tensors(*(torch.zeros(0),) * 4)
     with pytest.raises(ValueError, match=r"recipe_checkpoint.pt was trained with loss 'ce', not 'kd'; "
                                          r"delete it to run the recipe from epoch 0$"):
-        sparsify_student(_student_checkpoint(tmp_path, student), data,
-                         _settings(layout.root, trial_id="t0", loss="kd"), teacher=payload)
+        sparsify_student(_student_checkpoint(tmp_path, student), data, settings, teacher=payload)
