@@ -176,26 +176,21 @@ def stage_students(config: StudyConfig, data, teacher_path: Path, reruns):
     from trainables.train import train_student
     from driver.tuning import run_tuner, student_space, trial_resources
 
-    out = None
-    if reruns.action("students") == "skip":  # finished with these inputs: read, not restored
-        from ray.tune.result_grid import ResultGrid
+    from ray.tune.result_grid import ResultGrid
 
-        out = reruns.begin("students")
-        if reruns.action("students") == "skip":
-            print(f"[students] {RunLayout(config.output_dir).students_dir} is finished with these inputs: "
-                  "skipping the students stage", flush=True)
-            return ResultGrid(tune.ExperimentAnalysis(str(RunLayout(config.output_dir).students_dir)))
+    out = reruns.begin("students")  # may turn a skip into a rerun (what it reads now differs)
+    if reruns.action("students") == "skip":  # finished with these inputs: read, not restored
+        print(f"[students] {RunLayout(config.output_dir).students_dir} is finished with these inputs: "
+              "skipping the students stage", flush=True)
+        return ResultGrid(tune.ExperimentAnalysis(str(RunLayout(config.output_dir).students_dir)))
     teacher = torch.load(teacher_path, map_location="cpu")
     resources = trial_resources(config, "student")
     space = student_space(config, resources)
     trainable = tune.with_parameters(train_student, data=data, teacher=teacher)
-    out = out or reruns.begin("students")
     grid = run_tuner(config, "students", trainable, space, resources, config.max_epochs, storage=str(out.root))
     staged = reruns.staged("students")
     reruns.done("students")
     if staged:  # the experiment has moved: read it back from its place in the run directory
-        from ray.tune.result_grid import ResultGrid
-
         grid = ResultGrid(tune.ExperimentAnalysis(str(RunLayout(config.output_dir).students_dir)))
     return grid
 
