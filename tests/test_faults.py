@@ -279,4 +279,6 @@ def test_a_killed_trial_still_finishes(tmp_path, cifar_root):
     result = grid[0]
     assert result.error is None
     frame = result.metrics_dataframe
-    assert list(frame["epoch"]) == [1, 2]  # epoch 1 not redone: resumed from its checkpoint
+    # Epoch 1 is not redone: the retried worker resumed from its checkpoint and reported epoch 2
+    # once. (On a loaded machine Tune can lose the dead worker's epoch-1 row: [2] then.)
+    assert list(frame["epoch"]) in ([1, 2], [2]), list(frame["epoch"])
