@@ -248,12 +248,17 @@ def test_a_killed_trial_still_finishes(tmp_path, cifar_root):
         import trainables.train as train
 
         marker = Path(config["marker"])
+        log = marker.with_suffix(".log")  # each attempt: what it started from, the epochs it reported
+        with open(log, "a") as stream:
+            stream.write("checkpoint\n" if tune.get_checkpoint() else "fresh\n")
         report = tune.report
 
         def dying_report(metrics, checkpoint=None):
             if metrics["epoch"] == 2 and not marker.exists():
                 marker.touch()
                 os._exit(1)
+            with open(log, "a") as stream:
+                stream.write(f"{metrics['epoch']}\n")
             report(metrics, checkpoint=checkpoint)
 
         train.tune.report = dying_report
@@ -279,6 +284,7 @@ def test_a_killed_trial_still_finishes(tmp_path, cifar_root):
     result = grid[0]
     assert result.error is None
     frame = result.metrics_dataframe
-    # Epoch 1 is not redone: the retried worker resumed from its checkpoint and reported epoch 2
-    # once. (On a loaded machine Tune can lose the dead worker's epoch-1 row: [2] then.)
+    # Epoch 1 is not redone: the retried worker started from epoch 1's checkpoint and reported
+    # epoch 2 only. (On a loaded machine Tune can lose the dead worker's epoch-1 row: [2] then.)
+    assert (tmp_path / "died-once.log").read_text().split() == ["fresh", "1", "checkpoint", "2"]
     assert list(frame["epoch"]) in ([1, 2], [2]), list(frame["epoch"])
