@@ -182,7 +182,7 @@ def stage_students(config: StudyConfig, data, teacher_path: Path, reruns):
     if reruns.action("students") == "skip":  # finished with these inputs: read, not restored
         print(f"[students] {RunLayout(config.output_dir).students_dir} is finished with these inputs: "
               "skipping the students stage", flush=True)
-        return ResultGrid(tune.ExperimentAnalysis(str(RunLayout(config.output_dir).students_dir)))
+        return ResultGrid(tune.ExperimentAnalysis(str(RunLayout(config.output_dir).students_dir.resolve())))
     teacher = torch.load(teacher_path, map_location="cpu")
     resources = trial_resources(config, "student")
     space = student_space(config, resources)
@@ -191,7 +191,7 @@ def stage_students(config: StudyConfig, data, teacher_path: Path, reruns):
     staged = reruns.staged("students")
     reruns.done("students")
     if staged:  # the experiment has moved: read it back from its place in the run directory
-        grid = ResultGrid(tune.ExperimentAnalysis(str(RunLayout(config.output_dir).students_dir)))
+        grid = ResultGrid(tune.ExperimentAnalysis(str(RunLayout(config.output_dir).students_dir.resolve())))
     return grid
 
 

@@ -94,8 +94,8 @@ def open_tracker(config: StudyConfig) -> "Tracker | NullTracker":
     """The study's tracker: a ``NullTracker`` without ``--mlflow`` (MLflow not imported), else a
     ``Tracker`` on the parent run of this study (found again on a resume, else created).
 
-    Raises StudyError (one line) when MLflow is not installed or the tracking server does not
-    answer, before anything has been trained."""
+    Raises StudyError (one line) when MLflow is not installed, the URI is not one MLflow accepts
+    or the tracking server does not answer, before anything has been trained."""
     if config.mlflow is None:
         return NullTracker()
     try:
@@ -103,7 +103,12 @@ def open_tracker(config: StudyConfig) -> "Tracker | NullTracker":
     except ModuleNotFoundError as err:
         raise StudyError(f"--mlflow needs MLflow ({err}): pip install -e '.[tracking]'") from None
     uri = tracking_uri(config)
-    client = MlflowClient(tracking_uri=uri)
+    try:
+        client = MlflowClient(tracking_uri=uri)
+    except Exception as err:  # e.g. UnsupportedModelRegistryStoreURIException for an unknown scheme
+        detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise StudyError(f"--mlflow {config.mlflow}: not a tracking URI MLflow accepts ({detail}); use local, "
+                         "http(s)://HOST:PORT, file:///PATH, sqlite:///PATH or databricks") from None
     _probe(client, uri)
     tracker = Tracker(client, config)
     shown = f"mlflow ui --backend-store-uri {Path(config.output_dir).resolve() / 'mlruns'}" \

@@ -211,6 +211,22 @@ def test_an_interrupted_recipe_resumes_to_the_same_results(smoke_run, tmp_path, 
     assert not checkpoint.exists()
 
 
+def test_a_finished_run_in_a_relative_output_dir_is_skipped_when_run_again(smoke_run, cifar_root, tmp_path):
+    """The same command again on a finished run whose ``--output-dir`` is relative (the default,
+    ``runs/<preset>``, is): every stage is skipped. Catches a stage that hands Ray Tune a relative
+    experiment path (pyarrow: "URI has empty scheme", exit 1; seen on the skipped students stage)."""
+    out = copy_run(smoke_run, tmp_path / "relative", *TRAINED_STATE, "fingerprints", "onnx", "sparsify",
+                   "benchmark.csv", "onnx_accuracy.json", "results.csv", "setups.csv")
+    relative = os.path.relpath(out, REPO_ROOT)
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "orchestrate.py"), "--preset", "smoke", "--no-dashboard",
+                           "--data-root", str(cifar_root), "--output-dir", relative],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    for stage in ("teacher", "students", "sparsify", "benchmark"):
+        assert f"skipping the {stage} stage" in proc.stdout, (stage, proc.stdout[-3000:])
+    assert "epoch 1: test_acc" not in proc.stdout and "recipe epoch" not in proc.stdout
+
+
 def test_a_changed_onnx_model_stops_a_resumed_run(smoke_run, cifar_root, tmp_path):
     """The exported models are checked against sparsify/summary.json's sha256 on every rerun."""
     import onnx

@@ -265,6 +265,20 @@ def test_unreachable_server_is_one_line_and_exit_code_2_before_any_training(tmp_
     assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()  # before Ray started
 
 
+def test_a_uri_mlflow_does_not_accept_is_one_line_and_exit_code_2(tmp_path, capsys):
+    """Catches: an unknown URI scheme (MLflow raises while building its client) ending in a
+    traceback and exit code 1 instead of one line and exit code 2 (seen: ``--mlflow nonsense://x``)."""
+    import orchestrate
+
+    out = tmp_path / "run"
+    code = orchestrate.main(["--preset", "smoke", "--stop-after", "students", "--data-root", str(tmp_path / "none"),
+                             "--output-dir", str(out), "--mlflow", "nonsense://x"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("error: --mlflow nonsense://x: not a tracking URI MLflow accepts ("), err
+    assert not RunLayout(out).config.exists()
+
+
 BLOCK_MLFLOW = """
 import sys
 class _Hide:
