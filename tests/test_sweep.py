@@ -78,6 +78,13 @@ def test_the_grid_is_setups_times_swept_values_times_seeds():
     assert space["seed"] == grid([0, 1]) and space["lr"] == config.lr
     assert student_trials(config) == 2 * 2 * 2 * 2
     assert student_trials(make_config("smoke", seeds=3)) == 3 * 3  # no sweep: setups x seeds
+    # no sweep: the param_space of before (so the smoke preset's trials, and accuracies, are unchanged)
+    from driver.tuning import trial_config
+
+    plain = make_config("smoke")
+    resources = {"cpu": 1.0, "gpu": 0.0}
+    assert student_space(plain, resources) == {**trial_config(plain, "student", resources),
+                                               "setup": grid(plain.setups), "seed": grid([0])}
 
 
 # --- variants.csv, the winner, the trial sparsified ---------------------------------------------
