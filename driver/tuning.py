@@ -137,7 +137,8 @@ def run_tuner(config: StudyConfig, name: str, trainable, param_space: dict, reso
                     num_to_keep=1, checkpoint_score_attribute=metric,
                     checkpoint_score_order="max"),
                 failure_config=tune.FailureConfig(max_failures=2),
-                callbacks=[EpochLines(name, several_seeds=config.seeds > 1)],
+                callbacks=[EpochLines(name, several_seeds=config.seeds > 1,
+                                      swept=[n for n, _ in config.sweep] if name == "students" else ())],
                 verbose=1 if verbose() else 0,
             ),
         )

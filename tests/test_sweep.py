@@ -320,3 +320,12 @@ def test_a_sweep_run_end_to_end(tmp_path):
     assert float(meta["recipe_temperature"]) == won and json.loads(meta["source_variant"]) == {"temperature": won}
     sparsified = results[results["model"] == "pruned"]
     assert sparsified["temperature"].tolist() == [won]
+
+
+def test_epoch_lines_name_the_variant():
+    """Catches: progress lines of two temperatures of one setup and seed that read the same."""
+    from driver.progress import EpochLines
+
+    trial = SimpleNamespace(config={"setup": "kd", "seed": 1, "temperature": 8.0}, trial_id="t", error_file="e")
+    assert EpochLines("students", True, ("temperature",))._name(trial) == "students kd temperature=8"
+    assert EpochLines("students")._name(trial) == "students kd"  # no sweep: as before
