@@ -40,6 +40,7 @@ def accuracy_table(run: RunData):
         params = get("params")
         rows.append({
             "model": r["model"], **({"seed": fmt(get("seed"), ".0f")} if show_seed else {}),
+            **{name: fmt(get(name), "g") for name in run.swept if name in frame},  # --sweep: the variant
             "trained with": _describe(run, r["model"]),
             "params (M)": fmt(None if params is None or pd.isna(params) else params / 1e6, ".2f"),
             "epochs": fmt(get("epochs"), "g"),

@@ -284,6 +284,10 @@ def test_the_report_names_variants_plots_each_swept_field_and_the_winner_sentenc
     assert kd["value"].tolist() == [2.0, 8.0] and kd["mean"].round(3).tolist() == [0.305, 0.51]
     assert (kd["low"] < kd["mean"]).all()
     assert setups_table(run)["variant"].iloc[0] == "kd temperature=8"
+    from report.tables import accuracy_table
+
+    shown = accuracy_table(run)
+    assert shown["temperature"].tolist()[:3] == ["", "2", "2"]  # the teacher, then kd... of each variant
     assert variant_seeds(run, run.setups.iloc[0]).tolist() == [0.5, 0.52]
     sentence = _winner_over_seeds(run)
     assert sentence.startswith("Winner by mean test accuracy over 2 seeds: kd temperature=8 ")
