@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         if f.metadata["parse"] is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
+        elif f.metadata.get("append"):
+            parser.add_argument(flag, type=f.metadata["parse"], action="append", help=text)
         else:
             parser.add_argument(flag, type=f.metadata["parse"], help=text)
     parser.add_argument("--overwrite", action="store_true", default=False,
@@ -81,7 +83,8 @@ def config_from_args(argv: list[str] | None = None) -> tuple[StudyConfig, argpar
     fetches CIFAR-10 there when it holds no copy; a given ``--data-root`` is only read."""
     args = build_parser().parse_args(argv)
     fields = {f.name for f in dataclasses.fields(StudyConfig)} - {"preset"}
-    overrides = {name: value for name, value in vars(args).items() if name in fields}
+    overrides = {name: tuple(value) if isinstance(value, list) else value
+                 for name, value in vars(args).items() if name in fields}
     if "data_root" not in overrides:
         overrides.setdefault("download", True)
     return make_config(getattr(args, "preset", "full"), **overrides), args
@@ -225,7 +228,11 @@ def stage_sparsify(config: StudyConfig, data, best, teacher_path: Path, reruns) 
             return summary
     else:
         out = reruns.begin("sparsify", checkpoint=str(Path(checkpoint.path) / "model.pt"))
-    print(f"[sparsify] best trial: {best.path.rsplit('/', 1)[-1]} (setup {setup}, seed "
+    from driver.results import trial_variant
+    from study.config import variant_label
+
+    print(f"[sparsify] best trial: {best.path.rsplit('/', 1)[-1]} (variant "
+          f"{variant_label(*trial_variant(config, best.config))}, seed "
           f"{best.config['seed']}, {metric} {metrics[metric]:.4f} at epoch {metrics['training_iteration']}); "
           f"recipe {config.recipe}, loss {loss}", flush=True)
     resources = trial_resources(config, "teacher")  # this cluster's, also on a resumed run
@@ -245,18 +252,26 @@ def stage_sparsify(config: StudyConfig, data, best, teacher_path: Path, reruns) 
 def sparsify_settings(config: StudyConfig, best, teacher_path: Path, threads: int) -> tuple:
     """``(SparsifySettings, teacher payload or None)`` with which the sparsify stage runs the
     recipe on the trial ``best`` (a ``ray.tune.Result``) with ``threads`` torch threads: the
-    trial's seed and setup, the loss ``--sparsify-loss`` names (the setup's own, or ``ce``, which
+    trial's seed, setup, temperature and batch size (its own config: a ``--sweep`` varies them,
+    so the scalar flags are not read), its swept values (``variant``, recorded in the summary and
+    the ONNX metadata), the loss ``--sparsify-loss`` names (the setup's own, or ``ce``, which
     needs no teacher) and this run's recipe settings."""
     import torch
 
     from trainables.compress.sparsify import SparsifySettings
 
+    from driver.results import trial_variant
+
     setup = best.config["setup"]
     loss = setup if config.sparsify_loss == "setup" else "ce"
+    # the trial as it was trained: its own temperature and batch size (a --sweep varies them), not the scalars
     settings = SparsifySettings(
-        recipe=config.recipe, recipe_epochs=config.recipe_epochs, batch_size=config.batch_size,
+        recipe=config.recipe, recipe_epochs=config.recipe_epochs,
+        batch_size=int(best.config.get("batch_size", config.batch_size)),
         seed=int(best.config["seed"]), threads=threads, output_dir=str(Path(config.output_dir).resolve()),
-        trial_id=best.path.rsplit("/", 1)[-1], setup=setup, loss=loss, temperature=config.temperature)
+        trial_id=best.path.rsplit("/", 1)[-1], setup=setup, loss=loss,
+        temperature=float(best.config.get("temperature", config.temperature)),
+        variant=trial_variant(config, best.config)[1])
     return settings, None if loss == "ce" else torch.load(teacher_path, map_location="cpu")
 
 
@@ -437,8 +452,8 @@ def run_study(config: StudyConfig, args: argparse.Namespace) -> int:
     import pandas as pd
 
     from study.files import atomic_write_text
-    from driver.results import (RESULT_COLUMNS, set_onnx_accuracy, setups_table, sparsified_rows, sparsify_trial,
-                                training_rows)
+    from driver.results import (result_columns, set_onnx_accuracy, setups_table, sparsified_rows, sparsify_trial,
+                                training_rows, trial_variant, variants_table)
 
     out, layout = Path(config.output_dir), RunLayout(config.output_dir)
     replace = check_output_dir(config, args.overwrite)
@@ -475,21 +490,26 @@ def run_study(config: StudyConfig, args: argparse.Namespace) -> int:
     students = stage_students(config, data, teacher_path, reruns)
     tracker.sync("students")  # --mlflow
     rows = training_rows(config, layout.teacher_dir.resolve(), students)
-    setups = setups_table(config, rows)
-    atomic_write_text(layout.setups, setups.to_csv(index=False))
+    table_of_variants = variants_table(config, rows)
+    atomic_write_text(layout.variants, table_of_variants.to_csv(index=False))
+    if config.sweep:  # setups.csv is the no-sweep table; a sweep's variants are not setups
+        layout.setups.unlink(missing_ok=True)
+    else:
+        atomic_write_text(layout.setups, setups_table(config, rows).to_csv(index=False))
     bench = None
     if config.stop_after in ("sparsify", "bench"):
         best = sparsify_trial(config, students, rows)
+        values = trial_variant(config, best.config)[1]
         summary = stage_sparsify(config, data, best, teacher_path, reruns)
         tracker.sync("sparsify")  # --mlflow
-        rows += sparsified_rows(summary, rows, seed=best.config["seed"])
+        rows += sparsified_rows(summary, rows, seed=best.config["seed"], values=values)
         if config.stop_after == "bench":
             bench, accuracies = stage_bench(config, data, summary, reruns)
             tracker.sync("bench")  # --mlflow
-            set_onnx_accuracy(rows, accuracies, summary["setup"], best.config["seed"])
-    table = pd.DataFrame(rows, columns=RESULT_COLUMNS)
+            set_onnx_accuracy(rows, accuracies, summary["setup"], best.config["seed"], values)
+    table = pd.DataFrame(rows, columns=list(result_columns(config)))
     atomic_write_text(layout.results, table.to_csv(index=False))
-    print_results(config, table, setups, bench)
+    print_results(config, table, table_of_variants, bench)
     return tracker.finish(stage_report(config) if config.report else 0)  # --mlflow: tables, report.pdf
 
 

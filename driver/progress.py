@@ -31,14 +31,23 @@ class EpochLines(tune.Callback):
     Args:
         stage: the experiment's name as the run calls it (``teacher``, ``students``).
         several_seeds: name each trial's seed too (``--seeds`` > 1).
+        swept: the swept fields (``--sweep``): each trial is named by its variant
+            (``kd temperature=2``, ``study.config.variant_label``), not its setup alone.
     """
 
-    def __init__(self, stage: str, several_seeds: bool = False):
+    def __init__(self, stage: str, several_seeds: bool = False, swept: tuple = ()):
         self.stage = stage
         self.several_seeds = several_seeds
+        self.swept = tuple(swept)
+
+    def _setup(self, trial) -> str | None:
+        from study.config import variant_label
+
+        setup = trial.config.get("setup")
+        return variant_label(setup, {n: trial.config.get(n) for n in self.swept}) if setup else setup
 
     def _name(self, trial) -> str:
-        setup = trial.config.get("setup")
+        setup = self._setup(trial)
         return f"{self.stage} {setup}" if setup else self.stage
 
     def _seed(self, trial) -> int | None:
@@ -46,7 +55,7 @@ class EpochLines(tune.Callback):
         return trial.config.get("seed") if self.several_seeds else None
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        print(epoch_line(self.stage, trial.config.get("setup"), result, self._seed(trial)), flush=True)
+        print(epoch_line(self.stage, self._setup(trial), result, self._seed(trial)), flush=True)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         print(f"[{self._name(trial)}] trial {trial.trial_id} failed; retrying from its last checkpoint",

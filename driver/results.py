@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from study import StudyConfig, decision_rule, selection_metric
+from study.config import swept_fields, variant_label, variants
 
 #: Columns of ``results.csv``, in order (README, "Outputs"): ``seed`` is the trial's seed;
 #: ``best_test_acc``/``best_val_acc`` are the accuracies of the kept checkpoint, the best epoch
@@ -13,6 +14,23 @@ from study import StudyConfig, decision_rule, selection_metric
 #: ``best_val_acc`` are empty without ``--val-size``.
 RESULT_COLUMNS = ("model", "seed", "test_acc", "best_test_acc", "val_acc", "best_val_acc", "best_epoch", "epochs",
                   "params", "seconds", "weight_sparsity", "onnx_test_acc", "base", "started_at", "finished_at")
+
+
+def result_columns(config) -> tuple[str, ...]:
+    """Columns of this run's ``results.csv``: ``RESULT_COLUMNS`` with one column per swept field
+    (``--sweep``, in the order given) after ``seed``: the value the row's trial trained with (empty
+    for the teacher; the sparsified rows: their parent's)."""
+    return (*RESULT_COLUMNS[:2], *swept_fields(config), *RESULT_COLUMNS[2:])
+
+
+def trial_variant(config, trial_config: dict) -> tuple[str, dict]:
+    """``(setup, {swept field: value})`` of a student trial from its Tune config."""
+    return trial_config["setup"], {name: trial_config[name] for name in swept_fields(config)}
+
+
+def row_variant(config, row: dict) -> str:
+    """The variant label (``study.config.variant_label``) of a student row of ``results.csv``."""
+    return variant_label(row["model"], {name: row[name] for name in swept_fields(config)})
 
 
 def best_checkpoint(result, metric: str):
@@ -40,8 +58,9 @@ def _row(model: str, result, metric: str, params: int, seed) -> dict:
 
 
 def training_rows(config: StudyConfig, teacher_dir: Path, students) -> list[dict]:
-    """One results row per trained model: the teacher, then one per (setup, seed) trial in
-    ``config.setups`` order, seeds ascending. test_acc/val_acc at the stop, best_test_acc/
+    """One results row per trained model: the teacher, then one per (variant, seed) trial in
+    grid order (``study.config.variants``: setups order, then the swept values as given), seeds
+    ascending; a student row also holds the value of each swept field. test_acc/val_acc at the stop, best_test_acc/
     best_val_acc at the best epoch (0..1), best_epoch, epochs, params, seconds (sum of epoch
     times), started_at/finished_at (unix seconds; they show whether the student trials overlapped).
 
@@ -56,18 +75,21 @@ def training_rows(config: StudyConfig, teacher_dir: Path, students) -> list[dict
     rows = [_row("teacher", teacher, metric, count_parameters(build_teacher(config.arch, stem=config.stem,
                                                                             weights=None)), config.seed)]
     params = count_parameters(build_student(config.arch, stem=config.stem))
-    trials = sorted(students, key=lambda r: (config.setups.index(r.config["setup"]), r.config["seed"]))
-    rows += [_row(r.config["setup"], r, metric, params, r.config["seed"]) for r in trials]
+    order = variants(config)
+    trials = sorted(students, key=lambda r: (order.index(trial_variant(config, r.config)), r.config["seed"]))
+    rows += [{**_row(r.config["setup"], r, metric, params, r.config["seed"]), **trial_variant(config, r.config)[1]}
+             for r in trials]
     return rows
 
 
 def per_seed_frame(config: StudyConfig, rows: list[dict]):
-    """The student rows as the input of ``driver.stats.setup_table``: one row per (setup,
-    seed), ``test_acc`` = the kept checkpoint's test accuracy, ``val_acc`` its validation accuracy."""
+    """The student rows as the input of ``driver.stats.setup_table``: one row per (variant,
+    seed) (columns ``setup``, ``variant``: its label), ``test_acc`` = the kept checkpoint's test accuracy, ``val_acc`` its validation accuracy."""
     import pandas as pd
 
     students = [r for r in rows if r["model"] in config.setups]
-    return pd.DataFrame({"setup": [r["model"] for r in students], "seed": [r["seed"] for r in students],
+    return pd.DataFrame({"setup": [r["model"] for r in students],
+                         "variant": [row_variant(config, r) for r in students], "seed": [r["seed"] for r in students],
                          "test_acc": [r["best_test_acc"] for r in students],
                          "val_acc": [r["best_val_acc"] for r in students]}).astype({"val_acc": float})
 
@@ -79,49 +101,93 @@ def setups_table(config: StudyConfig, rows: list[dict]):
     return setup_table(per_seed_frame(config, rows), config.setups, selection_metric(config))
 
 
-def sparsify_trial(config: StudyConfig, students, rows: list[dict]):
-    """The trial the sparsify stage starts from: the winning setup's best seed. The winner has the
-    best mean of the selection metric over its seeds (``driver.stats.winner``); its best seed
-    the highest best-epoch value of that metric (ties: the lower seed). With one seed per setup this
-    is the trial with the highest value of any epoch, as ``ResultGrid.get_best_result(metric, "max",
-    scope="all")`` picks it."""
-    from driver.stats import winner
+#: Columns of ``variants.csv``: ``variant`` (``study.config.variant_label``), ``setup``, one column
+#: per swept field, then ``driver.stats.SETUP_COLUMNS`` after its first; one row per variant, the
+#: winner first, the others in grid order.
+def variant_columns(config) -> tuple[str, ...]:
+    from driver.stats import SETUP_COLUMNS
+
+    return ("variant", "setup", *swept_fields(config), *SETUP_COLUMNS[1:])
+
+
+def variants_table(config: StudyConfig, rows: list[dict]):
+    """``variants.csv`` from the results rows: one row per variant (setup and swept values), the
+    interval and Welch columns of ``setups.csv`` over its seeds, the winner first (best mean of the
+    selection metric; ties: the first in grid order), the others in grid order. Without ``--sweep``
+    each variant is a setup and the rows say what ``setups.csv`` says."""
+    import pandas as pd
+
+    from driver.stats import setup_table, winner
 
     metric = selection_metric(config)
-    best_setup = winner(per_seed_frame(config, rows), config.setups, metric)
-    trials = [r for r in students if r.config["setup"] == best_setup]
+    frame = per_seed_frame(config, rows)
+    grid = variants(config)
+    labels = [variant_label(setup, values) for setup, values in grid]
+    table = setup_table(frame, labels, metric, key="variant")
+    if not len(table):
+        return pd.DataFrame(columns=list(variant_columns(config)))
+    info = dict(zip(labels, grid))
+    table.insert(1, "setup", [info[v][0] for v in table["variant"]])
+    for i, name in enumerate(swept_fields(config)):
+        table.insert(2 + i, name, [info[v][1][name] for v in table["variant"]])
+    best = winner(frame, [v for v in labels if v in set(table["variant"])], metric, key="variant")
+    table = pd.concat([table[table["variant"] == best], table[table["variant"] != best]], ignore_index=True)
+    return table[list(variant_columns(config))]
+
+
+def winning_variant(config: StudyConfig, rows: list[dict]) -> str:
+    """The label of the winning variant: best mean of the selection metric over its seeds; ties:
+    the first in grid order (``study.config.variants``)."""
+    from driver.stats import winner
+
+    labels = [variant_label(setup, values) for setup, values in variants(config)]
+    frame = per_seed_frame(config, rows)
+    return winner(frame, [v for v in labels if (frame["variant"] == v).any()], selection_metric(config),
+                  key="variant")
+
+
+def sparsify_trial(config: StudyConfig, students, rows: list[dict]):
+    """The trial the sparsify stage starts from: the winning variant's best seed. The winner has the
+    best mean of the selection metric over its seeds (``winning_variant``; ties: the first in grid
+    order); its best seed the highest best-epoch value of that metric (ties: the lower seed)."""
+    metric = selection_metric(config)
+    best = winning_variant(config, rows)
+    trials = [r for r in students if variant_label(*trial_variant(config, r.config)) == best]
     return max(trials, key=lambda r: (best_checkpoint(r, metric)[1][metric], -r.config["seed"]))
 
 
-def sparsified_rows(summary: dict, rows: list[dict], seed=None) -> list[dict]:
+def sparsified_rows(summary: dict, rows: list[dict], seed=None, values: dict | None = None) -> list[dict]:
     """Rows ``pruned`` and ``pruned_quantized`` from the sparsify summary: torch test accuracy,
-    measured weight sparsity (0..1), recipe epochs, the setup they came from (``base``) and the
-    seed of that trial."""
+    measured weight sparsity (0..1), recipe epochs, the setup they came from (``base``), the
+    seed of that trial and its swept values (``values``: field -> value)."""
     params = next(row["params"] for row in rows if row["model"] == summary["setup"])
-    return [{"model": name, "seed": seed, "test_acc": summary[f"test_acc_{name}"], "params": params,
+    return [{"model": name, "seed": seed, **(values or {}), "test_acc": summary[f"test_acc_{name}"], "params": params,
              "weight_sparsity": summary[f"weight_sparsity_{name}"], "epochs": int(summary["recipe_epochs"])
              if float(summary["recipe_epochs"]).is_integer() else summary["recipe_epochs"],
              "base": summary["setup"]} for name in ("pruned", "pruned_quantized")]
 
 
-def set_onnx_accuracy(rows: list[dict], accuracies: dict, setup: str, seed) -> None:
+def set_onnx_accuracy(rows: list[dict], accuracies: dict, setup: str, seed, values: dict | None = None) -> None:
     """Set ``onnx_test_acc`` on every row of ``rows`` (in place): the test accuracy (0..1) of the
     row's exported ONNX model in DeepSparse, from ``accuracies`` (the bench stage's
     ``onnx_accuracy.json``: ONNX model name -> accuracy). The trial the sparsify stage started
     from (model ``setup``, seed ``seed``) is the ``dense`` export, the ``pruned`` and
     ``pruned_quantized`` rows are their own models; every other row gets None."""
     for row in rows:
-        parent = (row["model"], row["seed"]) == (setup, seed)
+        parent = (row["model"], row["seed"]) == (setup, seed) and all(
+            row.get(name) == value for name, value in (values or {}).items())
         row["onnx_test_acc"] = accuracies.get("dense" if parent else row["model"])
 
 
 def summary_text(config: StudyConfig, table, setups) -> str:
-    """What orchestrate prints at the end: the results table (without empty columns), the setups
-    table (``setups.csv``), the winner's lead and its significance, and the decision rule."""
+    """What orchestrate prints at the end: the results table (without empty columns), the variants
+    table (``variants.csv``, the winner first), the winner's lead and its significance, and the
+    decision rule."""
     from driver.stats import lead_sentence
 
     shown = table.drop(columns=["started_at", "finished_at"]).dropna(axis=1, how="all")
     return ("\nAccuracy (0..1):\n" + shown.to_markdown(index=False, floatfmt=".4f")
-            + "\n\nSetups over seeds (test accuracy of each seed's kept checkpoint, 0..1; setups.csv):\n"
+            + "\n\nVariants over seeds (test accuracy of each seed's kept checkpoint, 0..1; variants.csv, "
+            "the winner first):\n"
             + setups.dropna(axis=1, how="all").to_markdown(index=False, floatfmt=".4f")
             + f"\n{lead_sentence(setups, selection_metric(config))}\n{decision_rule(config, capital=True)}.")

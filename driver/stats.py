@@ -83,40 +83,49 @@ def welch_p(a: Sequence[float], b: Sequence[float]) -> float:
     return p
 
 
-def setup_table(per_seed, setups: Sequence[str], metric: str = "test_acc"):
+def setup_table(per_seed, setups: Sequence[str], metric: str = "test_acc", key: str = "setup"):
     """``setups.csv`` as a DataFrame (``SETUP_COLUMNS``), one row per setup in ``setups`` order.
 
     ``per_seed``: a DataFrame with one row per (setup, seed) trial and the columns ``setup``,
     ``test_acc`` (the kept checkpoint's test accuracy, 0..1) and, for ``metric="val_acc"``,
     ``val_acc``. ``metric`` (``study.selection_metric``) picks the winner, against which
-    ``welch_p_vs_winner`` is computed (see ``winner``). Setups without rows are left out."""
+    ``welch_p_vs_winner`` is computed (see ``winner``). Setups without rows are left out.
+    ``key``: the column of ``per_seed`` that names the groups (``"variant"``: one row per variant
+    of a sweep, ``variants.csv``); the table's first column has that name."""
     import pandas as pd
 
-    present = [s for s in setups if (per_seed["setup"] == s).any()]
-    best = winner(per_seed, present, metric) if present else None
-    won = list(per_seed.loc[per_seed["setup"] == best, "test_acc"]) if best else []
+    present = [s for s in setups if (per_seed[key] == s).any()]
+    best = winner(per_seed, present, metric, key=key) if present else None
+    won = list(per_seed.loc[per_seed[key] == best, "test_acc"]) if best else []
     rows = []
     for setup in present:
-        accs = list(per_seed.loc[per_seed["setup"] == setup, "test_acc"])
+        accs = list(per_seed.loc[per_seed[key] == setup, "test_acc"])
         mean, std = mean_std(accs)
         low, high = t_interval(accs)
-        val = mean_std(per_seed.loc[per_seed["setup"] == setup, "val_acc"])[0] \
+        val = mean_std(per_seed.loc[per_seed[key] == setup, "val_acc"])[0] \
             if "val_acc" in per_seed else math.nan
-        rows.append({"setup": setup, "seeds": len(accs), "test_acc_mean": mean, "test_acc_std": std,
+        rows.append({key: setup, "seeds": len(accs), "test_acc_mean": mean, "test_acc_std": std,
                      "ci95_low": low, "ci95_high": high, "val_acc_mean": val,
                      "welch_p_vs_winner": math.nan if setup == best else welch_p(accs, won)})
-    return pd.DataFrame(rows, columns=list(SETUP_COLUMNS))
+    return pd.DataFrame(rows, columns=[key, *SETUP_COLUMNS[1:]])
 
 
-def winner(per_seed, setups: Sequence[str], metric: str = "test_acc") -> str:
-    """The setup with the highest mean of ``metric`` over its seeds (``per_seed`` as in
-    ``setup_table``); ties go to the first in ``setups`` order. ValueError without rows."""
-    means = {s: mean_std(per_seed.loc[per_seed["setup"] == s, metric])[0] for s in setups}
+def winner(per_seed, setups: Sequence[str], metric: str = "test_acc", key: str = "setup") -> str:
+    """The setup (or variant, ``key="variant"``) with the highest mean of ``metric`` over its seeds
+    (``per_seed`` as in ``setup_table``); ties go to the first in ``setups`` order (the grid order:
+    setups order, then the swept values in the order given). ValueError without rows."""
+    means = {s: mean_std(per_seed.loc[per_seed[key] == s, metric])[0] for s in setups}
     means = {s: m for s, m in means.items() if not math.isnan(m)}
     if not means:
         raise ValueError(f"no {metric} values for any of the setups {list(setups)}")
     top = max(means.values())
     return next(s for s in setups if means.get(s) == top)
+
+
+def table_key(table) -> str:
+    """The column naming a row of a ``setup_table`` frame: ``variant`` (``variants.csv``) or
+    ``setup`` (``setups.csv``)."""
+    return "variant" if "variant" in table.columns else "setup"
 
 
 def lead(table, metric: str = "test_acc") -> dict | None:
@@ -127,11 +136,12 @@ def lead(table, metric: str = "test_acc") -> dict | None:
     The ranking uses ``val_acc_mean`` for ``metric="val_acc"``, else ``test_acc_mean``."""
     if len(table) < 2:
         return None
+    key = table_key(table)
     column = "val_acc_mean" if metric == "val_acc" else "test_acc_mean"
     ranked = table.assign(_i=range(len(table))).sort_values([column, "_i"], ascending=[False, True])
     first, second = ranked.iloc[0], ranked.iloc[1]
     p = float(second["welch_p_vs_winner"])
-    return {"winner": first["setup"], "runner_up": second["setup"], "metric": metric,
+    return {"winner": first[key], "runner_up": second[key], "metric": metric,
             "lead": float(first["test_acc_mean"] - second["test_acc_mean"]), "p": p,
             "significant": None if math.isnan(p) else p < ALPHA}
 
@@ -142,8 +152,11 @@ def lead_sentence(table, metric: str = "test_acc") -> str:
     finds it significant at ``ALPHA``."""
     if not len(table):
         return "No student setup finished."
+    word = "variant" if table_key(table) == "variant" and len(set(table["variant"]) - set(table.get(
+        "setup", table["variant"]))) else "setup"
     info = lead(table, metric)
-    row = table.set_index("setup").loc[info["winner"] if info else table["setup"].iloc[0]]
+    key = table_key(table)
+    row = table.set_index(key).loc[info["winner"] if info else table[key].iloc[0]]
     n = int(row["seeds"])
     ci = "" if math.isnan(row["ci95_low"]) else \
         f", 95 % CI {100 * row['ci95_low']:.1f}-{100 * row['ci95_high']:.1f} %"
@@ -151,12 +164,12 @@ def lead_sentence(table, metric: str = "test_acc") -> str:
     text = (f"Winner by mean {by} over {n} seed{'s' * (n != 1)}: {row.name} "
             f"(test accuracy {100 * row['test_acc_mean']:.1f} %{ci})")
     if info is None:
-        return text + "; the only setup."
+        return text + f"; the only {word}."
     gap = 100 * info["lead"]
     text += (f"; {'ahead of' if gap >= 0 else 'behind'} {info['runner_up']} by {abs(gap):.1f} percentage "
              f"points of test accuracy")
     if info["significant"] is None:
-        why = "one seed per setup" if n < 2 else "no spread between seeds"
+        why = f"one seed per {word}" if n < 2 else "no spread between seeds"
         return text + f"; not testable for significance ({why}; run with --seeds 2 or more)."
     verdict = "significant" if info["significant"] else "not significant"
     return text + f"; Welch's t-test p = {info['p']:.3g}: {verdict} at the {ALPHA:g} level."

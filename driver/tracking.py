@@ -365,7 +365,8 @@ class Tracker:
         """The run's tables (and ``report.pdf`` when built) as artefacts of the parent, which ends
         FINISHED; returns ``code`` (the study's exit code)."""
         try:
-            for path in (self.layout.config, self.layout.results, self.layout.setups, self.layout.report("pdf")):
+            for path in (self.layout.config, self.layout.results, self.layout.setups, self.layout.variants,
+                         self.layout.report("pdf")):
                 self._artifact(self.parent_id, path)
             self._end(self.parent_id)
         except Exception as err:  # as in sync: one line, the study's exit code stands

@@ -12,13 +12,15 @@ import os
 from pathlib import Path
 
 from study import StudyConfig, StudyError, selection_metric
+from study.config import variants
 from study.errors import error_line
 from study.resources import Node, plan_resources
 
 
 def student_trials(config: StudyConfig) -> int:
-    """How many student trials the grid holds: one per (setup, seed)."""
-    return len(config.setups) * config.seeds
+    """How many student trials the grid holds: one per (variant, seed), i.e. setups x the values
+    of every swept field (``--sweep``) x seeds."""
+    return len(variants(config)) * config.seeds
 
 
 def trial_resources(config: StudyConfig, role: str, nodes: list[Node] | None = None) -> dict:
@@ -58,12 +60,15 @@ def trial_seeds(config: StudyConfig) -> list[int]:
 
 
 def student_space(config: StudyConfig, resources: dict) -> dict:
-    """The students' ``param_space``: ``trial_config`` with a grid over setup x seed (two
-    ``tune.grid_search`` keys, one trial per (setup, seed) pair)."""
+    """The students' ``param_space``: ``trial_config`` with a grid over setup x every swept field
+    (``--sweep``: that key's scalar replaced by ``tune.grid_search`` over its values) x seed, one
+    trial per (variant, seed)."""
     from ray import tune
 
     space = trial_config(config, "student", resources)
     space["setup"] = tune.grid_search(list(config.setups))
+    for name, values in config.sweep:
+        space[name] = tune.grid_search(list(values))
     space["seed"] = tune.grid_search(trial_seeds(config))
     return space
 
@@ -132,7 +137,8 @@ def run_tuner(config: StudyConfig, name: str, trainable, param_space: dict, reso
                     num_to_keep=1, checkpoint_score_attribute=metric,
                     checkpoint_score_order="max"),
                 failure_config=tune.FailureConfig(max_failures=2),
-                callbacks=[EpochLines(name, several_seeds=config.seeds > 1)],
+                callbacks=[EpochLines(name, several_seeds=config.seeds > 1,
+                                      swept=[n for n, _ in config.sweep] if name == "students" else ())],
                 verbose=1 if verbose() else 0,
             ),
         )

@@ -17,9 +17,10 @@ from report.data import (LOSS_COLUMNS, MODELS, SETUPS, SPARSE_MODELS, RunData, b
 from report.findings import fastest_model, findings, run_summary
 from report.render import ReportError, main, render_report
 from report.tables import (accuracy_note, accuracy_table, benchmark_frame, benchmark_table, overlap_sentence,
-                           section, setups_table, show_table, sparse_table, student_overlap, use_print_style)
+                           section, setups_table, show_table, sparse_table, student_overlap, sweep_curves,
+                           use_print_style, variant_seeds)
 
 __all__ = ["LOSS_COLUMNS", "MODELS", "SETUPS", "SPARSE_MODELS", "ReportError", "RunData", "load_result_grid", "load_run",
            "stop_epoch", "trial_label", "base_seed", "setups_table", "sparse_table", "accuracy_table", "accuracy_note", "show_table", "benchmark_frame",
            "benchmark_table", "student_overlap", "overlap_sentence", "fastest_model", "findings",
-           "run_summary", "section", "use_print_style", "render_report", "main"]
+           "run_summary", "section", "sweep_curves", "variant_seeds", "use_print_style", "render_report", "main"]

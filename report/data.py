@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from study import LOSS_TERMS, SETUP_INFO, SETUPS, RunLayout, selection_metric
+from study.config import swept_fields, variant_label
 
 SPARSE_MODELS = ("pruned", "pruned_quantized")
 MODELS = ("teacher", *SETUPS, *SPARSE_MODELS)
@@ -29,12 +30,15 @@ class RunData:
         config: ``config.json`` (the StudyConfig as a dict); ``{}`` if absent.
         results: ``results.csv`` (one row per model and seed; accuracies 0..1, seconds, unix times)
             or None.
-        setups: ``setups.csv`` (one row per student setup: mean, std and 95 % interval over seeds)
-            or None (a run made before it existed).
+        setups: the table over seeds: ``variants.csv`` of a ``--sweep`` run (one row per variant,
+            the winner first; key column ``variant``), else ``setups.csv`` (one row per student
+            setup: mean, std and 95 % interval over seeds; runs made before ``variants.csv`` have
+            only it), or None (a run made before either existed).
         trials: label -> that trial's per-epoch metrics (one row per ``training_iteration``,
             sorted; columns ``setup`` and ``seed`` added), loaded through a Ray Tune ResultGrid.
-            Labels (``trial_label``): "teacher", and per student trial its setup ("ce", ...) when
-            the run has one seed per setup, else "<setup> s<seed>" ("ce s0", "ce s1", ...).
+            Labels (``trial_label``): "teacher", and per student trial its variant (its setup, "ce",
+            ..., then its swept values, "kd temperature=2") when the run has one seed per
+            variant, else "<variant> s<seed>" ("ce s0", "kd temperature=2 s1", ...).
         benchmark: ``benchmark.csv`` (items_per_sec in images/s, latencies in ms per batch) or None.
         layer_sparsity: ``sparsify/layer_sparsity.csv`` (layer, params, sparsity 0..1) or None.
         sparsify_history: ``sparsify/history.csv`` (per recipe epoch) or None.
@@ -52,6 +56,11 @@ class RunData:
     sparsify_history: Any = None
     sparsify_summary: dict | None = None
     notes: list = field(default_factory=list)
+
+    @property
+    def swept(self) -> tuple:
+        """The fields the run swept besides the setups (``--sweep``; () for none)."""
+        return swept_fields(self.config)
 
     @property
     def has_sparsify(self) -> bool:
@@ -96,12 +105,16 @@ def load_result_grid(path: str | os.PathLike):
     return ResultGrid(tune.ExperimentAnalysis(str(path)))
 
 
-def trial_label(setup: str, seed, seeds: int) -> str:
-    """The report's name of one trial: ``"teacher"``; a student's setup when the run has one seed
-    per setup (``seeds`` 1), else ``"<setup> s<seed>"``."""
-    if setup == "teacher" or seeds <= 1 or seed is None:
+def trial_label(setup: str, seed, seeds: int, values: dict | None = None) -> str:
+    """The report's name of one trial: ``"teacher"``; a student's variant (its setup, then its
+    swept values ``values``: ``"kd temperature=2"``) when the run has one seed per variant
+    (``seeds`` 1), else ``"<variant> s<seed>"``."""
+    if setup == "teacher":
         return setup
-    return f"{setup} s{int(seed)}"
+    name = variant_label(setup, values or {})
+    if seeds <= 1 or seed is None:
+        return name
+    return f"{name} s{int(seed)}"
 
 
 def _epochs(frame):
@@ -142,12 +155,13 @@ def load_run(run_dir: str | os.PathLike) -> RunData:
                 continue
             setup = "teacher" if path == layout.teacher_dir else str(result.config.get("setup"))
             seed = result.config.get("seed", run.config.get("seed"))
-            frame = _epochs(result.metrics_dataframe).assign(setup=setup, seed=seed)
-            run.trials[trial_label(setup, seed, run.seeds)] = frame
+            values = {} if setup == "teacher" else {name: result.config.get(name) for name in run.swept}
+            frame = _epochs(result.metrics_dataframe).assign(setup=setup, seed=seed, **values)
+            run.trials[trial_label(setup, seed, run.seeds, values)] = frame
     order = {label: i for i, label in enumerate(MODELS)}
     run.trials = dict(sorted(run.trials.items(), key=lambda item: (
         order.get(item[1]["setup"].iloc[0], len(order)), item[1]["seed"].iloc[0] or 0)))
-    run.setups = _read_csv(layout.setups)
+    run.setups = _read_csv(layout.variants) if run.swept or not layout.setups.is_file() else _read_csv(layout.setups)
     run.benchmark = _read_csv(layout.benchmark)
     run.layer_sparsity = _read_csv(layout.layer_sparsity)
     run.sparsify_history = _read_csv(layout.sparsify_history)

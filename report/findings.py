@@ -155,12 +155,14 @@ def findings(run: RunData) -> list[str]:
 def _winner_over_seeds(run: RunData) -> str:
     """The winner sentence of a run with ``setups.csv`` (``driver.stats.lead_sentence``), with
     the teacher's best-epoch test accuracy for comparison."""
-    from driver.stats import lead, lead_sentence
+    from driver.stats import lead, lead_sentence, table_key
 
     text = lead_sentence(run.setups, run.metric)
     info = lead(run.setups, run.metric)
-    best = info["winner"] if info else run.setups["setup"].iloc[0]
-    top = float(run.setups.set_index("setup").loc[best, "test_acc_mean"])
+    key = table_key(run.setups)
+    best = info["winner"] if info else run.setups[key].iloc[0]
+    top = float(run.setups.set_index(key).loc[best, "test_acc_mean"])
+    best = run.setups.set_index(key).loc[best, "setup"] if key == "variant" else best
     t_acc = _value(_results_row(run, "teacher"), "best_test_acc")
     if not math.isnan(t_acc):
         side = "above" if top > t_acc else "below" if top < t_acc else "level with"

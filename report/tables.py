@@ -40,6 +40,7 @@ def accuracy_table(run: RunData):
         params = get("params")
         rows.append({
             "model": r["model"], **({"seed": fmt(get("seed"), ".0f")} if show_seed else {}),
+            **{name: fmt(get(name), "g") for name in run.swept if name in frame},  # --sweep: the variant
             "trained with": _describe(run, r["model"]),
             "params (M)": fmt(None if params is None or pd.isna(params) else params / 1e6, ".2f"),
             "epochs": fmt(get("epochs"), "g"),
@@ -89,9 +90,12 @@ def setups_table(run: RunData):
     def pct(v, spec=".1f"):
         return "" if v is None or pd.isna(v) else format(100 * v, spec)
 
+    from driver.stats import table_key
+
     s = run.setups
+    key = table_key(s)
     table = pd.DataFrame({
-        "setup": s["setup"], "seeds": s["seeds"].astype(int).astype(str),
+        key: s[key], "seeds": s["seeds"].astype(int).astype(str),
         "test acc mean (%)": [pct(m) + ("" if pd.isna(d) else f" ± {pct(d)}") for m, d in
                               zip(s["test_acc_mean"], s["test_acc_std"])],
         "95 % CI (%)": [("" if pd.isna(lo) else f"{pct(lo)} – {pct(hi)}")
@@ -101,6 +105,47 @@ def setups_table(run: RunData):
     })
     empty = [c for c in table.columns if (table[c] == "").all()]
     return table.drop(columns=empty)
+
+
+def variant_seeds(run: RunData, row) -> "Any":
+    """The kept checkpoints' test accuracies (``best_test_acc``, 0..1) of the seeds of one row of
+    ``run.setups`` (a setup, or a variant: its setup and swept values), from ``results.csv``."""
+    r = run.results
+    if r is None:
+        return []
+    mask = r["model"] == row["setup"]
+    for name in run.swept:
+        if name in r:
+            mask &= r[name] == row[name]
+    return r.loc[mask, "best_test_acc"]
+
+
+def sweep_curves(run: RunData) -> dict:
+    """For each swept field (``--sweep``): ``{setup: DataFrame(value, mean, low, high)}``, the
+    test accuracy (0..1) mean over seeds and its 95 % Student-t interval against the field's value,
+    one curve per setup; a setup with several swept fields has the other fields' values in the
+    curve's name (``"kd lr=0.001"``); curves in setups order. ``{}`` without a sweep or a variants table."""
+    import pandas as pd
+
+    s = run.setups
+    if not run.swept or s is None or "variant" not in s:
+        return {}
+    out = {}
+    for name in run.swept:
+        others = [f for f in run.swept if f != name]
+        curves = {}
+        order = {setup: i for i, setup in enumerate(run.config.get("setups") or [])}
+        in_grid = s.assign(_order=s["setup"].map(lambda v: order.get(v, len(order)))).sort_values("_order",
+                                                                                                 kind="stable")
+        for keys, group in in_grid.groupby(["setup", *others], sort=False):
+            keys = keys if isinstance(keys, tuple) else (keys,)
+            label = " ".join([str(keys[0]), *(f"{f}={v:g}" if isinstance(v, float) else f"{f}={v}"
+                                              for f, v in zip(others, keys[1:]))])
+            g = group.sort_values(name)
+            curves[label] = pd.DataFrame({"value": g[name].to_numpy(), "mean": g["test_acc_mean"].to_numpy(),
+                                          "low": g["ci95_low"].to_numpy(), "high": g["ci95_high"].to_numpy()})
+        out[name] = curves
+    return out
 
 
 def sparse_table(run: RunData):

@@ -114,10 +114,24 @@ def csv_of(kind: Callable[[str], Any]) -> Callable[[str], tuple]:
     return parse
 
 
-def option(default: Any, help: str, parse: Callable[[str], Any]) -> Any:
+def option(default: Any, help: str, parse: Callable[[str], Any], append: bool = False) -> Any:
     """A StudyConfig field: its default (the ``full`` preset's), help text and CLI parser
-    (``bool`` makes a ``--flag/--no-flag`` pair)."""
-    return field(default=default, metadata={"help": help, "parse": parse})
+    (``bool`` makes a ``--flag/--no-flag`` pair; ``append``: a repeatable option, its values
+    collected in order, argparse ``action="append"``)."""
+    return field(default=default, metadata={"help": help, "parse": parse, "append": append})
+
+
+#: Fields ``--sweep`` can take several values of: each is a key of the students' trial config
+#: (``driver.tuning.trial_config``; ``setups`` is the grid's setup axis, as ``--setups``).
+SWEEPABLE: tuple[str, ...] = ("setups", "temperature", "lr", "batch_size")
+
+
+def sweep_item(text: str) -> tuple[str, tuple[str, ...]]:
+    """CLI parser of one ``--sweep FIELD=V1,V2,...``: ``("temperature", ("2", "8"))``, values as
+    typed (``make_config`` parses them with the field's own parser and checks each like the
+    scalar flag). Text without ``=``: a field with no values, which ``make_config`` refuses."""
+    name, _, values = text.partition("=")
+    return name.strip().replace("-", "_"), tuple(v.strip() for v in values.split(",") if v.strip())
 
 
 @dataclass
@@ -203,6 +217,10 @@ class StudyConfig:
         None, "track the study in MLflow (driver/tracking.py; needs the '.[tracking]' extra): 'local' = a file "
         "store in <output-dir>/mlruns (offline, no server), or a tracking URI (http://HOST:PORT, file:///PATH, "
         "sqlite:///PATH, databricks); 'none': off, MLflow is not imported", optional_str)
+    sweep: tuple = option(
+        (), "FIELD=V1,V2,...: train every student setup with each of these values of FIELD (repeatable: the grid "
+        "is setups x every swept field x seeds, one Tune trial each; variants.csv compares the variants); "
+        f"sweepable: {', '.join(SWEEPABLE)}", sweep_item, append=True)
     verbose: bool = option(False, "print everything the libraries print (Tune's status tables, export "
                            "warnings, SparseML and DeepSparse logs), not just one line per epoch and the "
                            "tables", bool)
@@ -267,7 +285,83 @@ def make_config(preset: str, **overrides) -> StudyConfig:
         raise StudyError(f"unknown config field(s) {unknown}; allowed: {sorted(names)}")
     config = StudyConfig(**{**PRESETS[preset], **overrides, "preset": preset})
     validate(config)
+    config = normalize_sweep(config)
+    validate(config)
     return config
+
+
+def normalize_sweep(config: StudyConfig) -> StudyConfig:
+    """``config`` with its ``sweep`` parsed and checked: a tuple of ``(field, values)``, each value
+    parsed by the field's own CLI parser (when given as text) and checked as the scalar flag is
+    (``validate`` on a config holding that value); ``setups=...`` becomes the config's ``setups``
+    (the grid's setup axis) and leaves the sweep. StudyError (one line) for a field that is not
+    sweepable (naming the sweepable ones), a field given twice, no values, a value given twice, or
+    a value the scalar flag refuses (naming it and the allowed range)."""
+    parsers = {f.name: f.metadata["parse"] for f in dataclasses.fields(StudyConfig)}
+    sweep, setups, seen = [], config.setups, set()
+    for item in config.sweep or ():
+        try:
+            name, values = item
+        except (TypeError, ValueError):
+            raise StudyError(f"--sweep {item!r}: give FIELD=V1,V2,... (sweepable: {', '.join(SWEEPABLE)})") from None
+        shown = f"--sweep {name}={','.join(map(str, values))}"
+        if name not in SWEEPABLE:
+            raise StudyError(f"{shown}: {name!r} cannot be swept; sweepable: {', '.join(SWEEPABLE)}")
+        if name in seen:
+            raise StudyError(f"{shown}: {name} is swept twice; give all its values in one --sweep")
+        seen.add(name)
+        if name == "setups":
+            parsed = tuple(v for part in values for v in (parsers["setups"](part) if isinstance(part, str)
+                                                          else (part,)))
+        else:
+            try:
+                parsed = tuple(parsers[name](v) if isinstance(v, str) else v for v in values)
+            except ValueError as err:
+                raise StudyError(f"{shown}: {err}") from None
+        if not parsed:
+            raise StudyError(f"{shown}: no values; give FIELD=V1,V2,...")
+        if len(set(parsed)) != len(parsed):
+            raise StudyError(f"{shown}: a value is given twice")
+        for value in parsed:
+            try:
+                validate(dataclasses.replace(config, sweep=(), **{name: parsed if name == "setups" else value}))
+            except StudyError as err:
+                raise StudyError(f"{shown}: {err}") from None
+        if name == "setups":
+            setups = parsed
+        else:
+            sweep.append((name, parsed))
+    return dataclasses.replace(config, sweep=tuple(sweep), setups=tuple(setups))
+
+
+def swept_fields(config) -> tuple[str, ...]:
+    """The fields a run sweeps besides the setups, in the order given (``config``: a StudyConfig
+    or its ``config.json`` dict, where the sweep is a list of ``[field, values]``)."""
+    sweep = config.get("sweep") if isinstance(config, dict) else config.sweep
+    return tuple(name for name, _ in sweep or ())
+
+
+def variants(config) -> list[tuple[str, dict]]:
+    """Every variant of the students' grid, in grid order (the winner's tie rule): ``(setup,
+    {field: value})`` for each setup in ``setups`` order, then the swept values in the order given
+    (the first swept field varying slowest)."""
+    import itertools
+
+    sweep = [(name, tuple(values)) for name, values in
+             ((config.get("sweep") if isinstance(config, dict) else config.sweep) or ())]
+    setups = config["setups"] if isinstance(config, dict) else config.setups
+    combos = list(itertools.product(*(values for _, values in sweep)))
+    return [(setup, dict(zip((name for name, _ in sweep), combo))) for setup in setups for combo in combos]
+
+
+def _value_text(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def variant_label(setup: str, values: dict) -> str:
+    """A variant's name: its setup, then each swept value: ``"kd temperature=2"``; with no sweep
+    the setup alone (``"kd"``)."""
+    return " ".join([setup, *(f"{name}={_value_text(value)}" for name, value in values.items())])
 
 
 def _flag(name: str) -> str:
@@ -322,6 +416,8 @@ def validate(config: StudyConfig) -> None:
             and config.mlflow != "databricks":
         raise StudyError(f"--mlflow {config.mlflow!r}: give 'local' (<output-dir>/mlruns), a tracking URI "
                          "(http://HOST:PORT, file:///PATH, sqlite:///PATH, databricks) or 'none'")
+    if config.sweep and not isinstance(config.sweep, (tuple, list)):
+        raise StudyError(f"--sweep {config.sweep!r}: give FIELD=V1,V2,...")
     if any(b < 1 for b in config.bench_batch_sizes):
         raise StudyError(f"--bench-batch-sizes {config.bench_batch_sizes} must all be >= 1")
 

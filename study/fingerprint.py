@@ -34,7 +34,7 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     "teacher": ("arch", "stem", "teacher_weights", "train_subset", "test_subset", "val_size", "seed",
                 "batch_size", "teacher_lr", "teacher_max_epochs", "tolerance", "patience", "compile"),
     "students": ("arch", "stem", "train_subset", "test_subset", "val_size", "seed", "seeds", "setups",
-                 "batch_size", "lr", "temperature", "max_epochs", "tolerance", "patience", "compile"),
+                 "batch_size", "lr", "temperature", "max_epochs", "tolerance", "patience", "compile", "sweep"),
     "sparsify": ("recipe", "recipe_epochs", "sparsify_loss", "temperature", "batch_size", "val_size"),
     "bench": ("bench_cores", "bench_batch_sizes", "bench_warmup_seconds", "bench_seconds"),
 }
@@ -62,11 +62,17 @@ def file_field(name: str, value: Any) -> bool:
     return name in FILE_FIELDS and value not in NOT_A_FILE.get(name, ())
 
 
+#: Fields left out of a fingerprint while empty: a stage recorded before the field existed read
+#: what the empty value means (``sweep``: no sweep), so it is the same input, not a change.
+OMITTED_WHEN_EMPTY: tuple[str, ...] = ("sweep",)
+
+
 def stage_fields(stage: str, config: dict) -> dict:
     """The values of the fields ``stage`` reads, from ``config`` (``config.json``'s dict); a file
-    field holds ``FILE_MARK`` (its file is fingerprinted by content)."""
+    field holds ``FILE_MARK`` (its file is fingerprinted by content); an empty
+    ``OMITTED_WHEN_EMPTY`` field is left out."""
     return {name: FILE_MARK if file_field(name, config.get(name)) else config.get(name)
-            for name in STAGE_FIELDS[stage]}
+            for name in STAGE_FIELDS[stage] if not (name in OMITTED_WHEN_EMPTY and not config.get(name))}
 
 
 def file_inputs(stage: str, config: dict) -> dict[str, str]:

@@ -129,6 +129,13 @@ class RunLayout:
         (written by orchestrate after the students stage; columns ``driver.stats.SETUP_COLUMNS``)."""
         return self.root / "setups.csv"
 
+    @property
+    def variants(self) -> Path:
+        """``variants.csv``: one row per variant (setup and swept values, ``--sweep``), mean and 95 %
+        interval over its seeds, the winner first (``driver.results.variants_table``); runs made
+        before ``--sweep`` have only ``setups.csv``."""
+        return self.root / "variants.csv"
+
     def report(self, suffix: str) -> Path:
         """``report.<suffix>`` (ipynb, html or pdf), written by the report stage."""
         return self.root / f"report.{suffix}"
@@ -158,13 +165,13 @@ class RunLayout:
     def previous_tables(self) -> list[Path]:
         """The result tables a rerun first copies into ``previous/<timestamp>/`` (with
         ``config.json`` and the fingerprints)."""
-        return [self.config, self.results, self.setups, self.sparsify_summary, self.benchmark,
+        return [self.config, self.results, self.setups, self.variants, self.sparsify_summary, self.benchmark,
                 self.onnx_accuracy]
 
     def outputs(self) -> list[Path]:
         """Everything a run writes (what ``--overwrite`` removes); other files are kept."""
         return [self.config, self.teacher_dir, self.teacher, self.students_dir, self.onnx_dir,
-                self.sparsify_dir, self.results, self.setups, self.benchmark, self.onnx_accuracy,
+                self.sparsify_dir, self.results, self.setups, self.variants, self.benchmark, self.onnx_accuracy,
                 *(self.report(s) for s in ("ipynb", "html", "pdf")), self.fingerprints_dir, self.staging]
 
     def remove_outputs(self) -> None:

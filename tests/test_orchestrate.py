@@ -142,6 +142,7 @@ CLI_CASES = [
     ("full", "cpus_per_trial", "0.5", 0.5),                  # optional float
     ("full", "gpus_per_trial", "0", 0.0),                    # 0, not none
     ("full", "bench_cores", "1", 1),                         # optional int
+    ("smoke", "sweep", "temperature=2,8", (("temperature", (2.0, 8.0)),)),  # repeatable FIELD=V1,V2
 ]
 
 
@@ -171,7 +172,7 @@ def test_a_value_given_on_the_command_line_ends_up_in_the_config_and_config_json
     assert config.preset == preset
     assert getattr(config, name) == expected, (argv, getattr(config, name))
     saved = json.loads(config_json(config))
-    assert saved[name] == (list(expected) if isinstance(expected, tuple) else expected), argv
+    assert saved[name] == json.loads(json.dumps(expected)), argv  # tuples (nested too) as JSON lists
 
 
 def test_the_bare_command_reads_data_and_downloads_there():

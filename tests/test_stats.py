@@ -128,7 +128,8 @@ def test_sparsify_trial_is_the_winning_setups_best_seed():
             {"model": "kd_feat", "seed": 0, "best_test_acc": 0.40, "best_val_acc": 0.10},
             {"model": "kd_feat", "seed": 1, "best_test_acc": 0.40, "best_val_acc": 0.40}]
     frame = per_seed_frame(config, rows)
-    assert list(frame.columns) == ["setup", "seed", "test_acc", "val_acc"] and len(frame) == 6
+    assert list(frame.columns) == ["setup", "variant", "seed", "test_acc", "val_acc"] and len(frame) == 6
+    assert list(frame["variant"]) == list(frame["setup"])  # no --sweep: a variant is its setup
     trials = [_trial(r["model"], r["seed"], [(1, {"val_acc": r["best_val_acc"], "test_acc": r["best_test_acc"]})])
               for r in rows[1:]]
     # val means: ce 0.21, kd 0.275, kd_feat 0.25 -> kd; its best seed by val_acc is seed 1

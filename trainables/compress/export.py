@@ -47,7 +47,8 @@ __all__ = ["export_model_onnx", "model_metadata", "read_metadata"]
 
 def model_metadata(*, variant: str, arch: str, stem: str, source_trial: str, setup: str,
                    recipe: str, recipe_epochs: float, weight_sparsity: float,
-                   test_acc: float, recipe_loss: str | None) -> dict:
+                   test_acc: float, recipe_loss: str | None, source_variant: dict | None = None,
+                   recipe_temperature: float | None = None) -> dict:
     """The ``metadata_props`` of an exported classifier: everything a deployer needs to feed it
     and read its output, and where it came from. All values are strings (ONNX requires it);
     lists are JSON.
@@ -60,7 +61,10 @@ def model_metadata(*, variant: str, arch: str, stem: str, source_trial: str, set
     (in words), ``class_names`` (JSON list, in output order), ``variant`` (dense, pruned or
     pruned_quantized), ``arch``, ``stem``, ``source_trial``, ``source_setup``, ``recipe``,
     ``recipe_epochs``, ``recipe_loss`` (pruned models only, ``recipe_loss`` not None: the setup
-    whose loss the recipe trained with, ce, kd or kd_feat), ``weight_sparsity`` (0..1 of conv/linear weights that are zero),
+    whose loss the recipe trained with, ce, kd or kd_feat), ``recipe_temperature`` (pruned models
+    whose recipe loss reads the teacher: the softmax temperature it used, the source trial's own),
+    ``source_variant`` (JSON object: the source trial's swept values, ``--sweep``; ``{}`` without
+    one), ``weight_sparsity`` (0..1 of conv/linear weights that are zero),
     ``test_acc`` (torch test accuracy 0..1 when exported).
     """
     return {
@@ -76,6 +80,8 @@ def model_metadata(*, variant: str, arch: str, stem: str, source_trial: str, set
         "variant": variant, "arch": arch, "stem": stem, "source_trial": source_trial,
         "source_setup": setup, "recipe": str(recipe), "recipe_epochs": f"{float(recipe_epochs):g}",
         **({} if recipe_loss is None else {"recipe_loss": recipe_loss}),
+        **({} if recipe_temperature is None else {"recipe_temperature": f"{float(recipe_temperature):g}"}),
+        "source_variant": json.dumps(source_variant or {}, sort_keys=False),
         "weight_sparsity": f"{weight_sparsity:.6f}", "test_acc": f"{test_acc:.6f}",
     }
 

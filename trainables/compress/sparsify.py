@@ -60,7 +60,9 @@ class SparsifySettings:
             summary and in each ONNX file's metadata; an empty ``setup``: the checkpoint's).
         loss: the setup whose loss the recipe trains with (``study.SETUPS``: ``ce``, ``kd``,
             ``kd_feat``; ``trainables.losses.distillation_loss``).
-        temperature: softmax temperature T of the soft targets (> 0; the students' value).
+        temperature: softmax temperature T of the soft targets (> 0; the trial's own value).
+        variant: the trial's swept values (``--sweep``: field -> value; empty without a sweep),
+            recorded in the summary (``variant``) and each ONNX file's metadata (``source_variant``).
     """
 
     recipe: str
@@ -73,6 +75,7 @@ class SparsifySettings:
     setup: str = ""
     loss: str = "ce"
     temperature: float = 4.0
+    variant: Optional[Dict[str, Any]] = None
 
 
 def sparsify_student(checkpoint, data: CIFAR10Tensors, settings: SparsifySettings,
@@ -89,7 +92,8 @@ def sparsify_student(checkpoint, data: CIFAR10Tensors, settings: SparsifySetting
             needed unless ``settings.loss`` is ``ce``.
 
     Returns:
-        The summary dict (also ``sparsify/summary.json``): ``trial_id``, ``setup``, ``loss`` (the
+        The summary dict (also ``sparsify/summary.json``): ``trial_id``, ``setup``, ``variant``
+        (the trial's swept values, field -> value; ``{}`` without ``--sweep``), ``loss`` (the
         setup whose loss the recipe trained with), ``temperature`` (None for ``ce``), ``arch``,
         ``recipe``, ``recipe_epochs``, ``test_acc_dense``, ``test_acc_pruned``,
         ``test_acc_pruned_quantized`` (0..1), ``weight_sparsity_pruned``,
@@ -171,7 +175,8 @@ class _Stage:
         export_model_onnx(model, path, convert_qat=convert_qat, metadata=model_metadata(
             variant=variant, arch=self.meta["arch"], stem=self.meta["stem"], source_trial=s.trial_id,
             setup=self.setup, recipe=s.recipe, recipe_epochs=s.recipe_epochs,
-            recipe_loss=None if variant == "dense" else s.loss, weight_sparsity=global_sparsity(model),
+            recipe_loss=None if variant == "dense" else s.loss, source_variant=dict(s.variant or {}),
+            recipe_temperature=None if variant == "dense" or s.loss == "ce" else s.temperature, weight_sparsity=global_sparsity(model),
             test_acc=test_acc))
         self.record["sha256"][variant] = sha256_file(path)
 
@@ -210,7 +215,7 @@ class _Stage:
         atomic_write_text(layout.sparsify_history, table.to_csv(index=False))
         seconds = table.groupby("quantized")["epoch_seconds"].mean()
         summary = {
-            "trial_id": s.trial_id, "setup": self.setup, "loss": s.loss,
+            "trial_id": s.trial_id, "setup": self.setup, "variant": dict(s.variant or {}), "loss": s.loss,
             "temperature": None if s.loss == "ce" else s.temperature, "arch": self.meta["arch"],
             "recipe": str(s.recipe), "recipe_sha256": self.record.get("recipe_sha256"),
             "recipe_epochs": s.recipe_epochs,
