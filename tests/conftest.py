@@ -1,9 +1,11 @@
 """Shared pytest fixtures: the real CIFAR-10 images and the suite's whole-pipeline runs.
 
-The suite launches ``orchestrate.py`` to train four times in all: the smoke run below (killed once
-during its students stage, then run to its end: two launches), the seeds run below, and the
+The pipeline's own tests launch ``orchestrate.py`` to train four times: the smoke run below (killed
+once during its students stage, then run to its end: two launches), the seeds run below, and the
 two-node run of ``test_cluster.py`` (students stage only). Every other test that needs a trained
-state works on a copy of the smoke run (``helpers.copy_run``)."""
+state works on a copy of the smoke run (``helpers.copy_run``); the rerun tests
+(``test_fingerprints.py``: the recipe only) and one ``--sweep`` run (``test_sweep.py``) train
+a little more."""
 
 from __future__ import annotations
 
