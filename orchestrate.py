@@ -258,6 +258,7 @@ def sparsify_settings(config: StudyConfig, best, teacher_path: Path, threads: in
     needs no teacher) and this run's recipe settings."""
     import torch
 
+    from study import needs_teacher
     from trainables.compress.sparsify import SparsifySettings
 
     from driver.results import trial_variant
@@ -272,7 +273,7 @@ def sparsify_settings(config: StudyConfig, best, teacher_path: Path, threads: in
         trial_id=best.path.rsplit("/", 1)[-1], setup=setup, loss=loss,
         temperature=float(best.config.get("temperature", config.temperature)),
         variant=trial_variant(config, best.config)[1])
-    return settings, None if loss == "ce" else torch.load(teacher_path, map_location="cpu")
+    return settings, torch.load(teacher_path, map_location="cpu") if needs_teacher(loss) else None
 
 
 def stage_bench(config: StudyConfig, data, summary: dict, reruns) -> tuple:

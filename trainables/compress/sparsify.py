@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from models import load_checkpoint
-from study import ONNX_MODELS, SETUPS, RunLayout
+from study import ONNX_MODELS, SETUPS, RunLayout, needs_teacher
 from study.files import atomic_write_text, check_digests, sha256_file
 from trainables.batches import train_batches
 from trainables.data import CIFAR10Tensors
@@ -113,7 +113,7 @@ def sparsify_student(checkpoint, data: CIFAR10Tensors, settings: SparsifySetting
     manager = load_recipe(s.recipe, num_epochs=s.recipe_epochs)  # fail before any work
     if s.loss not in SETUPS:
         raise ValueError(f"loss {s.loss!r} is unknown; allowed: {', '.join(SETUPS)}")
-    if s.loss != "ce" and teacher is None:
+    if needs_teacher(s.loss) and teacher is None:
         raise ValueError(f"loss {s.loss!r} needs the teacher's checkpoint payload; got None")
     torch.manual_seed(s.seed)
     torch.set_num_threads(max(1, int(s.threads)))
@@ -137,7 +137,7 @@ def sparsify_student(checkpoint, data: CIFAR10Tensors, settings: SparsifySetting
         lambda epoch: train_batches(train_images, train_labels, s.batch_size, seed=s.seed,
                                     epoch=epoch, device=device),
         stage.accuracy, autocast=autocast, on_pruning_end=stage.pruning_end,
-        loss_fn=student_loss(s.loss, model, None if s.loss == "ce" else frozen_teacher(teacher, device),
+        loss_fn=student_loss(s.loss, model, frozen_teacher(teacher, device) if needs_teacher(s.loss) else None,
                              s.temperature, trace_student=False))
     history = run.run(checkpoint_path=stage.layout.sparsify_checkpoint, resume=resume, extra=stage.record)
     test_acc_quantized = stage.accuracy(model)
