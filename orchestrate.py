@@ -215,19 +215,19 @@ def stage_sparsify(config: StudyConfig, data, best, teacher_path: Path, reruns) 
     loss = setup if config.sparsify_loss == "setup" else "ce"
     metric = selection_metric(config)
     checkpoint, metrics = best_checkpoint(best, metric)
-    if reruns.action("sparsify") in ("skip", "record"):
+    keep = ("skip", "record")
+    kept = reruns.action("sparsify") in keep
+    if kept:
         summary = json.loads(layout.sparsify_summary.read_text())
         try:
             layout.check_onnx(summary)  # the exported models are still the files it recorded
         except ValueError as err:
             raise StudyError(str(err)) from None
-        out = reruns.begin("sparsify", checkpoint=str(Path(checkpoint.path) / "model.pt"))
-        if reruns.action("sparsify") in ("skip", "record"):
-            reruns.done("sparsify")
-            print(f"[sparsify] {layout.sparsify_summary} exists: skipping the sparsify stage", flush=True)
-            return summary
-    else:
-        out = reruns.begin("sparsify", checkpoint=str(Path(checkpoint.path) / "model.pt"))
+    out = reruns.begin("sparsify", checkpoint=str(Path(checkpoint.path) / "model.pt"))  # may turn into a rerun
+    if kept and reruns.action("sparsify") in keep:
+        reruns.done("sparsify")
+        print(f"[sparsify] {layout.sparsify_summary} exists: skipping the sparsify stage", flush=True)
+        return summary
     from driver.results import trial_variant
     from study.config import variant_label
 
@@ -240,7 +240,7 @@ def stage_sparsify(config: StudyConfig, data, best, teacher_path: Path, reruns) 
     settings, teacher = sparsify_settings(dataclasses.replace(config, output_dir=str(out.root)), best, teacher_path,
                                           threads=max(1, math.floor(resources["cpu"])))
     try:
-        summary = ray.get(task.remote(checkpoint, data, settings, teacher=teacher))
+        ray.get(task.remote(checkpoint, data, settings, teacher=teacher))  # writes the summary into out
         reruns.done("sparsify")
         return json.loads(layout.sparsify_summary.read_text())
     except ray.exceptions.RayTaskError as err:
@@ -292,14 +292,11 @@ def stage_bench(config: StudyConfig, data, summary: dict, reruns) -> tuple:
     from driver.cluster import cluster_nodes, on_node, run_on_node
 
     layout = RunLayout(config.output_dir)
+    reruns.begin("bench")  # may turn a skip into a rerun
     if reruns.action("bench") in ("skip", "record"):
-        reruns.begin("bench")
-        if reruns.action("bench") in ("skip", "record"):
-            reruns.done("bench")
-            print(f"[bench] {layout.benchmark} exists: skipping the benchmark stage", flush=True)
-            return pd.read_csv(layout.benchmark), json.loads(layout.onnx_accuracy.read_text())
-    else:
-        reruns.begin("bench")
+        reruns.done("bench")
+        print(f"[bench] {layout.benchmark} exists: skipping the benchmark stage", flush=True)
+        return pd.read_csv(layout.benchmark), json.loads(layout.onnx_accuracy.read_text())
     node = bench_node(cluster_nodes(), config.bench_cores)
     cores = config.bench_cores or bench_cores(node, run_on_node(node, cpu_isa)["num_cores"])
     print(f"[bench] {cores} cores on node {node.name}", flush=True)
