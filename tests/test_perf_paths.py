@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -171,11 +172,35 @@ def test_epoch_checkpoints_leave_nothing_in_the_temp_folder(monkeypatch, tmp_pat
     with pytest.raises(SystemExit):
         train.train_teacher(config, data=_tiny_data())
 
+    scratch = tmp_path / train.CHECKPOINT_SCRATCH
     assert [epoch for epoch, _, _ in held] == [1, 2]
     for _, path, files in held:
-        assert path.startswith(str(tmp_path / "ckpt-"))
+        assert path.startswith(str(scratch / f"{os.getpid()}-"))
         assert files == sorted([train.MODEL_FILE, train.STATE_FILE])
-    assert list(tmp_path.iterdir()) == []
+    assert list(scratch.iterdir()) == []
+
+
+def test_a_checkpoint_folder_left_by_a_dead_process_goes_at_the_next_epoch(monkeypatch, tmp_path):
+    """Ray may end a trial's process inside ``tune.report`` (or a SIGKILL does), leaving that
+    epoch's folder; the next checkpoint on the machine removes it, and keeps a live process's."""
+    import subprocess
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    scratch = tmp_path / train.CHECKPOINT_SCRATCH
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    left = scratch / f"{dead.pid}-abc"
+    live = scratch / f"{os.getppid()}-def"
+    for folder in (left, live):
+        folder.mkdir(parents=True)
+        (folder / "model.pt").write_bytes(b"x" * 10)
+    monkeypatch.setattr(train.tune, "report", lambda metrics, checkpoint=None: None)
+    monkeypatch.setattr(train.tune, "get_checkpoint", lambda: None)
+    config = {"arch": "resnet18", "stem": "cifar", "num_classes": 10, "batch_size": 8,
+              "lr": 1e-3, "seed": 0, "threads": 1, "max_epochs": 1, "teacher_weights": None}
+    train.train_teacher(config, data=_tiny_data())
+    assert sorted(p.name for p in scratch.iterdir()) == [live.name]
 
 
 def test_evaluate_counts_on_cpu():

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 import tempfile
 import time
 from functools import partial
@@ -137,25 +138,55 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return correct.item() / len(labels)
 
 
+CHECKPOINT_SCRATCH = "distill-sparsify-checkpoints"  # under tempfile.gettempdir()
+
+
+def _scratch_dir() -> str:
+    """A new folder ``<tmp>/distill-sparsify-checkpoints/<pid>-<random>`` for one epoch checkpoint.
+
+    First removes the folders there whose process is gone: Ray ends a trial's process without
+    waiting for its training thread (``FunctionTrainable.cleanup``), and a SIGKILL leaves the
+    folder too, 115 MB or more for a ResNet-101 student each time. A live process's folders stay.
+    """
+    parent = os.path.join(tempfile.gettempdir(), CHECKPOINT_SCRATCH)
+    os.makedirs(parent, exist_ok=True)
+    for entry in os.scandir(parent):
+        pid = entry.name.split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+            shutil.rmtree(entry.path, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=parent)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def _epoch_checkpoint(model, optimizer, config: dict, role: str, epoch: int,
                       history: list[float]):
-    """A ``tune.Checkpoint`` of this epoch in a temporary directory, removed on exit.
+    """A ``tune.Checkpoint`` of this epoch in a scratch folder (``_scratch_dir``), removed on exit.
 
     ``tune.report`` copies the checkpoint into the run's storage before it blocks (Ray's
-    documented pattern: report inside ``tempfile.TemporaryDirectory``), so nothing is left in
-    the temp folder: a ResNet-101 student's weights + Adam state are 115 MB or more, every epoch.
-    The directory also goes when the report ends the trial (Ray raises ``SystemExit`` there),
-    unless Ray ends the process first: ``FunctionTrainable.cleanup`` does not wait for the training
-    thread, so now and then the last epoch's folder stays (seen: one, emptied, in a smoke run).
+    documented pattern: report from a temporary directory). The folder also goes when the report
+    ends the trial (Ray raises ``SystemExit`` there). When Ray ends the process first, the next
+    epoch checkpoint made on that machine removes it.
     """
-    with tempfile.TemporaryDirectory(prefix="ckpt-") as directory:
+    directory = _scratch_dir()
+    try:
         save_checkpoint(model, os.path.join(directory, MODEL_FILE), arch=config["arch"],
                         stem=config["stem"], num_classes=config["num_classes"], role=role,
                         extra={"epoch": epoch, "setup": config.get("setup")})
         torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch, "history": history},
                    os.path.join(directory, STATE_FILE))
         yield tune.Checkpoint.from_directory(directory)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 class _EpochClock:
