@@ -314,8 +314,8 @@ def test_the_sparsify_sentence_names_the_winning_variant_and_reads_its_rows():
 
 
 def test_a_sweep_run_killed_and_resumed_end_to_end(cifar_root, tmp_path):
-    """A real sweep (2 student epochs, 1 teacher epoch), SIGKILLed once a student trial has
-    checkpointed its 1st epoch, then the same command run to its end. Catches: the grid not
+    """A real sweep (2 student epochs, 1 teacher epoch), SIGKILLed once the students' experiment
+    state records a trial's 1st-epoch checkpoint, then the same command run to its end. Catches: the grid not
     reaching Tune (results.csv without 4 kd rows, 2 per temperature), variants.csv without 2 rows
     and intervals, the recipe, summary.json or the ONNX metadata at another temperature than the
     winning variant's, and a resume that is not Tune's restore of the same grid (a trial rerun
@@ -327,7 +327,12 @@ def test_a_sweep_run_killed_and_resumed_end_to_end(cifar_root, tmp_path):
             "--max-epochs", "2", "--teacher-max-epochs", "1")
     out = tmp_path / "run"
     started = time.time()
-    kill_orchestrate_when(out, cifar_root, lambda: any(out.glob("students/*/checkpoint_000000")), *args)
+
+    def checkpointed():  # Tune restores from a checkpoint once its experiment state records it
+        return any("checkpoint_000000" in path.read_text(errors="ignore")
+                   for path in out.glob("students/experiment_state-*.json"))
+
+    kill_orchestrate_when(out, cifar_root, checkpointed, *args)
     run_orchestrate(out, cifar_root, *args)
     print(f"sweep run, killed and resumed: {time.time() - started:.0f} s")
     results = pd.read_csv(out / "results.csv")
@@ -355,7 +360,7 @@ def test_a_sweep_run_killed_and_resumed_end_to_end(cifar_root, tmp_path):
             after = [int(e) for e in re.findall(rf"{name} epoch (\d+): ", resumed)]
             assert after == [1, 2][2 - len(after):], (temperature, seed, after)  # no epoch twice
             continued.append(1 not in after)
-    # the kill came after a trial had checkpointed epoch 1: a restore runs at most its epoch 2
+    # the kill came after Tune had recorded a trial's epoch-1 checkpoint: a restore runs only its epoch 2
     assert any(continued), "every trial ran again from epoch 1"
 
 
