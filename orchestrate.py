@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
             print(note, flush=True)
         if args.report_only:
             return stage_report(config)
-        if sparsify:
+        if sparsify and (sys.version_info < (3, 12) or config.deepsparse_python):  # where DeepSparse runs
             check_avx2()
         if config.deepsparse_python and config.stop_after == "bench":
             check_deepsparse_python(config.deepsparse_python)
