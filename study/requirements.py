@@ -90,9 +90,11 @@ def torch_note(torch_version: str | None = None, version=sys.version_info) -> st
             "carrying on")
 
 
-def check_packages(names=REQUIRED_PACKAGES, prefix: str = sys.prefix, project: Path = PROJECT_DIR) -> None:
+def check_packages(names=REQUIRED_PACKAGES, prefix: str = sys.prefix, project: Path = PROJECT_DIR,
+                   version=sys.version_info) -> None:
     """StudyError naming the packages of the stack that cannot be found, and how to get them: activate
-    the project's ``.venv`` when it exists and this Python (``prefix``) is not it, else install."""
+    the project's ``.venv`` when it exists and this Python (``prefix``) is not it, else install (on
+    Python ``version`` >= 3.12, SparseML/SparseZoo by ``requirements/py312-sparseml.txt``)."""
     import importlib.util
 
     missing = [name for name in names if importlib.util.find_spec(name) is None]
@@ -101,7 +103,7 @@ def check_packages(names=REQUIRED_PACKAGES, prefix: str = sys.prefix, project: P
         raise StudyError(f"package(s) {', '.join(missing)} not found by {sys.executable}; activate the "
                          f"project's virtual environment first (. {venv}/bin/activate) or run "
                          f"{venv}/bin/python orchestrate.py")
-    if missing and tuple(sys.version_info[:2]) >= (3, 12) and set(missing) <= {"sparseml", "sparsezoo"}:
+    if missing and tuple(version[:2]) >= (3, 12) and set(missing) <= {"sparseml", "sparsezoo"}:
         raise StudyError(f"package(s) {', '.join(missing)} not installed: on Python 3.12 the sparsify and "
                          f"bench stages need SparseML 1.7, whose metadata refuses 3.12; run: "
                          f"{PY312_SPARSEML_INSTALL.format(project=project)} (or run only the training stages: "

@@ -102,6 +102,22 @@ def test_a_run_that_stops_early_says_what_it_left_out_and_how_to_run_it(monkeypa
                          f"-r {REPO_ROOT}/requirements/py312-sparseml.txt")
 
 
+def test_python_3_12_without_sparseml_is_told_the_second_install_step(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("sparseml", "sparsezoo") else real(name, *a))
+    with pytest.raises(StudyError) as info:
+        orchestrate.check_packages(("torch", "sparseml", "sparsezoo"), project=tmp_path, version=(3, 12, 1))
+    assert str(info.value) == (
+        "package(s) sparseml, sparsezoo not installed: on Python 3.12 the sparsify and bench stages need SparseML "
+        "1.7, whose metadata refuses 3.12; run: pip install --no-deps --ignore-requires-python -r "
+        f"{tmp_path}/requirements/py312-sparseml.txt (or run only the training stages: --stop-after students)")
+    with pytest.raises(StudyError, match=r"not installed; run: pip install -e"):  # 3.11: the ordinary install
+        orchestrate.check_packages(("torch", "sparseml"), project=tmp_path, version=(3, 11, 7))
+
+
 def test_deepsparse_python_is_checked_up_front(tmp_path):
     missing = run_cli("--preset", "smoke", "--deepsparse-python", str(tmp_path / "python"), "--dry-run")
     assert missing.returncode == 2
