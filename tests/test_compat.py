@@ -139,6 +139,26 @@ def test_onnx_mapping_is_there_for_sparsezoo(monkeypatch):
         compat.check_onnx_mapping()
 
 
+# ---------------------------------------------------------------- 5. the newer stack's harmless warnings
+
+def test_known_harmless_warnings_are_silenced_unless_verbose(monkeypatch):
+    import warnings
+
+    texts = ["pkg_resources is deprecated as an API. See https://setuptools.pypa.io/...",
+             "torch.quantize_per_tensor, torch.quantize_per_channel and other quantized tensor creation functions "
+             "that produce tensors with dtype torch.quint8 ... are deprecated"]
+    for verbose, expected in (("0", 0), ("1", 2)):
+        monkeypatch.setenv("DISTILL_SPARSIFY_VERBOSE", verbose)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            compat.quiet_warnings()
+            for text in texts:
+                warnings.warn(text, UserWarning)
+            warnings.warn("another warning", UserWarning)
+        assert [str(w.message) for w in caught][:expected] == texts[:expected]
+        assert len(caught) == expected + 1 and str(caught[-1].message) == "another warning"
+
+
 # ---------------------------------------------------------------- tested range
 
 def test_torch_outside_the_tested_range_is_one_line():

@@ -131,19 +131,28 @@ def check_onnx_mapping() -> None:
                           "sparsezoo 1.7 imports; install onnx==1.18.0 (pyproject.toml)")
 
 
-# 5. pkg_resources' warning. `sparseml/base.py` imports pkg_resources; setuptools 80 (the newest below
-#    81, which removed pkg_resources) warns at that import ("pkg_resources is deprecated as an API"), in
-#    every process that imports SparseML. Harmless while setuptools < 81 is pinned; silenced unless
-#    --verbose (study/noise.py lists the other silenced output). Appeared with setuptools 80.
-def quiet_pkg_resources() -> None:
-    """Ignore setuptools' "pkg_resources is deprecated" UserWarning unless ``--verbose``."""
+# 5. Warnings of the newer stack about APIs SparseML 1.7 uses, harmless while they still exist; silenced
+#    unless --verbose (study/noise.py lists the other silenced output):
+#    - `sparseml/base.py` imports pkg_resources; setuptools 80 (the newest below 81, which removed it)
+#      warns "pkg_resources is deprecated as an API" in every process that imports SparseML.
+#    - SparseML's convert_qat export builds int8 initializers with torch.quantize_per_tensor; newer
+#      torch (seen on 2.14) warns once per export that quantized tensor creation functions are deprecated.
+QUIET_WARNINGS = (
+    ("pkg_resources is deprecated as an API", UserWarning),
+    ("torch.quantize_per_tensor, torch.quantize_per_channel and other quantized tensor creation", UserWarning),
+)
+
+
+def quiet_warnings() -> None:
+    """Ignore the warnings of ``QUIET_WARNINGS`` unless ``--verbose``."""
     if not verbose():
-        warnings.filterwarnings("ignore", message="pkg_resources is deprecated as an API", category=UserWarning)
+        for message, category in QUIET_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=category)
 
 
 def apply() -> None:
     """Install the import-time workarounds (1, 2, 5) and check 4; each is a no-op where nothing broke."""
-    quiet_pkg_resources()
+    quiet_warnings()
     max_torch_env()
     install_qconfig()
     check_onnx_mapping()
