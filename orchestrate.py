@@ -382,7 +382,7 @@ def skipped_stages_line(stop_after: str, version=sys.version_info) -> str | None
     line = f"skipped the {left} stage(s) (--stop-after {stop_after}); run the same command with --stop-after bench"
     import importlib.util
 
-    if sparsify_stages("bench") and tuple(version[:2]) >= (3, 12) and stop_after != "sparsify" \
+    if tuple(version[:2]) >= (3, 12) and stop_after != "sparsify" \
             and importlib.util.find_spec("sparseml") is None:
         line += (" after installing SparseML for Python 3.12: "
                  + PY312_SPARSEML_INSTALL.format(project=PROJECT_DIR))
