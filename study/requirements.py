@@ -67,6 +67,18 @@ def required_packages(stop_after: str, version=sys.version_info) -> tuple[str, .
     return TRAINING_PACKAGES + sparsify_packages(version) if sparsify_stages(stop_after) else TRAINING_PACKAGES
 
 
+def release(version: str) -> tuple[int, int, int]:
+    """``(major, minor, patch)`` of a version string, local and pre-release parts dropped:
+    ``"2.9.0+cu128"`` -> ``(2, 9, 0)``, ``"2.1.10a1"`` -> ``(2, 1, 10)``. ValueError on a string
+    that does not start with ``MAJOR.MINOR``."""
+    import re
+
+    match = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", version)
+    if match is None:
+        raise ValueError(f"version {version!r} is not MAJOR.MINOR[.PATCH]")
+    return int(match[1]), int(match[2]), int(match[3] or 0)
+
+
 def torch_note(torch_version: str | None = None, version=sys.version_info) -> str | None:
     """One line naming ``torch_version`` (default: the installed torch's, read from its metadata,
     not imported) and this Python's tested torch range when it lies outside it; None inside it or
@@ -80,9 +92,7 @@ def torch_note(torch_version: str | None = None, version=sys.version_info) -> st
             return None
     profile = "Python 3.12" if tuple(version[:2]) >= (3, 12) else "Python 3.10/3.11"
     low, high = TESTED_TORCH[profile]
-    release = tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in torch_version.split("+")[0].split(".")[:3])
-    release = (release + (0, 0, 0))[:3]
-    if low <= release < high:
+    if low <= release(torch_version) < high:
         return None
     tested = ".".join(map(str, low)) if high == low[:2] + (low[2] + 1,) else \
         f">= {'.'.join(map(str, low))}, < {'.'.join(map(str, high))}"

@@ -30,7 +30,8 @@ def test_torch_release_parses_local_and_prerelease_versions():
     assert compat.torch_release("2.9.0+cu128") == (2, 9, 0)
     assert compat.torch_release("2.11") == (2, 11, 0)
     assert compat.torch_release("2.15.0.dev20260101+cpu") == (2, 15, 0)
-    with pytest.raises(ValueError, match=r"torch version 'nightly' is not MAJOR.MINOR"):
+    assert compat.torch_release("2.1.10a1") == (2, 1, 10)
+    with pytest.raises(ValueError, match=r"version 'nightly' is not MAJOR.MINOR"):
         compat.torch_release("nightly")
 
 

@@ -23,6 +23,7 @@ from typing import Any, Dict, Iterable, MutableMapping, Optional
 import torch
 
 from study.noise import verbose
+from study.requirements import release
 
 __all__ = ["torch_release", "max_torch_env", "QConfig", "install_qconfig", "onnx_export_kwargs",
            "check_onnx_mapping", "apply"]
@@ -30,18 +31,9 @@ __all__ = ["torch_release", "max_torch_env", "QConfig", "install_qconfig", "onnx
 
 def torch_release(version: Optional[str] = None) -> tuple[int, int, int]:
     """``(major, minor, patch)`` of a torch version string (default: the installed torch's), local
-    and pre-release parts dropped: ``"2.9.0+cu128"`` -> ``(2, 9, 0)``. ValueError on a string that
-    does not start with ``MAJOR.MINOR``."""
-    text = (version or torch.__version__).split("+")[0]
-    parts = []
-    for piece in text.split(".")[:3]:
-        digits = "".join(ch for ch in piece if ch.isdigit()) if piece[:1].isdigit() else ""
-        if not digits:
-            break
-        parts.append(int(digits))
-    if len(parts) < 2:
-        raise ValueError(f"torch version {version!r} is not MAJOR.MINOR[.PATCH]")
-    return tuple((parts + [0])[:3])
+    and pre-release parts dropped (``study.requirements.release``): ``"2.9.0+cu128"`` -> ``(2, 9, 0)``.
+    ValueError on a string that does not start with ``MAJOR.MINOR``."""
+    return release(version or torch.__version__)
 
 
 # 1. SparseML's torch check. sparseml/pytorch/base.py 1.7: `_TORCH_MAX_VERSION =
