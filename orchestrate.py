@@ -27,7 +27,8 @@ from pathlib import Path
 from study import PRESETS, RunLayout, StudyConfig, StudyError, decision_rule, make_config, selection_metric
 from study.config import PROJECT_DIR, check_output_dir, config_json
 from study.noise import VERBOSE_ENV, set_verbose, verbose
-from study.requirements import check_packages, check_python, required_packages, sparsify_stages
+from study.requirements import (PY312_SPARSEML_INSTALL, check_packages, check_python, required_packages,
+                                sparsify_stages, torch_note)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,7 +307,7 @@ def stage_bench(config: StudyConfig, data, summary: dict, reruns) -> tuple:
             {name: layout.onnx(name) for name in summary["sha256"]}, normalize(data.test_images).numpy(),
             data.test_labels.numpy(), num_cores=cores, batch_sizes=config.bench_batch_sizes,
             warmup_s=config.bench_warmup_seconds, duration_s=config.bench_seconds,
-            scheduling_strategy=on_node(node))
+            deepsparse_python=config.deepsparse_python, scheduling_strategy=on_node(node))
         layout.check_onnx(summary)  # measuring changed nothing
     except ValueError as err:
         raise StudyError(str(err)) from None
@@ -353,6 +354,41 @@ def check_inputs(config: StudyConfig, teacher_stage: bool) -> None:
             raise StudyError(f"--teacher-weights {config.teacher_weights}: {err}") from None
 
 
+def check_deepsparse_python(python: str) -> str:
+    """The DeepSparse version that ``--deepsparse-python`` imports, printed in one line; StudyError
+    when that Python cannot import deepsparse (before any training)."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    proc = subprocess.run([python, "-c", "import deepsparse; print(deepsparse.__version__)"], capture_output=True,
+                          text=True, env=dict(env, NM_DISABLE_ANALYTICS="1"), timeout=120)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise StudyError(f"--deepsparse-python {python}: cannot import deepsparse there ({last}); give a Python "
+                         "3.10/3.11 with deepsparse==1.7.0 installed")
+    version = proc.stdout.strip().splitlines()[-1]
+    print(f"[bench] deepsparse {version} from {python} (its deepsparse.benchmark command)", flush=True)
+    return version
+
+
+def skipped_stages_line(stop_after: str, version=sys.version_info) -> str | None:
+    """The line a run that stops before the bench stage ends with: which stages it left out and how
+    to run them (on Python 3.12 without SparseML: how to install it first); None for a full run."""
+    left = {"teacher": "students, sparsify and bench", "students": "sparsify and bench",
+            "sparsify": "bench"}.get(stop_after)
+    if left is None:
+        return None
+    line = f"skipped the {left} stage(s) (--stop-after {stop_after}); run the same command with --stop-after bench"
+    import importlib.util
+
+    if tuple(version[:2]) >= (3, 12) and stop_after != "sparsify" \
+            and importlib.util.find_spec("sparseml") is None:
+        line += (" after installing SparseML for Python 3.12: "
+                 + PY312_SPARSEML_INSTALL.format(project=PROJECT_DIR))
+    return line
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the study; returns the process exit code (0 ok, 2 bad input or machine)."""
     try:
@@ -363,10 +399,15 @@ def main(argv: list[str] | None = None) -> int:
         sparsify = sparsify_stages(config.stop_after) and not args.report_only
         check_python(sparsify=sparsify)  # SparseML/DeepSparse only where those stages run
         check_packages(required_packages(config.stop_after if sparsify else "students"))
+        note = torch_note()
+        if note:
+            print(note, flush=True)
         if args.report_only:
             return stage_report(config)
-        if sparsify:
+        if sparsify and (sys.version_info < (3, 12) or config.deepsparse_python):  # where DeepSparse runs
             check_avx2()
+        if config.deepsparse_python and config.stop_after == "bench":
+            check_deepsparse_python(config.deepsparse_python)
         return run_study(config, args)
     except StudyError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -484,6 +525,7 @@ def run_study(config: StudyConfig, args: argparse.Namespace) -> int:
     teacher_path = stage_teacher(config, data, reruns)
     tracker.sync("teacher")  # --mlflow
     if config.stop_after == "teacher":
+        print(skipped_stages_line("teacher"), flush=True)
         return tracker.finish(0)
     students = stage_students(config, data, teacher_path, reruns)
     tracker.sync("students")  # --mlflow
@@ -508,6 +550,8 @@ def run_study(config: StudyConfig, args: argparse.Namespace) -> int:
     table = pd.DataFrame(rows, columns=list(result_columns(config)))
     atomic_write_text(layout.results, table.to_csv(index=False))
     print_results(config, table, table_of_variants, bench)
+    if skipped_stages_line(config.stop_after):
+        print(skipped_stages_line(config.stop_after), flush=True)
     return tracker.finish(stage_report(config) if config.report else 0)  # --mlflow: tables, report.pdf
 
 

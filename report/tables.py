@@ -217,11 +217,12 @@ def benchmark_frame(run: RunData):
 
 
 def benchmark_table(run: RunData):
-    """``benchmark.csv`` as a table of strings for display (throughput images/s, latencies ms)."""
+    """``benchmark.csv`` as a table of strings for display (throughput images/s, latencies ms; the
+    engine version that ran each row, from runs whose benchmark.csv records it)."""
     import pandas as pd
 
     b = benchmark_frame(run)
-    return pd.DataFrame({
+    table = pd.DataFrame({
         "model": b["model"], "engine": b["engine"], "batch": b["batch_size"].astype(str),
         "cores": b["num_cores"].map(lambda v: "" if pd.isna(v) else f"{v:.0f}") if "num_cores" in b else "",
         "images/s": b["items_per_sec"].map("{:.1f}".format),
@@ -230,6 +231,9 @@ def benchmark_table(run: RunData):
         "p50 (ms)": b["latency_p50_ms"].map("{:.1f}".format),
         "p99 (ms)": b["latency_p99_ms"].map("{:.1f}".format),
     })
+    if "engine_version" in b:
+        table["engine version"] = b["engine_version"].fillna("")
+    return table
 
 
 def student_overlap(run: RunData) -> dict | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -211,6 +212,11 @@ class StudyConfig:
     bench_batch_sizes: tuple[int, ...] = option((1, 32), "comma-separated batch sizes to benchmark", csv_of(int))
     bench_warmup_seconds: float = option(2.0, "seconds of untimed warm-up per benchmark", float)
     bench_seconds: float = option(10.0, "seconds each benchmark is timed", float)
+    deepsparse_python: str | None = option(
+        None, "a Python 3.10/3.11 with deepsparse 1.7 installed (e.g. another venv's bin/python): the bench "
+        "stage runs DeepSparse through the deepsparse.benchmark command beside it; for the Python 3.12 "
+        "profile, which has no DeepSparse ('none': DeepSparse in this Python, or left out where absent)",
+        optional_str)
     stop_after: str = option("bench", f"last stage to run: {', '.join(STAGES)}", str)
     report: bool = option(False, "execute report.ipynb and render it to HTML/PDF at the end", bool)
     mlflow: str | None = option(
@@ -245,7 +251,7 @@ PRESETS: dict[str, dict] = {
 #: Fields that change where and how a run executes, not what it computes: a resumed run may
 #: differ in them (the data root may move; the data it holds is checked when loaded).
 RUNTIME_FIELDS = ("data_root", "download", "output_dir", "dashboard", "address", "report", "stop_after",
-                  "cpus_per_trial", "gpus_per_trial", "verbose", "mlflow")
+                  "cpus_per_trial", "gpus_per_trial", "verbose", "mlflow", "deepsparse_python")
 
 
 def selection_metric(config) -> str:
@@ -416,6 +422,14 @@ def validate(config: StudyConfig) -> None:
             and config.mlflow != "databricks":
         raise StudyError(f"--mlflow {config.mlflow!r}: give 'local' (<output-dir>/mlruns), a tracking URI "
                          "(http://HOST:PORT, file:///PATH, sqlite:///PATH, databricks) or 'none'")
+    if config.deepsparse_python is not None:
+        python = Path(config.deepsparse_python)
+        if not (python.is_file() and os.access(python, os.X_OK)):
+            raise StudyError(f"--deepsparse-python {config.deepsparse_python}: not an executable file; give the "
+                             "bin/python of a Python 3.10/3.11 environment with deepsparse 1.7 installed")
+        if not (python.parent / "deepsparse.benchmark").is_file():
+            raise StudyError(f"--deepsparse-python {config.deepsparse_python}: no deepsparse.benchmark command "
+                             f"beside it in {python.parent}; install deepsparse==1.7.0 into that environment")
     if config.sweep and not isinstance(config.sweep, (tuple, list)):
         raise StudyError(f"--sweep {config.sweep!r}: give FIELD=V1,V2,...")
     if any(b < 1 for b in config.bench_batch_sizes):

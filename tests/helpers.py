@@ -5,16 +5,27 @@ recipe tests."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 from typing import Dict, Optional, Set, Tuple, Union
 
 import numpy as np
 import onnx
+import pytest
 import torch
 from onnx import numpy_helper
 
 from trainables.data import extract_image_subset  # noqa: F401  (re-exported: conftest.py)
+
+#: DeepSparse importable here: always on the default profile (Python 3.10/3.11), never on 3.12.
+HAS_DEEPSPARSE = importlib.util.find_spec("deepsparse") is not None
+#: For tests that run DeepSparse in this Python: skipped only on Python >= 3.12 without it (the Python
+#: 3.12 profile); on 3.10/3.11 a missing DeepSparse fails them.
+needs_deepsparse = pytest.mark.skipif(
+    not HAS_DEEPSPARSE and sys.version_info >= (3, 12),
+    reason="deepsparse 1.7 has no wheel for Python 3.12 (the bench stage runs it through --deepsparse-python)")
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -105,3 +105,5 @@ def test_setups_csv_holds_means_and_student_t_intervals(run_dir):
     if log:
         assert f"Winner by mean validation accuracy over 2 seeds: {best}" in log
         assert "Decision rule: val_acc on 100 training images held out" in log
+        assert ("skipped the sparsify and bench stage(s) (--stop-after students); run the same command with "
+                "--stop-after bench\n") in log

@@ -56,8 +56,10 @@ def test_unknown_preset():
 
 def test_python_and_cpu_checks():
     orchestrate.check_python((3, 11, 7))
-    with pytest.raises(StudyError, match=r"^Python 3\.12 is not supported"):
-        orchestrate.check_python((3, 12, 0))
+    orchestrate.check_python((3, 12, 0))  # the Python 3.12 profile
+    with pytest.raises(StudyError, match=r"^Python 3\.13 is not supported; use Python 3\.10 or 3\.11 \(the "
+                       r"default profile\) or 3\.12"):
+        orchestrate.check_python((3, 13, 0))
     orchestrate.check_avx2("processor : 0\nflags : fpu sse2 avx avx2 fma\n")
     with pytest.raises(StudyError, match="this CPU has no AVX2"):
         orchestrate.check_avx2("processor : 0\nflags : fpu sse2 avx\n")
@@ -66,8 +68,9 @@ def test_python_and_cpu_checks():
 
 
 def test_training_stages_alone_need_neither_sparseml_nor_python_3_11():
-    for version in ((3, 12, 1), (3, 13, 0)):  # --stop-after teacher/students: any Python >= 3.10
+    for version in ((3, 12, 1), (3, 13, 0), (3, 14, 0)):  # --stop-after teacher/students: any Python >= 3.10
         orchestrate.check_python(version, sparsify=False)
+    for version in ((3, 13, 0), (3, 14, 0)):
         with pytest.raises(StudyError, match=r"or run only the training stages \(--stop-after students\)"):
             orchestrate.check_python(version, sparsify=True)
     with pytest.raises(StudyError, match=r"^Python 3\.9 is not supported"):
@@ -77,8 +80,55 @@ def test_training_stages_alone_need_neither_sparseml_nor_python_3_11():
     training = orchestrate.required_packages("students")
     assert training == orchestrate.required_packages("teacher") == \
         ("torch", "torchvision", "ray", "pandas", "numpy", "scipy", "tabulate")
-    assert set(orchestrate.required_packages("bench")) - set(training) == \
+    assert set(orchestrate.required_packages("bench", (3, 11, 7))) - set(training) == \
         {"sparseml", "deepsparse", "onnx", "onnxruntime", "yaml"}
+    # Python 3.12: no DeepSparse wheel (the bench stage runs onnxruntime, DeepSparse via --deepsparse-python)
+    assert set(orchestrate.required_packages("bench", (3, 12, 1))) - set(training) == \
+        {"sparseml", "sparsezoo", "onnx", "onnxruntime", "yaml"}
+
+
+def test_a_run_that_stops_early_says_what_it_left_out_and_how_to_run_it(monkeypatch):
+    import importlib.util
+
+    assert orchestrate.skipped_stages_line("bench") is None
+    assert orchestrate.skipped_stages_line("students", (3, 11, 7)) == (
+        "skipped the sparsify and bench stage(s) (--stop-after students); run the same command with --stop-after bench")
+    assert orchestrate.skipped_stages_line("sparsify").startswith("skipped the bench stage(s) (--stop-after sparsify)")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sparseml" else real(name, *a))
+    line = orchestrate.skipped_stages_line("teacher", (3, 12, 1))
+    assert line.startswith("skipped the students, sparsify and bench stage(s) (--stop-after teacher)")
+    assert line.endswith("after installing SparseML for Python 3.12: pip install --no-deps --ignore-requires-python "
+                         f"-r {REPO_ROOT}/requirements/py312-sparseml.txt")
+
+
+def test_python_3_12_without_sparseml_is_told_the_second_install_step(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("sparseml", "sparsezoo") else real(name, *a))
+    with pytest.raises(StudyError) as info:
+        orchestrate.check_packages(("torch", "sparseml", "sparsezoo"), project=tmp_path, version=(3, 12, 1))
+    assert str(info.value) == (
+        "package(s) sparseml, sparsezoo not installed: on Python 3.12 the sparsify and bench stages need SparseML "
+        "1.7, whose metadata refuses 3.12; run: pip install --no-deps --ignore-requires-python -r "
+        f"{tmp_path}/requirements/py312-sparseml.txt (or run only the training stages: --stop-after students)")
+    with pytest.raises(StudyError, match=r"not installed; run: pip install -e"):  # 3.11: the ordinary install
+        orchestrate.check_packages(("torch", "sparseml"), project=tmp_path, version=(3, 11, 7))
+
+
+def test_deepsparse_python_is_checked_up_front(tmp_path):
+    missing = run_cli("--preset", "smoke", "--deepsparse-python", str(tmp_path / "python"), "--dry-run")
+    assert missing.returncode == 2
+    assert missing.stderr.strip() == (f"error: --deepsparse-python {tmp_path / 'python'}: not an executable file; "
+                                      "give the bin/python of a Python 3.10/3.11 environment with deepsparse 1.7 "
+                                      "installed")
+    bare = tmp_path / "bin" / "python"
+    bare.parent.mkdir()
+    bare.symlink_to(sys.executable)
+    lonely = run_cli("--preset", "smoke", "--deepsparse-python", str(bare), "--dry-run")
+    assert lonely.returncode == 2 and "no deepsparse.benchmark command beside it" in lonely.stderr
 
 
 def run_cli(*args, cwd=REPO_ROOT):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import TinyResNet, onnx_input_shape, onnx_op_types, onnx_weight_sparsity
+from helpers import TinyResNet, needs_deepsparse, onnx_input_shape, onnx_op_types, onnx_weight_sparsity
 from trainables.compress.export import export_model_onnx, model_metadata, read_metadata
 from trainables.compress.core import (
     RecipeRun,
@@ -132,18 +132,25 @@ def test_quantized_onnx_has_integer_convs_and_keeps_sparsity(sparsified):
     assert len(per) == 4 and frac >= 0.79
 
 
-def test_dense_onnx_matches_torch_in_onnxruntime_and_deepsparse_at_batch_1_and_32(sparsified):
+def test_dense_onnx_matches_torch_in_onnxruntime_at_batch_1_and_32(sparsified):
     """Catches an export that drops or refolds the BatchNorm statistics, fixes the batch axis,
-    or that an engine of the installed stack reads differently (max abs difference of the
-    logits: ONNX Runtime < 1e-4, DeepSparse < 1e-3)."""
+    or that onnxruntime reads differently (max abs difference of the logits < 1e-4)."""
     import onnxruntime as ort
-    from deepsparse import Engine
 
     path, x, ref = sparsified["dense"], sparsified["dense_inputs"], sparsified["dense_logits"]
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     for batch in (1, 32):
         out = sess.run(None, {"input": x[:batch]})[0]
         assert out.shape == ref[:batch].shape and np.abs(out - ref[:batch]).max() < 1e-4, batch
+
+
+@needs_deepsparse
+def test_dense_onnx_matches_torch_in_deepsparse_at_batch_1_and_32(sparsified):
+    """As above in DeepSparse (max abs difference of the logits < 1e-3)."""
+    from deepsparse import Engine
+
+    path, x, ref = sparsified["dense"], sparsified["dense_inputs"], sparsified["dense_logits"]
+    for batch in (1, 32):
         out = Engine(model=path, batch_size=batch, num_cores=1).run([np.ascontiguousarray(x[:batch])])[0]
         assert out.shape == ref[:batch].shape and np.abs(out - ref[:batch]).max() < 1e-3, batch
 
@@ -178,6 +185,7 @@ def test_convert_qat_on_a_float_model_is_refused(tmp_path):
     assert not os.path.exists(tmp_path / "x.onnx")
 
 
+@needs_deepsparse
 def test_cpu_benchmark_actor_and_onnx_accuracy(sparsified):
     import ray
 
@@ -219,6 +227,7 @@ def test_cpu_benchmark_actor_and_onnx_accuracy(sparsified):
     assert acc == 1.0
 
 
+@needs_deepsparse
 def test_benchmarks_measure_a_copy_and_leave_the_model_as_exported(sparsified):
     from bench.benchmark import CPUBenchmark
     from study.files import sha256_file
@@ -235,6 +244,7 @@ def test_benchmarks_measure_a_copy_and_leave_the_model_as_exported(sparsified):
     assert onnx_input_shape(path) == ["batch", 3, 32, 32]
 
 
+@needs_deepsparse
 def test_a_failing_benchmark_is_a_row_and_the_others_are_measured(sparsified, tmp_path):
     import ray
 
@@ -280,3 +290,59 @@ def test_exported_models_describe_themselves(sparsified):
                            recipe_loss=None)
     assert "recipe_loss" not in dense  # the recipe never trained the dense model
     assert onnx_input_shape(path) == ["batch", 3, 32, 32]
+
+
+# ------------------------------------------------------------------ bench without DeepSparse in this Python
+
+
+def test_onnxruntime_timed_loop_and_accuracy_without_deepsparse(sparsified, monkeypatch):
+    """The Python 3.12 profile's bench path (``ort_benchmark``), on any profile: DeepSparse hidden."""
+    import onnxruntime
+
+    import bench.benchmark as benchmark
+    from study.files import sha256_file
+
+    monkeypatch.setattr(benchmark, "has_deepsparse", lambda: False)
+    path = sparsified["quantized"]
+    before = sha256_file(path)
+    row = benchmark.CPUBenchmark(num_cores=1).run(path, 4, engine="onnxruntime", warmup_s=0.1, duration_s=0.3)
+    assert row["engine"] == "onnxruntime" and row["batch_size"] == 4 and row["num_cores"] == 1
+    assert row["engine_version"] == f"onnxruntime {onnxruntime.__version__}"
+    assert row["iterations"] >= 1 and row["seconds_ran"] >= 0.3
+    assert row["items_per_sec"] == pytest.approx(4 * row["iterations"] / row["seconds_ran"])
+    assert 0 < row["latency_p50_ms"] <= row["latency_p99_ms"]
+    assert row["isa"] in {"avx2", "avx512", "unknown"} and isinstance(row["vnni"], bool)
+    with pytest.raises(ValueError, match="deepsparse is not installed in this Python; pass --deepsparse-python"):
+        benchmark.CPUBenchmark(num_cores=1).run(path, 1, engine="deepsparse", warmup_s=0.1, duration_s=0.1)
+    assert sha256_file(path) == before
+
+
+def test_cpu_isa_from_proc_cpuinfo():
+    from bench.benchmark import _cpu_isa_from_proc
+
+    two_cores = ("processor : 0\nphysical id : 0\ncore id : 0\nmodel name : AMD EPYC\nflags : fpu avx2 avx512f "
+                 "avx512_vnni\n\nprocessor : 1\nphysical id : 0\ncore id : 1\nmodel name : AMD EPYC\nflags : fpu avx2 "
+                 "avx512f avx512_vnni\n\nprocessor : 2\nphysical id : 0\ncore id : 1\nmodel name : AMD EPYC\n"
+                 "flags : fpu avx2 avx512f avx512_vnni\n")
+    assert _cpu_isa_from_proc(two_cores) == {"isa": "avx512", "vnni": True, "num_cores": 2, "vendor_model": "AMD EPYC"}
+    zen1 = "processor : 0\nflags : fpu avx avx2 fma\n"
+    assert _cpu_isa_from_proc(zen1) == {"isa": "avx2", "vnni": False, "num_cores": 1, "vendor_model": ""}
+
+
+DEEPSPARSE_PYTHON = os.environ.get("DEEPSPARSE_PYTHON")
+
+
+@pytest.mark.skipif(not DEEPSPARSE_PYTHON, reason="set DEEPSPARSE_PYTHON to a Python 3.10/3.11 with deepsparse 1.7 "
+                    "(.ci/run sets it to the default profile's venv)")
+def test_deepsparse_through_the_command_of_another_python(sparsified):
+    """``--deepsparse-python``: DeepSparse's own ``deepsparse.benchmark`` command, from another env."""
+    from bench.benchmark import CPUBenchmark
+
+    row = CPUBenchmark(num_cores=1, deepsparse_python=DEEPSPARSE_PYTHON).run(
+        sparsified["quantized"], 2, engine="deepsparse", warmup_s=0.5, duration_s=1.5)
+    assert row["engine"] == "deepsparse" and row["engine_version"] == "deepsparse 1.7.0"
+    assert row["seconds_ran"] > 1.8 and row["iterations"] >= 1  # the command takes whole seconds: 1.5 -> 2
+    assert row["items_per_sec"] > 0 and 0 < row["latency_p50_ms"] <= row["latency_p99_ms"]
+    with pytest.raises(RuntimeError, match=r"deepsparse.benchmark exited with code [1-9]"):
+        CPUBenchmark(num_cores=1, deepsparse_python=DEEPSPARSE_PYTHON).run(
+            __file__, 1, engine="deepsparse", warmup_s=0.5, duration_s=1.0)

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import study  # noqa: F401  (sets NM_DISABLE_ANALYTICS before SparseML is imported)
+import trainables.compress.compat  # noqa: F401  (SparseML 1.7 on newer torch; before SparseML is imported)
 from sparseml.pytorch.optim import ScheduledModifierManager
 from sparseml.pytorch.utils import LoggerManager, PythonLogger
 from trainables.compress.recipe import RECIPE_EXTENSIONS, load_recipe, recipe_phases

@@ -40,6 +40,7 @@ from torch import nn
 from study.files import atomic_output
 from study.noise import verbose
 from trainables.data import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
+from trainables.compress.compat import onnx_export_kwargs
 from trainables.compress.core import is_quantized
 
 __all__ = ["export_model_onnx", "model_metadata", "read_metadata"]
@@ -175,8 +176,8 @@ def export_model_onnx(
     model.eval()
     try:
         with atomic_output(path, suffix=".onnx") as tmp, quiet_export():
-            ModuleExporter(model, str(tmp.parent)).export_onnx(sample, name=tmp.name,
-                                                               convert_qat=convert_qat)
+            ModuleExporter(model, str(tmp.parent)).export_onnx(sample, name=tmp.name, convert_qat=convert_qat,
+                                                               **onnx_export_kwargs())
             if metadata:
                 import onnx
 

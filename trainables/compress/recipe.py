@@ -13,6 +13,7 @@ from typing import Any, Dict
 import yaml
 
 import study  # noqa: F401  (sets NM_DISABLE_ANALYTICS before SparseML is imported)
+import trainables.compress.compat  # noqa: F401  (SparseML 1.7 on newer torch; before SparseML is imported)
 from sparseml.optim.helpers import (
     load_global_recipe_variables_from_yaml,
     load_recipe_yaml_str_no_classes,
