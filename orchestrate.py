@@ -357,12 +357,12 @@ def check_inputs(config: StudyConfig, teacher_stage: bool) -> None:
 def check_deepsparse_python(python: str) -> str:
     """The DeepSparse version that ``--deepsparse-python`` imports, printed in one line; StudyError
     when that Python cannot import deepsparse (before any training)."""
-    import os
     import subprocess
 
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    from bench.benchmark import foreign_python_env
+
     proc = subprocess.run([python, "-c", "import deepsparse; print(deepsparse.__version__)"], capture_output=True,
-                          text=True, env=dict(env, NM_DISABLE_ANALYTICS="1"), timeout=120)
+                          text=True, env=foreign_python_env(), timeout=120)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise StudyError(f"--deepsparse-python {python}: cannot import deepsparse there ({last}); give a Python "

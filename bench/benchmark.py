@@ -47,7 +47,8 @@ import study  # noqa: F401  (sets NM_DISABLE_ANALYTICS before DeepSparse is impo
 from study.errors import error_line
 
 __all__ = ["ENGINES", "ENGINE_INFO", "BASELINE_ENGINE", "Engine", "CPUBenchmark", "make_cpu_benchmark_actor",
-           "onnx_accuracy", "cpu_isa", "ort_benchmark", "deepsparse_command", "has_deepsparse"]
+           "onnx_accuracy", "cpu_isa", "ort_benchmark", "deepsparse_command", "foreign_python_env",
+           "has_deepsparse"]
 
 
 class Engine(NamedTuple):
@@ -234,6 +235,14 @@ def ort_benchmark(path: str, batch_size: int, num_cores: int, warmup_s: float, d
     return _latency_stats(latencies, batch_size, time.perf_counter() - start)
 
 
+def foreign_python_env() -> Dict[str, str]:
+    """This process's environment for another Python (``--deepsparse-python``): without
+    ``PYTHONPATH``, ``VIRTUAL_ENV`` and ``PYTHONHOME``, which would point it at this Python's
+    packages, and with ``NM_DISABLE_ANALYTICS=1``."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    return dict(env, NM_DISABLE_ANALYTICS="1")
+
+
 def deepsparse_command(python: str, path: str, batch_size: int, num_cores: int, warmup_s: float,
                        duration_s: float, thread_pinning: str = "core") -> Dict[str, Any]:
     """Run the ``deepsparse.benchmark`` command that lies beside ``python`` (a Python 3.10/3.11 env
@@ -249,9 +258,7 @@ def deepsparse_command(python: str, path: str, batch_size: int, num_cores: int, 
                 "--scenario", "sync", "--time", str(max(1, math.ceil(duration_s))),
                 "--warmup_time", str(max(1, math.ceil(warmup_s))), "--thread_pinning", thread_pinning,
                 "--engine", "deepsparse", "--quiet", "--export_path", export]
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
-        env["NM_DISABLE_ANALYTICS"] = "1"
-        proc = subprocess.run(args, capture_output=True, text=True, env=env,
+        proc = subprocess.run(args, capture_output=True, text=True, env=foreign_python_env(),
                               timeout=duration_s + warmup_s + 600)
         if proc.returncode != 0 or not os.path.isfile(export):
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
