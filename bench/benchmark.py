@@ -14,6 +14,15 @@ The core count is always set explicitly: the DeepSparse engine is compiled with
 ``num_cores`` and the Ray actor reserves the same number of CPUs
 (:func:`make_cpu_benchmark_actor`), so results are comparable between models.
 
+OpenVINO (``openvino.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": n,
+"PERFORMANCE_HINT": "LATENCY"})``, the model reshaped to the batch size) has no such benchmark API
+here: :func:`timed_loop` times it the same way (warm-up, then back-to-back synchronous calls, the
+same keys and percentiles).
+
+:func:`run_benchmarks` measures every model on every engine at every batch size, ``rounds`` times
+interleaved (round 1 of every job, then round 2, ...), each measurement one actor call that builds
+its engine afresh; a row holds the medians over its rounds and the rounds themselves.
+
 Every engine here reads a private copy of the model (:func:`private_copy`), never the exported
 file: DeepSparse 1.7's ``ORTEngine`` rewrites the file's input batch size **in place**
 (``deepsparse.utils.onnx.override_onnx_batch_size(path, batch_size)`` with its default
@@ -24,7 +33,11 @@ no switch to turn that off. Measuring must not change the deliverable.
 from __future__ import annotations
 
 import contextlib
+import gzip
+import json
 import os
+import statistics
+import time
 import shutil
 import tempfile
 from typing import Any, Dict, Iterator, NamedTuple, Optional, Union
@@ -35,7 +48,7 @@ import study  # noqa: F401  (sets NM_DISABLE_ANALYTICS before DeepSparse is impo
 from study.errors import error_line
 
 __all__ = ["ENGINES", "ENGINE_INFO", "BASELINE_ENGINE", "Engine", "CPUBenchmark", "make_cpu_benchmark_actor",
-           "onnx_accuracy", "cpu_isa"]
+           "onnx_accuracy", "cpu_isa", "model_sizes", "graph_kind", "timed_loop", "bench_rows"]
 
 
 class Engine(NamedTuple):
@@ -52,11 +65,13 @@ class Engine(NamedTuple):
 
 
 #: The engines, in the order ``run_benchmarks`` measures them (the rows of ``benchmark.csv``). Each
-#: needs a branch in ``_accuracy`` and is timed by ``deepsparse.benchmark.benchmark_model``, which
-#: knows ``deepsparse`` and ``onnxruntime`` (another engine needs its own timed loop in ``CPUBenchmark.run``).
+#: needs a branch in ``_accuracy``; ``deepsparse`` and ``onnxruntime`` are timed by
+#: ``deepsparse.benchmark.benchmark_model``, ``openvino`` by :func:`timed_loop` (``CPUBenchmark.run``).
+#: Every engine runs every model (a model an engine cannot run is a row with its ``error``).
 ENGINE_INFO: Dict[str, Engine] = {
     "deepsparse": Engine(package="deepsparse", sparse=True, display_order=1),
-    "onnxruntime": Engine(package="onnxruntime", sparse=False, display_order=0, baseline=True),
+    "onnxruntime": Engine(package="onnxruntime", sparse=True, display_order=0, baseline=True),
+    "openvino": Engine(package="openvino", sparse=True, display_order=2),
 }
 #: engine names accepted by :meth:`CPUBenchmark.run` and :func:`onnx_accuracy`
 ENGINES = tuple(ENGINE_INFO)
@@ -133,8 +148,9 @@ def onnx_accuracy(
         batch_size: engine batch size. DeepSparse compiles for a fixed batch size, so
             the last partial batch is zero-padded to ``batch_size`` and the padded
             rows are dropped (ONNX Runtime is fed the same way).
-        engine: "deepsparse" (``deepsparse.Engine``) or "onnxruntime"
-            (``onnxruntime.InferenceSession``, CPU provider).
+        engine: "deepsparse" (``deepsparse.Engine``), "onnxruntime"
+            (``onnxruntime.InferenceSession``, CPU provider) or "openvino" (compiled for the CPU at
+            ``batch_size``).
         num_cores: cores for the engine (DeepSparse ``num_cores``, ORT
             ``intra_op_num_threads``); None = the engine's default (all).
 
@@ -170,6 +186,12 @@ def _accuracy(path: str, x: np.ndarray, y: np.ndarray, batch_size: int, engine: 
         def run(batch: np.ndarray) -> np.ndarray:
             return eng.run([batch])[0]
 
+    elif engine == "openvino":
+        compiled = _openvino_model(path, batch_size, num_cores)
+
+        def run(batch: np.ndarray) -> np.ndarray:
+            return np.asarray(compiled(batch)[0])
+
     else:
         import onnxruntime as ort
 
@@ -193,6 +215,65 @@ def _accuracy(path: str, x: np.ndarray, y: np.ndarray, batch_size: int, engine: 
         logits = np.asarray(run(np.ascontiguousarray(batch)))[:real]
         correct += int((logits.argmax(axis=1) == y[start : start + real]).sum())
     return correct / n
+
+
+def _openvino_model(path: str, batch_size: int, num_cores: Optional[int]):
+    """``path`` compiled by OpenVINO for the CPU with its input reshaped to ``batch_size``,
+    ``num_cores`` inference threads (None: OpenVINO's default) and the latency hint (one stream)."""
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(path)
+    shape = list(model.inputs[0].get_partial_shape())
+    model.reshape({model.inputs[0].get_any_name(): [batch_size, *(int(d.get_length()) for d in shape[1:])]})
+    config = {"PERFORMANCE_HINT": "LATENCY"}
+    if num_cores is not None:
+        config["INFERENCE_NUM_THREADS"] = int(num_cores)
+    return core.compile_model(model, "CPU", config)
+
+
+def timed_loop(run, batch: np.ndarray, warmup_s: float, duration_s: float) -> Dict[str, Any]:
+    """Time ``run(batch)``: untimed calls for ``warmup_s`` s, then back-to-back calls for
+    ``duration_s`` s (at least one). Returns ``items_per_sec`` (len(batch) x calls / seconds),
+    ``latency_mean_ms``, ``latency_p50_ms``, ``latency_p99_ms`` (per call, ms; numpy percentiles,
+    linear), ``iterations``, ``seconds_ran``."""
+    end = time.perf_counter() + warmup_s
+    while time.perf_counter() < end:
+        run(batch)
+    latencies = []
+    start = time.perf_counter()
+    while not latencies or time.perf_counter() - start < duration_s:
+        t0 = time.perf_counter()
+        run(batch)
+        latencies.append(time.perf_counter() - t0)
+    seconds = time.perf_counter() - start
+    ms = np.asarray(latencies) * 1000.0
+    return {"items_per_sec": len(batch) * len(latencies) / seconds, "latency_mean_ms": float(ms.mean()),
+            "latency_p50_ms": float(np.percentile(ms, 50)), "latency_p99_ms": float(np.percentile(ms, 99)),
+            "iterations": len(latencies), "seconds_ran": seconds}
+
+
+def model_sizes(path: Union[str, os.PathLike]) -> tuple[int, int]:
+    """``(raw, gzip)``: the file's size on disk and gzip-compressed (level 9, ``gzip.compress``), in
+    bytes. Zeros compress, so a pruned model's gzip size shows its sparsity. OSError when unreadable."""
+    data = open(os.fspath(path), "rb").read()
+    return len(data), len(gzip.compress(data, compresslevel=9))
+
+
+def graph_kind(path: Union[str, os.PathLike]) -> str:
+    """Which graph an ONNX file holds, from its op types: ``"ConvInteger INT8"`` (SparseML's
+    ``convert_qat`` export: ConvInteger/MatMulInteger), ``"QLinearConv INT8"``, ``"QDQ INT8"``
+    (QuantizeLinear/DequantizeLinear around float Conv/Gemm) or ``"FP32"``."""
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(os.fspath(path), load_external_data=False).graph.node}
+    if ops & {"ConvInteger", "MatMulInteger"}:
+        return "ConvInteger INT8"
+    if ops & {"QLinearConv", "QLinearMatMul"}:
+        return "QLinearConv INT8"
+    if "DequantizeLinear" in ops:
+        return "QDQ INT8"
+    return "FP32"
 
 
 class CPUBenchmark:
@@ -240,7 +321,7 @@ class CPUBenchmark:
             model_path: ``.onnx`` file (dynamic or matching batch axis); a private copy is
                 measured, the file itself is only read.
             batch_size: items per engine call (random inputs of the model's shape).
-            engine: "deepsparse" or "onnxruntime".
+            engine: "deepsparse", "onnxruntime" or "openvino".
             num_cores: cores for the engine; default: the actor's ``num_cores``,
                 else all physical cores DeepSparse sees. Always passed explicitly.
             warmup_s: seconds of untimed runs first (> 0).
@@ -268,6 +349,18 @@ class CPUBenchmark:
             if not isinstance(val, (int, float)) or isinstance(val, bool) or not val > 0:
                 raise ValueError(f"{name} must be a number > 0 (seconds), got {val!r}")
 
+        if engine == "openvino":
+            import openvino
+
+            with private_copy(model_path) as copy:
+                compiled = _openvino_model(copy, int(batch_size), int(num_cores))
+                shape = [int(batch_size), *(int(d) for d in compiled.inputs[0].get_shape()[1:])]
+                batch = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+                res = timed_loop(compiled, batch, float(warmup_s), float(duration_s))
+            isa = cpu_isa()
+            return {"model": model_path, "engine": engine, "batch_size": int(batch_size), "num_cores": int(num_cores),
+                    **res, "scenario": "singlestream", "isa": isa["isa"], "vnni": isa["vnni"],
+                    "deepsparse_version": str(ds_version), "openvino_version": openvino.__version__}
         with private_copy(model_path) as copy:
             out = benchmark_model(
                 model_path=copy,
@@ -340,10 +433,17 @@ def make_cpu_benchmark_actor(num_cores: int, *, thread_pinning: str = "core", **
     return cls.remote(num_cores, thread_pinning)
 
 
-#: Columns of ``benchmark.csv``, in order. ``status`` is "ok" or "error"; ``error`` is the first
-#: line of what went wrong (empty when ok); a failed row's measurements are empty (NaN).
-BENCHMARK_COLUMNS = ["model", "engine", "batch_size", "num_cores", "items_per_sec", "latency_mean_ms",
-                     "latency_p50_ms", "latency_p99_ms", "isa", "vnni", "status", "error"]
+#: Columns of ``benchmark.csv``, in order: the pair's test ``accuracy`` (0..1) in that engine, the
+#: model file's ``size_bytes`` and ``size_gzip_bytes``, its ``graph`` (:func:`graph_kind`), how many
+#: ``rounds`` were timed; throughput (images/s) and latencies (ms per batch call) are medians over
+#: the rounds, ``items_per_sec_rounds`` / ``latency_p50_ms_rounds`` the rounds themselves (JSON
+#: lists). ``status`` is "ok" or "error"; ``error`` is the first line of what went wrong (empty when
+#: ok); a failed measurement is empty (NaN), the others stay.
+BENCHMARK_COLUMNS = ["model", "engine", "batch_size", "num_cores", "accuracy", "size_bytes", "size_gzip_bytes",
+                     "graph", "rounds", "items_per_sec", "latency_mean_ms", "latency_p50_ms", "latency_p99_ms",
+                     "items_per_sec_rounds", "latency_p50_ms_rounds", "isa", "vnni", "status", "error"]
+#: the timed keys of a measurement whose median a row holds
+TIMED = ("items_per_sec", "latency_mean_ms", "latency_p50_ms", "latency_p99_ms")
 
 
 def _first_line(err: BaseException) -> str:
@@ -351,29 +451,63 @@ def _first_line(err: BaseException) -> str:
     return error_line(getattr(err, "cause", None) or err, typed=True)
 
 
-def run_benchmarks(onnx_paths: Dict[str, str], images_float32: Any, labels: Any, *, num_cores: int,
-                   batch_sizes, warmup_s: float, duration_s: float, **actor_options: Any):
-    """Stage 4: one CPU-only Ray actor with ``num_cores`` cores benchmarks every exported model
-    (each engine of ``ENGINE_INFO`` that runs sparse models; all of them on ``dense``) at each batch size, one run at a time so runs do
-    not compete for the cores, then measures each model's test accuracy in DeepSparse.
-
-    A combination that fails (the engine rejects the model, the actor dies, ...) becomes a row
-    with ``status`` "error" and the error's first line; the others are still measured (a dead
-    actor is replaced). A failed accuracy is None.
+def bench_rows(jobs, measured: dict, errors: dict, accuracy: dict, sizes: dict, graphs: dict, num_cores: int):
+    """The rows of ``benchmark.csv`` (dicts with ``BENCHMARK_COLUMNS``), one per job, in job order.
 
     Args:
-        onnx_paths: model name (``study.ONNX_MODELS``) -> ``.onnx`` path (only read: the engines
-            get private copies).
+        jobs: ``(model, engine, batch_size)`` tuples.
+        measured: job -> list of :meth:`CPUBenchmark.run` results, one per round that ran.
+        errors: job -> first error line of its timing (absent/empty: none).
+        accuracy: ``(model, engine)`` -> test accuracy 0..1, or an error line (str) when it failed.
+        sizes: model -> ``(raw, gzip)`` bytes; graphs: model -> :func:`graph_kind`.
+
+    A row's timings are the medians of its rounds (``statistics.median``); a row with a timing or
+    accuracy error has ``status`` "error" and both errors in ``error``, its other values kept."""
+    rows = []
+    for job in jobs:
+        model, engine, batch = job
+        runs = measured.get(job, [])
+        acc = accuracy.get((model, engine))
+        problems = [e for e in (errors.get(job), None if not isinstance(acc, str) else f"accuracy: {acc}") if e]
+        row = {"model": model, "engine": engine, "batch_size": batch, "num_cores": num_cores,
+               "accuracy": acc if isinstance(acc, float) else None,
+               "size_bytes": sizes.get(model, (None, None))[0], "size_gzip_bytes": sizes.get(model, (None, None))[1],
+               "graph": graphs.get(model), "rounds": len(runs), "status": "error" if problems else "ok",
+               "error": "; ".join(problems)}
+        if runs:
+            row.update({key: statistics.median(r[key] for r in runs) for key in TIMED})
+            row["items_per_sec_rounds"] = json.dumps([round(r["items_per_sec"], 3) for r in runs])
+            row["latency_p50_ms_rounds"] = json.dumps([round(r["latency_p50_ms"], 4) for r in runs])
+            row.update(isa=runs[0]["isa"], vnni=runs[0]["vnni"])
+        rows.append(row)
+    return rows
+
+
+def run_benchmarks(onnx_paths: Dict[str, str], images_float32: Any, labels: Any, *, num_cores: int,
+                   batch_sizes, warmup_s: float, duration_s: float, rounds: int = 1, **actor_options: Any):
+    """Stage 4: one CPU-only Ray actor with ``num_cores`` cores benchmarks every model on every
+    engine of ``ENGINE_INFO`` at each batch size, one measurement at a time so they do not compete
+    for the cores, in ``rounds`` interleaved rounds (each measurement its own actor call, its engine
+    built afresh); then measures each (model, engine)'s test accuracy in that engine (batch 32).
+
+    A combination that fails (the engine rejects the model, the actor dies, ...) becomes a row
+    with ``status`` "error" and the error's first line (not timed again in later rounds); the
+    others are still measured (a dead actor is replaced).
+
+    Args:
+        onnx_paths: model name (``study.layout.model_names``) -> ``.onnx`` path (only read: the
+            engines get private copies), in report order.
         images_float32, labels: the normalized test set, (N, 3, 32, 32) float32 and (N,) int.
         num_cores: cores of the actor and of every engine.
         batch_sizes: batch sizes to benchmark (e.g. ``(1, 32)``).
-        warmup_s, duration_s: seconds of warm-up and of timed runs per benchmark.
+        warmup_s, duration_s: seconds of warm-up and of timed runs per measurement.
+        rounds: how many times the whole matrix is timed (>= 1).
         **actor_options: ``ray.remote`` options of the actor, e.g. ``scheduling_strategy`` (the
             node it runs on; its ``num_cores`` must fit there).
 
     Returns:
-        ``(table, accuracies)``: a DataFrame with ``BENCHMARK_COLUMNS`` (items_per_sec in
-        images/s, latencies in ms per batch call) and ``{model: test accuracy 0..1 or None}``.
+        ``(table, accuracies)``: a DataFrame with ``BENCHMARK_COLUMNS`` (:func:`bench_rows`) and
+        ``{model: test accuracy 0..1 in DeepSparse, or None}`` (``onnx_accuracy.json``).
     """
     import pandas as pd
     import ray
@@ -389,28 +523,41 @@ def run_benchmarks(onnx_paths: Dict[str, str], images_float32: Any, labels: Any,
             actor = make_cpu_benchmark_actor(num_cores, **actor_options)
             raise
 
+    failures = (ray.exceptions.RayError, ValueError, OSError, RuntimeError)
     jobs = [(name, engine, batch) for name in onnx_paths
             for engine in ENGINES if name == "dense" or ENGINE_INFO[engine].sparse
             for batch in batch_sizes]
-    rows = []
-    for name, engine, batch in jobs:
-        where = f"[bench] {name:16s} {engine:11s} batch {batch:3d}"
-        try:
-            row = call("run", str(onnx_paths[name]), batch, engine=engine, warmup_s=warmup_s,
-                       duration_s=duration_s)
-        except (ray.exceptions.RayError, ValueError, OSError) as err:
-            rows.append({"model": name, "engine": engine, "batch_size": batch, "num_cores": num_cores,
-                         "status": "error", "error": _first_line(err)})
-            print(f"{where}: failed, {rows[-1]['error']}", flush=True)
-            continue
-        rows.append({**row, "model": name, "status": "ok", "error": ""})
-        print(f"{where}: {row['items_per_sec']:9.1f} items/s, p50 {row['latency_p50_ms']:.2f} ms", flush=True)
-    accuracies = {}
-    for name, path in onnx_paths.items():
-        try:
-            accuracies[name] = call("accuracy", str(path), images_float32, labels, 32)
-        except (ray.exceptions.RayError, ValueError, OSError) as err:
-            accuracies[name] = None
-            print(f"[bench] accuracy of {name}: failed, {_first_line(err)}", flush=True)
+    measured: Dict[tuple, list] = {job: [] for job in jobs}
+    errors: Dict[tuple, str] = {}
+    for round_ in range(1, int(rounds) + 1):
+        for job in jobs:
+            if job in errors:
+                continue
+            name, engine, batch = job
+            where = f"[bench] round {round_}/{rounds} {name:22s} {engine:11s} batch {batch:3d}"
+            try:
+                row = call("run", str(onnx_paths[name]), batch, engine=engine, warmup_s=warmup_s,
+                           duration_s=duration_s)
+            except failures as err:
+                errors[job] = _first_line(err)
+                print(f"{where}: failed, {errors[job]}", flush=True)
+                continue
+            measured[job].append(row)
+            print(f"{where}: {row['items_per_sec']:9.1f} items/s, p50 {row['latency_p50_ms']:.2f} ms", flush=True)
+    accuracy: Dict[tuple, Any] = {}
+    for name in onnx_paths:
+        for engine in dict.fromkeys(engine for _, engine, _ in jobs):
+            try:
+                accuracy[(name, engine)] = float(call("accuracy", str(onnx_paths[name]), images_float32, labels, 32,
+                                                      engine=engine))
+            except failures as err:
+                accuracy[(name, engine)] = _first_line(err)
+                print(f"[bench] accuracy of {name} on {engine}: failed, {accuracy[(name, engine)]}", flush=True)
     ray.kill(actor)
-    return pd.DataFrame(rows, columns=BENCHMARK_COLUMNS), accuracies
+    sizes = {name: model_sizes(path) for name, path in onnx_paths.items()}
+    graphs = {name: graph_kind(path) for name, path in onnx_paths.items()}
+    table = pd.DataFrame(bench_rows(jobs, measured, errors, accuracy, sizes, graphs, num_cores),
+                         columns=BENCHMARK_COLUMNS)
+    accuracies = {name: accuracy.get((name, "deepsparse")) if isinstance(accuracy.get((name, "deepsparse")), float)
+                  else None for name in onnx_paths}
+    return table, accuracies

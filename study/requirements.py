@@ -19,7 +19,7 @@ from study.config import PROJECT_DIR, StudyError
 #: runs ``--stop-after students``.
 TRAINING_PACKAGES = ("torch", "torchvision", "ray", "pandas", "numpy", "scipy", "tabulate")
 #: Only the sparsify and bench stages import these (wheels for Python 3.10/3.11 only).
-SPARSIFY_PACKAGES = ("sparseml", "deepsparse", "onnx", "onnxruntime", "yaml")
+SPARSIFY_PACKAGES = ("sparseml", "deepsparse", "onnx", "onnxruntime", "openvino", "nncf", "yaml")
 REQUIRED_PACKAGES = TRAINING_PACKAGES + SPARSIFY_PACKAGES
 
 
