@@ -200,7 +200,7 @@ def test_a_run_made_before_fingerprints_is_recorded_not_rerun(run_copy, cifar_ro
     assert actions(found) == {s: "would record its inputs" for s in STAGES}
     assert "no fingerprint" in found["teacher"]
     found = dry_run(capsys, run_copy, cifar_root, "--bench-seconds", "3")
-    assert actions(found)["bench"] == "would rerun" and "bench_seconds 2.0 -> 3.0" in found["bench"]
+    assert actions(found)["bench"] == "would rerun" and "bench_seconds 0.5 -> 3.0" in found["bench"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,8 +40,12 @@ def quantize_dense(dense_path: str | os.PathLike, out_path: str | os.PathLike, i
     Returns N, the number of calibration images. ValueError when ``images`` is not 4-D or empty."""
     import onnx
 
-    import study  # noqa: F401  (quiet library loggers)
     import nncf
+
+    from study.noise import QUIET_LOGGERS, verbose
+
+    if not verbose():  # NNCF sets its logger's level when imported: hold it again (study.noise)
+        nncf.set_log_level(QUIET_LOGGERS["nncf"][0])
 
     images = np.ascontiguousarray(images, dtype=np.float32)
     if images.ndim != 4 or len(images) == 0:
