@@ -33,8 +33,8 @@ QUIET_LOGGERS: dict[str, tuple[int, str]] = {
         "a local model, so the core count holds"),
     "nncf": (
         logging.WARNING, "'NNCF initialized successfully. Supported frameworks detected: ...' once per PTQ "
-        "(trainables/compress/ptq.py sets it again after importing NNCF, which resets it; its two rich "
-        "progress bars still show)"),
+        "(NNCF sets its own level when imported, so trainables/compress/ptq.py also filters the logger; its "
+        "two rich progress bars still show)"),
 }
 
 

@@ -78,7 +78,7 @@ def test_training_stages_alone_need_neither_sparseml_nor_python_3_11():
     assert training == orchestrate.required_packages("teacher") == \
         ("torch", "torchvision", "ray", "pandas", "numpy", "scipy", "tabulate")
     assert set(orchestrate.required_packages("bench")) - set(training) == \
-        {"sparseml", "deepsparse", "onnx", "onnxruntime", "yaml"}
+        {"sparseml", "deepsparse", "onnx", "onnxruntime", "openvino", "nncf", "yaml"}
 
 
 def run_cli(*args, cwd=REPO_ROOT):
@@ -135,6 +135,7 @@ CLI_CASES = [
     ("full", "compile", False, False),
     ("full", "setups", "kd,ce", ("kd", "ce")),               # comma-separated str
     ("full", "bench_batch_sizes", "1,8,64", (1, 8, 64)),     # comma-separated int
+    ("full", "sparsities", "0.5,0.9", (0.5, 0.9)),           # comma-separated float
     ("full", "teacher_weights", "/x/teacher.pt", "/x/teacher.pt"),  # optional str (a path)
     ("full", "teacher_weights", "none", None),
     ("smoke", "teacher_weights", "imagenet", "imagenet"),    # over the preset's None
@@ -268,7 +269,8 @@ def test_the_end_of_a_run_prints_the_tables_the_cpu_and_the_fastest_models(monke
     bench = _bench(failed)
     orchestrate.print_results(None, None, None, bench)
     lines = capsys.readouterr().out.splitlines()
-    assert lines[:3] == ["SUMMARY", "", "Throughput (items/s) and latency (ms):"]
+    assert lines[:3] == ["SUMMARY", "", "Throughput (items/s, median of the rounds), latency (ms), test accuracy "
+                                        "in the engine, size (bytes):"]
     assert ("error" in lines[3]) == bool(failed)  # status/error columns only when one failed
     table = lines[3:3 + len(bench) + 2]
     assert len(table) == len(bench) + 2 and all(line.startswith("|") for line in table)

@@ -40,12 +40,16 @@ def quantize_dense(dense_path: str | os.PathLike, out_path: str | os.PathLike, i
     Returns N, the number of calibration images. ValueError when ``images`` is not 4-D or empty."""
     import onnx
 
-    import nncf
+    import logging
 
     from study.noise import QUIET_LOGGERS, verbose
 
-    if not verbose():  # NNCF sets its logger's level when imported: hold it again (study.noise)
-        nncf.set_log_level(QUIET_LOGGERS["nncf"][0])
+    logger = logging.getLogger("nncf")
+    if not verbose() and not getattr(logger, "_study_quiet", False):
+        # NNCF sets its logger's level when imported (and logs at once): a filter outlives that
+        logger.addFilter(lambda record: record.levelno >= QUIET_LOGGERS["nncf"][0])
+        logger._study_quiet = True
+    import nncf
 
     images = np.ascontiguousarray(images, dtype=np.float32)
     if images.ndim != 4 or len(images) == 0:
