@@ -98,7 +98,9 @@ def compression_verdict(bench, batch_size: int, markdown: bool = False) -> list[
         text = (f"At batch {batch_size}, the fastest model within {100 * WITHIN:.0f} point of its dense parent's "
                 f"accuracy is {bold(f'{win.model} on {win.engine}')}: {win.items_per_sec:.0f} images/s, accuracy "
                 f"{win.accuracy:.3f} (dense on {win.engine}: {dense[win.engine]:.3f})")
-        if best_ptq is not None:
+        if best_ptq is not None and win.model == "dense_int8":
+            text += " (the dense INT8 peer itself: post-training quantization, no retraining)"
+        elif best_ptq is not None:
             text += (f", {win.items_per_sec / best_ptq.items_per_sec:.2f}× the best dense INT8 peer "
                      f"(dense_int8 on {best_ptq.engine}, {best_ptq.items_per_sec:.0f} images/s)")
         ref = rows[(rows["model"] == "dense") & (rows["engine"] == BASELINE_ENGINE)]
