@@ -529,7 +529,10 @@ def run_benchmarks(onnx_paths: Dict[str, str], images_float32: Any, labels: Any,
             for batch in batch_sizes]
     measured: Dict[tuple, list] = {job: [] for job in jobs}
     errors: Dict[tuple, str] = {}
+    from study.noise import verbose
+
     for round_ in range(1, int(rounds) + 1):
+        started = time.perf_counter()
         for job in jobs:
             if job in errors:
                 continue
@@ -543,7 +546,11 @@ def run_benchmarks(onnx_paths: Dict[str, str], images_float32: Any, labels: Any,
                 print(f"{where}: failed, {errors[job]}", flush=True)
                 continue
             measured[job].append(row)
-            print(f"{where}: {row['items_per_sec']:9.1f} items/s, p50 {row['latency_p50_ms']:.2f} ms", flush=True)
+            if verbose():  # else one line per round (below); failures always
+                print(f"{where}: {row['items_per_sec']:9.1f} items/s, p50 {row['latency_p50_ms']:.2f} ms", flush=True)
+        print(f"[bench] round {round_}/{rounds}: {sum(len(m) >= round_ for m in measured.values())} of {len(jobs)} "
+              f"measurements ({len(ENGINES)} engines, {len(onnx_paths)} models, batch sizes "
+              f"{', '.join(map(str, batch_sizes))}) in {time.perf_counter() - started:.0f} s", flush=True)
     accuracy: Dict[tuple, Any] = {}
     for name in onnx_paths:
         for engine in dict.fromkeys(engine for _, engine, _ in jobs):

@@ -223,7 +223,7 @@ def test_the_run_prints_one_line_per_epoch_and_no_known_noise(smoke_run):
                       "Checkpoint successfully created", "Trial status", "Wrote the latest version",
                       "snapshotting", "Started a local Ray instance"):
             assert noise not in log, noise
-        assert len(log.splitlines()) < 80
+        assert len(log.splitlines()) < 110  # the benchmark table: 24 rows (4 models x 3 engines x 2 batch sizes)
     interrupted, resumed = logs
     assert "[teacher] epoch 2: test_acc" in interrupted and "recipe epoch" not in interrupted
     assert "exists: skipping the teacher stage" in resumed and "[students] restoring the experiment" in resumed
