@@ -206,8 +206,9 @@ def stage_sparsify(config: StudyConfig, data, best, teacher_path: Path, reruns) 
     Ray runs as many at once as the nodes hold; on a GPU node a fraction each), trained with that
     setup's loss and the frozen teacher (``--sparsify-loss setup``) or cross-entropy (``ce``). One
     task (``dense_owner``) also exports ``dense`` and its INT8 PTQ peer ``dense_int8``. A target
-    whose outputs are complete is not run again: resumed in place, or kept from the run directory
-    by a rerun that changes only ``--sparsities``. Returns ``RunLayout.read_sparsify``'s summary."""
+    whose outputs are complete is not run again when it was made with these inputs (a resumed
+    stage, or one whose recorded inputs differ from today's in ``--sparsities`` alone): kept in
+    place, or, by a rerun, copied into ``rerun/`` with the new targets. Returns ``RunLayout.read_sparsify``'s summary."""
     import ray
 
     from driver.results import best_checkpoint
@@ -229,6 +230,9 @@ def stage_sparsify(config: StudyConfig, data, best, teacher_path: Path, reruns) 
             layout.check_onnx(summary, model_names(targets))  # the exported models are still the files it recorded
         except (OSError, ValueError) as err:
             raise StudyError(str(err)) from None
+    # finished targets are kept only when nothing but the target list changed since they were made
+    only_targets = (reruns.changed("sparsify", checkpoint=str(Path(checkpoint.path) / "model.pt")) or set()) \
+        <= {"sparsities"}
     out = reruns.begin("sparsify", checkpoint=str(Path(checkpoint.path) / "model.pt"))  # may turn into a rerun
     if kept and reruns.action("sparsify") in keep:
         reruns.done("sparsify")
@@ -242,15 +246,15 @@ def stage_sparsify(config: StudyConfig, data, best, teacher_path: Path, reruns) 
           f"{best.config['seed']}, {metric} {metrics[metric]:.4f} at epoch {metrics['training_iteration']}); "
           f"recipe {config.recipe}, loss {loss}", flush=True)
     owner = dense_owner(targets)
-    reuse = reruns.action("sparsify") == "rerun" and reruns.changed("sparsify") == {"sparsities"}
+    action = reruns.action("sparsify")
     todo = []
     for target in targets:
         wanted = [*target.models, *(("dense", "dense_int8") if target == owner else ())]
-        if target_complete(out.root, target, wanted, config.recipe):
-            print(f"[sparsify] target {_target_text(target)}: complete, kept", flush=True)
-        elif reuse and target_complete(layout.root, target, wanted, config.recipe):
-            keep_target(layout.root, out.root, target, wanted)
-            print(f"[sparsify] target {_target_text(target)}: only --sparsities changed, kept from the run", flush=True)
+        if (action == "resume" or only_targets) and target_complete(out.root, target, wanted, config.recipe):
+            print(f"[sparsify] target {_target_text(target)}: made with these inputs, kept", flush=True)
+        elif action == "rerun" and only_targets and target_complete(layout.root, target, wanted, config.recipe):
+            keep_target(layout.root, out.root, target, wanted)  # into rerun/, moved back with the new ones
+            print(f"[sparsify] target {_target_text(target)}: made with these inputs, kept", flush=True)
         else:
             todo.append(target)
     resources = trial_resources(config, "teacher")  # this cluster's, also on a resumed run

@@ -228,11 +228,14 @@ class Reruns:
         if self.action(stage) != "skip":
             write_fingerprint(self.layout.fingerprint(stage), {**self.pending[stage], "complete": True})
 
-    def changed(self, stage: str) -> set[str]:
-        """What ``stage`` reads differently from what its outputs were made with
-        (``study.fingerprint.changed_inputs``, after ``begin``); empty when nothing is recorded."""
+    def changed(self, stage: str, checkpoint: str | None = None) -> set[str] | None:
+        """What ``stage`` reads now (``checkpoint``: as for ``begin``) differently from what its
+        recorded fingerprint says (``study.fingerprint.changed_inputs``); None when none is recorded.
+        Call it before ``begin``, which records the current inputs of a stage that runs in place."""
         recorded = read_fingerprint(self.layout.fingerprint(stage))
-        return set() if recorded is None else changed_inputs(recorded, self.pending[stage])
+        current = current_fingerprint(stage, self.config, self.digests,
+                                      None if checkpoint is None else relative(checkpoint, self.layout.root))
+        return None if recorded is None else changed_inputs(recorded, current)
 
     def reruns_any(self) -> bool:
         return any(d.action in ("rerun", "restart") for d in self.decisions.values())

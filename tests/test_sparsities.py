@@ -1,6 +1,7 @@
-"""Issue 23 end to end, on a copy of the smoke run: ``--sparsities 0.5,0.8`` reruns the sparsify
+"""Issue 23 end to end, on a copy of the smoke run: ``--sparsities 0.5,0.8`` runs the sparsify
 stage for the new target only (0.8, the recipe's own, is kept: only ``--sparsities`` changed) and
-the benchmark for every model on every engine; nothing trains."""
+the benchmark for every model on every engine; nothing trains. Then back to 0.8 alone: a rerun
+that keeps 0.8 (copied through ``rerun/``) and drops the 0.5 files, with no recipe run."""
 
 from __future__ import annotations
 
@@ -34,8 +35,9 @@ def two_targets(smoke_run, cifar_root, tmp_path_factory):
 def test_only_the_new_target_runs_and_the_winner_checkpoint_is_read_not_written(two_targets):
     out, checkpoint, before = two_targets
     log = (out / "targets.log").read_text()
-    assert "[sparsify] rerun: sparsities (not recorded) -> [0.5, 0.8]" in log
-    assert "[sparsify] target 0.8: only --sparsities changed, kept from the run" in log
+    # the outputs of 0.5 are missing: the stage runs in place, keeping the finished 0.8 target
+    assert "[sparsify] run: no outputs yet" in log
+    assert "[sparsify] target 0.8: made with these inputs, kept" in log
     assert log.count("recipe task submitted") == 1 and "[sparsify] target 0.5: recipe task submitted" in log
     assert "skipping the teacher stage" in log and "skipping the students stage" in log
     assert (sha256_file(checkpoint), checkpoint.stat().st_mtime_ns) == before  # read, never written
@@ -104,3 +106,16 @@ def test_the_report_draws_the_front_and_says_what_paid_off(two_targets):
     assert any("dense INT8 peer" in s for s in sentences)
     log = (out / "targets.log").read_text()
     assert "the fastest model within 1 point of its dense parent's accuracy is" in log  # the printed summary
+
+
+def test_back_to_one_target_keeps_it_and_drops_the_other_without_a_recipe(two_targets, cifar_root):
+    """Runs last (it changes the copy): ``--sparsities 0.8 --stop-after sparsify`` reruns the stage
+    through ``rerun/``, keeping the 0.8 files byte for byte and dropping the 0.5 ones."""
+    out, _, _ = two_targets
+    kept = {p.name: sha256_file(p) for p in (out / "onnx").iterdir() if "_s50" not in p.name}
+    run_orchestrate(out, cifar_root, "--sparsities", "0.8", "--stop-after", "sparsify", log="back.log")
+    log = (out / "back.log").read_text()
+    assert "[sparsify] rerun: sparsities [0.5, 0.8] -> [0.8]" in log
+    assert "[sparsify] target 0.8: made with these inputs, kept" in log and "recipe task submitted" not in log
+    assert {p.name: sha256_file(p) for p in (out / "onnx").iterdir()} == kept
+    assert not (out / "sparsify" / "summary_s50.json").exists() and not (out / "rerun").exists()
