@@ -202,14 +202,17 @@ def stop_epoch(run: RunData, label: str) -> tuple[int, str]:
     return epoch, "epoch limit" if epoch == limit else "stopped"
 
 
-def _results_row(run: RunData, model: str, seed=None):
+def _results_row(run: RunData, model: str, seed=None, variant: dict | None = None):
     """The last ``results.csv`` row of ``model`` (of that ``seed`` when given and the file has
-    a ``seed`` column), or None."""
+    a ``seed`` column; of that ``variant``, ``{swept field: value}``, when given), or None."""
     if run.results is None:
         return None
     rows = run.results[run.results["model"] == model]
     if seed is not None and "seed" in rows:
         rows = rows[rows["seed"] == seed]
+    for name, value in (variant or {}).items():
+        if name in rows:
+            rows = rows[rows[name] == value]
     return rows.iloc[-1] if len(rows) else None
 
 

@@ -8,6 +8,7 @@ from bench.benchmark import BASELINE_ENGINE
 from report.data import SETUP_INFO, SETUPS, SPARSE_MODELS, RunData, _base_setup, _results_row, _value, base_seed
 from report.tables import overlap_sentence
 from study import decision_rule
+from study.config import variant_label
 
 
 def _pct(x: float) -> str:
@@ -183,12 +184,13 @@ def findings(run: RunData) -> list[str]:
     if text:
         out.append(text)
     base, seed = _base_setup(run), base_seed(run)
+    variant = (run.sparsify_summary or {}).get("variant") or {}  # the winner's swept values (--sweep)
     # The dense starting point: the checkpoint the sparsify stage loaded (summary.json), else the
     # base setup's best epoch (that is the checkpoint the study keeps).
     dense = float((run.sparsify_summary or {}).get("test_acc_dense", math.nan))
     for column in ("best_test_acc", "test_acc"):
         if math.isnan(dense) and base:
-            dense = _value(_results_row(run, base, seed), column)
+            dense = _value(_results_row(run, base, seed, variant), column)
     pruned, quant = (_results_row(run, m) for m in SPARSE_MODELS)
     if base and not math.isnan(dense) and (pruned is not None or quant is not None):
         parts = []
@@ -198,13 +200,13 @@ def findings(run: RunData) -> list[str]:
             parts.append(f"pruning{at} {_change(dense, _value(pruned, 'test_acc'))}")
         if quant is not None:
             parts.append(f"pruning + INT8 quantization-aware training {_change(dense, _value(quant, 'test_acc'))}")
-        which = f"{base} student" + ("" if seed is None or run.seeds <= 1 else f" (seed {seed}, its best seed)")
+        which = f"{variant_label(base, variant)} student" + ("" if seed is None or run.seeds <= 1 else f" (seed {seed}, its best seed)")
         # no "loss" key: a run from before --sparsify-loss, whose recipe trained with cross-entropy
         loss = run.sparsify_summary.get("loss", "ce") if run.sparsify_summary else None
         trained = f", fine-tuned with {RECIPE_LOSS_WORDS.get(loss, loss)}" if loss else ""
         text = f"Sparsifying the {which} ({_pct(dense)} dense, PyTorch{trained}): " + "; ".join(parts) + "."
         onnx = [f"{m} {_pct(_value(r, 'onnx_test_acc'))}"
-                for m, r in ((f"dense {base}", _results_row(run, base, seed)), *zip(SPARSE_MODELS, (pruned, quant)))
+                for m, r in ((f"dense {base}", _results_row(run, base, seed, variant)), *zip(SPARSE_MODELS, (pruned, quant)))
                 if r is not None and not math.isnan(_value(r, "onnx_test_acc"))]
         if onnx:
             text += f" Exported to ONNX and run in DeepSparse: {', '.join(onnx)}."

@@ -1,6 +1,6 @@
 """``--sweep FIELD=V1,V2,...``: the command line, the students' grid, the variants table and its
 winner, the trial the sparsify stage takes and the temperature its recipe uses, the fingerprint,
-the report's pieces; and one real run (``test_a_sweep_run_end_to_end``)."""
+the report's pieces; and one real run, killed and resumed (``test_a_sweep_run_killed_and_resumed_end_to_end``)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from study import StudyError, make_config
 from study.config import SWEEPABLE, variant_label, variants
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SMOKE_DATA = Path("/work/data-smoke")
 
 
 # --- the command line ---------------------------------------------------------------------------
@@ -294,26 +293,48 @@ def test_the_report_names_variants_plots_each_swept_field_and_the_winner_sentenc
     assert "ahead of kd temperature=2" in sentence and ": significant at the 0.05 level" in sentence
 
 
+def test_the_sparsify_sentence_names_the_winning_variant_and_reads_its_rows():
+    """Catches: a sentence on what sparsifying cost that names the setup but not the variant, or
+    takes the dense ONNX accuracy from another temperature's row of the same setup and seed."""
+    from report.data import RunData
+    from report.findings import findings
+
+    rows = [{"model": "kd", "seed": 0, "temperature": t, "best_test_acc": a, "test_acc": a, "onnx_test_acc": o}
+            for t, a, o in ((2.0, 0.40, 0.39), (8.0, 0.50, 0.49))]
+    rows += [{"model": m, "seed": 0, "temperature": 8.0, "test_acc": a, "weight_sparsity": 0.8, "onnx_test_acc": a}
+             for m, a in (("pruned", 0.45), ("pruned_quantized", 0.44))]
+    run = RunData(run_dir=Path("."), config={}, results=pd.DataFrame(rows),
+                  sparsify_summary={"setup": "kd", "variant": {"temperature": 8.0}, "test_acc_dense": 0.5})
+    sentence = next(line for line in findings(run) if line.startswith("Sparsifying"))
+    assert sentence.startswith("Sparsifying the kd temperature=8 student (50.0 % dense"), sentence
+    assert "dense kd 49.0 %" in sentence and "pruning to 80.0 % weight sparsity cost 5.0 percentage points" in sentence
+
+
 # --- one real run ------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not (SMOKE_DATA / "cifar-10-batches-py").exists() and not (SMOKE_DATA / "train").exists(),
-                    reason="no smoke CIFAR-10 at /work/data-smoke")
-def test_a_sweep_run_end_to_end(tmp_path):
-    """Catches, on a real run (1 student and 1 teacher epoch): the grid not reaching Tune (results.csv
-    without 4 kd rows, 2 per temperature), variants.csv without 2 rows and intervals, and the recipe,
-    summary.json or the ONNX metadata at another temperature than the winning variant's."""
-    from tests.helpers import run_orchestrate
+def test_a_sweep_run_killed_and_resumed_end_to_end(cifar_root, tmp_path):
+    """A real sweep (2 student epochs, 1 teacher epoch), SIGKILLed once a student trial has
+    checkpointed its 1st epoch, then the same command run to its end. Catches: the grid not
+    reaching Tune (results.csv without 4 kd rows, 2 per temperature), variants.csv without 2 rows
+    and intervals, the recipe, summary.json or the ONNX metadata at another temperature than the
+    winning variant's, and a resume that is not Tune's restore of the same grid (a trial rerun
+    from its start, an epoch of a variant missing or run twice)."""
+    from helpers import kill_orchestrate_when, run_orchestrate
     from trainables.compress.export import read_metadata
 
+    args = ("--sweep", "temperature=2,8", "--setups", "kd", "--seeds", "2", "--stop-after", "sparsify",
+            "--max-epochs", "2", "--teacher-max-epochs", "1")
+    out = tmp_path / "run"
     started = time.time()
-    out = run_orchestrate(tmp_path / "run", SMOKE_DATA, "--sweep", "temperature=2,8", "--setups", "kd", "--seeds",
-                          "2", "--stop-after", "sparsify", "--max-epochs", "1", "--teacher-max-epochs", "1")
-    print(f"sweep run: {time.time() - started:.0f} s")
+    kill_orchestrate_when(out, cifar_root, lambda: any(out.glob("students/*/checkpoint_000000")), *args)
+    run_orchestrate(out, cifar_root, *args)
+    print(f"sweep run, killed and resumed: {time.time() - started:.0f} s")
     results = pd.read_csv(out / "results.csv")
     students = results[results["model"] == "kd"]
     assert len(students) == 4 and sorted(zip(students["temperature"], students["seed"])) == [
         (2.0, 0), (2.0, 1), (8.0, 0), (8.0, 1)]
+    assert (students["epochs"] == 2).all()  # the stop rule cannot fire before epoch 3
     table = pd.read_csv(out / "variants.csv")
     assert len(table) == 2 and set(table["temperature"]) == {2.0, 8.0} and not (out / "setups.csv").exists()
     assert table[["ci95_low", "ci95_high"]].notna().all().all() or (table["test_acc_std"] == 0).any()
@@ -324,6 +345,18 @@ def test_a_sweep_run_end_to_end(tmp_path):
     assert float(meta["recipe_temperature"]) == won and json.loads(meta["source_variant"]) == {"temperature": won}
     sparsified = results[results["model"] == "pruned"]
     assert sparsified["temperature"].tolist() == [won]
+
+    resumed = (out / "orchestrate.log").read_text()
+    assert "[students] restoring the experiment" in resumed
+    continued = []
+    for temperature in (2, 8):
+        for seed in (0, 1):
+            name = re.escape(f"[students kd temperature={temperature} seed {seed}]")
+            after = [int(e) for e in re.findall(rf"{name} epoch (\d+): ", resumed)]
+            assert after == [1, 2][2 - len(after):], (temperature, seed, after)  # no epoch twice
+            continued.append(1 not in after)
+    # the kill came after a trial had checkpointed epoch 1: a restore runs at most its epoch 2
+    assert any(continued), "every trial ran again from epoch 1"
 
 
 def test_epoch_lines_name_the_variant():
