@@ -263,10 +263,14 @@ def model_sizes(path: Union[str, os.PathLike]) -> tuple[int, int]:
 def graph_kind(path: Union[str, os.PathLike]) -> str:
     """Which graph an ONNX file holds, from its op types: ``"ConvInteger INT8"`` (SparseML's
     ``convert_qat`` export: ConvInteger/MatMulInteger), ``"QLinearConv INT8"``, ``"QDQ INT8"``
-    (QuantizeLinear/DequantizeLinear around float Conv/Gemm) or ``"FP32"``."""
+    (QuantizeLinear/DequantizeLinear around float Conv/Gemm), ``"FP32"``, or ``"unreadable"`` when
+    the file is not an ONNX model (its benchmark rows carry the engines' errors)."""
     import onnx
 
-    ops = {node.op_type for node in onnx.load(os.fspath(path), load_external_data=False).graph.node}
+    try:
+        ops = {node.op_type for node in onnx.load(os.fspath(path), load_external_data=False).graph.node}
+    except Exception:  # noqa: BLE001 - protobuf's DecodeError, OSError, ...: the rows say what failed
+        return "unreadable"
     if ops & {"ConvInteger", "MatMulInteger"}:
         return "ConvInteger INT8"
     if ops & {"QLinearConv", "QLinearMatMul"}:

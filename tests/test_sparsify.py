@@ -252,12 +252,15 @@ def test_a_failing_benchmark_is_a_row_and_the_others_are_measured(sparsified, tm
         ray.shutdown()
     assert list(table.columns) == BENCHMARK_COLUMNS
     rows = {(r.model, r.engine): r for r in table.itertuples()}
-    assert set(rows) == {("dense", "deepsparse"), ("dense", "onnxruntime"), ("pruned", "deepsparse")}
-    for key in (("dense", "deepsparse"), ("dense", "onnxruntime")):
-        assert rows[key].status == "ok" and rows[key].error == "" and rows[key].items_per_sec > 0
-    failed = rows[("pruned", "deepsparse")]
-    assert failed.status == "error" and failed.error and "\n" not in failed.error
-    assert np.isnan(failed.items_per_sec) and np.isnan(failed.latency_p50_ms)
+    engines = ("deepsparse", "onnxruntime", "openvino")
+    assert set(rows) == {(model, engine) for model in ("dense", "pruned") for engine in engines}
+    for engine in engines:
+        key = ("dense", engine)
+        assert rows[key].status == "ok" and rows[key].error == "" and rows[key].items_per_sec > 0, key
+        failed = rows[("pruned", engine)]
+        assert failed.status == "error" and failed.error and "\n" not in failed.error
+        assert np.isnan(failed.items_per_sec) and np.isnan(failed.latency_p50_ms)
+        assert failed.graph == "unreadable" and failed.size_bytes == len(b"not an onnx file")
     assert accuracies["pruned"] is None and 0.0 <= accuracies["dense"] <= 1.0
 
 
