@@ -201,17 +201,24 @@ def stage_students(config: StudyConfig, data, teacher_path: Path, reruns):
 
 def stage_sparsify(config: StudyConfig, data, best, teacher_path: Path, reruns) -> dict:
     """Stage 3: the trial ``best`` (``driver.results.sparsify_trial``: the winning setup's
-    best seed), from its best checkpoint, through the recipe, as a Ray task on the training
-    device, trained with that setup's loss and the frozen teacher (``--sparsify-loss setup``) or
-    cross-entropy (``ce``); returns ``sparsify/summary.json``'s content."""
+    best seed), from its best checkpoint, through the recipe, once per sparsity target
+    (``--sparsities``, ``study.layout.sparsity_targets``): each target its own Ray task on the
+    training device, all submitted at once (each asks for what the sparsify task always asked for:
+    Ray runs as many at once as the nodes hold; on a GPU node a fraction each), trained with that
+    setup's loss and the frozen teacher (``--sparsify-loss setup``) or cross-entropy (``ce``). One
+    task (``dense_owner``) also exports ``dense`` and its INT8 PTQ peer ``dense_int8``. A target
+    whose outputs are complete is not run again when it was made with these inputs (a resumed
+    stage, or one whose recorded inputs differ from today's in ``--sparsities`` alone): kept in
+    place, or, by a rerun, copied into ``rerun/`` with the new targets. Returns ``RunLayout.read_sparsify``'s summary."""
     import ray
 
-    from study import ONNX_MODELS
     from driver.results import best_checkpoint
+    from study.layout import dense_owner, model_names, sparsity_targets
     from trainables.compress.sparsify import sparsify_student
     from driver.tuning import trial_resources
 
     layout = RunLayout(config.output_dir)
+    targets = sparsity_targets(config.sparsities, config.recipe)
     setup = best.config["setup"]
     loss = setup if config.sparsify_loss == "setup" else "ce"
     metric = selection_metric(config)
@@ -219,15 +226,18 @@ def stage_sparsify(config: StudyConfig, data, best, teacher_path: Path, reruns) 
     keep = ("skip", "record")
     kept = reruns.action("sparsify") in keep
     if kept:
-        summary = json.loads(layout.sparsify_summary.read_text())
         try:
-            layout.check_onnx(summary)  # the exported models are still the files it recorded
-        except ValueError as err:
+            summary = layout.read_sparsify(targets)
+            layout.check_onnx(summary, model_names(targets))  # the exported models are still the files it recorded
+        except (OSError, ValueError) as err:
             raise StudyError(str(err)) from None
+    # finished targets are kept only when nothing but the target list changed since they were made
+    only_targets = (reruns.changed("sparsify", checkpoint=str(Path(checkpoint.path) / "model.pt")) or set()) \
+        <= {"sparsities"}
     out = reruns.begin("sparsify", checkpoint=str(Path(checkpoint.path) / "model.pt"))  # may turn into a rerun
     if kept and reruns.action("sparsify") in keep:
         reruns.done("sparsify")
-        print(f"[sparsify] {layout.sparsify_summary} exists: skipping the sparsify stage", flush=True)
+        print(f"[sparsify] {layout.sparsify_summary.parent} is complete: skipping the sparsify stage", flush=True)
         return summary
     from driver.results import trial_variant
     from study.config import variant_label
@@ -236,30 +246,89 @@ def stage_sparsify(config: StudyConfig, data, best, teacher_path: Path, reruns) 
           f"{variant_label(*trial_variant(config, best.config))}, seed "
           f"{best.config['seed']}, {metric} {metrics[metric]:.4f} at epoch {metrics['training_iteration']}); "
           f"recipe {config.recipe}, loss {loss}", flush=True)
+    owner = dense_owner(targets)
+    action = reruns.action("sparsify")
+    todo = []
+    for target in targets:
+        wanted = [*target.models, *(("dense", "dense_int8") if target == owner else ())]
+        if (action == "resume" or only_targets) and target_complete(out.root, target, wanted, config.recipe):
+            print(f"[sparsify] target {_target_text(target)}: made with these inputs, kept", flush=True)
+        elif action == "rerun" and only_targets and target_complete(layout.root, target, wanted, config.recipe):
+            keep_target(layout.root, out.root, target, wanted)  # into rerun/, moved back with the new ones
+            print(f"[sparsify] target {_target_text(target)}: made with these inputs, kept", flush=True)
+        else:
+            todo.append(target)
     resources = trial_resources(config, "teacher")  # this cluster's, also on a resumed run
-    task = ray.remote(num_cpus=resources["cpu"], num_gpus=resources["gpu"])(sparsify_student)
-    settings, teacher = sparsify_settings(dataclasses.replace(config, output_dir=str(out.root)), best, teacher_path,
-                                          threads=max(1, math.floor(resources["cpu"])))
+    cpu, gpu = resources["cpu"], resources["gpu"]
+    if gpu and len(todo) > 1:  # on a GPU: a fraction of it (and of its node's CPUs) each, all at once
+        cpu, gpu = (math.floor(value / len(todo) * 1e4) / 1e4 for value in (cpu, gpu))
+    task = ray.remote(num_cpus=cpu, num_gpus=gpu)(sparsify_student)
+    refs = []
+    for target in todo:
+        settings, teacher = sparsify_settings(dataclasses.replace(config, output_dir=str(out.root)), best,
+                                              teacher_path, threads=max(1, math.floor(cpu)), target=target,
+                                              export_dense=target == owner)
+        print(f"[sparsify] target {_target_text(target)}: recipe task submitted", flush=True)
+        refs.append(task.remote(checkpoint, data, settings, teacher=teacher))  # writes its summary into out
     try:
-        ray.get(task.remote(checkpoint, data, settings, teacher=teacher))  # writes the summary into out
-        reruns.done("sparsify")
-        return json.loads(layout.sparsify_summary.read_text())
+        ray.get(refs)
     except ray.exceptions.RayTaskError as err:
         if isinstance(err.cause, ValueError):  # bad recipe and the like: the one line it carries
             raise StudyError(str(err.cause)) from None
         raise
+    reruns.done("sparsify")
+    return layout.read_sparsify(targets)
 
 
-def sparsify_settings(config: StudyConfig, best, teacher_path: Path, threads: int) -> tuple:
+def _target_text(target) -> str:
+    return "(the recipe's own)" if target.sparsity is None else f"{target.sparsity:g}"
+
+
+def target_complete(root: Path, target, models, recipe: str) -> bool:
+    """Whether the run directory ``root`` holds ``target``'s finished outputs: its summary, made
+    for this sparsity (the recipe's own when ``target.sparsity`` is None), recording ``models``
+    whose files still have the recorded sha256."""
+    from study.layout import recipe_sparsity
+
+    path = RunLayout(root).target(target).sparsify_summary
+    try:
+        summary = json.loads(path.read_text())
+        RunLayout(root).check_onnx(summary, models)
+    except (OSError, ValueError):
+        return False
+    want = target.sparsity if target.sparsity is not None else recipe_sparsity(recipe)
+    return summary.get("sparsity") == want
+
+
+def keep_target(source: Path, dest: Path, target, models) -> None:
+    """Copy ``target``'s finished outputs (its ONNX ``models`` and sparsify records) from the run
+    directory ``source`` into ``dest`` (the rerun's staging folder)."""
+    import shutil
+
+    old, new = RunLayout(source).target(target), RunLayout(dest).target(target)
+    for name in models:
+        new.onnx(name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(old.onnx(name), new.onnx(name))
+    new.sparsify_dir.mkdir(parents=True, exist_ok=True)
+    for a, b in ((old.sparsify_history, new.sparsify_history), (old.layer_sparsity, new.layer_sparsity),
+                 (old.sparsify_summary, new.sparsify_summary)):  # the summary last: it marks the target done
+        shutil.copy2(a, b)
+
+
+def sparsify_settings(config: StudyConfig, best, teacher_path: Path, threads: int, target=None,
+                      export_dense: bool = True) -> tuple:
     """``(SparsifySettings, teacher payload or None)`` with which the sparsify stage runs the
     recipe on the trial ``best`` (a ``ray.tune.Result``) with ``threads`` torch threads: the
     trial's seed, setup, temperature and batch size (its own config: a ``--sweep`` varies them,
     so the scalar flags are not read), its swept values (``variant``, recorded in the summary and
     the ONNX metadata), the loss ``--sparsify-loss`` names (the setup's own, or ``ce``, which
-    needs no teacher) and this run's recipe settings."""
+    needs no teacher) and this run's recipe settings; ``target``: the sparsity target
+    (``study.layout.Target``; default the recipe's own) and whether this task exports ``dense`` and
+    ``dense_int8`` (``export_dense``)."""
     import torch
 
     from study import needs_teacher
+    from study.layout import Target
     from trainables.compress.sparsify import SparsifySettings
 
     from driver.results import trial_variant
@@ -273,7 +342,8 @@ def sparsify_settings(config: StudyConfig, best, teacher_path: Path, threads: in
         seed=int(best.config["seed"]), threads=threads, output_dir=str(Path(config.output_dir).resolve()),
         trial_id=best.path.rsplit("/", 1)[-1], setup=setup, loss=loss,
         temperature=float(best.config.get("temperature", config.temperature)),
-        variant=trial_variant(config, best.config)[1])
+        variant=trial_variant(config, best.config)[1], target=target or Target(None, ""),
+        export_dense=export_dense, ptq_images=config.ptq_calibration_images)
     return settings, torch.load(teacher_path, map_location="cpu") if needs_teacher(loss) else None
 
 
@@ -292,7 +362,10 @@ def stage_bench(config: StudyConfig, data, summary: dict, reruns) -> tuple:
     from trainables.batches import normalize
     from driver.cluster import cluster_nodes, on_node, run_on_node
 
+    from study.layout import model_names, sparsity_targets
+
     layout = RunLayout(config.output_dir)
+    models = model_names(sparsity_targets(config.sparsities, config.recipe))
     reruns.begin("bench")  # may turn a skip into a rerun
     if reruns.action("bench") in ("skip", "record"):
         reruns.done("bench")
@@ -302,13 +375,13 @@ def stage_bench(config: StudyConfig, data, summary: dict, reruns) -> tuple:
     cores = config.bench_cores or bench_cores(node, run_on_node(node, cpu_isa)["num_cores"])
     print(f"[bench] {cores} cores on node {node.name}", flush=True)
     try:
-        layout.check_onnx(summary)
+        layout.check_onnx(summary, models)
         table, accuracies = run_benchmarks(
-            {name: layout.onnx(name) for name in summary["sha256"]}, normalize(data.test_images).numpy(),
+            {name: layout.onnx(name) for name in models}, normalize(data.test_images).numpy(),
             data.test_labels.numpy(), num_cores=cores, batch_sizes=config.bench_batch_sizes,
-            warmup_s=config.bench_warmup_seconds, duration_s=config.bench_seconds,
+            warmup_s=config.bench_warmup_seconds, duration_s=config.bench_seconds, rounds=config.bench_rounds,
             deepsparse_python=config.deepsparse_python, scheduling_strategy=on_node(node))
-        layout.check_onnx(summary)  # measuring changed nothing
+        layout.check_onnx(summary, models)  # measuring changed nothing
     except ValueError as err:
         raise StudyError(str(err)) from None
     atomic_write_text(layout.onnx_accuracy, json.dumps(accuracies, indent=2))
@@ -339,7 +412,9 @@ def check_inputs(config: StudyConfig, teacher_stage: bool) -> None:
         from trainables.compress.core import load_recipe
 
         try:
-            load_recipe(config.recipe, num_epochs=config.recipe_epochs)
+            for sparsity in config.sparsities or (None,):  # each target's recipe; None: the recipe's own
+                load_recipe(config.recipe, num_epochs=config.recipe_epochs,
+                            **({} if sparsity is None else {"final_sparsity": sparsity}))
         except ValueError as err:
             raise StudyError(str(err)) from None
     if config.teacher_weights is not None and teacher_stage:
@@ -429,13 +504,20 @@ def print_results(config: StudyConfig, table, setups, bench) -> None:
     print(summary_text(config, table, setups))
     if bench is None:
         return
+    from report import compression_verdict
+
     failed = bench["items_per_sec"].isna()  # rows of failed benchmarks (status "error")
-    print("\nThroughput (items/s) and latency (ms):\n" + (bench if failed.any() else bench.drop(
-        columns=["status", "error"], errors="ignore")).to_markdown(index=False, floatfmt=".2f"))
+    shown = bench.drop(columns=["isa", "vnni", "latency_p50_ms_rounds"], errors="ignore")
+    if not (bench["status"] == "error").any():
+        shown = shown.drop(columns=["status", "error"], errors="ignore")
+    print("\nThroughput (items/s, median of the rounds), latency (ms), test accuracy in the engine, size (bytes):\n"
+          + shown.to_markdown(index=False, floatfmt=".3f"))
     if not failed.all():
         print(f"CPU: {bench[~failed]['isa'].iloc[0]}, VNNI {bench[~failed]['vnni'].iloc[0]}")
     for batch in sorted(set(bench[~failed]["batch_size"])):
         print(fastest_model(bench, batch))
+        for sentence in compression_verdict(bench, batch):
+            print(sentence)
 
 
 def load_data(config: StudyConfig) -> tuple:
@@ -453,12 +535,15 @@ def load_data(config: StudyConfig) -> tuple:
 
 def dry_run(config: StudyConfig, overwrite: bool) -> int:
     """``--dry-run``: one line per stage, what a run would do with it and why (``driver.reruns``);
-    loads the data tensors (their fingerprint), starts no Ray and loads no model."""
+    loads the data tensors (their fingerprint), starts no Ray and loads no model. A
+    ``--deepsparse-python`` is checked as a run checks it (``check_deepsparse_python``)."""
     from driver.reruns import plan_run
 
     if check_output_dir(config, overwrite):
         print(f"--overwrite: would remove the earlier run in {config.output_dir} and run every stage")
         return 0
+    if config.deepsparse_python and config.stop_after == "bench":
+        check_deepsparse_python(config.deepsparse_python)
     _, digests = load_data(config)
     for decision in plan_run(config, digests):
         print(decision.line(dry_run=True))

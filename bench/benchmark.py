@@ -14,6 +14,15 @@ The core count is always set explicitly: the DeepSparse engine is compiled with
 ``num_cores`` and the Ray actor reserves the same number of CPUs
 (:func:`make_cpu_benchmark_actor`), so results are comparable between models.
 
+OpenVINO (``openvino.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": n,
+"PERFORMANCE_HINT": "LATENCY"})``, the model reshaped to the batch size) has no such benchmark API
+here: :func:`timed_loop` times it the same way (warm-up, then back-to-back synchronous calls, the
+same keys and percentiles).
+
+:func:`run_benchmarks` measures every model on every engine at every batch size, ``rounds`` times
+interleaved (round 1 of every job, then round 2, ...), each measurement one actor call that builds
+its engine afresh; a row holds the medians over its rounds and the rounds themselves.
+
 Every engine here reads a private copy of the model (:func:`private_copy`), never the exported
 file: DeepSparse 1.7's ``ORTEngine`` rewrites the file's input batch size **in place**
 (``deepsparse.utils.onnx.override_onnx_batch_size(path, batch_size)`` with its default
@@ -30,11 +39,13 @@ back-to-back ``InferenceSession.run`` calls), and runs every model; DeepSparse r
 from __future__ import annotations
 
 import contextlib
+import gzip
 import importlib.util
 import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import tempfile
 import time
@@ -45,10 +56,11 @@ import numpy as np
 
 import study  # noqa: F401  (sets NM_DISABLE_ANALYTICS before DeepSparse is imported)
 from study.errors import error_line
+from study.requirements import has_deepsparse, runs_deepsparse
 
 __all__ = ["ENGINES", "ENGINE_INFO", "BASELINE_ENGINE", "Engine", "CPUBenchmark", "make_cpu_benchmark_actor",
            "onnx_accuracy", "cpu_isa", "ort_benchmark", "deepsparse_command", "foreign_python_env",
-           "has_deepsparse"]
+           "has_deepsparse", "model_sizes", "graph_kind", "timed_loop", "bench_rows"]
 
 
 class Engine(NamedTuple):
@@ -65,11 +77,13 @@ class Engine(NamedTuple):
 
 
 #: The engines, in the order ``run_benchmarks`` measures them (the rows of ``benchmark.csv``). Each
-#: needs a branch in ``_accuracy`` and is timed by ``deepsparse.benchmark.benchmark_model``, which
-#: knows ``deepsparse`` and ``onnxruntime`` (another engine needs its own timed loop in ``CPUBenchmark.run``).
+#: needs a branch in ``_accuracy``; ``deepsparse`` and ``onnxruntime`` are timed by
+#: ``deepsparse.benchmark.benchmark_model``, ``openvino`` by :func:`timed_loop` (``CPUBenchmark.run``).
+#: Every engine runs every model (a model an engine cannot run is a row with its ``error``).
 ENGINE_INFO: Dict[str, Engine] = {
     "deepsparse": Engine(package="deepsparse", sparse=True, display_order=1),
-    "onnxruntime": Engine(package="onnxruntime", sparse=False, display_order=0, baseline=True),
+    "onnxruntime": Engine(package="onnxruntime", sparse=True, display_order=0, baseline=True),
+    "openvino": Engine(package="openvino", sparse=True, display_order=2),
 }
 #: engine names accepted by :meth:`CPUBenchmark.run` and :func:`onnx_accuracy`
 ENGINES = tuple(ENGINE_INFO)
@@ -88,11 +102,6 @@ def _check_common(model_path: str, batch_size: Any, engine: str, num_cores: Any)
         not isinstance(num_cores, (int, np.integer)) or isinstance(num_cores, bool) or num_cores < 1
     ):
         raise ValueError(f"num_cores must be an int >= 1 or None, got {num_cores!r}")
-
-
-def has_deepsparse() -> bool:
-    """Whether this Python can import DeepSparse (not on the Python 3.12 profile)."""
-    return importlib.util.find_spec("deepsparse") is not None
 
 
 def _cpu_isa_from_proc(cpuinfo: Optional[str] = None) -> Dict[str, Any]:
@@ -174,8 +183,9 @@ def onnx_accuracy(
         batch_size: engine batch size. DeepSparse compiles for a fixed batch size, so
             the last partial batch is zero-padded to ``batch_size`` and the padded
             rows are dropped (ONNX Runtime is fed the same way).
-        engine: "deepsparse" (``deepsparse.Engine``) or "onnxruntime"
-            (``onnxruntime.InferenceSession``, CPU provider).
+        engine: "deepsparse" (``deepsparse.Engine``), "onnxruntime"
+            (``onnxruntime.InferenceSession``, CPU provider) or "openvino" (compiled for the CPU at
+            ``batch_size``).
         num_cores: cores for the engine (DeepSparse ``num_cores``, ORT
             ``intra_op_num_threads``); None = the engine's default (all).
 
@@ -200,39 +210,27 @@ def onnx_accuracy(
         return _accuracy(copy, x, y, int(batch_size), engine, num_cores)
 
 
-def _latency_stats(latencies_ms: list, batch_size: int, seconds: float) -> Dict[str, Any]:
-    """The keys ``deepsparse.benchmark`` reports, from per-call latencies (ms) over ``seconds``."""
-    arr = np.asarray(latencies_ms, dtype=np.float64)
-    return {"items_per_sec": batch_size * len(arr) / seconds, "mean": float(arr.mean()),
-            "median": float(np.median(arr)), "99.0%": float(np.percentile(arr, 99)),
-            "iterations": len(arr), "seconds_ran": seconds, "scenario": "singlestream"}
-
-
 def ort_benchmark(path: str, batch_size: int, num_cores: int, warmup_s: float, duration_s: float) -> Dict[str, Any]:
-    """Time onnxruntime (CPU provider, ``intra_op_num_threads = num_cores``) on random float32
-    inputs of the model's shape at ``batch_size`` (the batch axis must be dynamic or equal it):
-    ``warmup_s`` s of untimed calls, then back-to-back calls for ``duration_s`` s.
-
-    Returns ``deepsparse.benchmark``'s keys: ``items_per_sec`` (images/s), ``mean``, ``median``,
-    ``99.0%`` (ms per call), ``iterations``, ``seconds_ran``, ``scenario`` ("singlestream")."""
+    """Time onnxruntime (CPU provider, ``intra_op_num_threads = num_cores``) by :func:`timed_loop` on
+    random float32 inputs of the model's shape at ``batch_size`` (the batch axis must be dynamic or
+    equal it). Returns :func:`timed_loop`'s keys."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = int(num_cores)
     opts.inter_op_num_threads = 1
     sess = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
+    inputs = sess.get_inputs()
     rng = np.random.default_rng(0)
-    feeds = {inp.name: rng.standard_normal((batch_size,) + tuple(int(d) for d in inp.shape[1:])).astype(np.float32)
-             for inp in sess.get_inputs()}
-    end = time.perf_counter() + warmup_s
-    while time.perf_counter() < end:
-        sess.run(None, feeds)
-    latencies, start = [], time.perf_counter()
-    while not latencies or time.perf_counter() - start < duration_s:
-        t0 = time.perf_counter()
-        sess.run(None, feeds)
-        latencies.append((time.perf_counter() - t0) * 1000.0)
-    return _latency_stats(latencies, batch_size, time.perf_counter() - start)
+    batch = rng.standard_normal((batch_size,) + tuple(int(d) for d in inputs[0].shape[1:])).astype(np.float32)
+    return timed_loop(lambda b: sess.run(None, {inputs[0].name: b}), batch, warmup_s, duration_s)
+
+
+def _from_deepsparse(result: Dict[str, Any]) -> Dict[str, Any]:
+    """``deepsparse.benchmark``'s ``benchmark_result`` (``mean``, ``median``, ``99.0%`` in ms per
+    call) under :func:`timed_loop`'s keys; other keys (``version``) kept."""
+    renamed = {"mean": "latency_mean_ms", "median": "latency_p50_ms", "99.0%": "latency_p99_ms"}
+    return {renamed.get(key, key): value for key, value in result.items()}
 
 
 def foreign_python_env() -> Dict[str, str]:
@@ -249,8 +247,9 @@ def deepsparse_command(python: str, path: str, batch_size: int, num_cores: int, 
     with deepsparse 1.7) on ``path``: engine deepsparse, scenario sync, its JSON export read back.
     The command takes whole seconds: ``warmup_s`` and ``duration_s`` are rounded up.
 
-    Returns ``deepsparse.benchmark``'s ``benchmark_result`` keys (as :func:`ort_benchmark`) plus
-    ``version`` (DeepSparse's). Raises RuntimeError with the command's last stderr line when it fails."""
+    Returns ``deepsparse.benchmark``'s ``benchmark_result`` keys (``items_per_sec``, ``mean``,
+    ``median``, ``99.0%`` in ms per call, ``iterations``, ``seconds_ran``) plus ``version``
+    (DeepSparse's). Raises RuntimeError with the command's last stderr line when it fails."""
     command = Path(python).parent / "deepsparse.benchmark"
     with tempfile.TemporaryDirectory(prefix="deepsparse-") as folder:
         export = os.path.join(folder, "result.json")
@@ -279,6 +278,12 @@ def _accuracy(path: str, x: np.ndarray, y: np.ndarray, batch_size: int, engine: 
         def run(batch: np.ndarray) -> np.ndarray:
             return eng.run([batch])[0]
 
+    elif engine == "openvino":
+        compiled = _openvino_model(path, batch_size, num_cores)
+
+        def run(batch: np.ndarray) -> np.ndarray:
+            return np.asarray(compiled(batch)[0])
+
     else:
         import onnxruntime as ort
 
@@ -302,6 +307,69 @@ def _accuracy(path: str, x: np.ndarray, y: np.ndarray, batch_size: int, engine: 
         logits = np.asarray(run(np.ascontiguousarray(batch)))[:real]
         correct += int((logits.argmax(axis=1) == y[start : start + real]).sum())
     return correct / n
+
+
+def _openvino_model(path: str, batch_size: int, num_cores: Optional[int]):
+    """``path`` compiled by OpenVINO for the CPU with its input reshaped to ``batch_size``,
+    ``num_cores`` inference threads (None: OpenVINO's default) and the latency hint (one stream)."""
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(path)
+    shape = list(model.inputs[0].get_partial_shape())
+    model.reshape({model.inputs[0].get_any_name(): [batch_size, *(int(d.get_length()) for d in shape[1:])]})
+    config = {"PERFORMANCE_HINT": "LATENCY"}
+    if num_cores is not None:
+        config["INFERENCE_NUM_THREADS"] = int(num_cores)
+    return core.compile_model(model, "CPU", config)
+
+
+def timed_loop(run, batch: np.ndarray, warmup_s: float, duration_s: float) -> Dict[str, Any]:
+    """Time ``run(batch)``: untimed calls for ``warmup_s`` s, then back-to-back calls for
+    ``duration_s`` s (at least one). Returns ``items_per_sec`` (len(batch) x calls / seconds),
+    ``latency_mean_ms``, ``latency_p50_ms``, ``latency_p99_ms`` (per call, ms; numpy percentiles,
+    linear), ``iterations``, ``seconds_ran``."""
+    end = time.perf_counter() + warmup_s
+    while time.perf_counter() < end:
+        run(batch)
+    latencies = []
+    start = time.perf_counter()
+    while not latencies or time.perf_counter() - start < duration_s:
+        t0 = time.perf_counter()
+        run(batch)
+        latencies.append(time.perf_counter() - t0)
+    seconds = time.perf_counter() - start
+    ms = np.asarray(latencies) * 1000.0
+    return {"items_per_sec": len(batch) * len(latencies) / seconds, "latency_mean_ms": float(ms.mean()),
+            "latency_p50_ms": float(np.percentile(ms, 50)), "latency_p99_ms": float(np.percentile(ms, 99)),
+            "iterations": len(latencies), "seconds_ran": seconds}
+
+
+def model_sizes(path: Union[str, os.PathLike]) -> tuple[int, int]:
+    """``(raw, gzip)``: the file's size on disk and gzip-compressed (level 9, ``gzip.compress``), in
+    bytes. Zeros compress, so a pruned model's gzip size shows its sparsity. OSError when unreadable."""
+    data = open(os.fspath(path), "rb").read()
+    return len(data), len(gzip.compress(data, compresslevel=9))
+
+
+def graph_kind(path: Union[str, os.PathLike]) -> str:
+    """Which graph an ONNX file holds, from its op types: ``"ConvInteger INT8"`` (SparseML's
+    ``convert_qat`` export: ConvInteger/MatMulInteger), ``"QLinearConv INT8"``, ``"QDQ INT8"``
+    (QuantizeLinear/DequantizeLinear around float Conv/Gemm), ``"FP32"``, or ``"unreadable"`` when
+    the file is not an ONNX model (its benchmark rows carry the engines' errors)."""
+    import onnx
+
+    try:
+        ops = {node.op_type for node in onnx.load(os.fspath(path), load_external_data=False).graph.node}
+    except Exception:  # noqa: BLE001 - protobuf's DecodeError, OSError, ...: the rows say what failed
+        return "unreadable"
+    if ops & {"ConvInteger", "MatMulInteger"}:
+        return "ConvInteger INT8"
+    if ops & {"QLinearConv", "QLinearMatMul"}:
+        return "QLinearConv INT8"
+    if "DequantizeLinear" in ops:
+        return "QDQ INT8"
+    return "FP32"
 
 
 class CPUBenchmark:
@@ -353,7 +421,7 @@ class CPUBenchmark:
             model_path: ``.onnx`` file (dynamic or matching batch axis); a private copy is
                 measured, the file itself is only read.
             batch_size: items per engine call (random inputs of the model's shape).
-            engine: "deepsparse" or "onnxruntime".
+            engine: "deepsparse", "onnxruntime" or "openvino".
             num_cores: cores for the engine; default: the actor's ``num_cores``,
                 else all physical cores DeepSparse sees. Always passed explicitly.
             warmup_s: seconds of untimed runs first (> 0).
@@ -380,9 +448,18 @@ class CPUBenchmark:
                 raise ValueError(f"{name} must be a number > 0 (seconds), got {val!r}")
 
         with private_copy(model_path) as copy:
-            if engine == "deepsparse" and self.deepsparse_python:
-                res = deepsparse_command(self.deepsparse_python, copy, int(batch_size), int(num_cores),
-                                         float(warmup_s), float(duration_s), self.thread_pinning)
+            if engine == "openvino":
+                import openvino
+
+                compiled = _openvino_model(copy, int(batch_size), int(num_cores))
+                shape = [int(batch_size), *(int(d) for d in compiled.inputs[0].get_shape()[1:])]
+                batch = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+                res = timed_loop(compiled, batch, float(warmup_s), float(duration_s))
+                version = f"openvino {openvino.__version__}"
+            elif engine == "deepsparse" and self.deepsparse_python:
+                res = _from_deepsparse(deepsparse_command(self.deepsparse_python, copy, int(batch_size),
+                                                          int(num_cores), float(warmup_s), float(duration_s),
+                                                          self.thread_pinning))
                 version = f"deepsparse {res['version']}"
             elif not has_deepsparse():
                 if engine == "deepsparse":
@@ -395,7 +472,7 @@ class CPUBenchmark:
                 from deepsparse import __version__ as ds_version
                 from deepsparse.benchmark.benchmark_model import benchmark_model
 
-                res = benchmark_model(
+                res = _from_deepsparse(benchmark_model(
                     model_path=copy,
                     batch_size=int(batch_size),
                     num_cores=int(num_cores),
@@ -405,7 +482,7 @@ class CPUBenchmark:
                     engine=engine,
                     thread_pinning=self.thread_pinning,
                     quiet=True,
-                )["benchmark_result"]
+                )["benchmark_result"])
                 version = f"deepsparse {ds_version}"
                 if engine == "onnxruntime":
                     import onnxruntime
@@ -418,12 +495,12 @@ class CPUBenchmark:
             "batch_size": int(batch_size),
             "num_cores": int(num_cores),
             "items_per_sec": float(res["items_per_sec"]),
-            "latency_mean_ms": float(res["mean"]),
-            "latency_p50_ms": float(res["median"]),
-            "latency_p99_ms": float(res["99.0%"]),
+            "latency_mean_ms": float(res["latency_mean_ms"]),
+            "latency_p50_ms": float(res["latency_p50_ms"]),
+            "latency_p99_ms": float(res["latency_p99_ms"]),
             "iterations": int(res["iterations"]),
             "seconds_ran": float(res["seconds_ran"]),
-            "scenario": str(res["scenario"]),
+            "scenario": "singlestream",
             "isa": isa["isa"],
             "vnni": isa["vnni"],
             "engine_version": version,
@@ -471,11 +548,19 @@ def make_cpu_benchmark_actor(num_cores: int, *, thread_pinning: str = "core",
     return cls.remote(num_cores, thread_pinning, deepsparse_python)
 
 
-#: Columns of ``benchmark.csv``, in order. ``status`` is "ok" or "error"; ``error`` is the first
-#: line of what went wrong (empty when ok); a failed row's measurements are empty (NaN).
-#: ``engine_version``: the engine and version that ran the row (e.g. "deepsparse 1.7.0").
-BENCHMARK_COLUMNS = ["model", "engine", "batch_size", "num_cores", "items_per_sec", "latency_mean_ms",
-                     "latency_p50_ms", "latency_p99_ms", "isa", "vnni", "status", "error", "engine_version"]
+#: Columns of ``benchmark.csv``, in order: the pair's test ``accuracy`` (0..1) in that engine, the
+#: model file's ``size_bytes`` and ``size_gzip_bytes``, its ``graph`` (:func:`graph_kind`), how many
+#: ``rounds`` were timed; throughput (images/s) and latencies (ms per batch call) are medians over
+#: the rounds, ``items_per_sec_rounds`` / ``latency_p50_ms_rounds`` the rounds themselves (JSON
+#: lists). ``status`` is "ok" or "error"; ``error`` is the first line of what went wrong (empty when
+#: ok); a failed measurement is empty (NaN), the others stay. ``engine_version``: the engine and
+#: version that ran the row (e.g. "deepsparse 1.7.0").
+BENCHMARK_COLUMNS = ["model", "engine", "batch_size", "num_cores", "accuracy", "size_bytes", "size_gzip_bytes",
+                     "graph", "rounds", "items_per_sec", "latency_mean_ms", "latency_p50_ms", "latency_p99_ms",
+                     "items_per_sec_rounds", "latency_p50_ms_rounds", "isa", "vnni", "status", "error",
+                     "engine_version"]
+#: the timed keys of a measurement whose median a row holds
+TIMED = ("items_per_sec", "latency_mean_ms", "latency_p50_ms", "latency_p99_ms")
 
 
 def _first_line(err: BaseException) -> str:
@@ -483,40 +568,75 @@ def _first_line(err: BaseException) -> str:
     return error_line(getattr(err, "cause", None) or err, typed=True)
 
 
-def run_benchmarks(onnx_paths: Dict[str, str], images_float32: Any, labels: Any, *, num_cores: int,
-                   batch_sizes, warmup_s: float, duration_s: float, deepsparse_python: Optional[str] = None,
-                   **actor_options: Any):
-    """Stage 4: one CPU-only Ray actor with ``num_cores`` cores benchmarks every exported model
-    (each engine of ``ENGINE_INFO`` that runs sparse models; all of them on ``dense``) at each batch size, one run at a time so runs do
-    not compete for the cores, then measures each model's test accuracy in DeepSparse.
-
-    A combination that fails (the engine rejects the model, the actor dies, ...) becomes a row
-    with ``status`` "error" and the error's first line; the others are still measured (a dead
-    actor is replaced). A failed accuracy is None.
+def bench_rows(jobs, measured: dict, errors: dict, accuracy: dict, sizes: dict, graphs: dict, num_cores: int):
+    """The rows of ``benchmark.csv`` (dicts with ``BENCHMARK_COLUMNS``), one per job, in job order.
 
     Args:
-        onnx_paths: model name (``study.ONNX_MODELS``) -> ``.onnx`` path (only read: the engines
-            get private copies).
+        jobs: ``(model, engine, batch_size)`` tuples.
+        measured: job -> list of :meth:`CPUBenchmark.run` results, one per round that ran.
+        errors: job -> first error line of its timing (absent/empty: none).
+        accuracy: ``(model, engine)`` -> test accuracy 0..1, or an error line (str) when it failed.
+        sizes: model -> ``(raw, gzip)`` bytes; graphs: model -> :func:`graph_kind`.
+
+    A row's timings are the medians of its rounds (``statistics.median``); a row with a timing or
+    accuracy error has ``status`` "error" and both errors in ``error``, its other values kept."""
+    rows = []
+    for job in jobs:
+        model, engine, batch = job
+        runs = measured.get(job, [])
+        acc = accuracy.get((model, engine))
+        problems = [e for e in (errors.get(job), None if not isinstance(acc, str) else f"accuracy: {acc}") if e]
+        row = {"model": model, "engine": engine, "batch_size": batch, "num_cores": num_cores,
+               "accuracy": acc if isinstance(acc, float) else None,
+               "size_bytes": sizes.get(model, (None, None))[0], "size_gzip_bytes": sizes.get(model, (None, None))[1],
+               "graph": graphs.get(model), "rounds": len(runs), "status": "error" if problems else "ok",
+               "error": "; ".join(problems)}
+        if runs:
+            row.update({key: statistics.median(r[key] for r in runs) for key in TIMED})
+            row["items_per_sec_rounds"] = json.dumps([round(r["items_per_sec"], 3) for r in runs])
+            row["latency_p50_ms_rounds"] = json.dumps([round(r["latency_p50_ms"], 4) for r in runs])
+            row.update(isa=runs[0]["isa"], vnni=runs[0]["vnni"], engine_version=runs[0]["engine_version"])
+        rows.append(row)
+    return rows
+
+
+def run_benchmarks(onnx_paths: Dict[str, str], images_float32: Any, labels: Any, *, num_cores: int,
+                   batch_sizes, warmup_s: float, duration_s: float, rounds: int = 1,
+                   deepsparse_python: Optional[str] = None, **actor_options: Any):
+    """Stage 4: one CPU-only Ray actor with ``num_cores`` cores benchmarks every model on every
+    engine of ``ENGINE_INFO`` at each batch size, one measurement at a time so they do not compete
+    for the cores, in ``rounds`` interleaved rounds (each measurement its own actor call, its engine
+    built afresh); then measures each (model, engine)'s test accuracy in that engine (batch 32).
+
+    A combination that fails (the engine rejects the model, the actor dies, ...) becomes a row
+    with ``status`` "error" and the error's first line (not timed again in later rounds); the
+    others are still measured (a dead actor is replaced).
+
+    Args:
+        onnx_paths: model name (``study.layout.model_names``) -> ``.onnx`` path (only read: the
+            engines get private copies), in report order.
         images_float32, labels: the normalized test set, (N, 3, 32, 32) float32 and (N,) int.
         num_cores: cores of the actor and of every engine.
         batch_sizes: batch sizes to benchmark (e.g. ``(1, 32)``).
-        warmup_s, duration_s: seconds of warm-up and of timed runs per benchmark.
+        warmup_s, duration_s: seconds of warm-up and of timed runs per measurement.
+        rounds: how many times the whole matrix is timed (>= 1).
         deepsparse_python: see :class:`CPUBenchmark`. Without it and without DeepSparse in this
-            Python, DeepSparse is left out (one line says so), onnxruntime runs every model and
-            measures the accuracies.
+            Python, DeepSparse is left out (one line says so). DeepSparse through it is timed only:
+            its rows have no accuracy.
         **actor_options: ``ray.remote`` options of the actor, e.g. ``scheduling_strategy`` (the
             node it runs on; its ``num_cores`` must fit there).
 
     Returns:
-        ``(table, accuracies)``: a DataFrame with ``BENCHMARK_COLUMNS`` (items_per_sec in
-        images/s, latencies in ms per batch call) and ``{model: test accuracy 0..1 or None}``.
+        ``(table, accuracies)``: a DataFrame with ``BENCHMARK_COLUMNS`` (:func:`bench_rows`) and
+        ``{model: test accuracy 0..1, or None}`` (``onnx_accuracy.json``): in DeepSparse, or in
+        onnxruntime where this Python has no DeepSparse.
     """
     import pandas as pd
     import ray
 
     actor = make_cpu_benchmark_actor(num_cores, deepsparse_python=deepsparse_python, **actor_options)
     in_process = has_deepsparse()
-    engines = [e for e in ENGINES if e != "deepsparse" or in_process or deepsparse_python]
+    engines = [e for e in ENGINES if e != "deepsparse" or runs_deepsparse(deepsparse_python)]
     if "deepsparse" not in engines:
         print("[bench] deepsparse: not installed in this Python (none past 3.11); left out. To run it, pass "
               "--deepsparse-python PATH (a Python 3.10/3.11 with deepsparse==1.7.0)", flush=True)
@@ -530,30 +650,51 @@ def run_benchmarks(onnx_paths: Dict[str, str], images_float32: Any, labels: Any,
             actor = make_cpu_benchmark_actor(num_cores, deepsparse_python=deepsparse_python, **actor_options)
             raise
 
-    # without DeepSparse in this Python, onnxruntime is the engine here: it runs the sparse models too
+    failures = (ray.exceptions.RayError, ValueError, OSError, RuntimeError)
     jobs = [(name, engine, batch) for name in onnx_paths
-            for engine in engines if name == "dense" or ENGINE_INFO[engine].sparse or not in_process
+            for engine in engines if name == "dense" or ENGINE_INFO[engine].sparse
             for batch in batch_sizes]
-    rows = []
-    for name, engine, batch in jobs:
-        where = f"[bench] {name:16s} {engine:11s} batch {batch:3d}"
-        try:
-            row = call("run", str(onnx_paths[name]), batch, engine=engine, warmup_s=warmup_s,
-                       duration_s=duration_s)
-        except (ray.exceptions.RayError, ValueError, OSError) as err:
-            rows.append({"model": name, "engine": engine, "batch_size": batch, "num_cores": num_cores,
-                         "status": "error", "error": _first_line(err)})
-            print(f"{where}: failed, {rows[-1]['error']}", flush=True)
-            continue
-        rows.append({**row, "model": name, "status": "ok", "error": ""})
-        print(f"{where}: {row['items_per_sec']:9.1f} items/s, p50 {row['latency_p50_ms']:.2f} ms", flush=True)
-    accuracies = {}
-    for name, path in onnx_paths.items():
-        try:
-            accuracies[name] = call("accuracy", str(path), images_float32, labels, 32,
-                                    engine="deepsparse" if in_process else "onnxruntime")
-        except (ray.exceptions.RayError, ValueError, OSError) as err:
-            accuracies[name] = None
-            print(f"[bench] accuracy of {name}: failed, {_first_line(err)}", flush=True)
+    measured: Dict[tuple, list] = {job: [] for job in jobs}
+    errors: Dict[tuple, str] = {}
+    from study.noise import verbose
+
+    for round_ in range(1, int(rounds) + 1):
+        started = time.perf_counter()
+        for job in jobs:
+            if job in errors:
+                continue
+            name, engine, batch = job
+            where = f"[bench] round {round_}/{rounds} {name:22s} {engine:11s} batch {batch:3d}"
+            try:
+                row = call("run", str(onnx_paths[name]), batch, engine=engine, warmup_s=warmup_s,
+                           duration_s=duration_s)
+            except failures as err:
+                errors[job] = _first_line(err)
+                print(f"{where}: failed, {errors[job]}", flush=True)
+                continue
+            measured[job].append(row)
+            if verbose():  # else one line per round (below); failures always
+                print(f"{where}: {row['items_per_sec']:9.1f} items/s, p50 {row['latency_p50_ms']:.2f} ms", flush=True)
+        print(f"[bench] round {round_}/{rounds}: {sum(len(m) >= round_ for m in measured.values())} of {len(jobs)} "
+              f"measurements ({len(engines)} engines, {len(onnx_paths)} models, batch sizes "
+              f"{', '.join(map(str, batch_sizes))}) in {time.perf_counter() - started:.0f} s", flush=True)
+    accuracy: Dict[tuple, Any] = {}
+    for name in onnx_paths:
+        for engine in dict.fromkeys(engine for _, engine, _ in jobs):
+            if engine == "deepsparse" and not in_process:
+                continue  # the deepsparse.benchmark command times a model; it does not run the test set
+            try:
+                accuracy[(name, engine)] = float(call("accuracy", str(onnx_paths[name]), images_float32, labels, 32,
+                                                      engine=engine))
+            except failures as err:
+                accuracy[(name, engine)] = _first_line(err)
+                print(f"[bench] accuracy of {name} on {engine}: failed, {accuracy[(name, engine)]}", flush=True)
     ray.kill(actor)
-    return pd.DataFrame(rows, columns=BENCHMARK_COLUMNS), accuracies
+    sizes = {name: model_sizes(path) for name, path in onnx_paths.items()}
+    graphs = {name: graph_kind(path) for name, path in onnx_paths.items()}
+    table = pd.DataFrame(bench_rows(jobs, measured, errors, accuracy, sizes, graphs, num_cores),
+                         columns=BENCHMARK_COLUMNS)
+    reference = "deepsparse" if in_process else "onnxruntime"
+    accuracies = {name: accuracy.get((name, reference)) if isinstance(accuracy.get((name, reference)), float)
+                  else None for name in onnx_paths}
+    return table, accuracies

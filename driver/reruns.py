@@ -18,7 +18,9 @@ from pathlib import Path
 from study import ONNX_MODELS, STAGES, RunLayout, StudyConfig
 from study.config import config_json
 from study.files import atomic_write_text
-from study.fingerprint import file_inputs, make_fingerprint, read_fingerprint, write_fingerprint
+from study.fingerprint import changed_inputs, file_inputs, make_fingerprint, read_fingerprint, write_fingerprint
+from study.layout import model_names, sparsity_targets
+from study.requirements import runs_deepsparse
 from study.reruns import Decision, StageState, check_absorbable, legacy_fields, plan, saved_config
 
 #: What a stage owns in the run directory: what ``promote`` moves and ``discard`` removes.
@@ -31,14 +33,18 @@ def stages_of(config: StudyConfig) -> tuple[str, ...]:
     return STAGES[:STAGES.index(config.stop_after) + 1]
 
 
-def outputs_complete(layout: RunLayout, stage: str) -> bool:
-    """Whether ``stage``'s outputs are there (what the stages' own skip checks look at)."""
+def outputs_complete(layout: RunLayout, stage: str, config: StudyConfig | None = None) -> bool:
+    """Whether ``stage``'s outputs are there (what the stages' own skip checks look at); for
+    sparsify: every target's summary and every model of ``config``'s targets (default: one target,
+    the recipe's own)."""
     if stage == "teacher":
         return layout.teacher.exists()
     if stage == "students":
         return layout.students_dir.is_dir()
     if stage == "sparsify":
-        return layout.sparsify_summary.exists() and all(layout.onnx(n).exists() for n in ONNX_MODELS)
+        targets = sparsity_targets(config.sparsities if config else (), config.recipe if config else "")
+        return all(layout.target(t).sparsify_summary.exists() for t in targets) and \
+            all(layout.onnx(n).exists() for n in model_names(targets))
     return layout.benchmark.exists() and layout.onnx_accuracy.exists()
 
 
@@ -56,7 +62,8 @@ def current_fingerprint(stage: str, config: StudyConfig, digests: dict, checkpoi
     """The fingerprint of what ``stage`` reads now in ``config.output_dir``: its config fields and
     files (``study.fingerprint.file_inputs``), ``teacher.pt`` (students, sparsify), the winning
     checkpoint's ``model.pt`` (sparsify; ``checkpoint``, relative to the run directory or
-    absolute), the ONNX models (bench), and the data ``digests`` (``trainables.digests``)."""
+    absolute), the ONNX models and ``deepsparse: True`` where DeepSparse runs (bench:
+    ``study.requirements.runs_deepsparse``), and the data ``digests`` (``trainables.digests``)."""
     values = json.loads(config_json(config))
     files = file_inputs(stage, values)
     if stage in ("students", "sparsify"):
@@ -64,8 +71,14 @@ def current_fingerprint(stage: str, config: StudyConfig, digests: dict, checkpoi
     if stage == "sparsify" and checkpoint is not None:
         files["checkpoint"] = checkpoint
     if stage == "bench":
-        files.update({f"{name}.onnx": f"onnx/{name}.onnx" for name in ONNX_MODELS})
-    return make_fingerprint(stage, values, digests, files, complete=complete, root=config.output_dir)
+        files.update({f"{name}.onnx": f"onnx/{name}.onnx"
+                      for name in model_names(sparsity_targets(config.sparsities, config.recipe))})
+    fingerprint = make_fingerprint(stage, values, digests, files, complete=complete, root=config.output_dir)
+    if stage == "bench" and runs_deepsparse(config.deepsparse_python):
+        # recorded only when DeepSparse runs: a bench made without it reruns once DeepSparse is
+        # there (--deepsparse-python); one made with it is kept when a later run has none
+        fingerprint["fields"]["deepsparse"] = True
+    return fingerprint
 
 
 def plan_run(config: StudyConfig, digests: dict) -> list[Decision]:
@@ -80,7 +93,7 @@ def plan_run(config: StudyConfig, digests: dict) -> list[Decision]:
     for stage in stages_of(config):
         recorded = read_fingerprint(layout.fingerprint(stage))
         checkpoint = ((recorded or {}).get("files", {}).get("checkpoint") or {}).get("path")
-        states[stage] = StageState(outputs_complete(layout, stage), recorded,
+        states[stage] = StageState(outputs_complete(layout, stage, config), recorded,
                                    current_fingerprint(stage, config, digests, checkpoint),
                                    legacy_fields(stage, previous))
     return plan(states)
@@ -151,10 +164,11 @@ def promote(layout: RunLayout, stage: str) -> None:
         if new.is_dir() and old.exists():
             os.replace(old, trash / name)
         os.replace(new, old)  # a file: atomic over the old one
-    if stage == "sparsify":  # the summary names its models by path: now the ones in the run directory
-        summary = json.loads(layout.sparsify_summary.read_text())
-        summary["onnx"] = {name: str(layout.onnx(name)) for name in ONNX_MODELS}
-        atomic_write_text(layout.sparsify_summary, json.dumps(summary, indent=2))
+    if stage == "sparsify":  # each summary names its models by path: now the ones in the run directory
+        for path in layout.sparsify_dir.glob("summary*.json"):
+            summary = json.loads(path.read_text())
+            summary["onnx"] = {name: str(layout.onnx(name)) for name in summary.get("onnx", {})}
+            atomic_write_text(path, json.dumps(summary, indent=2))
     shutil.rmtree(staged)
 
 
@@ -220,6 +234,15 @@ class Reruns:
             promote(self.layout, stage)
         if self.action(stage) != "skip":
             write_fingerprint(self.layout.fingerprint(stage), {**self.pending[stage], "complete": True})
+
+    def changed(self, stage: str, checkpoint: str | None = None) -> set[str] | None:
+        """What ``stage`` reads now (``checkpoint``: as for ``begin``) differently from what its
+        recorded fingerprint says (``study.fingerprint.changed_inputs``); None when none is recorded.
+        Call it before ``begin``, which records the current inputs of a stage that runs in place."""
+        recorded = read_fingerprint(self.layout.fingerprint(stage))
+        current = current_fingerprint(stage, self.config, self.digests,
+                                      None if checkpoint is None else relative(checkpoint, self.layout.root))
+        return None if recorded is None else changed_inputs(recorded, current)
 
     def reruns_any(self) -> bool:
         return any(d.action in ("rerun", "restart") for d in self.decisions.values())

@@ -157,14 +157,17 @@ def sparsify_trial(config: StudyConfig, students, rows: list[dict]):
 
 
 def sparsified_rows(summary: dict, rows: list[dict], seed=None, values: dict | None = None) -> list[dict]:
-    """Rows ``pruned`` and ``pruned_quantized`` from the sparsify summary: torch test accuracy,
-    measured weight sparsity (0..1), recipe epochs, the setup they came from (``base``), the
-    seed of that trial and its swept values (``values``: field -> value)."""
+    """Rows ``pruned<tag>`` and ``pruned_quantized<tag>`` of every sparsity target of the sparsify
+    summary (``RunLayout.read_sparsify``; one without ``targets``: itself, a default run's): torch
+    test accuracy, measured weight sparsity (0..1), recipe epochs, the setup they came from
+    (``base``), the seed of that trial and its swept values (``values``: field -> value)."""
     params = next(row["params"] for row in rows if row["model"] == summary["setup"])
-    return [{"model": name, "seed": seed, **(values or {}), "test_acc": summary[f"test_acc_{name}"], "params": params,
-             "weight_sparsity": summary[f"weight_sparsity_{name}"], "epochs": int(summary["recipe_epochs"])
-             if float(summary["recipe_epochs"]).is_integer() else summary["recipe_epochs"],
-             "base": summary["setup"]} for name in ("pruned", "pruned_quantized")]
+    return [{"model": target.get("models", {}).get(kind, kind), "seed": seed, **(values or {}),
+             "test_acc": target[f"test_acc_{kind}"], "params": params,
+             "weight_sparsity": target[f"weight_sparsity_{kind}"], "epochs": int(target["recipe_epochs"])
+             if float(target["recipe_epochs"]).is_integer() else target["recipe_epochs"],
+             "base": target["setup"]} for target in summary.get("targets", [summary])
+            for kind in ("pruned", "pruned_quantized")]
 
 
 def set_onnx_accuracy(rows: list[dict], accuracies: dict, setup: str, seed, values: dict | None = None) -> None:

@@ -14,13 +14,13 @@ below.
 
 from report.data import (LOSS_COLUMNS, MODELS, SETUPS, SPARSE_MODELS, RunData, base_seed, load_result_grid, load_run, stop_epoch,
                          trial_label)
-from report.findings import fastest_model, findings, run_summary
+from report.findings import compression_verdict, fastest_model, findings, pareto_front, run_summary
 from report.render import ReportError, main, render_report
-from report.tables import (accuracy_note, accuracy_table, benchmark_frame, benchmark_table, overlap_sentence,
+from report.tables import (accuracy_note, accuracy_table, benchmark_frame, benchmark_table, overlap_sentence, pareto_chart,
                            section, setups_table, show_table, sparse_table, student_overlap, sweep_curves,
                            use_print_style, variant_seeds)
 
 __all__ = ["LOSS_COLUMNS", "MODELS", "SETUPS", "SPARSE_MODELS", "ReportError", "RunData", "load_result_grid", "load_run",
            "stop_epoch", "trial_label", "base_seed", "setups_table", "sparse_table", "accuracy_table", "accuracy_note", "show_table", "benchmark_frame",
-           "benchmark_table", "student_overlap", "overlap_sentence", "fastest_model", "findings",
+           "benchmark_table", "pareto_chart", "pareto_front", "compression_verdict", "student_overlap", "overlap_sentence", "fastest_model", "findings",
            "run_summary", "section", "sweep_curves", "variant_seeds", "use_print_style", "render_report", "main"]

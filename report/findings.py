@@ -50,6 +50,81 @@ def fastest_model(bench, batch_size: int, markdown: bool = False) -> str:
     return text + ")."
 
 
+def pareto_front(speed, accuracy):
+    """Which points are on the Pareto front of (``speed``, ``accuracy``), both to be maximized:
+    a point is on it unless another is at least as fast and at least as accurate, and strictly
+    better in one. NaN points are never on it. Returns a numpy bool array (same order as given)."""
+    import numpy as np
+
+    x, y = np.asarray(speed, dtype=float), np.asarray(accuracy, dtype=float)
+    ok = ~(np.isnan(x) | np.isnan(y))
+    dominated = ((x[None, :] >= x[:, None]) & (y[None, :] >= y[:, None])
+                 & ((x[None, :] > x[:, None]) | (y[None, :] > y[:, None])) & ok[None, :]).any(axis=1)
+    return ok & ~dominated
+
+
+#: the accuracy a compressed model may lose against its dense parent and still count as "as good"
+WITHIN = 0.01
+
+
+def _is_sparse(model: str) -> bool:
+    return str(model).startswith("pruned")
+
+
+def compression_verdict(bench, batch_size: int, markdown: bool = False) -> list[str]:
+    """Sentences on whether compression paid off at ``batch_size``, from ``benchmark.csv`` rows
+    (``accuracy``, ``items_per_sec`` per model and engine; failed rows left out):
+
+    * the fastest (model, engine) whose test accuracy in that engine is within 1 point (``WITHIN``)
+      of its dense parent's (``dense`` on the same engine), its images/s, and its speed-up over the
+      best dense INT8 peer (the fastest ``dense_int8`` row) and over dense ``BASELINE_ENGINE``;
+    * one sentence per sparse model (``pruned*``) whose fastest row is slower than the best
+      ``dense_int8`` row and no more accurate than it: it loses to PTQ.
+
+    Empty when the frame has no ``accuracy`` column or no measured row at that batch size."""
+    if "accuracy" not in bench:
+        return []
+    rows = bench[(bench["batch_size"] == batch_size) & bench["items_per_sec"].notna()]
+    if not len(rows):
+        return []
+    bold = (lambda t: f"**{t}**") if markdown else (lambda t: t)
+    dense = rows[rows["model"] == "dense"].set_index("engine")["accuracy"]
+    parent = rows["engine"].map(dense)
+    good = rows[rows["accuracy"].notna() & parent.notna() & (rows["accuracy"] >= parent - WITHIN - 1e-12)]
+    ptq = rows[rows["model"] == "dense_int8"]
+    best_ptq = ptq.loc[ptq["items_per_sec"].idxmax()] if len(ptq) else None
+    out = []
+    if len(good):
+        win = good.loc[good["items_per_sec"].idxmax()]
+        text = (f"At batch {batch_size}, the fastest model within {100 * WITHIN:.0f} point of its dense parent's "
+                f"accuracy is {bold(f'{win.model} on {win.engine}')}: {win.items_per_sec:.0f} images/s, accuracy "
+                f"{win.accuracy:.3f} (dense on {win.engine}: {dense[win.engine]:.3f})")
+        if best_ptq is not None and win.model == "dense_int8":
+            text += " (the dense INT8 peer itself: post-training quantization, no retraining)"
+        elif best_ptq is not None:
+            text += (f", {win.items_per_sec / best_ptq.items_per_sec:.2f}× the best dense INT8 peer "
+                     f"(dense_int8 on {best_ptq.engine}, {best_ptq.items_per_sec:.0f} images/s)")
+        ref = rows[(rows["model"] == "dense") & (rows["engine"] == BASELINE_ENGINE)]
+        if len(ref) and not (win.model == "dense" and win.engine == BASELINE_ENGINE):
+            text += f" and {win.items_per_sec / ref.iloc[0].items_per_sec:.2f}× dense {BASELINE_ENGINE}"
+        out.append(text + ".")
+    else:
+        out.append(f"At batch {batch_size}, no model kept its dense parent's accuracy within "
+                   f"{100 * WITHIN:.0f} point (or none has an accuracy).")
+    if best_ptq is not None:
+        for model in dict.fromkeys(m for m in rows["model"] if _is_sparse(m)):
+            mine = rows[rows["model"] == model]
+            top = mine.loc[mine["items_per_sec"].idxmax()]
+            more_accurate = top.accuracy > best_ptq.accuracy if not (
+                math.isnan(top.accuracy) or math.isnan(best_ptq.accuracy)) else False
+            if top.items_per_sec < best_ptq.items_per_sec and not more_accurate:
+                out.append(f"At batch {batch_size}, {bold(model)} loses to post-training quantization: at best "
+                           f"{top.items_per_sec:.0f} images/s ({top.engine}, accuracy {top.accuracy:.3f}) against "
+                           f"{best_ptq.items_per_sec:.0f} for dense_int8 on {best_ptq.engine} (accuracy "
+                           f"{best_ptq.accuracy:.3f}), with no retraining.")
+    return out
+
+
 def _winner_one_run(run: RunData) -> str | None:
     """The winner sentence of a run without ``setups.csv`` (one trial per setup)."""
     # The study keeps each trial's best checkpoint (and sparsifies the best of those), so a setup
@@ -140,6 +215,7 @@ def findings(run: RunData) -> list[str]:
     if run.has_benchmark:
         for batch in sorted(bench["batch_size"].unique()):
             out.append(fastest_model(bench, int(batch), markdown=True))
+            out.extend(compression_verdict(bench, int(batch), markdown=True))
         first = bench.iloc[0]
         vnni = str(first.get("vnni", "")).strip().lower() in ("true", "1", "yes")
         cores = f"{int(first['num_cores'])} cores of " if "num_cores" in bench and not pd.isna(

@@ -194,19 +194,42 @@ def show_table(table, title: str, note: str | None = None) -> None:
     display({"text/markdown": markdown, "text/html": html, "text/plain": markdown}, raw=True)
 
 
-#: Rows of the benchmark table: by model (``study.ONNX_MODELS``), then engine (``Engine.display_order``).
-_BENCH_ORDER = {(model, engine): len(ENGINE_INFO) * i + info.display_order for i, model in enumerate(ONNX_MODELS)
-                for engine, info in ENGINE_INFO.items()}
+def model_order(model: str) -> tuple:
+    """Sort key of a benchmark model: ``dense``, ``dense_int8``, then by sparsity target (the tag's
+    percent; the untagged target, the recipe's own, as 80), ``pruned`` before ``pruned_quantized``."""
+    import re
+
+    if model in ("dense", "dense_int8"):
+        return (0.0, ("dense", "dense_int8").index(model))
+    m = re.match(r"^(pruned|pruned_quantized)(?:_s(\d+)(?:p(\d+))?)?$", str(model))
+    if not m:
+        return (1e9, 0)
+    percent = float(f"{m.group(2)}.{m.group(3) or 0}") if m.group(2) else 80.0
+    return (percent, 0 if m.group(1) == "pruned" else 1)
+
+
+def bench_order(model: str, engine: str) -> tuple:
+    """Sort key of a benchmark row: ``model_order``, then ``Engine.display_order``."""
+    info = ENGINE_INFO.get(engine)
+    return (*model_order(model), info.display_order if info else len(ENGINE_INFO))
+
+
+#: Rows of the benchmark table for the untagged models (``study.ONNX_MODELS`` and ``dense_int8``):
+#: their ``bench_order`` rank.
+_BENCH_ORDER = {key: rank for rank, key in enumerate(sorted(
+    ((model, engine) for model in (*ONNX_MODELS, "dense_int8") for engine in ENGINE_INFO),
+    key=lambda k: bench_order(*k)))}
 
 
 def benchmark_frame(run: RunData):
-    """``benchmark.csv`` sorted (batch size, then dense/onnxruntime, dense, pruned, pruned_quantized)
+    """``benchmark.csv`` sorted (batch size, then ``bench_order``: dense, dense_int8, each target's
+    pruned and pruned_quantized, engines in display order)
     with ``name`` ("model (engine)" on two lines), ``speedup`` (items_per_sec / that of dense on
     onnxruntime at the same batch size; NaN without that baseline) and ``speed_label`` (bar text)."""
     import pandas as pd
 
     b = run.benchmark.copy()
-    b["_o"] = [_BENCH_ORDER.get((m, e), len(_BENCH_ORDER)) for m, e in zip(b["model"], b["engine"])]
+    b["_o"] = [bench_order(m, e) for m, e in zip(b["model"], b["engine"])]
     b = b.sort_values(["batch_size", "_o", "model", "engine"]).drop(columns="_o").reset_index(drop=True)
     b["name"] = b["model"] + "\n(" + b["engine"] + ")"
     ref = b[(b["model"] == "dense") & (b["engine"] == BASELINE_ENGINE)].set_index("batch_size")["items_per_sec"]
@@ -225,6 +248,10 @@ def benchmark_table(run: RunData):
     table = pd.DataFrame({
         "model": b["model"], "engine": b["engine"], "batch": b["batch_size"].astype(str),
         "cores": b["num_cores"].map(lambda v: "" if pd.isna(v) else f"{v:.0f}") if "num_cores" in b else "",
+        "accuracy": b["accuracy"].map(lambda v: "" if pd.isna(v) else f"{v:.3f}") if "accuracy" in b else "",
+        "MB (gzip)": [("" if pd.isna(r) else f"{r / 1e6:.1f} ({g / 1e6:.1f})") for r, g in
+                      zip(b["size_bytes"], b["size_gzip_bytes"])] if "size_bytes" in b else "",
+        "graph": b["graph"].fillna("") if "graph" in b else "",
         "images/s": b["items_per_sec"].map("{:.1f}".format),
         f"vs dense {BASELINE_ENGINE}": b["speedup"].map(lambda v: "" if pd.isna(v) else f"{v:.2f}×"),
         "mean (ms)": b["latency_mean_ms"].map("{:.1f}".format),
@@ -234,6 +261,40 @@ def benchmark_table(run: RunData):
     if "engine_version" in b:
         table["engine version"] = b["engine_version"].fillna("")
     return table
+
+
+def pareto_chart(run: RunData):
+    """The accuracy-against-throughput figure: one panel per batch size, one point per (model,
+    engine) of ``benchmark.csv`` with an accuracy and a measurement (marker by engine, labelled by
+    model), the Pareto front (``findings.pareto_front``: nothing both faster and more accurate)
+    drawn as a step line through its points, which are ringed. Returns the matplotlib Figure."""
+    import matplotlib.pyplot as plt
+
+    from report.findings import pareto_front
+
+    b = benchmark_frame(run)
+    b = b[b["items_per_sec"].notna() & b["accuracy"].notna()] if "accuracy" in b else b.iloc[0:0]
+    sizes = sorted(b["batch_size"].unique()) or [None]
+    fig, axes = plt.subplots(1, len(sizes), figsize=(7.0, 3.4), squeeze=False)
+    markers = dict(zip(ENGINE_INFO, "osD^v"))
+    for ax, size in zip(axes[0], sizes):
+        d = b[b["batch_size"] == size].reset_index(drop=True)
+        for engine, rows in d.groupby("engine"):
+            ax.scatter(rows["items_per_sec"], rows["accuracy"], marker=markers.get(engine, "x"), label=engine, s=28)
+        for _, r in d.iterrows():
+            ax.annotate(r["model"], (r["items_per_sec"], r["accuracy"]), fontsize=6, xytext=(3, 2),
+                        textcoords="offset points")
+        front = d[pareto_front(d["items_per_sec"], d["accuracy"])].sort_values("items_per_sec")
+        if len(front):
+            ax.step(front["items_per_sec"], front["accuracy"], where="post", color="black", lw=1,
+                    label="Pareto front")
+            ax.scatter(front["items_per_sec"], front["accuracy"], s=90, facecolors="none", edgecolors="black")
+        ax.set_xscale("log")
+        ax.set_xlabel("images/s (log scale)")
+        ax.set_ylabel("test accuracy in that engine")
+        ax.set_title(f"batch {size}")
+    axes[0][0].legend(loc="best")
+    return fig
 
 
 def student_overlap(run: RunData) -> dict | None:

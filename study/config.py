@@ -206,6 +206,13 @@ class StudyConfig:
         "setup", "loss of the recipe's fine-tuning and QAT: 'setup' (the winning setup's own loss: the "
         "frozen teacher's soft targets, for kd_feat also the feature MSE) or 'ce' (cross-entropy to the "
         "labels only)", str)
+    sparsities: tuple[float, ...] = option(
+        (), "comma-separated sparsity targets (fractions in (0, 1) of the prunable weights), e.g. 0.5,0.8,0.9: "
+        "each is its own sparsify Ray task from the winning checkpoint, with the recipe's final_sparsity set to "
+        "it; its outputs carry it (pruned_s50.onnx) unless it is the recipe's own; not given: the "
+        "recipe's final_sparsity alone (0.8 in recipes/prune_quantize.yaml)", csv_of(float))
+    ptq_calibration_images: int = option(
+        300, "training images that calibrate the dense INT8 post-training-quantized peer (dense_int8, NNCF)", int)
     bench_cores: int | None = option(
         None, "cores of the CPU-only benchmark actor, on one node ('none': the physical cores of the node "
         "with the most CPUs, at most its Ray CPUs)", optional_number(int))
@@ -217,6 +224,8 @@ class StudyConfig:
         "stage runs DeepSparse through the deepsparse.benchmark command beside it; for the Python 3.12 "
         "profile, which has no DeepSparse ('none': DeepSparse in this Python, or left out where absent)",
         optional_str)
+    bench_rounds: int = option(3, "interleaved rounds of the whole benchmark matrix; each row holds the median "
+                               "of its rounds and the rounds themselves", int)
     stop_after: str = option("bench", f"last stage to run: {', '.join(STAGES)}", str)
     report: bool = option(False, "execute report.ipynb and render it to HTML/PDF at the end", bool)
     mlflow: str | None = option(
@@ -245,7 +254,7 @@ PRESETS: dict[str, dict] = {
     "smoke": dict(output_dir="runs/smoke", arch="resnet18", teacher_weights=None,
                   train_subset=300, test_subset=200, batch_size=128, teacher_lr=1e-3,
                   max_epochs=4, teacher_max_epochs=2, recipe_epochs=2.0,
-                  bench_warmup_seconds=0.5, bench_seconds=2.0),
+                  ptq_calibration_images=128, bench_warmup_seconds=0.2, bench_seconds=0.5, bench_rounds=2),
 }
 
 #: Fields that change where and how a run executes, not what it computes: a resumed run may
@@ -432,6 +441,14 @@ def validate(config: StudyConfig) -> None:
                              f"beside it in {python.parent}; install deepsparse==1.7.0 into that environment")
     if config.sweep and not isinstance(config.sweep, (tuple, list)):
         raise StudyError(f"--sweep {config.sweep!r}: give FIELD=V1,V2,...")
+    targets = config.sparsities or ()
+    if len(set(targets)) != len(targets) or not all(0 < t < 1 for t in targets):
+        raise StudyError(f"--sparsities {','.join(map(str, targets)) or '(none)'}: give distinct fractions "
+                         "between 0 and 1 (exclusive), e.g. 0.5,0.8,0.9")
+    if config.ptq_calibration_images < 1:
+        raise StudyError(f"--ptq-calibration-images {config.ptq_calibration_images} must be >= 1")
+    if config.bench_rounds < 1:
+        raise StudyError(f"--bench-rounds {config.bench_rounds} must be >= 1")
     if any(b < 1 for b in config.bench_batch_sizes):
         raise StudyError(f"--bench-batch-sizes {config.bench_batch_sizes} must all be >= 1")
 

@@ -35,8 +35,9 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
                 "batch_size", "teacher_lr", "teacher_max_epochs", "tolerance", "patience", "compile"),
     "students": ("arch", "stem", "train_subset", "test_subset", "val_size", "seed", "seeds", "setups",
                  "batch_size", "lr", "temperature", "max_epochs", "tolerance", "patience", "compile", "sweep"),
-    "sparsify": ("recipe", "recipe_epochs", "sparsify_loss", "temperature", "batch_size", "val_size"),
-    "bench": ("bench_cores", "bench_batch_sizes", "bench_warmup_seconds", "bench_seconds"),
+    "sparsify": ("recipe", "recipe_epochs", "sparsify_loss", "temperature", "batch_size", "val_size", "sparsities",
+                 "ptq_calibration_images"),
+    "bench": ("bench_cores", "bench_batch_sizes", "bench_warmup_seconds", "bench_seconds", "bench_rounds"),
 }
 
 #: Fields no stage reads as a value: the preset is only the name of the values the other fields
@@ -62,17 +63,19 @@ def file_field(name: str, value: Any) -> bool:
     return name in FILE_FIELDS and value not in NOT_A_FILE.get(name, ())
 
 
-#: Fields left out of a fingerprint while empty: a stage recorded before the field existed read
-#: what the empty value means (``sweep``: no sweep), so it is the same input, not a change.
-OMITTED_WHEN_EMPTY: tuple[str, ...] = ("sweep",)
+#: Fields left out of a fingerprint while they hold the value a stage recorded before the field
+#: existed read (``sweep``: empty, no sweep; ``sparsities``: empty, the recipe's own target alone),
+#: so it is the same input, not a change. Values as in ``config.json`` (lists).
+OMITTED_WHEN: dict[str, Any] = {"sweep": [], "sparsities": []}
 
 
 def stage_fields(stage: str, config: dict) -> dict:
     """The values of the fields ``stage`` reads, from ``config`` (``config.json``'s dict); a file
     field holds ``FILE_MARK`` (its file is fingerprinted by content); an empty
-    ``OMITTED_WHEN_EMPTY`` field is left out."""
+    ``OMITTED_WHEN`` field holding its old meaning is left out."""
     return {name: FILE_MARK if file_field(name, config.get(name)) else config.get(name)
-            for name in STAGE_FIELDS[stage] if not (name in OMITTED_WHEN_EMPTY and not config.get(name))}
+            for name in STAGE_FIELDS[stage]
+            if not (name in OMITTED_WHEN and list(config.get(name) or []) == OMITTED_WHEN[name])}
 
 
 def file_inputs(stage: str, config: dict) -> dict[str, str]:
@@ -126,6 +129,18 @@ def differences(old: dict, new: dict) -> list[str]:
         if old_data.get(split) != new_data[split]:
             out.append(f"{DATA_NAMES[split]} changed (sha256 {_short(old_data.get(split))} -> "
                        f"{_short(new_data[split])})")
+    return out
+
+
+def changed_inputs(old: dict, new: dict) -> set[str]:
+    """The names of what differs from ``old`` to ``new``: field names, ``file:<label>`` and
+    ``data:<split>`` (empty: the same inputs; the same comparison as ``differences``)."""
+    out = {name for name in set(old.get("fields", {})) | set(new.get("fields", {}))
+           if old.get("fields", {}).get(name, FILE_MARK + "?") != new.get("fields", {}).get(name, FILE_MARK + "?")}
+    for label in set(old.get("files", {})) | set(new.get("files", {})):
+        if old.get("files", {}).get(label, {}).get("sha256") != new.get("files", {}).get(label, {}).get("sha256"):
+            out.add(f"file:{label}")
+    out |= {f"data:{split}" for split in new.get("data", {}) if old.get("data", {}).get(split) != new["data"][split]}
     return out
 
 

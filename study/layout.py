@@ -8,28 +8,104 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 from study.files import DigestMismatchError, check_digests
 
-#: The exported models, in the order the study reports them.
+#: The exported models of one sparsity target, in the order the study reports them.
 ONNX_MODELS: tuple[str, ...] = ("dense", "pruned", "pruned_quantized")
+#: The dense model, INT8 by static post-training quantization (``trainables.compress.ptq``): the
+#: peer a user would try first, made by the sparsify stage next to ``dense``.
+PTQ_MODEL = "dense_int8"
+#: The models made once per run (not per target), in report order.
+DENSE_MODELS: tuple[str, ...] = ("dense", PTQ_MODEL)
+_MODEL_NAME = re.compile(r"^(dense|dense_int8|(pruned|pruned_quantized)(_s\d+(p\d+)?)?)$")
+
+
+class Target(NamedTuple):
+    """One sparsity target of the sparsify stage: ``sparsity`` (the recipe's ``final_sparsity``
+    for its task; None: the recipe's own, not overridden) and ``tag``, the suffix of its outputs
+    (``""``: the names a default run always had)."""
+
+    sparsity: Optional[float]
+    tag: str
+
+    @property
+    def models(self) -> tuple[str, str]:
+        """``(pruned<tag>, pruned_quantized<tag>)``."""
+        return f"pruned{self.tag}", f"pruned_quantized{self.tag}"
+
+
+def recipe_sparsity(recipe: str | os.PathLike) -> Optional[float]:
+    """The recipe file's top-level ``final_sparsity`` when it is a plain number, else None (also
+    for a file that cannot be read: the recipe loader reports that, in one line)."""
+    import yaml
+
+    class _Loader(yaml.SafeLoader):  # the modifiers' ``!Tag`` nodes are read as plain values
+        pass
+
+    _Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    try:
+        value = (yaml.load(Path(recipe).read_text(), Loader=_Loader) or {}).get("final_sparsity")
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        return None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def target_tag(sparsity: float, own: Optional[float]) -> str:
+    """The suffix of a target's outputs: ``""`` when it is the recipe's own ``final_sparsity``
+    ``own`` (0.8 in ``recipes/prune_quantize.yaml``: a default run's names), else
+    ``_s<percent>`` (``0.5`` -> ``_s50``, ``0.875`` -> ``_s87p5``)."""
+    if own is not None and float(sparsity) == float(own):
+        return ""
+    return "_s" + f"{round(float(sparsity) * 100, 4):g}".replace(".", "p")
+
+
+def sparsity_targets(sparsities, recipe: str | os.PathLike) -> list[Target]:
+    """The run's targets: one per ``--sparsities`` value (in the order given), or, with none given,
+    the recipe's own ``final_sparsity`` alone (untagged, not overridden)."""
+    if not sparsities:
+        return [Target(None, "")]
+    own = recipe_sparsity(recipe)
+    return [Target(float(s), target_tag(s, own)) for s in sparsities]
+
+
+def model_names(targets) -> list[str]:
+    """Every model of a run with these ``Target``s, in report order: ``dense``, ``dense_int8``,
+    then each target's pruned and pruned_quantized."""
+    return [*DENSE_MODELS, *(name for t in targets for name in t.models)]
+
+
+def dense_owner(targets) -> Target:
+    """The target whose task exports ``dense`` and ``dense_int8``: the untagged one when there is
+    one, else the first (the other tasks leave those files alone: no two tasks write one file)."""
+    return next((t for t in targets if t.tag == ""), targets[0])
 
 
 @dataclass(frozen=True)
 class RunLayout:
     """Every output path of one run under ``root`` (the ``--output-dir``).
 
-    Attributes are ``Path`` objects; ``onnx(name)`` is the path of one exported model
-    (``name`` in ``ONNX_MODELS``). Nothing is created or read here.
+    Attributes are ``Path`` objects; ``onnx(name)`` is the path of one exported model (a name of
+    ``model_names``). The ``sparsify_*`` records (summary, history, layer sparsity, recipe
+    checkpoint) carry ``tag`` (a ``Target.tag``; default ``""``: a default run's names). Nothing is
+    created or read here.
     """
 
     root: Path
+    tag: str
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, tag: str = ""):
         object.__setattr__(self, "root", Path(root))
+        object.__setattr__(self, "tag", str(tag))
+
+    def target(self, target: Target) -> "RunLayout":
+        """The same run directory, its ``sparsify_*`` paths those of ``target``."""
+        return RunLayout(self.root, target.tag)
 
     # stage 0: orchestrate
     @property
@@ -61,23 +137,42 @@ class RunLayout:
         return self.root / "onnx"
 
     def onnx(self, name: str) -> Path:
-        """Path of exported model ``name`` (one of ``ONNX_MODELS``); ValueError otherwise."""
-        if name not in ONNX_MODELS:
-            raise ValueError(f"unknown model {name!r}; allowed: {', '.join(ONNX_MODELS)}")
+        """Path of exported model ``name`` (``dense``, ``dense_int8``, ``pruned[_s<pct>]``,
+        ``pruned_quantized[_s<pct>]``); ValueError otherwise."""
+        if not _MODEL_NAME.match(str(name)):
+            raise ValueError(f"unknown model {name!r}; allowed: dense, dense_int8, pruned[_s<percent>], "
+                             "pruned_quantized[_s<percent>]")
         return self.onnx_dir / f"{name}.onnx"
 
-    def check_onnx(self, summary: dict) -> None:
+    def check_onnx(self, summary: dict, models=None) -> None:
         """Check that every exported model is still the file the sparsify stage recorded in
-        ``summary`` (the content of ``sparsify/summary.json``; key ``sha256``: name -> hex digest).
+        ``summary`` (the content of ``sparsify/summary.json``, or the stage's merged summary; key
+        ``sha256``: name -> hex digest). ``models``: the names it must record (default: dense,
+        dense_int8 and the pruned models of this layout's tag).
 
         Raises ``study.files.DigestMismatchError`` (a ValueError, one line naming the file) when a
-        file differs or is missing, or when the summary records no digests (an older version's)."""
+        file differs or is missing, or when the summary lacks a digest (an older version's)."""
         digests = summary.get("sha256")
-        if not isinstance(digests, dict) or set(digests) != set(ONNX_MODELS):
-            raise DigestMismatchError(f"{self.sparsify_summary} records no sha256 of {', '.join(ONNX_MODELS)} "
+        wanted = list(models) if models is not None else model_names([Target(None, self.tag)])
+        if not isinstance(digests, dict) or not set(wanted) <= set(digests):
+            raise DigestMismatchError(f"{self.sparsify_summary} records no sha256 of {', '.join(wanted)} "
                                       "(an older version wrote it); delete it to export the models again")
-        check_digests(digests, {name: self.onnx(name) for name in ONNX_MODELS},
+        check_digests({name: digests[name] for name in wanted}, {name: self.onnx(name) for name in wanted},
                       remedy=f"delete {self.sparsify_summary} to export the models again")
+
+    def read_sparsify(self, targets) -> dict:
+        """The sparsify stage's summary over ``targets`` (``Target``s): the summary of
+        ``dense_owner(targets)`` (``sparsify/summary<tag>.json``; all of it for a default run),
+        with ``targets`` (each target's own summary, in order) and ``sha256`` / ``onnx`` of every
+        model of every target. Raises OSError / ValueError when a summary is missing or not JSON."""
+        import json
+
+        own = {t: json.loads(self.target(t).sparsify_summary.read_text()) for t in targets}
+        merged = dict(own[dense_owner(targets)])
+        merged["targets"] = [own[t] for t in targets]
+        merged["sha256"] = {k: v for one in own.values() for k, v in one.get("sha256", {}).items()}
+        merged["onnx"] = {k: v for one in own.values() for k, v in one.get("onnx", {}).items()}
+        return merged
 
     @property
     def sparsify_dir(self) -> Path:
@@ -87,24 +182,24 @@ class RunLayout:
     @property
     def sparsify_summary(self) -> Path:
         """``sparsify/summary.json``, written last: its presence marks the stage done."""
-        return self.sparsify_dir / "summary.json"
+        return self.sparsify_dir / f"summary{self.tag}.json"
 
     @property
     def sparsify_history(self) -> Path:
         """``sparsify/history.csv``: one row per recipe epoch."""
-        return self.sparsify_dir / "history.csv"
+        return self.sparsify_dir / f"history{self.tag}.csv"
 
     @property
     def sparsify_checkpoint(self) -> Path:
         """``sparsify/recipe_checkpoint.pt``: the recipe's state after its latest finished epoch
         (model with masks and fake-quant state, optimizer, manager masks, epoch, history), what a
         rerun resumes from; removed once ``summary.json`` is written."""
-        return self.sparsify_dir / "recipe_checkpoint.pt"
+        return self.sparsify_dir / f"recipe_checkpoint{self.tag}.pt"
 
     @property
     def layer_sparsity(self) -> Path:
         """``sparsify/layer_sparsity.csv``: one row per prunable layer of the pruned model."""
-        return self.sparsify_dir / "layer_sparsity.csv"
+        return self.sparsify_dir / f"layer_sparsity{self.tag}.csv"
 
     # stage 4: bench
     @property

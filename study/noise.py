@@ -31,6 +31,10 @@ QUIET_LOGGERS: dict[str, tuple[int, str]] = {
         "CPUExecutionProvider] may not respect num_cores', twice per run: ORTEngine sets "
         "intra_op_num_threads=num_cores, and the Azure provider (remote inference) runs no node of "
         "a local model, so the core count holds"),
+    "nncf": (
+        logging.WARNING, "'NNCF initialized successfully. Supported frameworks detected: ...' once per PTQ "
+        "(NNCF sets its own level when imported, so trainables/compress/ptq.py also filters the logger; its "
+        "two rich progress bars still show)"),
 }
 
 

@@ -22,11 +22,11 @@ from study.config import PROJECT_DIR, StudyError
 #: runs ``--stop-after students``.
 TRAINING_PACKAGES = ("torch", "torchvision", "ray", "pandas", "numpy", "scipy", "tabulate")
 #: Only the sparsify and bench stages import these (wheels for Python 3.10/3.11 only).
-SPARSIFY_PACKAGES = ("sparseml", "deepsparse", "onnx", "onnxruntime", "yaml")
+SPARSIFY_PACKAGES = ("sparseml", "deepsparse", "onnx", "onnxruntime", "openvino", "nncf", "yaml")
 REQUIRED_PACKAGES = TRAINING_PACKAGES + SPARSIFY_PACKAGES
 #: The Python 3.12 profile's sparsify/bench packages: DeepSparse has no wheel past 3.11 (the bench
 #: stage runs it from another Python with ``--deepsparse-python``, or leaves it out).
-SPARSIFY_PACKAGES_312 = ("sparseml", "sparsezoo", "onnx", "onnxruntime", "yaml")
+SPARSIFY_PACKAGES_312 = ("sparseml", "sparsezoo", "onnx", "onnxruntime", "openvino", "nncf", "yaml")
 #: The newest Python whose sparsify/bench stages were verified (the Python 3.12 profile).
 NEWEST_SPARSIFY_PYTHON = (3, 12)
 #: How the Python 3.12 profile gets SparseML/SparseZoo 1.7, whose metadata refuses Python 3.12.
@@ -98,6 +98,20 @@ def torch_note(torch_version: str | None = None, version=sys.version_info) -> st
         f">= {'.'.join(map(str, low))}, < {'.'.join(map(str, high))}"
     return (f"note: torch {torch_version} is outside the tested range for {profile} (torch {tested}); "
             "carrying on")
+
+
+def has_deepsparse() -> bool:
+    """Whether this Python can import DeepSparse (not on the Python 3.12 profile)."""
+    import importlib.util
+
+    return importlib.util.find_spec("deepsparse") is not None
+
+
+def runs_deepsparse(deepsparse_python: str | None = None) -> bool:
+    """Whether the bench stage runs DeepSparse: in this Python (:func:`has_deepsparse`) or through
+    ``deepsparse_python``'s ``deepsparse.benchmark`` command (``--deepsparse-python``). The bench
+    stage's fingerprint records it, so a finished run given DeepSparse later reruns its bench."""
+    return bool(deepsparse_python) or has_deepsparse()
 
 
 def check_packages(names=REQUIRED_PACKAGES, prefix: str = sys.prefix, project: Path = PROJECT_DIR,

@@ -124,7 +124,7 @@ def sparsify_in_process(run_dir: Path, setup: str, seed: int = 0, threads: int =
 
 
 #: The sparsify/bench stack: what ``blocked_env`` hides from every Python process.
-BLOCKED = ("sparseml", "deepsparse", "sparsezoo", "onnx", "onnxruntime")
+BLOCKED = ("sparseml", "deepsparse", "sparsezoo", "onnx", "onnxruntime", "openvino", "nncf")
 
 BLOCKER = f'''
 import sys

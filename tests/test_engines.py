@@ -6,7 +6,8 @@ from study.requirements import SPARSIFY_PACKAGES
 
 
 def test_every_engine_is_checked_for_up_front_and_one_is_the_baseline():
-    assert ENGINES == tuple(ENGINE_INFO) == ("deepsparse", "onnxruntime")
+    assert ENGINES == tuple(ENGINE_INFO) == ("deepsparse", "onnxruntime", "openvino")
+    assert all(engine.sparse for engine in ENGINE_INFO.values())  # every model on every engine
     assert {engine.package for engine in ENGINE_INFO.values()} <= set(SPARSIFY_PACKAGES)
     assert [name for name, engine in ENGINE_INFO.items() if engine.baseline] == [BASELINE_ENGINE] == ["onnxruntime"]
     assert len({engine.display_order for engine in ENGINE_INFO.values()}) == len(ENGINE_INFO)
@@ -15,6 +16,12 @@ def test_every_engine_is_checked_for_up_front_and_one_is_the_baseline():
 def test_report_orders_rows_by_model_then_engine_display_order():
     from report.tables import _BENCH_ORDER
 
-    shown = sorted((k for k in _BENCH_ORDER if k[0] == "dense" or ENGINE_INFO[k[1]].sparse), key=_BENCH_ORDER.get)
-    assert shown == [("dense", "onnxruntime"), ("dense", "deepsparse"), ("pruned", "deepsparse"),
-                     ("pruned_quantized", "deepsparse")]
+    from report.tables import bench_order
+
+    shown = sorted(_BENCH_ORDER, key=_BENCH_ORDER.get)
+    engines = ["onnxruntime", "deepsparse", "openvino"]
+    assert shown == [(m, e) for m in ("dense", "dense_int8", "pruned", "pruned_quantized") for e in engines]
+    # targets by sparsity, the untagged one (the recipe's own) as 80 %
+    models = ["pruned_quantized_s90", "pruned", "dense_int8", "pruned_s50", "dense", "pruned_quantized_s50"]
+    assert sorted(models, key=lambda m: bench_order(m, "deepsparse")) == [
+        "dense", "dense_int8", "pruned_s50", "pruned_quantized_s50", "pruned", "pruned_quantized_s90"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -36,7 +37,7 @@ def dry_run(capsys, out: Path, data_root: Path, *args) -> dict:
                              "--output-dir", str(out), "--dry-run", *map(str, args)])
     lines = capsys.readouterr().out.strip().splitlines()
     assert code == 0, lines
-    found = {stage: next(line for line in lines if line.startswith(f"[{stage}] ")) for stage in STAGES}
+    found = {stage: next(line for line in lines if line.startswith(f"[{stage}] would ")) for stage in STAGES}
     return found
 
 
@@ -200,7 +201,7 @@ def test_a_run_made_before_fingerprints_is_recorded_not_rerun(run_copy, cifar_ro
     assert actions(found) == {s: "would record its inputs" for s in STAGES}
     assert "no fingerprint" in found["teacher"]
     found = dry_run(capsys, run_copy, cifar_root, "--bench-seconds", "3")
-    assert actions(found)["bench"] == "would rerun" and "bench_seconds 2.0 -> 3.0" in found["bench"]
+    assert actions(found)["bench"] == "would rerun" and "bench_seconds 0.5 -> 3.0" in found["bench"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,3 +256,24 @@ def test_an_interrupted_rerun_leaves_the_previous_results_in_place(run_copy, cif
     assert (run_copy / "sparsify" / "summary.json").read_text() == summary
     assert {p.name: sha256_file(p) for p in (run_copy / "onnx").iterdir()} == onnx
     assert actions(dry_run(capsys, run_copy, cifar_root, "--recipe", recipe))["sparsify"] == "would rerun"
+
+
+def test_a_bench_made_without_deepsparse_reruns_once_deepsparse_runs_and_not_the_other_way(
+        run_copy, cifar_root, capsys, monkeypatch):
+    """The Python 3.12 profile's bench without DeepSparse, then ``--deepsparse-python``: the bench
+    reruns (the engine is an input, though ``--deepsparse-python`` is a runtime field). A bench made
+    with DeepSparse is kept by a later run that has none. Catches a rerun decided by config fields
+    alone."""
+    import study.requirements
+
+    bench = run_copy / "fingerprints" / "bench.json"
+    recorded = json.loads(bench.read_text())
+    assert recorded["fields"]["deepsparse"] is True  # made on the default profile, DeepSparse in process
+    monkeypatch.setattr(study.requirements, "has_deepsparse", lambda: False)
+    assert actions(dry_run(capsys, run_copy, cifar_root)) == SKIP_ALL  # kept: its DeepSparse rows stay
+    del recorded["fields"]["deepsparse"]  # as the Python 3.12 profile records a bench without DeepSparse
+    write_fingerprint(bench, recorded)
+    assert actions(dry_run(capsys, run_copy, cifar_root)) == SKIP_ALL
+    found = dry_run(capsys, run_copy, cifar_root, "--deepsparse-python", sys.executable)
+    assert actions(found) == {**SKIP_ALL, "bench": "would rerun"}
+    assert found["bench"] == "[bench] would rerun: deepsparse (not recorded) -> True"

@@ -81,10 +81,10 @@ def test_training_stages_alone_need_neither_sparseml_nor_python_3_11():
     assert training == orchestrate.required_packages("teacher") == \
         ("torch", "torchvision", "ray", "pandas", "numpy", "scipy", "tabulate")
     assert set(orchestrate.required_packages("bench", (3, 11, 7))) - set(training) == \
-        {"sparseml", "deepsparse", "onnx", "onnxruntime", "yaml"}
+        {"sparseml", "deepsparse", "onnx", "onnxruntime", "openvino", "nncf", "yaml"}
     # Python 3.12: no DeepSparse wheel (the bench stage runs onnxruntime, DeepSparse via --deepsparse-python)
     assert set(orchestrate.required_packages("bench", (3, 12, 1))) - set(training) == \
-        {"sparseml", "sparsezoo", "onnx", "onnxruntime", "yaml"}
+        {"sparseml", "sparsezoo", "onnx", "onnxruntime", "openvino", "nncf", "yaml"}
 
 
 def test_a_run_that_stops_early_says_what_it_left_out_and_how_to_run_it(monkeypatch):
@@ -129,6 +129,17 @@ def test_deepsparse_python_is_checked_up_front(tmp_path):
     bare.symlink_to(sys.executable)
     lonely = run_cli("--preset", "smoke", "--deepsparse-python", str(bare), "--dry-run")
     assert lonely.returncode == 2 and "no deepsparse.benchmark command beside it" in lonely.stderr
+    # a deepsparse.benchmark beside a Python that cannot import deepsparse: --dry-run says so, as a run would
+    broken = tmp_path / "broken" / "bin"
+    broken.mkdir(parents=True)
+    (broken / "deepsparse.benchmark").write_text("")
+    (broken / "python").write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'deepsparse'\" >&2\nexit 1\n")
+    (broken / "python").chmod(0o755)
+    refused = run_cli("--preset", "smoke", "--deepsparse-python", str(broken / "python"), "--dry-run")
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == (f"error: --deepsparse-python {broken / 'python'}: cannot import deepsparse there "
+                                      "(ModuleNotFoundError: No module named 'deepsparse'); give a Python 3.10/3.11 "
+                                      "with deepsparse==1.7.0 installed")
 
 
 def run_cli(*args, cwd=REPO_ROOT):
@@ -185,6 +196,7 @@ CLI_CASES = [
     ("full", "compile", False, False),
     ("full", "setups", "kd,ce", ("kd", "ce")),               # comma-separated str
     ("full", "bench_batch_sizes", "1,8,64", (1, 8, 64)),     # comma-separated int
+    ("full", "sparsities", "0.5,0.9", (0.5, 0.9)),           # comma-separated float
     ("full", "teacher_weights", "/x/teacher.pt", "/x/teacher.pt"),  # optional str (a path)
     ("full", "teacher_weights", "none", None),
     ("smoke", "teacher_weights", "imagenet", "imagenet"),    # over the preset's None
@@ -318,7 +330,8 @@ def test_the_end_of_a_run_prints_the_tables_the_cpu_and_the_fastest_models(monke
     bench = _bench(failed)
     orchestrate.print_results(None, None, None, bench)
     lines = capsys.readouterr().out.splitlines()
-    assert lines[:3] == ["SUMMARY", "", "Throughput (items/s) and latency (ms):"]
+    assert lines[:3] == ["SUMMARY", "", "Throughput (items/s, median of the rounds), latency (ms), test accuracy "
+                                        "in the engine, size (bytes):"]
     assert ("error" in lines[3]) == bool(failed)  # status/error columns only when one failed
     table = lines[3:3 + len(bench) + 2]
     assert len(table) == len(bench) + 2 and all(line.startswith("|") for line in table)

@@ -9,6 +9,8 @@ ONNX Runtime and DeepSparse, metadata) is checked here once.
 """
 
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -262,12 +264,15 @@ def test_a_failing_benchmark_is_a_row_and_the_others_are_measured(sparsified, tm
         ray.shutdown()
     assert list(table.columns) == BENCHMARK_COLUMNS
     rows = {(r.model, r.engine): r for r in table.itertuples()}
-    assert set(rows) == {("dense", "deepsparse"), ("dense", "onnxruntime"), ("pruned", "deepsparse")}
-    for key in (("dense", "deepsparse"), ("dense", "onnxruntime")):
-        assert rows[key].status == "ok" and rows[key].error == "" and rows[key].items_per_sec > 0
-    failed = rows[("pruned", "deepsparse")]
-    assert failed.status == "error" and failed.error and "\n" not in failed.error
-    assert np.isnan(failed.items_per_sec) and np.isnan(failed.latency_p50_ms)
+    engines = ("deepsparse", "onnxruntime", "openvino")
+    assert set(rows) == {(model, engine) for model in ("dense", "pruned") for engine in engines}
+    for engine in engines:
+        key = ("dense", engine)
+        assert rows[key].status == "ok" and rows[key].error == "" and rows[key].items_per_sec > 0, key
+        failed = rows[("pruned", engine)]
+        assert failed.status == "error" and failed.error and "\n" not in failed.error
+        assert np.isnan(failed.items_per_sec) and np.isnan(failed.latency_p50_ms)
+        assert failed.graph == "unreadable" and failed.size_bytes == len(b"not an onnx file")
     assert accuracies["pruned"] is None and 0.0 <= accuracies["dense"] <= 1.0
 
 
@@ -329,7 +334,10 @@ def test_cpu_isa_from_proc_cpuinfo():
     assert _cpu_isa_from_proc(zen1) == {"isa": "avx2", "vnni": False, "num_cores": 1, "vendor_model": ""}
 
 
-DEEPSPARSE_PYTHON = os.environ.get("DEEPSPARSE_PYTHON")
+# the Python 3.10/3.11 whose deepsparse.benchmark command the test runs: DEEPSPARSE_PYTHON, else this
+# Python where the command lies beside it (the default profile)
+DEEPSPARSE_PYTHON = os.environ.get("DEEPSPARSE_PYTHON") or (
+    sys.executable if (Path(sys.executable).parent / "deepsparse.benchmark").is_file() else None)
 
 
 @pytest.mark.skipif(not DEEPSPARSE_PYTHON, reason="set DEEPSPARSE_PYTHON to a Python 3.10/3.11 with deepsparse 1.7 "

@@ -35,9 +35,10 @@ import torch
 from torch import nn
 
 from models import load_checkpoint
-from study import ONNX_MODELS, SETUPS, RunLayout, needs_teacher
+from study import SETUPS, RunLayout, needs_teacher
+from study.layout import PTQ_MODEL, Target, recipe_sparsity
 from study.files import atomic_write_text, check_digests, sha256_file
-from trainables.batches import train_batches
+from trainables.batches import normalize, train_batches
 from trainables.data import CIFAR10Tensors
 from trainables.compress.export import export_model_onnx, model_metadata
 from trainables.compress.checkpoint import load_recipe_checkpoint, same_recipe
@@ -63,6 +64,11 @@ class SparsifySettings:
         temperature: softmax temperature T of the soft targets (> 0; the trial's own value).
         variant: the trial's swept values (``--sweep``: field -> value; empty without a sweep),
             recorded in the summary (``variant``) and each ONNX file's metadata (``source_variant``).
+        target: the sparsity target (``study.layout.Target``): its ``sparsity`` overrides the
+            recipe's ``final_sparsity`` (None: the recipe's own), its ``tag`` names its outputs.
+        export_dense: whether this task exports ``dense.onnx`` and its INT8 PTQ peer
+            ``dense_int8.onnx`` (``study.layout.dense_owner``: one task of the stage does).
+        ptq_images: training images that calibrate ``dense_int8`` (``trainables.compress.ptq``).
     """
 
     recipe: str
@@ -76,12 +82,16 @@ class SparsifySettings:
     loss: str = "ce"
     temperature: float = 4.0
     variant: Optional[Dict[str, Any]] = None
+    target: Target = Target(None, "")
+    export_dense: bool = True
+    ptq_images: int = 300
 
 
 def sparsify_student(checkpoint, data: CIFAR10Tensors, settings: SparsifySettings,
                      teacher: Optional[dict] = None) -> dict:
-    """Prune + quantize the student in ``checkpoint`` with ``settings.recipe``; export three ONNX
-    models.
+    """Prune + quantize the student in ``checkpoint`` (read once, never written) with
+    ``settings.recipe`` at ``settings.target``'s sparsity; export its pruned and pruned_quantized
+    ONNX models, and with ``settings.export_dense`` also ``dense`` and ``dense_int8``.
 
     Args:
         checkpoint: a ``ray.train.Checkpoint`` (or a folder path) holding ``model.pt`` as written by
@@ -100,7 +110,11 @@ def sparsify_student(checkpoint, data: CIFAR10Tensors, settings: SparsifySetting
         ``weight_sparsity_pruned_quantized`` (fraction 0..1 of prunable conv/linear weights that
         are zero), ``epoch_seconds_before_qat`` / ``epoch_seconds_qat`` (mean wall seconds per
         recipe epoch without / with QAT modules; None when the recipe has no such epoch),
-        ``onnx`` (name -> path), ``sha256`` (name -> hex digest of that file).
+        ``sparsity`` (the target's final_sparsity: given, or the recipe's own), ``tag`` (its
+        outputs' suffix), ``models`` (pruned / pruned_quantized -> file name without ``.onnx``),
+        ``ptq_calibration_images`` (the owner task only, else None), ``onnx`` (name -> path) and
+        ``sha256`` (name -> hex digest) of the files this task made (the owner's: also ``dense``
+        and ``dense_int8``).
 
     Raises:
         ValueError: the recipe is missing, not YAML, or names an unknown modifier
@@ -110,7 +124,8 @@ def sparsify_student(checkpoint, data: CIFAR10Tensors, settings: SparsifySetting
             or an ONNX file it recorded has changed (one line each).
     """
     s = settings
-    manager = load_recipe(s.recipe, num_epochs=s.recipe_epochs)  # fail before any work
+    overrides = {} if s.target.sparsity is None else {"final_sparsity": float(s.target.sparsity)}
+    manager = load_recipe(s.recipe, num_epochs=s.recipe_epochs, **overrides)  # fail before any work
     if s.loss not in SETUPS:
         raise ValueError(f"loss {s.loss!r} is unknown; allowed: {', '.join(SETUPS)}")
     if needs_teacher(s.loss) and teacher is None:
@@ -120,14 +135,16 @@ def sparsify_student(checkpoint, data: CIFAR10Tensors, settings: SparsifySetting
     device = pick_device()
     model, meta = _load_student(checkpoint)
     model.to(device)
-    stage = _Stage(s, RunLayout(s.output_dir), meta, device, data)
+    stage = _Stage(s, RunLayout(s.output_dir).target(s.target), meta, device, data)
     recipe_sha256 = sha256_file(s.recipe)
     resume = same_recipe(load_recipe_checkpoint(stage.layout.sparsify_checkpoint), recipe_sha256,
                          stage.layout.sparsify_checkpoint)
     if resume is None:
         stage.record = {"trial_id": s.trial_id, "loss": s.loss, "test_acc_dense": stage.accuracy(model),
-                        "sha256": {}, "recipe_sha256": recipe_sha256}
-        stage.export("dense", model, stage.record["test_acc_dense"])
+                        "sha256": {}, "recipe_sha256": recipe_sha256, "sparsity": s.target.sparsity}
+        if s.export_dense:
+            stage.export("dense", model, stage.record["test_acc_dense"])
+            stage.quantize_dense()
     else:
         stage.record = stage.checked_record(resume)
 
@@ -169,16 +186,39 @@ class _Stage:
         return evaluate(model, self.data.test_images, self.data.test_labels, self.settings.batch_size,
                         self.device, amp=not is_quantized(model))
 
+    def model_name(self, variant: str) -> str:
+        """The file name (without ``.onnx``) of ``variant`` (dense, pruned, pruned_quantized) for
+        this task's target: the pruned ones carry its tag."""
+        return variant if variant == "dense" else variant + self.settings.target.tag
+
     def export(self, variant: str, model: nn.Module, test_acc: float, convert_qat: bool = False) -> None:
-        """Write ``onnx/<variant>.onnx`` with its metadata; record its sha256."""
-        s, path = self.settings, self.layout.onnx(variant)
+        """Write ``onnx/<variant><tag>.onnx`` with its metadata; record its sha256."""
+        s, path = self.settings, self.layout.onnx(self.model_name(variant))
         export_model_onnx(model, path, convert_qat=convert_qat, metadata=model_metadata(
             variant=variant, arch=self.meta["arch"], stem=self.meta["stem"], source_trial=s.trial_id,
             setup=self.setup, recipe=s.recipe, recipe_epochs=s.recipe_epochs,
             recipe_loss=None if variant == "dense" else s.loss, source_variant=dict(s.variant or {}),
             recipe_temperature=None if variant == "dense" or s.loss == "ce" else s.temperature, weight_sparsity=global_sparsity(model),
             test_acc=test_acc))
-        self.record["sha256"][variant] = sha256_file(path)
+        self.record["sha256"][self.model_name(variant)] = sha256_file(path)
+
+    def quantize_dense(self) -> None:
+        """Write ``onnx/dense_int8.onnx``: ``dense.onnx`` INT8 by static PTQ (NNCF), calibrated on
+        ``ptq_images`` training images chosen by the seed; its metadata is dense's with ``variant``
+        dense_int8, ``quantization`` and ``calibration_images``; record its sha256 and N."""
+        import onnx
+
+        from trainables.compress.ptq import calibration_images, quantize_dense
+
+        dense, path = self.layout.onnx("dense"), self.layout.onnx(PTQ_MODEL)
+        images = calibration_images(normalize(self.data.train_images), self.settings.ptq_images, self.settings.seed)
+        meta = {p.key: p.value for p in onnx.load(dense, load_external_data=False).metadata_props}
+        meta.update(variant=PTQ_MODEL, calibration_images=str(len(images)),
+                    quantization="static post-training INT8 (NNCF 2.9, ONNX backend, QDQ; weights per channel)")
+        tmp = path.with_name(path.name + ".tmp")
+        self.record["ptq_calibration_images"] = quantize_dense(dense, tmp, images, metadata=meta)
+        tmp.replace(path)
+        self.record["sha256"][PTQ_MODEL] = sha256_file(path)
 
     def pruning_end(self, model: nn.Module) -> None:
         """The recipe's pruning-end hook: measure the pruned model, export ``pruned.onnx``."""
@@ -200,6 +240,9 @@ class _Stage:
         if trained_with != s.loss:
             raise ValueError(f"{path} was trained with loss {trained_with!r}, "
                              f"not {s.loss!r}; delete it to run the recipe from epoch 0")
+        if record.get("sparsity") != s.target.sparsity:
+            raise ValueError(f"{path} was made for sparsity {record.get('sparsity')!r}, not "
+                             f"{s.target.sparsity!r}; delete it to run the recipe from epoch 0")
         check_digests(record["sha256"], {name: self.layout.onnx(name) for name in record["sha256"]},
                       remedy=f"delete {path} to run the recipe from epoch 0")
         return record
@@ -225,8 +268,12 @@ class _Stage:
             "weight_sparsity_pruned_quantized": global_sparsity(model),
             "epoch_seconds_before_qat": float(seconds[False]) if False in seconds else None,
             "epoch_seconds_qat": float(seconds[True]) if True in seconds else None,
-            "onnx": {name: str(layout.onnx(name)) for name in ONNX_MODELS},
-            "sha256": {name: self.record["sha256"][name] for name in ONNX_MODELS},
+            "sparsity": s.target.sparsity if s.target.sparsity is not None else recipe_sparsity(s.recipe),
+            "tag": s.target.tag,
+            "models": {variant: self.model_name(variant) for variant in ("pruned", "pruned_quantized")},
+            "ptq_calibration_images": self.record.get("ptq_calibration_images"),
+            "onnx": {name: str(layout.onnx(name)) for name in self.record["sha256"]},
+            "sha256": dict(self.record["sha256"]),
         }
         atomic_write_text(layout.sparsify_summary, json.dumps(summary, indent=2))
         layout.sparsify_checkpoint.unlink(missing_ok=True)  # done: nothing left to resume

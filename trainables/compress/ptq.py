@@ -1,0 +1,67 @@
+"""The dense INT8 peer: static post-training quantization of ``dense.onnx`` with NNCF's ONNX backend.
+
+``nncf.quantize(onnx.ModelProto, nncf.Dataset(...))`` (NNCF 2.9) collects activation ranges on the
+calibration images, quantizes weights per channel and activations per tensor to INT8, applies fast
+bias correction, and returns an ONNX graph in QDQ form (``QuantizeLinear``/``DequantizeLinear``
+around FP32 ``Conv``/``Gemm``), which DeepSparse, onnxruntime and OpenVINO all run as INT8.
+
+Why NNCF and not onnxruntime's ``quantize_static``: in the pinned onnxruntime (1.19) the
+quantization tool reads ``onnx.TensorProto.INT4`` at import, which onnx 1.14 (SparseML's bound)
+lacks; NNCF 2.9 is the newest NNCF that runs with torch 2.1 (3.x reads ``torch.uint16``) and
+needs nothing from onnx newer than 1.14.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+__all__ = ["calibration_images", "quantize_dense"]
+
+
+def calibration_images(train_images_float32: Any, count: int, seed: int) -> np.ndarray:
+    """``count`` training images (or all, if fewer) chosen without replacement by ``seed``:
+    (count, 3, H, W) float32, normalized as the model was trained. ValueError for ``count`` < 1."""
+    if count < 1:
+        raise ValueError(f"calibration needs at least 1 image, got {count}")
+    x = np.asarray(train_images_float32.numpy() if hasattr(train_images_float32, "numpy") else train_images_float32,
+                   dtype=np.float32)
+    pick = np.random.default_rng(seed).permutation(len(x))[:count]
+    return np.ascontiguousarray(x[np.sort(pick)])
+
+
+def quantize_dense(dense_path: str | os.PathLike, out_path: str | os.PathLike, images: np.ndarray,
+                   metadata: dict | None = None) -> int:
+    """Write ``out_path``: ``dense_path`` (FP32 ONNX, one input (B, 3, H, W)) statically quantized
+    to INT8 QDQ by NNCF, calibrated on ``images`` ((N, 3, H, W) float32, normalized), one image per
+    calibration item (NNCF's ``subset_size`` counts items, so all N are used); ``metadata`` (str -> str) replaces the ``metadata_props`` it carries over.
+    Returns N, the number of calibration images. ValueError when ``images`` is not 4-D or empty."""
+    import onnx
+
+    import logging
+
+    from study.noise import QUIET_LOGGERS, verbose
+
+    logger = logging.getLogger("nncf")
+    if not verbose() and not getattr(logger, "_study_quiet", False):
+        # NNCF sets its logger's level when imported (and logs at once): a filter outlives that
+        logger.addFilter(lambda record: record.levelno >= QUIET_LOGGERS["nncf"][0])
+        logger._study_quiet = True
+    import nncf
+
+    images = np.ascontiguousarray(images, dtype=np.float32)
+    if images.ndim != 4 or len(images) == 0:
+        raise ValueError(f"calibration images must be (N, C, H, W) with N > 0, got shape {images.shape}")
+    model = onnx.load(os.fspath(dense_path))
+    input_name = model.graph.input[0].name
+    items = [images[i:i + 1] for i in range(len(images))]
+    quantized = nncf.quantize(model, nncf.Dataset(items, lambda item: {input_name: item}),
+                              subset_size=len(images))
+    if metadata is not None:
+        del quantized.metadata_props[:]
+        for key, value in metadata.items():
+            quantized.metadata_props.add(key=str(key), value=str(value))
+    onnx.save(quantized, os.fspath(out_path))
+    return len(images)
