@@ -35,11 +35,13 @@ def test_smoke_run_end_to_end_on_this_python(profile_run):
     sparse = results.set_index("model").loc[["pruned", "pruned_quantized"]]
     assert sparse["weight_sparsity"].between(0.79, 0.81).all() and sparse["onnx_test_acc"].between(0, 1).all()
     onnx_dir = profile_run / "onnx"
-    assert sorted(p.name for p in onnx_dir.glob("*.onnx")) == ["dense.onnx", "pruned.onnx", "pruned_quantized.onnx"]
+    assert sorted(p.name for p in onnx_dir.glob("*.onnx")) == ["dense.onnx", "dense_int8.onnx", "pruned.onnx",
+                                                             "pruned_quantized.onnx"]
     assert onnx_weight_sparsity(onnx_dir / "pruned.onnx")[0] == pytest.approx(0.80, abs=0.01)
     assert onnx_op_types(onnx_dir / "pruned_quantized.onnx") & {"ConvInteger", "QLinearConv"}
     summary = json.loads((profile_run / "sparsify" / "summary.json").read_text())
-    assert set(summary["sha256"]) == {"dense", "pruned", "pruned_quantized"}
+    assert set(summary["sha256"]) == {"dense", "dense_int8", "pruned", "pruned_quantized"}
+    assert onnx_op_types(onnx_dir / "dense_int8.onnx") >= {"QuantizeLinear", "DequantizeLinear"}  # NNCF's PTQ
 
 
 def test_benchmark_rows_name_the_engine_versions_that_ran(profile_run):
@@ -47,16 +49,22 @@ def test_benchmark_rows_name_the_engine_versions_that_ran(profile_run):
 
     bench = pd.read_csv(profile_run / "benchmark.csv")
     assert (bench["status"] == "ok").all() and (bench["items_per_sec"] > 0).all()
+    models = ["dense", "dense_int8", "pruned", "pruned_quantized"]
+    for engine in ("onnxruntime", "openvino"):  # every model on every engine, at batch 1 and 32
+        rows = bench[bench["engine"] == engine]
+        assert sorted(set(zip(rows["model"], rows["batch_size"]))) == [(m, b) for m in models for b in (1, 32)]
+        assert rows["accuracy"].between(0, 1).all()
+    import openvino
+
     ort = bench[bench["engine"] == "onnxruntime"]
-    # without DeepSparse in this Python onnxruntime runs every model, else the dense baseline only
-    ort_models = ["dense"] if HAS_DEEPSPARSE else ["dense", "pruned", "pruned_quantized"]
-    assert sorted(set(zip(ort["model"], ort["batch_size"]))) == [(m, b) for m in sorted(ort_models) for b in (1, 32)]
     assert ort["engine_version"].str.startswith(f"onnxruntime {onnxruntime.__version__}").all()
+    assert (bench[bench["engine"] == "openvino"]["engine_version"] == f"openvino {openvino.__version__}").all()
     ds = bench[bench["engine"] == "deepsparse"]
     if HAS_DEEPSPARSE or DEEPSPARSE_PYTHON:
-        assert sorted(set(zip(ds["model"], ds["batch_size"]))) == \
-            [(m, b) for m in ("dense", "pruned", "pruned_quantized") for b in (1, 32)]
+        assert sorted(set(zip(ds["model"], ds["batch_size"]))) == [(m, b) for m in models for b in (1, 32)]
         assert (ds["engine_version"] == "deepsparse 1.7.0").all()
+        if not HAS_DEEPSPARSE:  # the deepsparse.benchmark command times; it does not run the test set
+            assert ds["accuracy"].isna().all()
     else:
         assert ds.empty
         assert "--deepsparse-python PATH" in (profile_run / "orchestrate.log").read_text()

@@ -67,6 +67,7 @@ def test_sparsities_are_a_sparsify_input_left_out_while_default():
 @pytest.fixture(scope="module")
 def tiny_onnx(tmp_path_factory):
     """TinyResNet exported to ONNX (dynamic batch) and NNCF's INT8 PTQ of it; (fp32, int8, images)."""
+    from trainables.compress.compat import onnx_export_kwargs
     from trainables.compress.ptq import calibration_images, quantize_dense
 
     folder = tmp_path_factory.mktemp("tiny")
@@ -74,7 +75,8 @@ def tiny_onnx(tmp_path_factory):
     model = TinyResNet().eval()
     fp32 = folder / "dense.onnx"
     torch.onnx.export(model, torch.randn(1, 3, 32, 32), str(fp32), input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=13)
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=13,
+                      **onnx_export_kwargs())  # the legacy exporter on torch >= 2.9 (compat)
     images = np.random.default_rng(0).standard_normal((40, 3, 32, 32)).astype(np.float32)
     picked = calibration_images(images, 16, seed=0)
     assert picked.shape == (16, 3, 32, 32) and np.isin(picked[:, 0, 0, 0], images[:, 0, 0, 0]).all()
