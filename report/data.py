@@ -83,6 +83,17 @@ class RunData:
         """True when ``benchmark.csv`` was found and has rows."""
         return self.benchmark is not None and len(self.benchmark) > 0
 
+    @property
+    def onnx_accuracy_engine(self) -> str:
+        """The engine that measured ``onnx_test_acc`` (``onnx_accuracy.json``): "DeepSparse", or
+        "onnxruntime" where the run's Python had none (the Python 3.12 profile: no DeepSparse row of
+        ``benchmark.csv`` has an accuracy). Runs made before ``benchmark.csv`` had accuracies:
+        "DeepSparse"."""
+        bench = self.benchmark
+        if bench is None or "accuracy" not in bench:
+            return "DeepSparse"
+        return "DeepSparse" if bench.loc[bench["engine"] == "deepsparse", "accuracy"].notna().any() else "onnxruntime"
+
 
 def load_result_grid(path: str | os.PathLike):
     """The ``ray.tune.ResultGrid`` of the Tune experiment stored at ``path`` (no Ray cluster

@@ -209,7 +209,7 @@ def findings(run: RunData) -> list[str]:
                 for m, r in ((f"dense {base}", _results_row(run, base, seed, variant)), *zip(SPARSE_MODELS, (pruned, quant)))
                 if r is not None and not math.isnan(_value(r, "onnx_test_acc"))]
         if onnx:
-            text += f" Exported to ONNX and run in DeepSparse: {', '.join(onnx)}."
+            text += f" Exported to ONNX and run in {run.onnx_accuracy_engine}: {', '.join(onnx)}."
         out.append(text)
     bench = run.benchmark
     if run.has_benchmark:

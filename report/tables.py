@@ -47,7 +47,7 @@ def accuracy_table(run: RunData):
             "test acc (stop)": fmt(get("test_acc"), ".4f"),
             "best test acc": fmt(get("best_test_acc"), ".4f"),
             "val acc (best epoch)": fmt(get("best_val_acc"), ".4f"),
-            "ONNX test acc (DeepSparse)": fmt(get("onnx_test_acc"), ".4f"),
+            f"ONNX test acc ({run.onnx_accuracy_engine})": fmt(get("onnx_test_acc"), ".4f"),
             "weight sparsity (%)": fmt(None if get("weight_sparsity") is None or pd.isna(get("weight_sparsity"))
                                        else 100 * get("weight_sparsity"), ".1f"),
             "time (s)": fmt(get("seconds"), ".0f"),
@@ -62,8 +62,9 @@ def accuracy_note(table, run: RunData | None = None) -> str:
     the ``run``, the metric that picked each trial's best epoch)."""
     by = "" if run is None else f" (by {'validation' if run.metric == 'val_acc' else 'test'} accuracy)"
     where = ["at the stop epoch", f"at the best epoch{by}"]
-    if "ONNX test acc (DeepSparse)" in table:
-        where.append("of the exported ONNX model run in DeepSparse")
+    onnx = next((c for c in table.columns if c.startswith("ONNX test acc (")), None)
+    if onnx:
+        where.append(f"of the exported ONNX model run in {onnx[len('ONNX test acc ('):-1]}")
     text = ("Test accuracy as a fraction of the test images (0–1): " + ", ".join(where[:-1])
             + f" and {where[-1]}.")
     if "val acc (best epoch)" in table:
@@ -151,7 +152,7 @@ def sweep_curves(run: RunData) -> dict:
 def sparse_table(run: RunData):
     """The sparsified models next to their dense parent (the trial the sparsify stage started
     from): model, from, test acc (PyTorch, %), change vs the dense parent (percentage points),
-    ONNX test acc (DeepSparse, %), weight sparsity (%). None without sparse rows."""
+    ONNX test acc (%, ``RunData.onnx_accuracy_engine``), weight sparsity (%). None without sparse rows."""
     import pandas as pd
 
     base, seed = _base_setup(run), base_seed(run)

@@ -171,3 +171,26 @@ def test_setups_and_sparse_tables_of_a_seeds_run(tmp_path):
     assert "300 training (100 of them held out for validation) / 200 test images" in summary
     assert "stop when validation accuracy changes" in summary and "2 seeds per setup (0..1)" in summary
     assert "**Decision rule: val_acc on 100 training images held out of training (stratified)" in summary
+
+
+def test_the_onnx_accuracy_names_the_engine_that_measured_it(tmp_path):
+    """On the Python 3.12 profile onnx_accuracy.json is onnxruntime's (its DeepSparse rows, through
+    --deepsparse-python, carry no accuracy): the accuracy table, its note and the findings say so."""
+    import dataclasses
+
+    import pandas as pd
+
+    run = _seeds_run(tmp_path)
+    assert run.onnx_accuracy_engine == "DeepSparse"  # no benchmark.csv: as before the column existed
+    common = {"batch_size": 1, "num_cores": 2, "items_per_sec": 100.0, "latency_mean_ms": 10.0, "latency_p50_ms": 10.0,
+              "latency_p99_ms": 12.0, "isa": "avx512", "vnni": True, "status": "ok", "error": ""}
+    rows = [{**common, "model": "pruned", "engine": "onnxruntime", "accuracy": 0.195},
+            {**common, "model": "pruned", "engine": "deepsparse", "accuracy": 0.19}]
+    assert dataclasses.replace(run, benchmark=pd.DataFrame(rows)).onnx_accuracy_engine == "DeepSparse"
+    rows[1]["accuracy"] = None  # timed by the deepsparse.benchmark command only
+    run = dataclasses.replace(run, benchmark=pd.DataFrame(rows))
+    assert run.onnx_accuracy_engine == "onnxruntime"
+    table = report.accuracy_table(run)
+    assert "ONNX test acc (onnxruntime)" in table and "ONNX test acc (DeepSparse)" not in table
+    assert "of the exported ONNX model run in onnxruntime." in report.accuracy_note(table, run)
+    assert "Exported to ONNX and run in onnxruntime: dense kd 27.5 %" in report.findings(run)[1]
