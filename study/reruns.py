@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from study.config import LEGACY_VALUES, STAGES, StudyConfig, StudyError, config_json
-from study.fingerprint import differences, stage_fields, undeclared_fields
+from study.fingerprint import STAGE_FIELDS, differences, stage_fields, undeclared_fields
 
 #: Actions that make new outputs (what makes every later stage with outputs rerun).
 MAKES_OUTPUTS = ("run", "resume", "restart", "rerun")
@@ -80,7 +80,9 @@ def plan(states: dict[str, StageState]) -> list[Decision]:
             decision = Decision(stage, "run", "no outputs yet")
         elif recorded is None:
             old = state.legacy_fields
-            changed = [] if old is None else differences({"fields": old}, {"fields": state.current["fields"]})
+            # config.json holds config fields only (not, e.g., the bench's ``deepsparse``): compare those
+            now = {name: value for name, value in state.current["fields"].items() if name in STAGE_FIELDS[stage]}
+            changed = [] if old is None else differences({"fields": old}, {"fields": now})
             decision = (Decision(stage, "rerun", "; ".join(changed) + " (from config.json; no fingerprint)")
                         if changed else
                         Decision(stage, "record", "no fingerprint (made before fingerprints existed): inputs "

@@ -79,6 +79,9 @@ def test_a_changed_stage_reruns_itself_and_every_later_stage_only():
                    "sparsify": ("rerun", "temperature 4.0 -> 2.0"), "bench": ("rerun", "sparsify reruns first")}
     legacy = plan({"teacher": StageState(True, None, fp["teacher"], fp["teacher"]["fields"])})
     assert legacy[0].action == "record" and "no fingerprint" in legacy[0].reason
+    bench = {**fp["bench"], "fields": {**fp["bench"]["fields"], "deepsparse": True}}  # not a config field
+    legacy = plan({"bench": StageState(True, None, bench, fp["bench"]["fields"])})
+    assert legacy[0].action == "record"  # config.json cannot hold it: not a change
     unfinished = {**fp["students"], "complete": False}
     assert plan({"students": StageState(False, unfinished, fp["students"])})[0].action == "resume"
     other = make_fingerprint("students", {"temperature": 2.0}, {}, {})
