@@ -189,6 +189,9 @@ def test_torch_outside_the_tested_range_is_one_line():
     assert torch_note("2.15.0", (3, 12, 1)) == ("note: torch 2.15.0 is outside the tested range for Python 3.12 "
                                                 "(torch >= 2.5.0, < 2.15.0); carrying on")
     assert torch_note("2.4.1", (3, 12, 1)).startswith("note: torch 2.4.1 is outside")
+    assert torch_note("2.14.1", (3, 13, 0)) is None  # 3.13: the Python 3.12 profile's range
+    assert torch_note("2.15.0", (3, 13, 0)).startswith("note: torch 2.15.0 is outside the tested range for "
+                                                       "Python 3.12 (torch >= 2.5.0")
     assert torch_note("2.2.0", (3, 11, 7)) == ("note: torch 2.2.0 is outside the tested range for Python "
                                                "3.10/3.11 (torch 2.1.2); carrying on")
     assert set(TESTED_TORCH) == {"Python 3.10/3.11", "Python 3.12"}
