@@ -449,7 +449,7 @@ def check_deepsparse_python(python: str) -> str:
 
 def skipped_stages_line(stop_after: str, version=sys.version_info) -> str | None:
     """The line a run that stops before the bench stage ends with: which stages it left out and how
-    to run them (on Python 3.12 without SparseML: how to install it first); None for a full run."""
+    to run them (on Python 3.12 or 3.13 without SparseML: how to install it first); None for a full run."""
     left = {"teacher": "students, sparsify and bench", "students": "sparsify and bench",
             "sparsify": "bench"}.get(stop_after)
     if left is None:
@@ -459,7 +459,7 @@ def skipped_stages_line(stop_after: str, version=sys.version_info) -> str | None
 
     if tuple(version[:2]) >= (3, 12) and stop_after != "sparsify" \
             and importlib.util.find_spec("sparseml") is None:
-        line += (" after installing SparseML for Python 3.12: "
+        line += (f" after installing SparseML for Python {version[0]}.{version[1]}: "
                  + PY312_SPARSEML_INSTALL.format(project=PROJECT_DIR))
     return line
 

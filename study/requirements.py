@@ -4,7 +4,7 @@ The training stages (teacher, students) need only torch, torchvision and Ray (wi
 tabulate that Ray Tune's results and the results table use), on any Python >= 3.10; SparseML and
 ONNX are demanded only when a run reaches the sparsify or bench stage. Two profiles run those
 (README, "Profiles"): the default one, Python 3.10/3.11 with the pinned stack, DeepSparse included;
-and Python 3.12 with a newer torch, SparseML installed by ``requirements/py312-sparseml.txt`` and no
+and Python 3.12 or 3.13 with a newer torch, SparseML installed by ``requirements/py312-sparseml.txt`` and no
 DeepSparse (the bench stage runs onnxruntime, and DeepSparse only through ``--deepsparse-python``).
 Nothing here imports the packages it checks for, so ``orchestrate.py`` can run these checks before
 it loads the stack.
@@ -27,8 +27,9 @@ REQUIRED_PACKAGES = TRAINING_PACKAGES + SPARSIFY_PACKAGES
 #: The Python 3.12 profile's sparsify/bench packages: DeepSparse has no wheel past 3.11 (the bench
 #: stage runs it from another Python with ``--deepsparse-python``, or leaves it out).
 SPARSIFY_PACKAGES_312 = ("sparseml", "sparsezoo", "onnx", "onnxruntime", "openvino", "nncf", "yaml")
-#: The newest Python whose sparsify/bench stages were verified (the Python 3.12 profile).
-NEWEST_SPARSIFY_PYTHON = (3, 12)
+#: The newest Python whose sparsify/bench stages were verified (the Python 3.12 profile, which covers
+#: 3.12 and 3.13).
+NEWEST_SPARSIFY_PYTHON = (3, 13)
 #: How the Python 3.12 profile gets SparseML/SparseZoo 1.7, whose metadata refuses Python 3.12.
 PY312_SPARSEML_INSTALL = "pip install --no-deps --ignore-requires-python -r {project}/requirements/py312-sparseml.txt"
 #: torch versions verified per profile, as [lowest, above-highest) releases (README, "Tested versions").
@@ -45,19 +46,19 @@ def sparsify_stages(stop_after: str) -> bool:
 
 
 def check_python(version=sys.version_info, sparsify: bool = True) -> None:
-    """StudyError unless Python is 3.10 to 3.12, or, when the run stops before the sparsify
+    """StudyError unless Python is 3.10 to 3.13, or, when the run stops before the sparsify
     stage (``sparsify=False``), any Python >= 3.10 (the training stages need only torch,
-    torchvision and Ray; the sparsify/bench stages were verified on 3.10 to 3.12)."""
+    torchvision and Ray; the sparsify/bench stages were verified on 3.10 to 3.13)."""
     major_minor = tuple(version[:2])
     if major_minor < (3, 10) or (sparsify and major_minor > NEWEST_SPARSIFY_PYTHON):
         hint = " or run only the training stages (--stop-after students)" if major_minor > (3, 11) else ""
         raise StudyError(f"Python {version[0]}.{version[1]} is not supported; use Python 3.10 or 3.11 (the "
-                         f"default profile) or 3.12 (the Python 3.12 profile, README){hint}")
+                         f"default profile) or 3.12 or 3.13 (the Python 3.12 profile, README){hint}")
 
 
 def sparsify_packages(version=sys.version_info) -> tuple[str, ...]:
     """The sparsify/bench stages' packages on Python ``version``: ``SPARSIFY_PACKAGES`` on 3.10/3.11,
-    ``SPARSIFY_PACKAGES_312`` (no DeepSparse) from 3.12."""
+    ``SPARSIFY_PACKAGES_312`` (no DeepSparse) from 3.12 (3.12 and 3.13: the Python 3.12 profile)."""
     return SPARSIFY_PACKAGES_312 if tuple(version[:2]) >= (3, 12) else SPARSIFY_PACKAGES
 
 
@@ -128,8 +129,9 @@ def check_packages(names=REQUIRED_PACKAGES, prefix: str = sys.prefix, project: P
                          f"project's virtual environment first (. {venv}/bin/activate) or run "
                          f"{venv}/bin/python orchestrate.py")
     if missing and tuple(version[:2]) >= (3, 12) and set(missing) <= {"sparseml", "sparsezoo"}:
-        raise StudyError(f"package(s) {', '.join(missing)} not installed: on Python 3.12 the sparsify and "
-                         f"bench stages need SparseML 1.7, whose metadata refuses 3.12; run: "
+        python = f"{version[0]}.{version[1]}"
+        raise StudyError(f"package(s) {', '.join(missing)} not installed: on Python {python} the sparsify and "
+                         f"bench stages need SparseML 1.7, whose metadata refuses {python}; run: "
                          f"{PY312_SPARSEML_INSTALL.format(project=project)} (or run only the training stages: "
                          "--stop-after students)")
     if missing:

@@ -19,13 +19,13 @@ from onnx import numpy_helper
 
 from trainables.data import extract_image_subset  # noqa: F401  (re-exported: conftest.py)
 
-#: DeepSparse importable here: always on the default profile (Python 3.10/3.11), never on 3.12.
+#: DeepSparse importable here: always on the default profile (Python 3.10/3.11), never on 3.12/3.13.
 HAS_DEEPSPARSE = importlib.util.find_spec("deepsparse") is not None
 #: For tests that run DeepSparse in this Python: skipped only on Python >= 3.12 without it (the Python
 #: 3.12 profile); on 3.10/3.11 a missing DeepSparse fails them.
 needs_deepsparse = pytest.mark.skipif(
     not HAS_DEEPSPARSE and sys.version_info >= (3, 12),
-    reason="deepsparse 1.7 has no wheel for Python 3.12 (the bench stage runs it through --deepsparse-python)")
+    reason="deepsparse 1.7 has no wheel past Python 3.11 (the bench stage runs it through --deepsparse-python)")
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -160,6 +160,26 @@ def test_known_harmless_warnings_are_silenced_unless_verbose(monkeypatch):
         assert len(caught) == expected + 1 and str(caught[-1].message) == "another warning"
 
 
+# ---------------------------------------------------------------- 6. imghdr (Python >= 3.13): a dependency
+
+def test_sparsezoo_finds_imghdr_on_this_python():
+    """sparsezoo 1.7 imports imghdr: the stdlib's through Python 3.12; from 3.13, which removed it, the
+    standard-imghdr backport (pyproject.toml)."""
+    import importlib.util
+    import sysconfig
+
+    spec = importlib.util.find_spec("imghdr")
+    assert spec is not None
+    if sys.version_info >= (3, 13):
+        from importlib import metadata
+
+        assert metadata.version("standard-imghdr")
+        assert Path(spec.origin).is_relative_to(sysconfig.get_paths()["purelib"])
+    import sparsezoo.objects.file
+
+    assert sparsezoo.objects.file.imghdr.what
+
+
 # ---------------------------------------------------------------- tested range
 
 def test_torch_outside_the_tested_range_is_one_line():
@@ -169,6 +189,9 @@ def test_torch_outside_the_tested_range_is_one_line():
     assert torch_note("2.15.0", (3, 12, 1)) == ("note: torch 2.15.0 is outside the tested range for Python 3.12 "
                                                 "(torch >= 2.5.0, < 2.15.0); carrying on")
     assert torch_note("2.4.1", (3, 12, 1)).startswith("note: torch 2.4.1 is outside")
+    assert torch_note("2.14.1", (3, 13, 0)) is None  # 3.13: the Python 3.12 profile's range
+    assert torch_note("2.15.0", (3, 13, 0)).startswith("note: torch 2.15.0 is outside the tested range for "
+                                                       "Python 3.12 (torch >= 2.5.0")
     assert torch_note("2.2.0", (3, 11, 7)) == ("note: torch 2.2.0 is outside the tested range for Python "
                                                "3.10/3.11 (torch 2.1.2); carrying on")
     assert set(TESTED_TORCH) == {"Python 3.10/3.11", "Python 3.12"}

@@ -3,7 +3,7 @@
 resumed ``smoke_run`` of ``test_e2e.py`` covers more).
 
 ``DEEPSPARSE_PYTHON=<a Python 3.10/3.11 with deepsparse 1.7>`` adds ``--deepsparse-python`` (``.ci/run``
-sets it to the default profile's venv), so a 3.12 study also gets DeepSparse's benchmark.
+sets it to the default profile's venv), so a 3.12 or 3.13 study also gets DeepSparse's benchmark.
 """
 
 import json

@@ -56,10 +56,11 @@ def test_unknown_preset():
 
 def test_python_and_cpu_checks():
     orchestrate.check_python((3, 11, 7))
-    orchestrate.check_python((3, 12, 0))  # the Python 3.12 profile
-    with pytest.raises(StudyError, match=r"^Python 3\.13 is not supported; use Python 3\.10 or 3\.11 \(the "
-                       r"default profile\) or 3\.12"):
-        orchestrate.check_python((3, 13, 0))
+    orchestrate.check_python((3, 12, 0))  # the Python 3.12 profile, which covers 3.12 and 3.13
+    orchestrate.check_python((3, 13, 0))
+    with pytest.raises(StudyError, match=r"^Python 3\.14 is not supported; use Python 3\.10 or 3\.11 \(the "
+                       r"default profile\) or 3\.12 or 3\.13 \(the Python 3\.12 profile, README\)"):
+        orchestrate.check_python((3, 14, 0))
     orchestrate.check_avx2("processor : 0\nflags : fpu sse2 avx avx2 fma\n")
     with pytest.raises(StudyError, match="this CPU has no AVX2"):
         orchestrate.check_avx2("processor : 0\nflags : fpu sse2 avx\n")
@@ -70,7 +71,8 @@ def test_python_and_cpu_checks():
 def test_training_stages_alone_need_neither_sparseml_nor_python_3_11():
     for version in ((3, 12, 1), (3, 13, 0), (3, 14, 0)):  # --stop-after teacher/students: any Python >= 3.10
         orchestrate.check_python(version, sparsify=False)
-    for version in ((3, 13, 0), (3, 14, 0)):
+    orchestrate.check_python((3, 13, 0), sparsify=True)
+    for version in ((3, 14, 0), (3, 15, 0)):
         with pytest.raises(StudyError, match=r"or run only the training stages \(--stop-after students\)"):
             orchestrate.check_python(version, sparsify=True)
     with pytest.raises(StudyError, match=r"^Python 3\.9 is not supported"):
@@ -82,9 +84,10 @@ def test_training_stages_alone_need_neither_sparseml_nor_python_3_11():
         ("torch", "torchvision", "ray", "pandas", "numpy", "scipy", "tabulate")
     assert set(orchestrate.required_packages("bench", (3, 11, 7))) - set(training) == \
         {"sparseml", "deepsparse", "onnx", "onnxruntime", "openvino", "nncf", "yaml"}
-    # Python 3.12: no DeepSparse wheel (the bench stage runs onnxruntime, DeepSparse via --deepsparse-python)
-    assert set(orchestrate.required_packages("bench", (3, 12, 1))) - set(training) == \
-        {"sparseml", "sparsezoo", "onnx", "onnxruntime", "openvino", "nncf", "yaml"}
+    # Python 3.12/3.13: no DeepSparse wheel (the bench stage runs onnxruntime, DeepSparse via --deepsparse-python)
+    for version in ((3, 12, 1), (3, 13, 0)):
+        assert set(orchestrate.required_packages("bench", version)) - set(training) == \
+            {"sparseml", "sparsezoo", "onnx", "onnxruntime", "openvino", "nncf", "yaml"}
 
 
 def test_a_run_that_stops_early_says_what_it_left_out_and_how_to_run_it(monkeypatch):
@@ -100,9 +103,11 @@ def test_a_run_that_stops_early_says_what_it_left_out_and_how_to_run_it(monkeypa
     assert line.startswith("skipped the students, sparsify and bench stage(s) (--stop-after teacher)")
     assert line.endswith("after installing SparseML for Python 3.12: pip install --no-deps --ignore-requires-python "
                          f"-r {REPO_ROOT}/requirements/py312-sparseml.txt")
+    assert "after installing SparseML for Python 3.13: pip install" in orchestrate.skipped_stages_line("students",
+                                                                                                      (3, 13, 0))
 
 
-def test_python_3_12_without_sparseml_is_told_the_second_install_step(tmp_path, monkeypatch):
+def test_python_3_12_or_3_13_without_sparseml_is_told_the_second_install_step(tmp_path, monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
@@ -114,6 +119,10 @@ def test_python_3_12_without_sparseml_is_told_the_second_install_step(tmp_path, 
         "package(s) sparseml, sparsezoo not installed: on Python 3.12 the sparsify and bench stages need SparseML "
         "1.7, whose metadata refuses 3.12; run: pip install --no-deps --ignore-requires-python -r "
         f"{tmp_path}/requirements/py312-sparseml.txt (or run only the training stages: --stop-after students)")
+    with pytest.raises(StudyError, match=r"^package\(s\) sparseml, sparsezoo not installed: on Python 3\.13 the "
+                       r"sparsify and bench stages need SparseML 1\.7, whose metadata refuses 3\.13; run: pip install "
+                       r"--no-deps --ignore-requires-python -r "):
+        orchestrate.check_packages(("torch", "sparseml", "sparsezoo"), project=tmp_path, version=(3, 13, 0))
     with pytest.raises(StudyError, match=r"not installed; run: pip install -e"):  # 3.11: the ordinary install
         orchestrate.check_packages(("torch", "sparseml"), project=tmp_path, version=(3, 11, 7))
 

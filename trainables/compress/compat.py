@@ -11,7 +11,8 @@ quantization code looks ``QConfig`` up on ``torch.quantization`` at call time). 
 :func:`onnx_export_kwargs` to SparseML's exporter.
 
 Not needed with the pinned onnx 1.18: sparsezoo 1.7 imports ``onnx.mapping``, which onnx 1.19
-removed; :func:`check_onnx_mapping` says so in one line instead of a traceback.
+removed; :func:`check_onnx_mapping` says so in one line instead of a traceback. Not code either
+(item 6): on Python 3.13 sparsezoo 1.7's ``import imghdr`` is met by a dependency, ``standard-imghdr``.
 """
 
 from __future__ import annotations
@@ -140,6 +141,13 @@ def quiet_warnings() -> None:
     if not verbose():
         for message, category in QUIET_WARNINGS:
             warnings.filterwarnings("ignore", message=message, category=category)
+
+
+# 6. imghdr. sparsezoo 1.7 (`sparsezoo/objects/file.py`) does `import imghdr` (used once,
+#    `imghdr.what(self.path)`); Python 3.13 removed imghdr from the stdlib (PEP 594), so `import sparsezoo`
+#    fails with ModuleNotFoundError: No module named 'imghdr'. Broke from Python 3.13. No shim: a
+#    dependency, the PyPI backport `standard-imghdr` (pyproject.toml, Python >= 3.13 only), which warns
+#    on import with a DeprecationWarning that Python's default filters hide (pytest's are in pyproject.toml).
 
 
 def apply() -> None:
