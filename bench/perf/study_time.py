@@ -48,7 +48,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 import study  # noqa: E402
-from study import ONNX_MODELS  # noqa: E402
+from study.layout import model_names, sparsity_targets  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,7 +230,9 @@ def project(config, table: pd.DataFrame) -> pd.DataFrame:
                     + overhead("recipe pre-QAT") + evals})
     except ImportError:
         out.append({"stage": "sparsify (SparseML not installed)", "epochs": 0, "seconds": math.nan})
-    jobs = (len(ENGINES) + len(ONNX_MODELS) - 1) * len(config.bench_batch_sizes)
+    # every model on every engine at every batch size, in each round (bench.benchmark.run_benchmarks)
+    jobs = len(ENGINES) * len(model_names(sparsity_targets(config.sparsities, config.recipe))) \
+        * len(config.bench_batch_sizes) * config.bench_rounds
     out.append({"stage": f"bench ({jobs} runs, fixed)", "epochs": 0,
                 "seconds": jobs * (config.bench_seconds + config.bench_warmup_seconds)})
     frame = pd.DataFrame(out)
