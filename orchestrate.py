@@ -27,8 +27,8 @@ from pathlib import Path
 from study import PRESETS, RunLayout, StudyConfig, StudyError, decision_rule, make_config, selection_metric
 from study.config import PROJECT_DIR, check_output_dir, config_json
 from study.noise import VERBOSE_ENV, set_verbose, verbose
-from study.requirements import (PY312_SPARSEML_INSTALL, check_packages, check_python, required_packages,
-                                sparsify_stages, torch_note)
+from study.requirements import (NEWEST_SPARSIFY_PYTHON, PY312_SPARSEML_INSTALL, check_packages, check_python,
+                                required_packages, sparsify_stages, torch_note)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,11 +449,15 @@ def check_deepsparse_python(python: str) -> str:
 
 def skipped_stages_line(stop_after: str, version=sys.version_info) -> str | None:
     """The line a run that stops before the bench stage ends with: which stages it left out and how
-    to run them (on Python 3.12 or 3.13 without SparseML: how to install it first); None for a full run."""
+    to run them (on Python 3.12 or 3.13 without SparseML: how to install it first; on a newer Python:
+    which Pythons run them); None for a full run."""
     left = {"teacher": "students, sparsify and bench", "students": "sparsify and bench",
             "sparsify": "bench"}.get(stop_after)
     if left is None:
         return None
+    if tuple(version[:2]) > NEWEST_SPARSIFY_PYTHON:  # check_python refuses those stages here
+        return (f"skipped the {left} stage(s) (--stop-after {stop_after}); they run on Python 3.10 to "
+                f"{NEWEST_SPARSIFY_PYTHON[0]}.{NEWEST_SPARSIFY_PYTHON[1]}")
     line = f"skipped the {left} stage(s) (--stop-after {stop_after}); run the same command with --stop-after bench"
     import importlib.util
 

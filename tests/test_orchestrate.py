@@ -105,6 +105,9 @@ def test_a_run_that_stops_early_says_what_it_left_out_and_how_to_run_it(monkeypa
                          f"-r {REPO_ROOT}/requirements/py312-sparseml.txt")
     assert "after installing SparseML for Python 3.13: pip install" in orchestrate.skipped_stages_line("students",
                                                                                                       (3, 13, 0))
+    # Python 3.14: no install would make those stages run there (check_python refuses them)
+    assert orchestrate.skipped_stages_line("students", (3, 14, 0)) == (
+        "skipped the sparsify and bench stage(s) (--stop-after students); they run on Python 3.10 to 3.13")
 
 
 def test_python_3_12_or_3_13_without_sparseml_is_told_the_second_install_step(tmp_path, monkeypatch):
