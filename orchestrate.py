@@ -28,7 +28,7 @@ from study import PRESETS, RunLayout, StudyConfig, StudyError, decision_rule, ma
 from study.config import PROJECT_DIR, check_output_dir, config_json
 from study.noise import VERBOSE_ENV, set_verbose, verbose
 from study.requirements import (NEWEST_SPARSIFY_PYTHON, PY312_SPARSEML_INSTALL, check_packages, check_python,
-                                required_packages, sparsify_stages, torch_note)
+                                required_packages, runs_deepsparse, sparsify_stages, torch_note)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -483,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
             print(note, flush=True)
         if args.report_only:
             return stage_report(config)
-        if sparsify and (sys.version_info < (3, 12) or config.deepsparse_python):  # where DeepSparse runs
+        if sparsify and runs_deepsparse(config.deepsparse_python):  # DeepSparse needs AVX2
             check_avx2()
         if config.deepsparse_python and config.stop_after == "bench":
             check_deepsparse_python(config.deepsparse_python)

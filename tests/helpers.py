@@ -5,7 +5,6 @@ recipe tests."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -17,10 +16,11 @@ import pytest
 import torch
 from onnx import numpy_helper
 
+from study.requirements import has_deepsparse
 from trainables.data import extract_image_subset  # noqa: F401  (re-exported: conftest.py)
 
 #: DeepSparse importable here: always on the default profile (Python 3.10/3.11), never on 3.12/3.13.
-HAS_DEEPSPARSE = importlib.util.find_spec("deepsparse") is not None
+HAS_DEEPSPARSE = has_deepsparse()
 #: For tests that run DeepSparse in this Python: skipped only on Python >= 3.12 without it (the Python
 #: 3.12 profile); on 3.10/3.11 a missing DeepSparse fails them.
 needs_deepsparse = pytest.mark.skipif(
