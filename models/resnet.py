@@ -46,6 +46,8 @@ __all__ = [
     "STEMS",
     "FEATURE_LAYERS",
     "WeightsUnavailableError",
+    "BasicBlock",
+    "Bottleneck",
     "build_teacher",
     "build_student",
     "forward_features",
@@ -80,9 +82,82 @@ class WeightsUnavailableError(RuntimeError):
 # --------------------------------------------------------------------------
 
 
+def _reorder_modules(block: nn.Module, order: tuple[str, ...]) -> None:
+    """Re-register ``block``'s child modules in ``order`` (names absent from the block skipped).
+
+    SparseML's ``fuse_module_conv_bn_relus`` fuses Conv2d -> BatchNorm2d (-> ReLU) runs that are
+    consecutive in ``named_modules()`` order, which is registration order."""
+    children = dict(block._modules)
+    block._modules.clear()
+    for name in order:
+        if children.get(name) is not None:
+            block._modules[name] = children[name]
+
+
+class BasicBlock(torchvision.models.resnet.BasicBlock):
+    """torchvision's BasicBlock with one activation module per use.
+
+    torchvision's block calls one ``self.relu`` twice, the second time after the residual add;
+    conv-bn-relu fusion for QAT replaces that shared module with ``Identity`` and so removes the
+    post-add ReLU too (pytorch issue #52584). Here ``relu1`` follows ``bn1`` (fused with
+    ``conv1``/``bn1``) and the post-add ReLU is ``add_relu``, a ``FloatFunctional`` that QAT gives
+    its own fake-quant (as torchvision's ``QuantizableBasicBlock`` and SparseML's ResNets do).
+    Same parameters, state-dict keys and float function as torchvision's block.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        del self.relu
+        self.relu1 = nn.ReLU(inplace=True)
+        self.add_relu = torch.ao.nn.quantized.FloatFunctional()
+        _reorder_modules(self, ("conv1", "bn1", "relu1", "conv2", "bn2", "downsample", "add_relu"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.add_relu.add_relu(out, identity)
+
+
+class Bottleneck(torchvision.models.resnet.Bottleneck):
+    """torchvision's Bottleneck with one activation module per use (see :class:`BasicBlock`):
+    ``relu1``/``relu2`` follow ``bn1``/``bn2``; ``conv3``/``bn3`` fuse without a ReLU; the
+    post-add ReLU is ``add_relu`` (torchvision's ``QuantizableBottleneck`` layout)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        del self.relu
+        self.relu1 = nn.ReLU(inplace=True)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.add_relu = torch.ao.nn.quantized.FloatFunctional()
+        _reorder_modules(
+            self,
+            ("conv1", "bn1", "relu1", "conv2", "bn2", "relu2", "conv3", "bn3", "downsample", "add_relu"),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.relu2(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.add_relu.add_relu(out, identity)
+
+
+#: Blocks and per-stage block counts of each arch (torchvision.models.resnet, He et al. 2016 Table 1).
+_ARCH_BLOCKS: dict[str, tuple[type, list[int]]] = {
+    "resnet18": (BasicBlock, [2, 2, 2, 2]),
+    "resnet34": (BasicBlock, [3, 4, 6, 3]),
+    "resnet50": (Bottleneck, [3, 4, 6, 3]),
+    "resnet101": (Bottleneck, [3, 4, 23, 3]),
+    "resnet152": (Bottleneck, [3, 8, 36, 3]),
+}
+
+
 def _bare_resnet(arch: str, num_classes: int) -> torchvision.models.ResNet:
-    """A randomly initialised torchvision ResNet with a ``num_classes``-way fc."""
-    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    """A randomly initialised torchvision ResNet of ``arch`` built from this module's blocks
+    (torchvision's init), with a ``num_classes``-way fc; state-dict keys as ``torchvision.models.<arch>``."""
+    block, layers = _ARCH_BLOCKS[arch]
+    return torchvision.models.resnet.ResNet(block, layers, num_classes=num_classes)
 
 
 def _cifar_conv1() -> nn.Conv2d:

@@ -282,6 +282,36 @@ def onnx_op_types(path: Union[str, os.PathLike]) -> Set[str]:
     return {n.op_type for n in onnx.load(path).graph.node}
 
 
+def residual_adds(path: Union[str, os.PathLike]) -> list:
+    """For each residual Add of the ONNX graph at ``path`` (an Add whose two inputs are both
+    computed by nodes, not initializers or Constants; bias Adds of a ConvInteger graph have one
+    constant input), whether a ReLU follows it: every consumer is a ``Relu``, or a uint8
+    ``QuantizeLinear`` with zero point 0, which clamps at 0 and so is a ReLU folded into the
+    quantization (SparseML's ``convert_qat`` writes it that way).
+
+    Returns:
+        list of bool, one per residual Add, in graph order.
+    """
+    graph = onnx.load(os.fspath(path)).graph
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    consumers: Dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def clamps_at_zero(node) -> bool:
+        if node.op_type == "Relu":
+            return True
+        zero_point = inits.get(node.input[2]) if node.op_type == "QuantizeLinear" and len(node.input) > 2 else None
+        return zero_point is not None and zero_point.dtype == np.uint8 and not zero_point.any()
+
+    return [all(clamps_at_zero(c) for c in consumers.get(node.output[0], [])) and bool(consumers.get(node.output[0]))
+            for node in graph.node
+            if node.op_type == "Add"
+            and all(i in producers and producers[i].op_type != "Constant" for i in node.input)]
+
+
 def onnx_input_shape(path: Union[str, os.PathLike]) -> list:
     """Shape of the first graph input of the ONNX file at ``path``: one entry per axis, the
     symbolic name (``dim_param``, e.g. "batch") of a dynamic axis, else its fixed size (int)."""

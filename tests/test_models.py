@@ -7,6 +7,7 @@ any network or torch.hub cache access.
 
 from __future__ import annotations
 
+import copy
 import os
 from urllib.error import URLError
 
@@ -133,6 +134,33 @@ def test_parameter_counts_exact():
         assert count_parameters(build_teacher("resnet18", weights=None)) == 11_173_962
         assert count_parameters(build_student("resnet18")) == 9_993_290
     assert count_parameters(nn.Linear(3, 2)) == 8
+
+
+# ---------------------------------------------------------------- one activation module per use
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])  # BasicBlock, Bottleneck
+def test_blocks_compute_torchvisions_function_and_survive_qat_fusion(arch):
+    """The blocks give torchvision's state-dict keys and outputs, and SparseML's conv-bn-relu
+    fusion (the QAT start, in training mode) keeps the function: with torchvision's shared
+    ``self.relu`` fusion turns it into Identity and drops the ReLU after every residual add."""
+    from sparseml.pytorch.sparsification.quantization.helpers import fuse_module_conv_bn_relus
+
+    torch.manual_seed(0)
+    student = build_student(arch)
+    reference = torchvision.models.get_model(arch, num_classes=10)
+    reference.layer3 = reference.layer3[:1]
+    reference.conv1, reference.maxpool = student.conv1, nn.Identity()
+    assert list(reference.state_dict()) == list(student.state_dict())
+    reference.load_state_dict(student.state_dict())
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+    fused = fuse_module_conv_bn_relus(copy.deepcopy(student).train())
+    assert any(type(m).__name__ == "ConvBnReLU2d" for m in fused.modules())
+    for mode in ("train", "eval"):
+        outputs = [getattr(m, mode)()(images) for m in (student, reference, fused)]
+        torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=0)
+        torch.testing.assert_close(outputs[2], outputs[0], rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- upsample stem

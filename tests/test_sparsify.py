@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import TinyResNet, needs_deepsparse, onnx_input_shape, onnx_op_types, onnx_weight_sparsity
+from helpers import (TinyResNet, needs_deepsparse, onnx_input_shape, onnx_op_types, onnx_weight_sparsity,
+                     residual_adds)
+from models import build_student
 from trainables.compress.export import export_model_onnx, model_metadata, read_metadata
 from trainables.compress.core import (
     RecipeRun,
@@ -87,6 +89,25 @@ def sparsified(tmp_path_factory):
         "pruned": str(out / "pruned.onnx"),
         "quantized": quant_path,
     }
+
+
+def test_qat_student_keeps_a_relu_after_every_residual_add(tmp_path):
+    """The recipe's QAT (conv-bn-relu fusion, fake-quant) on the project's student, exported as
+    ConvInteger (``convert_qat=True``) and as QDQ: every residual Add feeds a ReLU in both INT8
+    graphs, as in the dense export (with torchvision's shared ``self.relu`` none did)."""
+    torch.manual_seed(0)
+    model = build_student("resnet18")  # 2 + 2 + 1 + 2 blocks: 7 residual Adds
+    dense = residual_adds(export_model_onnx(model, tmp_path / "dense.onnx"))
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(8) % 10
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    RecipeRun(model, load_recipe(RECIPE, num_epochs=3), optimizer, lambda epoch: [(images, labels)],
+              lambda m: 0.0, log=None).run()
+    assert is_quantized(model)
+    convinteger = export_model_onnx(model, tmp_path / "int8.onnx", convert_qat=True)
+    qdq = export_model_onnx(model, tmp_path / "int8_qdq.onnx", convert_qat=False)
+    assert "ConvInteger" in onnx_op_types(convinteger) and "QuantizeLinear" in onnx_op_types(qdq)
+    assert dense == residual_adds(convinteger) == residual_adds(qdq) == [True] * 7
 
 
 def test_recipe_schedule_defaults_and_num_epochs_override():
