@@ -511,13 +511,14 @@ def print_results(config: StudyConfig, table, setups, bench) -> None:
     from report import compression_verdict
 
     failed = bench["items_per_sec"].isna()  # rows of failed benchmarks (status "error")
-    shown = bench.drop(columns=["isa", "vnni", "latency_p50_ms_rounds"], errors="ignore")
+    shown = bench.drop(columns=["isa", "vnni", "amx", "latency_p50_ms_rounds"], errors="ignore")
     if not (bench["status"] == "error").any():
         shown = shown.drop(columns=["status", "error"], errors="ignore")
     print("\nThroughput (items/s, median of the rounds), latency (ms), test accuracy in the engine, size (bytes):\n"
           + shown.to_markdown(index=False, floatfmt=".3f"))
     if not failed.all():
-        print(f"CPU: {bench[~failed]['isa'].iloc[0]}, VNNI {bench[~failed]['vnni'].iloc[0]}")
+        cpu = bench[~failed].iloc[0]
+        print(f"CPU: {cpu['isa']}, VNNI {cpu['vnni']}, AMX {cpu.get('amx') or 'none'}")
     for batch in sorted(set(bench[~failed]["batch_size"])):
         print(fastest_model(bench, batch))
         for sentence in compression_verdict(bench, batch):

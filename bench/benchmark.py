@@ -105,8 +105,9 @@ def _check_common(model_path: str, batch_size: Any, engine: str, num_cores: Any)
 
 def _cpu_isa_from_proc(cpuinfo: Optional[str] = None) -> Dict[str, Any]:
     """:func:`cpu_isa` without DeepSparse, from ``/proc/cpuinfo`` (or the text ``cpuinfo``): isa
-    "avx512" (avx512f), "avx2" or "unknown"; vnni: avx512_vnni or avx_vnni; physical cores: distinct
-    (physical id, core id) pairs among the CPUs this process may run on."""
+    "avx512" (avx512f), "avx2" or "unknown"; vnni: avx512_vnni or avx_vnni; amx: the AMX flags
+    (:func:`amx_flags`); physical cores: distinct (physical id, core id) pairs among the CPUs this
+    process may run on."""
     text = cpuinfo if cpuinfo is not None else Path("/proc/cpuinfo").read_text()
     allowed = os.sched_getaffinity(0) if cpuinfo is None and hasattr(os, "sched_getaffinity") else None
     flags, cores, model, cpu = set(), set(), "", {}
@@ -119,8 +120,19 @@ def _cpu_isa_from_proc(cpuinfo: Optional[str] = None) -> Dict[str, Any]:
         model = cpu.get("model name", model)
         cores.add((cpu.get("physical id", "0"), cpu.get("core id", cpu.get("processor", "0"))))
     isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "unknown"
-    return {"isa": isa, "vnni": bool({"avx512_vnni", "avx_vnni"} & flags), "num_cores": max(1, len(cores)),
-            "vendor_model": model}
+    return {"isa": isa, "vnni": bool({"avx512_vnni", "avx_vnni"} & flags), "amx": amx_flags(flags),
+            "num_cores": max(1, len(cores)), "vendor_model": model}
+
+
+def amx_flags(flags: Optional[set] = None) -> str:
+    """The Intel AMX tile flags of this CPU (``amx_int8``, ``amx_bf16``, ``amx_fp16``, ...), sorted
+    and space-separated, from ``flags`` or the first CPU of ``/proc/cpuinfo``; "" when none (AMD, or
+    Intel before Sapphire Rapids). OpenVINO's INT8 and bf16 kernels use them where present."""
+    if flags is None:
+        text = Path("/proc/cpuinfo").read_text()
+        line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "flags :")
+        flags = set(line.split(":", 1)[1].split())
+    return " ".join(sorted(f for f in flags if f.startswith("amx")))
 
 
 def cpu_isa() -> Dict[str, Any]:
@@ -129,8 +141,8 @@ def cpu_isa() -> Dict[str, Any]:
 
     Returns:
         ``{"isa": "avx2" | "avx512" | ..., "vnni": bool (int8 dot-product
-        instructions; without them DeepSparse emulates INT8), "num_cores": physical
-        cores available to this process, "vendor_model": str}``.
+        instructions; without them DeepSparse emulates INT8), "amx": :func:`amx_flags`,
+        "num_cores": physical cores available to this process, "vendor_model": str}``.
     """
     if not has_deepsparse():
         return _cpu_isa_from_proc()
@@ -140,6 +152,7 @@ def cpu_isa() -> Dict[str, Any]:
     return {
         "isa": str(arch.isa),
         "vnni": bool(arch.vnni),
+        "amx": amx_flags(),
         "num_cores": int(arch.num_available_physical_cores),
         "vendor_model": str(getattr(arch, "vendor_model", "")),
     }
@@ -310,17 +323,31 @@ def _accuracy(path: str, x: np.ndarray, y: np.ndarray, batch_size: int, engine: 
 
 def _openvino_model(path: str, batch_size: int, num_cores: Optional[int]):
     """``path`` compiled by OpenVINO for the CPU with its input reshaped to ``batch_size``,
-    ``num_cores`` inference threads (None: OpenVINO's default) and the latency hint (one stream)."""
+    ``num_cores`` inference threads (None: OpenVINO's default), the latency hint (one stream) and
+    ``INFERENCE_PRECISION_HINT`` f32: without it OpenVINO runs an FP32 graph in bf16 on CPUs with
+    AMX or AVX512-BF16 (openvino #21590). Quantized (QDQ) layers still run in INT8."""
     import openvino as ov
 
     core = ov.Core()
     model = core.read_model(path)
     shape = list(model.inputs[0].get_partial_shape())
     model.reshape({model.inputs[0].get_any_name(): [batch_size, *(int(d.get_length()) for d in shape[1:])]})
-    config = {"PERFORMANCE_HINT": "LATENCY"}
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
     if num_cores is not None:
         config["INFERENCE_NUM_THREADS"] = int(num_cores)
     return core.compile_model(model, "CPU", config)
+
+
+def openvino_precision(compiled) -> str:
+    """The precisions OpenVINO compiled ``compiled``'s Convolution and FullyConnected layers to, read
+    back from its runtime model (``runtimePrecision`` of each layer), sorted and joined by "+":
+    e.g. "f32" for an FP32 graph, "u8" for a QDQ INT8 graph, "f32+u8" when some stayed FP32."""
+    found = set()
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        if info["layerType"].astype(str) in ("Convolution", "FullyConnected"):
+            found.add(info["runtimePrecision"].astype(str))
+    return "+".join(sorted(found))
 
 
 def timed_loop(run, batch: np.ndarray, warmup_s: float, duration_s: float) -> Dict[str, Any]:
@@ -431,8 +458,9 @@ class CPUBenchmark:
             ``items_per_sec`` (images/s), ``latency_mean_ms``, ``latency_p50_ms``,
             ``latency_p99_ms`` (per batch call, milliseconds), ``iterations``,
             ``seconds_ran``, ``scenario`` ("singlestream"), ``isa`` ("avx2",
-            "avx512", ...), ``vnni`` (bool), ``engine_version`` (e.g. "deepsparse 1.7.0",
-            "onnxruntime 1.19.2").
+            "avx512", ...), ``vnni`` (bool), ``amx`` (str), ``precision`` (OpenVINO's
+            read-back, :func:`openvino_precision`; "" for the other engines), ``engine_version``
+            (e.g. "deepsparse 1.7.0", "onnxruntime 1.19.2").
 
         Raises:
             ValueError: missing file, unknown engine, bad batch_size / num_cores /
@@ -454,6 +482,7 @@ class CPUBenchmark:
                 shape = [int(batch_size), *(int(d) for d in compiled.inputs[0].get_shape()[1:])]
                 batch = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
                 res = timed_loop(compiled, batch, float(warmup_s), float(duration_s))
+                res["precision"] = openvino_precision(compiled)
                 version = f"openvino {openvino.__version__}"
             elif engine == "deepsparse" and self.deepsparse_python:
                 res = _from_deepsparse(deepsparse_command(self.deepsparse_python, copy, int(batch_size),
@@ -502,6 +531,8 @@ class CPUBenchmark:
             "scenario": "singlestream",
             "isa": isa["isa"],
             "vnni": isa["vnni"],
+            "amx": isa["amx"],
+            "precision": res.get("precision", ""),
             "engine_version": version,
         }
 
@@ -553,11 +584,14 @@ def make_cpu_benchmark_actor(num_cores: int, *, thread_pinning: str = "core",
 #: the rounds, ``items_per_sec_rounds`` / ``latency_p50_ms_rounds`` the rounds themselves (JSON
 #: lists). ``status`` is "ok" or "error"; ``error`` is the first line of what went wrong (empty when
 #: ok); a failed measurement is empty (NaN), the others stay. ``engine_version``: the engine and
-#: version that ran the row (e.g. "deepsparse 1.7.0").
+#: version that ran the row (e.g. "deepsparse 1.7.0"). ``isa``, ``vnni``, ``amx``: the CPU
+#: (:func:`cpu_isa`). ``precision``: what OpenVINO compiled the model's convolutions to, read back
+#: (:func:`openvino_precision`); empty for DeepSparse and onnxruntime, which expose no read-back
+#: (onnxruntime's CPU provider runs the graph's own types).
 BENCHMARK_COLUMNS = ["model", "engine", "batch_size", "num_cores", "accuracy", "size_bytes", "size_gzip_bytes",
                      "graph", "rounds", "items_per_sec", "latency_mean_ms", "latency_p50_ms", "latency_p99_ms",
-                     "items_per_sec_rounds", "latency_p50_ms_rounds", "isa", "vnni", "status", "error",
-                     "engine_version"]
+                     "items_per_sec_rounds", "latency_p50_ms_rounds", "isa", "vnni", "amx", "precision",
+                     "status", "error", "engine_version"]
 #: the timed keys of a measurement whose median a row holds
 TIMED = ("items_per_sec", "latency_mean_ms", "latency_p50_ms", "latency_p99_ms")
 
@@ -594,7 +628,7 @@ def bench_rows(jobs, measured: dict, errors: dict, accuracy: dict, sizes: dict, 
             row.update({key: statistics.median(r[key] for r in runs) for key in TIMED})
             row["items_per_sec_rounds"] = json.dumps([round(r["items_per_sec"], 3) for r in runs])
             row["latency_p50_ms_rounds"] = json.dumps([round(r["latency_p50_ms"], 4) for r in runs])
-            row.update(isa=runs[0]["isa"], vnni=runs[0]["vnni"], engine_version=runs[0]["engine_version"])
+            row.update({key: runs[0][key] for key in ("isa", "vnni", "amx", "precision", "engine_version")})
         rows.append(row)
     return rows
 

@@ -221,8 +221,10 @@ def findings(run: RunData) -> list[str]:
         cores = f"{int(first['num_cores'])} cores of " if "num_cores" in bench and not pd.isna(
             first["num_cores"]) else ""
         text = f"The benchmark ran on {cores}a CPU with ISA **{first.get('isa', '?')}** "
-        text += "and VNNI (INT8 dot products in hardware)." if vnni else \
-            "and no VNNI, so DeepSparse emulates INT8 arithmetic."
+        text += "and VNNI (INT8 dot products in hardware)" if vnni else \
+            "and no VNNI, so DeepSparse emulates INT8 arithmetic"
+        amx = first.get("amx")
+        text += f", AMX {amx}." if isinstance(amx, str) and amx else ", no AMX."
         out.append(text)
     sentence = overlap_sentence(run)
     if sentence:

@@ -350,9 +350,13 @@ def test_cpu_isa_from_proc_cpuinfo():
                  "avx512_vnni\n\nprocessor : 1\nphysical id : 0\ncore id : 1\nmodel name : AMD EPYC\nflags : fpu avx2 "
                  "avx512f avx512_vnni\n\nprocessor : 2\nphysical id : 0\ncore id : 1\nmodel name : AMD EPYC\n"
                  "flags : fpu avx2 avx512f avx512_vnni\n")
-    assert _cpu_isa_from_proc(two_cores) == {"isa": "avx512", "vnni": True, "num_cores": 2, "vendor_model": "AMD EPYC"}
+    assert _cpu_isa_from_proc(two_cores) == {"isa": "avx512", "vnni": True, "amx": "", "num_cores": 2,
+                                             "vendor_model": "AMD EPYC"}
     zen1 = "processor : 0\nflags : fpu avx avx2 fma\n"
-    assert _cpu_isa_from_proc(zen1) == {"isa": "avx2", "vnni": False, "num_cores": 1, "vendor_model": ""}
+    assert _cpu_isa_from_proc(zen1) == {"isa": "avx2", "vnni": False, "amx": "", "num_cores": 1, "vendor_model": ""}
+    xeon = "processor : 0\nflags : fpu avx2 avx512f avx512_vnni amx_tile amx_int8 amx_bf16\n"
+    assert _cpu_isa_from_proc(xeon) == {"isa": "avx512", "vnni": True, "amx": "amx_bf16 amx_int8 amx_tile",
+                                        "num_cores": 1, "vendor_model": ""}
 
 
 # the Python 3.10/3.11 whose deepsparse.benchmark command the test runs: DEEPSPARSE_PYTHON, else this
