@@ -518,7 +518,8 @@ def print_results(config: StudyConfig, table, setups, bench) -> None:
           + shown.to_markdown(index=False, floatfmt=".3f"))
     if not failed.all():
         cpu = bench[~failed].iloc[0]
-        print(f"CPU: {cpu['isa']}, VNNI {cpu['vnni']}, AMX {cpu.get('amx') or 'none'}")
+        amx = cpu.get("amx")  # "" reads back from benchmark.csv as NaN
+        print(f"CPU: {cpu['isa']}, VNNI {cpu['vnni']}, AMX {amx if isinstance(amx, str) and amx else 'none'}")
     for batch in sorted(set(bench[~failed]["batch_size"])):
         print(fastest_model(bench, batch))
         for sentence in compression_verdict(bench, batch):

@@ -322,7 +322,7 @@ def _bench(failed: int = 0):
             ("pruned", "deepsparse", 1, 300.0, 3.0), ("dense", "onnxruntime", 16, 900.0, 17.0)]
     frame = pd.DataFrame([{"model": m, "engine": e, "batch_size": b, "num_cores": 2, "items_per_sec": ips,
                            "latency_mean_ms": p50, "latency_p50_ms": p50, "latency_p99_ms": p50,
-                           "isa": "avx2", "vnni": False, "status": "ok", "error": ""}
+                           "isa": "avx2", "vnni": False, "amx": "", "status": "ok", "error": ""}
                           for m, e, b, ips, p50 in rows])
     for i in range(failed):  # the last rows fail: no measurements
         frame.loc[len(frame) - 1 - i, ["items_per_sec", "latency_mean_ms", "latency_p50_ms",
@@ -351,4 +351,4 @@ def test_the_end_of_a_run_prints_the_tables_the_cpu_and_the_fastest_models(monke
     if failed == len(bench):
         assert ends == []
     else:
-        assert ends == ["CPU: avx2, VNNI False"] + [fastest_model(bench, b) for b in ((1, 16) if failed == 0 else (1,))]
+        assert ends == ["CPU: avx2, VNNI False, AMX none"] + [fastest_model(bench, b) for b in ((1, 16) if failed == 0 else (1,))]
