@@ -8,7 +8,7 @@ from pathlib import Path
 from study import StudyConfig, decision_rule, selection_metric
 from study.config import swept_fields, variant_label, variants
 
-#: Columns of ``results.csv``, in order (README, "Outputs"): ``seed`` is the trial's seed;
+#: Columns of ``results.csv``, in order (docs/outputs.md): ``seed`` is the trial's seed;
 #: ``best_test_acc``/``best_val_acc`` are the accuracies of the kept checkpoint, the best epoch
 #: (``best_epoch``) by the selection metric (``study.selection_metric``); ``val_acc``/
 #: ``best_val_acc`` are empty without ``--val-size``.

@@ -3,7 +3,7 @@
 The training stages (teacher, students) need only torch, torchvision and Ray (with the pandas and
 tabulate that Ray Tune's results and the results table use), on any Python >= 3.10; SparseML and
 ONNX are demanded only when a run reaches the sparsify or bench stage. Two profiles run those
-(README, "Profiles"): the default one, Python 3.10/3.11 with the pinned stack, DeepSparse included;
+(docs/profiles.md): the default one, Python 3.10/3.11 with the pinned stack, DeepSparse included;
 and Python 3.12 or 3.13 with a newer torch, SparseML installed by ``requirements/py312-sparseml.txt`` and no
 DeepSparse (the bench stage runs onnxruntime, and DeepSparse only through ``--deepsparse-python``).
 Nothing here imports the packages it checks for, so ``orchestrate.py`` can run these checks before
@@ -32,7 +32,7 @@ SPARSIFY_PACKAGES_312 = ("sparseml", "sparsezoo", "onnx", "onnxruntime", "openvi
 NEWEST_SPARSIFY_PYTHON = (3, 13)
 #: How the Python 3.12 profile gets SparseML/SparseZoo 1.7, whose metadata refuses Python 3.12.
 PY312_SPARSEML_INSTALL = "pip install --no-deps --ignore-requires-python -r {project}/requirements/py312-sparseml.txt"
-#: torch versions verified per profile, as [lowest, above-highest) releases (README, "Tested versions").
+#: torch versions verified per profile, as [lowest, above-highest) releases (docs/profiles.md, "Tested versions").
 TESTED_TORCH = {
     "Python 3.10/3.11": ((2, 1, 2), (2, 1, 3)),
     "Python 3.12": ((2, 5, 0), (2, 15, 0)),
@@ -53,7 +53,7 @@ def check_python(version=sys.version_info, sparsify: bool = True) -> None:
     if major_minor < (3, 10) or (sparsify and major_minor > NEWEST_SPARSIFY_PYTHON):
         hint = " or run only the training stages (--stop-after students)" if major_minor > (3, 11) else ""
         raise StudyError(f"Python {version[0]}.{version[1]} is not supported; use Python 3.10 or 3.11 (the "
-                         f"default profile) or 3.12 or 3.13 (the Python 3.12 profile, README){hint}")
+                         f"default profile) or 3.12 or 3.13 (the Python 3.12 profile, docs/profiles.md){hint}")
 
 
 def sparsify_packages(version=sys.version_info) -> tuple[str, ...]:

@@ -3,8 +3,7 @@
 Ray places a task, an actor or a Tune trial (one placement-group bundle) on a single node, so a
 request is sized from the nodes (``Node``: one alive Ray node's logical CPUs and GPUs, as
 ``ray.nodes()`` reports them; ``driver.cluster.cluster_nodes`` reads them), never from the
-cluster's totals: on two 2-CPU nodes a 4-CPU request waits forever. The rule (README, "On a Ray
-cluster"):
+cluster's totals: on two 2-CPU nodes a 4-CPU request waits forever. The rule (docs/clusters.md):
 
 * teacher trial and sparsify task (``whole_node``): all CPUs of one node, plus one GPU when that
   node has one; the node is the GPU node with the most CPUs when any node has a GPU, else the node

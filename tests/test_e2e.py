@@ -181,9 +181,10 @@ def test_the_exported_models_name_their_trial_and_preprocessing(smoke_run):
         assert float(meta["test_acc"]) == pytest.approx(summary[f"test_acc_{name}"], abs=1e-6)
 
 
-def test_the_readme_snippet_classifies_a_test_image_from_the_file_alone(smoke_run, cifar_root, tmp_path):
-    """The README's snippet, run as written but for its two paths, prints the class that the
-    project's own preprocessing (``trainables.batches.normalize``) and onnxruntime give."""
+def test_the_deployment_snippet_classifies_a_test_image_from_the_file_alone(smoke_run, cifar_root, tmp_path):
+    """docs/outputs.md's snippet ("Using an exported model"), run as written but for its two paths,
+    prints the class that the project's own preprocessing (``trainables.batches.normalize``) and
+    onnxruntime give."""
     import onnxruntime as ort
     import torch
     from torchvision.io import read_image, write_png
@@ -201,8 +202,8 @@ def test_the_readme_snippet_classifies_a_test_image_from_the_file_alone(smoke_ru
     write_png(images[pick], str(image))
     expected = CIFAR10_CLASSES[int(logits[pick].argmax())]
 
-    readme = (REPO_ROOT / "README.md").read_text()
-    code = re.search(r"## Using an exported model.*?```python\n(.*?)```", readme, re.S).group(1)
+    page = (REPO_ROOT / "docs" / "outputs.md").read_text()
+    code = re.search(r"## Using an exported model.*?```python\n(.*?)```", page, re.S).group(1)
     code = re.sub(r"^MODEL = .*$", f"MODEL = {str(model)!r}", code, count=1, flags=re.M)
     code = re.sub(r"^IMAGE = .*$", f"IMAGE = {str(image)!r}", code, count=1, flags=re.M)
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,

@@ -59,7 +59,7 @@ def test_python_and_cpu_checks():
     orchestrate.check_python((3, 12, 0))  # the Python 3.12 profile, which covers 3.12 and 3.13
     orchestrate.check_python((3, 13, 0))
     with pytest.raises(StudyError, match=r"^Python 3\.14 is not supported; use Python 3\.10 or 3\.11 \(the "
-                       r"default profile\) or 3\.12 or 3\.13 \(the Python 3\.12 profile, README\)"):
+                       r"default profile\) or 3\.12 or 3\.13 \(the Python 3\.12 profile, docs/profiles\.md\)"):
         orchestrate.check_python((3, 14, 0))
     orchestrate.check_avx2("processor : 0\nflags : fpu sse2 avx avx2 fma\n")
     with pytest.raises(StudyError, match="this CPU has no AVX2"):

@@ -136,9 +136,9 @@ def test_without_a_sweep_variants_csv_says_what_setups_csv_says():
                                   old.set_index("setup"))
 
 
-def _readme_winner(grid, config: dict):
-    """Run README.md's winner snippet (after the line ``grid = ...``) on ``grid`` and ``config``."""
-    text = (REPO_ROOT / "README.md").read_text()
+def _docs_winner(grid, config: dict):
+    """Run docs/outputs.md's winner snippet (after the line ``grid = ...``) on ``grid`` and ``config``."""
+    text = (REPO_ROOT / "docs" / "outputs.md").read_text()
     block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "winner = max(" in b)
     code = block.replace('config = json.loads(Path("runs/smoke/config.json").read_text())\n', "")
     code = "\n".join(line for line in code.splitlines() if not line.startswith("print("))
@@ -155,7 +155,7 @@ def _readme_winner(grid, config: dict):
 ])
 def test_the_winner_and_its_best_seed_are_the_same_everywhere(accs, expected):
     """Catches: the sparsified trial picked by setup alone (across temperatures) or by the single
-    best trial; a tie broken differently in the printed/csv table, sparsify_trial and the README's
+    best trial; a tie broken differently in the printed/csv table, sparsify_trial and the docs'
     ResultGrid snippet."""
     from driver.results import sparsify_trial, variants_table, winning_variant
     from driver.stats import lead
@@ -169,8 +169,8 @@ def test_the_winner_and_its_best_seed_are_the_same_everywhere(accs, expected):
     label = variant_label("kd", {"temperature": expected[0]})
     table = variants_table(config, rows)
     assert winning_variant(config, rows) == label == table["variant"].iloc[0] == lead(table)["winner"]
-    readme_winner, readme_best = _readme_winner(grid, json.loads(config_json(config)))
-    assert readme_winner == label and readme_best is best
+    docs_winner, docs_best = _docs_winner(grid, json.loads(config_json(config)))
+    assert docs_winner == label and docs_best is best
 
 
 def test_grid_order_is_setups_then_swept_values_as_given():

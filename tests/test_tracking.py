@@ -2,7 +2,7 @@
 
 No Ray and no training: the tracker reads what the stages wrote, so a folder with Tune-shaped trial
 folders (params.json, result.json), sparsify/, onnx/ and the tables is all it needs. The smoke run
-with --mlflow is run by hand (README, "Track the study in MLflow").
+with --mlflow is run by hand (docs/tracking.md).
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ def test_trial_runs_hold_every_epoch_of_result_json(tracked):
 def test_recipe_run_holds_history_and_the_onnx_files_with_their_recorded_digests(tracked, tmp_path, monkeypatch):
     """Catches: an ONNX artefact that is not the exported file (digest differs from
     sparsify/summary.json), an exported file changed by tracking, a sha256 tag that does not find the
-    run (README: from a file to its run), the recipe's per-epoch history (accuracy, sparsity,
+    run (docs/tracking.md: from an ONNX file to its runs), the recipe's per-epoch history (accuracy, sparsity,
     precision) missing or at the wrong step, benchmark rows not logged per model/engine/batch."""
     layout = RunLayout(tracked.output_dir)
     summary = json.loads(layout.sparsify_summary.read_text())
@@ -176,7 +176,7 @@ def test_recipe_run_holds_history_and_the_onnx_files_with_their_recorded_digests
     assert {p.name: _sha256(p) for p in folder.iterdir()} == {f"{m}.onnx": d for m, d in summary["sha256"].items()}
     assert {m: _sha256(layout.onnx(m)) for m in summary["sha256"]} == summary["sha256"]  # files untouched
     for model, digest in summary["sha256"].items():
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking.tracking_uri(tracked))  # as README's snippet does
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking.tracking_uri(tracked))  # as docs/tracking.md's snippet does
         found = mlflow.search_runs(search_all_experiments=True, output_format="list",
                                    filter_string=f"tags.sha256_{model} = '{digest}'")
         assert [r.info.run_id for r in found] == [recipe.info.run_id]
@@ -324,7 +324,7 @@ def test_without_the_flag_nothing_imports_mlflow(tmp_path):
 
 def test_mlflow_server_on_the_store_answers_its_runs_over_rest(tracked, tmp_path):
     """Catches: a local store that `mlflow server --backend-store-uri <output-dir>/mlruns` (what
-    README's `mlflow ui` line opens) cannot read, or whose runs it does not list (7: study, teacher,
+    docs/tracking.md's `mlflow ui` line opens) cannot read, or whose runs it does not list (7: study, teacher,
     3 students, recipe, benchmark). The server listens on 127.0.0.1 only and is stopped by its pid."""
     port = _free_port()
     store = Path(tracked.output_dir) / "mlruns"
