@@ -1,9 +1,12 @@
 """Rendering the report: execute ``report.ipynb`` on a run directory with nbclient, write the
-executed notebook, an HTML page (nbconvert, code hidden) and a PDF (headless Chromium)."""
+executed notebook, an HTML page (nbconvert, code hidden) and a PDF (WeasyPrint; headless
+Chromium when WeasyPrint is not installed)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import shutil
 import subprocess
@@ -12,17 +15,28 @@ import tempfile
 from pathlib import Path
 
 from study import RunLayout
-from study.files import atomic_output, atomic_write_text
+from study.errors import error_line
+from study.files import atomic_output
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 NOTEBOOK = PROJECT_DIR / "report.ipynb"
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
-INSTALL_HINT = "apt-get install -y chromium"
+INSTALL_HINT = "pip install weasyprint (the report extra: pip install -e '.[report]')"
 RUN_DIR_ENV = "REPORT_RUN_DIR"
+#: Seconds nbclient waits for a cell's last outputs after the cell has finished (nbclient's
+#: default is 4): room for a loaded 2-core machine; a cell that outlasts it is an error, not a
+#: silently missing figure.
+IOPUB_TIMEOUT = 60
+#: nbclient's own log lines (timeouts, a dead kernel) would add to the one error line.
+_QUIET_LOG = logging.getLogger("report.render.nbclient")
+_QUIET_LOG.setLevel(logging.CRITICAL + 1)
+#: WeasyPrint warns about every CSS property of JupyterLab's stylesheet it does not support.
+_PDF_LOGGERS = ("weasyprint", "fontTools")
 
 
 class ReportError(RuntimeError):
-    """The report could not be produced: a notebook cell raised, or Chromium failed."""
+    """The report could not be produced: a notebook cell raised or timed out, the kernel died or
+    did not start, or the PDF could not be written. The message is one line."""
 
 
 _HTML_TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
@@ -46,10 +60,21 @@ _HTML_TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
   @media print {
     body.jp-Notebook { max-width: none; padding: 0; }
     .jp-Cell { padding: 0; }
-    .jp-OutputArea-output, .jp-RenderedHTMLCommon { overflow: visible !important; }
-    /* keep a section's heading, text and figure together; keep a heading cell with what follows */
-    .jp-Cell-outputWrapper, .jp-OutputArea-child, svg, img, table, tr { break-inside: avoid; }
-    .jp-MarkdownCell, h1, h2, h3 { break-after: avoid; }
+    /* JupyterLab lays each output out as a fixed table of 100 % width plus padding, overflow hidden:
+       on paper, plain blocks as wide as the text, so nothing is clipped at the right margin */
+    .jp-OutputArea-child, .jp-OutputArea-output { display: block; width: auto; }
+    .jp-OutputArea-child, .jp-OutputArea-output, .jp-RenderedHTMLCommon { overflow: visible !important; }
+    .jp-OutputArea-output.jp-RenderedHTMLCommon { padding-left: 0; padding-right: 0; }
+    /* A4's 186 mm of text width: tables in smaller type (the benchmark table has 12 columns), headers
+       wrap at spaces; sentences and code spans wrap too */
+    .jp-RenderedHTMLCommon table.report-table { font-size: 7pt; }
+    table.report-table th, table.report-table td { padding: 0.2em 0.3em; }
+    .jp-RenderedHTMLCommon p, .jp-RenderedHTMLCommon li { overflow-wrap: break-word; }
+    .jp-RenderedHTMLCommon code { white-space: pre-wrap; overflow-wrap: anywhere; }
+    /* keep each output (a heading with its text, a figure, a table) and each table row whole; keep a
+       heading (a markdown cell, report.section's output) with what follows */
+    .jp-OutputArea-child, svg, img, tr { break-inside: avoid; }
+    .jp-MarkdownCell, h1, h2, h3, .keep-with-next { break-after: avoid; }
   }
 </style>
 {%- endblock notebook_css -%}
@@ -69,7 +94,7 @@ def _kernel_manager():
                 return KernelSpec(resource_dir="", **get_kernel_dict())
             return super().get_kernel_spec(kernel_name)
 
-    return AsyncKernelManager(kernel_name="python3", kernel_spec_manager=ThisInterpreter())
+    return AsyncKernelManager(kernel_name="python3", kernel_spec_manager=ThisInterpreter(), log=_QUIET_LOG)
 
 
 def _cell_name(nb, index: int) -> str:
@@ -88,27 +113,60 @@ def _check_errors(nb, notebook: Path) -> None:
 
 def execute_notebook(notebook: Path, run_dir: Path, timeout: int):
     """Execute ``notebook`` with ``REPORT_RUN_DIR=run_dir`` in a python3 kernel of this interpreter,
-    working directory = the notebook's folder. Returns ``(executed nb, kernel argv[0])``.
-    Raises ReportError naming the first cell that raised."""
-    import nbformat
-    from nbclient import NotebookClient
-    from nbclient.exceptions import CellExecutionError
+    working directory = the notebook's folder; each cell may run ``timeout`` seconds and send its
+    last outputs up to ``IOPUB_TIMEOUT`` seconds after it finished. Returns ``(executed nb, kernel
+    argv[0])``. Raises ReportError (one line) naming the cell that raised, timed out or was running
+    when the kernel died, or why the kernel did not start."""
+    try:
+        import nbformat
+        from nbclient import NotebookClient
+        from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
+        km = _kernel_manager()
+    except ImportError as err:
+        raise ReportError(f"the report needs nbclient, nbformat, nbconvert and ipykernel ({error_line(err)}); "
+                          f"install them with: pip install -e '.[report]'") from None
     nb = nbformat.read(notebook, as_version=4)
-    km = _kernel_manager()
     kernel_python = km.kernel_spec.argv[0]
+    running: dict[str, int] = {}  # the index of the cell being executed, once one is
+
+    def on_cell_start(cell, cell_index):
+        running["index"] = cell_index
+
     client = NotebookClient(nb, km=km, timeout=timeout, startup_timeout=120, allow_errors=False,
-                            record_timing=False, extra_arguments=["--log-level=ERROR"],
-                            resources={"metadata": {"path": str(notebook.parent)}})
+                            iopub_timeout=IOPUB_TIMEOUT, raise_on_iopub_timeout=True, shutdown_kernel="immediate",
+                            record_timing=False, extra_arguments=["--log-level=ERROR"], log=_QUIET_LOG,
+                            on_cell_start=on_cell_start, resources={"metadata": {"path": str(notebook.parent)}})
     env = dict(os.environ, **{RUN_DIR_ENV: str(run_dir)}, MPLBACKEND="module://matplotlib_inline.backend_inline")
     try:
         client.execute(env=env, cleanup_kc=True)  # cleanup_kc: shut the kernel down afterwards
     except CellExecutionError as err:
         _check_errors(nb, notebook)  # names the cell
         raise ReportError(f"{notebook.name}: a cell raised: {str(err).strip().splitlines()[-1]}") from err
+    except Exception as err:  # noqa: BLE001  (every other way the execution can end: one line)
+        raise ReportError(_execution_failure(err, nb, notebook, running.get("index"), timeout,
+                                             kernel_python, (CellTimeoutError, DeadKernelError))) from None
     _check_errors(nb, notebook)
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
     return nb, kernel_python
+
+
+def _execution_failure(err: Exception, nb, notebook: Path, index: int | None, timeout: int, kernel_python: str,
+                       kinds: tuple) -> str:
+    """The one-line message for an execution that ended by ``err`` (not a cell's own exception):
+    a cell timeout, an output (iopub) timeout, a dead kernel, or a kernel that did not start
+    (``index`` None: no cell had started). ``kinds``: nbclient's (CellTimeoutError, DeadKernelError)."""
+    cell_timeout, dead_kernel = kinds
+    if index is None:
+        return f"the python3 kernel ({kernel_python}) did not start: {error_line(err, typed=True)}"
+    cell = f"{notebook.name} {_cell_name(nb, index)}"
+    if isinstance(err, cell_timeout) and "IOPub" in str(err):
+        return f"{cell} finished, but its outputs did not all arrive within {IOPUB_TIMEOUT} s (iopub_timeout)"
+    if isinstance(err, cell_timeout):
+        return f"{cell} did not finish within {timeout} s (--timeout)"
+    if isinstance(err, dead_kernel):
+        return f"the kernel ({kernel_python}) died while running {cell}"
+    return f"{cell} could not be executed: {error_line(err, typed=True)}"
 
 
 def to_html(nb, title: str) -> str:
@@ -135,42 +193,85 @@ def find_chromium() -> str | None:
 
 
 def print_pdf(chromium: str, html: Path, pdf: Path, timeout: int = 180) -> Path:
-    """Print ``html`` to ``pdf`` with headless Chromium (atomic: temp file, then os.replace).
-    Raises ReportError when Chromium fails or writes no PDF."""
-    with atomic_output(pdf) as tmp, tempfile.TemporaryDirectory(prefix="report-chromium-") as profile:
+    """Print the HTML file ``html`` to the file ``pdf`` with headless Chromium (A4: the page's
+    ``@page`` rule). Raises ReportError when Chromium fails, times out or writes no PDF."""
+    with tempfile.TemporaryDirectory(prefix="report-chromium-") as profile:
         cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                "--disable-background-networking", "--disable-component-update", "--disable-sync",
                "--disable-dev-shm-usage", "--no-pdf-header-footer", "--print-to-pdf-no-header",
-               f"--user-data-dir={profile}", f"--print-to-pdf={tmp}", html.resolve().as_uri()]
+               f"--user-data-dir={profile}", f"--print-to-pdf={pdf}", html.resolve().as_uri()]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                                   stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
             raise ReportError(f"{chromium} did not print {html.name} within {timeout} s") from None
-        if proc.returncode != 0 or os.path.getsize(tmp) == 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise ReportError(f"{chromium} failed to print {html.name} (exit {proc.returncode}): {tail[0]}")
+    if proc.returncode != 0 or not pdf.is_file() or pdf.stat().st_size == 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise ReportError(f"{chromium} failed to print {html.name} (exit {proc.returncode}): {tail[0]}")
     return pdf
+
+
+def weasyprint_pdf(html: Path, pdf: Path) -> Path:
+    """Render the HTML file ``html`` to the file ``pdf`` with WeasyPrint (A4 and margins: the
+    page's ``@page`` rule; relative links resolved against ``html``'s folder). Its warnings about
+    CSS it does not support are silenced. Raises ReportError when WeasyPrint fails."""
+    import weasyprint  # optional (the report extra): the PDF's default route
+
+    levels = {name: logging.getLogger(name).level for name in _PDF_LOGGERS}
+    try:
+        for name in _PDF_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
+        weasyprint.HTML(filename=str(html), base_url=str(html.parent)).write_pdf(str(pdf))
+    except Exception as err:  # noqa: BLE001  (any failure of the renderer: one line)
+        raise ReportError(f"WeasyPrint failed to render the report's HTML: {error_line(err, typed=True)} "
+                          f"(python -m report RUN_DIR --no-pdf writes the .ipynb and .html without it)") from None
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+    return pdf
+
+
+def pdf_route() -> tuple[str | None, str]:
+    """How the PDF will be made: ``("weasyprint", "")`` when WeasyPrint imports (it needs Pango,
+    which it loads at import); else ``("chromium", path)`` for a Chromium binary on PATH; else
+    ``(None, why)``, one sentence naming what was tried and how to get WeasyPrint."""
+    try:
+        import weasyprint  # noqa: F401  (optional, the report extra; OSError: Pango missing)
+
+        return "weasyprint", ""
+    except (ImportError, OSError) as err:
+        missing = error_line(err)
+    chromium = find_chromium()
+    if chromium:
+        return "chromium", chromium
+    return None, (f"no PDF: WeasyPrint cannot be imported ({missing}) and Chromium is not on PATH "
+                  f"(looked for {', '.join(CHROMIUM_NAMES)}); install it with: {INSTALL_HINT}")
 
 
 def render_report(run_dir: str | os.PathLike, *, pdf: bool = True, timeout: int = 600,
                   notebook: str | os.PathLike | None = None) -> dict:
     """Execute the report notebook on ``run_dir`` and write it, as HTML, and as PDF, into ``run_dir``.
 
+    The three files replace earlier ones only together, once all are complete (each written to a
+    temporary file, then renamed): after an error the earlier report is left as it was.
+
     Args:
         run_dir: a study's output directory (``config.json``, ``teacher/``, ``students/``, CSVs).
-        pdf: also print ``report.pdf`` with headless Chromium. Without a Chromium binary, one line on
-            stderr says why there is no PDF and how to install it; the .ipynb and .html are written.
+        pdf: also write ``report.pdf``: with WeasyPrint, else (not installed) with headless
+            Chromium, else one line on stderr says why there is no PDF (``pdf_route``); the .ipynb
+            and .html are written.
         timeout: seconds each notebook cell may run.
         notebook: the notebook to execute (default: ``report.ipynb`` next to this file).
 
     Returns:
         ``{"notebook": Path, "html": Path, "pdf": Path | None, "kernel_python": str,
-        "message": str | None}`` (``message``: the no-PDF line, if any).
+        "pdf_engine": "weasyprint" | "chromium" | None, "message": str | None}`` (``message``:
+        the no-PDF line, if any).
 
     Raises:
         ValueError: ``run_dir`` or ``notebook`` does not exist.
-        ReportError: a cell raised (the message names the cell), or Chromium failed.
+        ReportError: a cell raised or timed out, the kernel died or did not start, or the PDF
+            renderer failed (the message is one line and names the cell).
     """
     run_dir = Path(run_dir).expanduser().resolve()
     notebook = Path(notebook).resolve() if notebook is not None else NOTEBOOK
@@ -178,33 +279,50 @@ def render_report(run_dir: str | os.PathLike, *, pdf: bool = True, timeout: int 
         raise ValueError(f"run directory {run_dir} does not exist; pass the --output-dir of a study run")
     if not notebook.is_file():
         raise ValueError(f"notebook {notebook} does not exist")
-    import nbformat
-
     nb, kernel_python = execute_notebook(notebook, run_dir, timeout)
     layout = RunLayout(run_dir)
-    paths = {"notebook": layout.report("ipynb"), "html": layout.report("html"), "pdf": None,
-             "kernel_python": kernel_python, "message": None}
-    atomic_write_text(paths["notebook"], nbformat.writes(nb))
-    atomic_write_text(paths["html"], to_html(nb, f"Study report: {run_dir.name}"))
-    if pdf:
-        chromium = find_chromium()
-        if chromium is None:
-            paths["message"] = (f"no PDF: Chromium not found (looked for {', '.join(CHROMIUM_NAMES)}); "
-                                f"install it with: {INSTALL_HINT}")
-            print(paths["message"], file=sys.stderr)
-        else:
-            paths["pdf"] = print_pdf(chromium, paths["html"], layout.report("pdf"))
+    engine, where = pdf_route() if pdf else (None, "")
+    paths = {"notebook": layout.report("ipynb"), "html": layout.report("html"),
+             "pdf": layout.report("pdf") if engine else None, "kernel_python": kernel_python,
+             "pdf_engine": engine, "message": where if pdf and engine is None else None}
+    _write_outputs(nb, f"Study report: {run_dir.name}", paths, engine, where)
+    if paths["message"]:
+        print(paths["message"], file=sys.stderr)
     return paths
 
 
+def _write_outputs(nb, title: str, paths: dict, engine: str | None, chromium: str) -> None:
+    """Write ``nb`` to ``paths["notebook"]``, its HTML to ``paths["html"]`` and (``engine`` given)
+    its PDF to ``paths["pdf"]``: all into temporary files first, renamed over the old files only
+    once every one is complete."""
+    import nbformat
+
+    with contextlib.ExitStack() as stack:  # on an error each atomic_output removes its temp file
+        tmp_nb = stack.enter_context(atomic_output(paths["notebook"]))
+        tmp_html = stack.enter_context(atomic_output(paths["html"], suffix=".html"))
+        tmp_nb.write_text(nbformat.writes(nb), encoding="utf-8")
+        tmp_html.write_text(to_html(nb, title), encoding="utf-8")
+        if engine is not None:
+            tmp_pdf = stack.enter_context(atomic_output(paths["pdf"], suffix=".pdf"))
+            if engine == "weasyprint":
+                weasyprint_pdf(tmp_html, tmp_pdf)
+            else:
+                print_pdf(chromium, tmp_html, tmp_pdf)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """CLI: ``python -m report RUN_DIR [--no-pdf] [--timeout S]``; exit 0 ok, 2 on a report error."""
+    """CLI: ``python -m report RUN_DIR [--no-pdf] [--timeout S]``; exit 0 ok, 2 with one ``error:``
+    line on stderr when the report cannot be made (bad input, a cell raised or timed out, the
+    kernel died or did not start, the PDF renderer failed)."""
     parser = argparse.ArgumentParser(prog="python -m report", description="Execute report.ipynb on a run directory and render "
                                                  "report.ipynb / report.html / report.pdf into it.")
     parser.add_argument("run_dir", help="a study's --output-dir (e.g. runs/smoke)")
-    parser.add_argument("--no-pdf", action="store_true", help="skip the PDF (no Chromium needed)")
-    parser.add_argument("--timeout", type=int, default=600, help="seconds per notebook cell (default: 600)")
+    parser.add_argument("--no-pdf", action="store_true", help="skip the PDF")
+    parser.add_argument("--timeout", type=int, default=600, help="seconds each notebook cell may run (default: 600)")
     args = parser.parse_args(argv)
+    if args.timeout < 1:
+        print(f"error: --timeout {args.timeout}: must be a number of seconds >= 1", file=sys.stderr)
+        return 2
     try:
         paths = render_report(args.run_dir, pdf=not args.no_pdf, timeout=args.timeout)
     except (ValueError, ReportError) as err:

@@ -241,8 +241,9 @@ def benchmark_frame(run: RunData):
 
 
 def benchmark_table(run: RunData):
-    """``benchmark.csv`` as a table of strings for display (throughput images/s, latencies ms; the
-    engine version that ran each row, from runs whose benchmark.csv records it)."""
+    """``benchmark.csv`` as a table of strings for display (throughput images/s, latencies ms).
+    The engine version that ran each row (runs whose benchmark.csv records it) is a column only
+    when one engine ran in several versions; otherwise ``engine_versions`` names them once."""
     import pandas as pd
 
     b = benchmark_frame(run)
@@ -259,43 +260,23 @@ def benchmark_table(run: RunData):
         "p50 (ms)": b["latency_p50_ms"].map("{:.1f}".format),
         "p99 (ms)": b["latency_p99_ms"].map("{:.1f}".format),
     })
-    if "engine_version" in b:
+    if "engine_version" in b and not engine_versions(run):
         table["engine version"] = b["engine_version"].fillna("")
     return table
 
 
-def pareto_chart(run: RunData):
-    """The accuracy-against-throughput figure: one panel per batch size, one point per (model,
-    engine) of ``benchmark.csv`` with an accuracy and a measurement (marker by engine, labelled by
-    model), the Pareto front (``findings.pareto_front``: nothing both faster and more accurate)
-    drawn as a step line through its points, which are ringed. Returns the matplotlib Figure."""
-    import matplotlib.pyplot as plt
-
-    from report.findings import pareto_front
-
-    b = benchmark_frame(run)
-    b = b[b["items_per_sec"].notna() & b["accuracy"].notna()] if "accuracy" in b else b.iloc[0:0]
-    sizes = sorted(b["batch_size"].unique()) or [None]
-    fig, axes = plt.subplots(1, len(sizes), figsize=(7.0, 3.4), squeeze=False)
-    markers = dict(zip(ENGINE_INFO, "osD^v"))
-    for ax, size in zip(axes[0], sizes):
-        d = b[b["batch_size"] == size].reset_index(drop=True)
-        for engine, rows in d.groupby("engine"):
-            ax.scatter(rows["items_per_sec"], rows["accuracy"], marker=markers.get(engine, "x"), label=engine, s=28)
-        for _, r in d.iterrows():
-            ax.annotate(r["model"], (r["items_per_sec"], r["accuracy"]), fontsize=6, xytext=(3, 2),
-                        textcoords="offset points")
-        front = d[pareto_front(d["items_per_sec"], d["accuracy"])].sort_values("items_per_sec")
-        if len(front):
-            ax.step(front["items_per_sec"], front["accuracy"], where="post", color="black", lw=1,
-                    label="Pareto front")
-            ax.scatter(front["items_per_sec"], front["accuracy"], s=90, facecolors="none", edgecolors="black")
-        ax.set_xscale("log")
-        ax.set_xlabel("images/s (log scale)")
-        ax.set_ylabel("test accuracy in that engine")
-        ax.set_title(f"batch {size}")
-    axes[0][0].legend(loc="best")
-    return fig
+def engine_versions(run: RunData) -> str:
+    """The engine versions of ``benchmark.csv`` as one phrase, one per engine in display order
+    (``"onnxruntime 1.19.2; deepsparse 1.7.0; openvino 2026.4.1"``); ``""`` when the run did
+    not record them, or when an engine ran in more than one version (the table then has a column)."""
+    b = run.benchmark
+    if b is None or "engine_version" not in b:
+        return ""
+    versions = b.dropna(subset=["engine_version"]).groupby("engine", sort=False)["engine_version"].unique()
+    if not len(versions) or any(len(v) > 1 for v in versions):
+        return ""
+    order = sorted(versions.index, key=lambda e: bench_order("dense", e))
+    return "; ".join(versions[engine][0] for engine in order)
 
 
 def student_overlap(run: RunData) -> dict | None:
@@ -329,30 +310,18 @@ def overlap_sentence(run: RunData) -> str | None:
 
 
 def section(available: bool, title: str, text: str = "") -> bool:
-    """Display a level-2 heading ``title`` (and the paragraph ``text``) and return True when
-    ``available``; otherwise display nothing and return False (the findings say, in one line,
-    which stages' outputs are absent)."""
-    from IPython.display import Markdown, display
+    """Display a level-2 heading ``title`` (and the plain-text paragraph ``text``) and return True
+    when ``available``; otherwise display nothing and return False (the findings say, in one line,
+    which stages' outputs are absent). One output with text/markdown and text/html; the HTML is
+    a ``<div class="keep-with-next">``, which the report's print CSS keeps on the page of the
+    figure that follows."""
+    from html import escape
+
+    from IPython.display import display
 
     if not available:
         return False
-    display(Markdown(f"## {title}\n\n{text}".strip()))
+    markdown = f"## {title}\n\n{text}".strip()
+    html = f'<div class="keep-with-next"><h2>{escape(title)}</h2>' + (f"<p>{escape(text)}</p>" if text else "") + "</div>"
+    display({"text/markdown": markdown, "text/html": html, "text/plain": markdown}, raw=True)
     return True
-
-
-def use_print_style() -> None:
-    """matplotlib settings for figures that read well on A4/Letter paper: SVG output, 10 pt text."""
-    import matplotlib.pyplot as plt
-
-    try:
-        from matplotlib_inline.backend_inline import set_matplotlib_formats
-
-        set_matplotlib_formats("svg")
-    except ImportError:  # plain python, no inline backend
-        pass
-    plt.rcParams.update({
-        "figure.figsize": (7.0, 3.6), "font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10,
-        "legend.fontsize": 9, "xtick.labelsize": 9, "ytick.labelsize": 9, "axes.grid": True,
-        "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False,
-        "svg.fonttype": "path", "figure.constrained_layout.use": True,
-    })
