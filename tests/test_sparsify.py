@@ -110,6 +110,32 @@ def test_qat_student_keeps_a_relu_after_every_residual_add(tmp_path):
     assert dense == residual_adds(convinteger) == residual_adds(qdq) == [True] * 7
 
 
+@pytest.mark.parametrize("epochs, steps, outcome", [
+    (2, 1, "error"),    # prune [0, 0.5), QAT from 1: steps at epochs 0 and 1, none in [0.5, 1)
+    (2, 3, "note"),     # steps at 0, 1/3 in the window, 2/3 finishes it: 2 of the 30 updates asked for
+    (55, 1, ""),        # the full recipe at one step per epoch: 30 steps for 30 updates
+    (3, 40, ""),        # 40 steps in [0, 1): more than the 30 updates
+])
+def test_a_pruning_window_without_steps_is_refused_and_a_short_one_said(epochs, steps, outcome):
+    from trainables.compress.recipe import check_pruning_window
+
+    phases = recipe_phases(load_recipe(RECIPE, num_epochs=epochs))
+    assert phases["mask_updates"] == 30
+    if outcome == "error":
+        with pytest.raises(ValueError, match=r"pruning ends at epoch 0.5 and QAT starts at epoch 1, but with 1 "
+                                             r"optimizer step\(s\) per epoch no step falls between them"):
+            check_pruning_window(phases, steps)
+        with pytest.raises(ValueError, match="--train-subset"):  # before any step is taken
+            RecipeRun(TinyResNet(), load_recipe(RECIPE, num_epochs=epochs), None, lambda e: [], lambda m: 0.0,
+                      steps_per_epoch=steps)
+    elif outcome == "note":
+        assert check_pruning_window(phases, steps) == (
+            "the pruning window [0, 0.5) holds 2 optimizer step(s), fewer than the 30 mask updates the recipe "
+            "asks for: the mask is updated at each of them")
+    else:
+        assert check_pruning_window(phases, steps) == ""
+
+
 def test_recipe_schedule_defaults_and_num_epochs_override():
     full = recipe_phases(load_recipe(RECIPE))
     assert full["max_epochs"] == 55

@@ -50,7 +50,7 @@ import study  # noqa: F401  (sets NM_DISABLE_ANALYTICS before SparseML is import
 import trainables.compress.compat  # noqa: F401  (SparseML 1.7 on newer torch; before SparseML is imported)
 from sparseml.pytorch.optim import ScheduledModifierManager
 from sparseml.pytorch.utils import LoggerManager, PythonLogger
-from trainables.compress.recipe import RECIPE_EXTENSIONS, load_recipe, recipe_phases
+from trainables.compress.recipe import RECIPE_EXTENSIONS, check_pruning_window, load_recipe, recipe_phases
 from trainables.compress.checkpoint import restore, save_recipe_checkpoint
 
 __all__ = [
@@ -166,7 +166,8 @@ class RecipeRun:
         log: one-line progress messages (``None`` for silence).
 
     Raises:
-        ValueError: ``steps_per_epoch`` < 1 or ``train_batches(0)`` is empty.
+        ValueError: ``steps_per_epoch`` < 1 or ``train_batches(0)`` is empty; no optimizer step
+            falls between the end of pruning and the start of QAT (``recipe.check_pruning_window``).
     """
 
     def __init__(self, model: nn.Module, manager: ScheduledModifierManager,
@@ -187,6 +188,7 @@ class RecipeRun:
             raise ValueError(
                 f"steps_per_epoch must be >= 1, got {steps_per_epoch} (is train_batches_fn(0) empty?)"
             )
+        note = check_pruning_window(phases, int(steps_per_epoch))  # ValueError before any step
         self.model, self.manager, self.optimizer = model, manager, optimizer
         self.train_batches, self.evaluate = train_batches, evaluate
         self.steps_per_epoch = int(steps_per_epoch)
@@ -203,6 +205,8 @@ class RecipeRun:
         self.history: List[Dict[str, Any]] = []
         self.epoch = 0  # recipe epochs finished
         self.fired = False  # on_pruning_end has been called (or was due without a hook)
+        if note:
+            self.say(note)
 
     def _cross_entropy(self, x: torch.Tensor, y: torch.Tensor):
         ce = F.cross_entropy(self.model(x), y)

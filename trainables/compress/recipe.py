@@ -6,6 +6,7 @@ Pure SparseML 1.7 + PyYAML; ``trainables.compress.core`` runs what is loaded her
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from typing import Any, Dict
@@ -22,7 +23,7 @@ from sparseml.pytorch.optim import ScheduledModifierManager
 
 from study.errors import error_line
 
-__all__ = ["RECIPE_EXTENSIONS", "load_recipe", "recipe_phases"]
+__all__ = ["RECIPE_EXTENSIONS", "check_pruning_window", "load_recipe", "recipe_phases"]
 
 #: file name endings SparseML 1.7's recipe loader accepts (``_load_yaml_str_from_file``)
 RECIPE_EXTENSIONS = (".yaml", ".md")
@@ -117,6 +118,14 @@ def load_recipe(path: "str | os.PathLike", **overrides: Any) -> ScheduledModifie
     return manager
 
 
+def _mask_updates(pruner: Any) -> "int | None":
+    """Mask updates a pruning modifier asks for over its window: (end - start) / update_frequency."""
+    freq = getattr(pruner, "update_frequency", None)
+    if not isinstance(freq, (int, float)) or freq <= 0:
+        return None
+    return int(round((float(pruner.end_epoch) - float(pruner.start_epoch)) / float(freq)))
+
+
 def recipe_phases(manager: ScheduledModifierManager) -> Dict[str, Any]:
     """Read the schedule of a loaded recipe from its modifiers.
 
@@ -131,6 +140,7 @@ def recipe_phases(manager: ScheduledModifierManager) -> Dict[str, Any]:
             start / latest end of the pruning modifiers;
           ``final_sparsity`` (float or None): the (first) pruning modifier's target,
             fraction 0..1 of its prunable weights;
+          ``mask_updates`` (int or None): the mask updates it asks for over its window;
           ``qat_start_epoch`` (float or None): earliest start of the quantization
             modifiers;
           ``freeze_bn_stats_epoch``, ``disable_observer_epoch`` (float or None):
@@ -149,7 +159,48 @@ def recipe_phases(manager: ScheduledModifierManager) -> Dict[str, Any]:
         "pruning_start_epoch": min(float(m.start_epoch) for m in pruners) if pruners else None,
         "pruning_end_epoch": max(float(m.end_epoch) for m in pruners) if pruners else None,
         "final_sparsity": final,
+        "mask_updates": _mask_updates(pruners[0]) if pruners else None,
         "qat_start_epoch": min(float(m.start_epoch) for m in quants) if quants else None,
         "freeze_bn_stats_epoch": getattr(q0, "freeze_bn_stats_epoch", None),
         "disable_observer_epoch": getattr(q0, "disable_quantization_observer_epoch", None),
     }
+
+
+def check_pruning_window(phases: Dict[str, Any], steps_per_epoch: int) -> str:
+    """Check that the recipe reaches its final sparsity before the pruned model is taken.
+
+    ``core.RecipeRun`` takes optimizer step k at recipe epoch ``k / steps_per_epoch``; SparseML's
+    pruning modifiers apply ``final_sparsity`` at the first step at or after ``pruning_end_epoch``,
+    and the pruned (FP32) snapshot is taken at ``qat_start_epoch``. So some step must fall in
+    ``[pruning_end_epoch, qat_start_epoch)``; with too few steps per epoch (small data, large
+    batches) none does and the snapshot would hold the sparsity of an early mask update.
+
+    Args:
+        phases: :func:`recipe_phases` of the loaded recipe.
+        steps_per_epoch: optimizer steps per recipe epoch (>= 1).
+
+    Returns:
+        "" when the window is fine; else a note that the pruning window holds fewer steps than the
+        mask updates the recipe asks for (``pruning_update_frequency``; pruning then updates the
+        mask at every step, so it takes fewer, larger steps).
+
+    Raises:
+        ValueError (one line): no step falls in ``[pruning_end_epoch, qat_start_epoch)``; it names
+            the steps per epoch, the phases and what to change.
+    """
+    start, end, qat = phases["pruning_start_epoch"], phases["pruning_end_epoch"], phases["qat_start_epoch"]
+    if start is None or end is None or qat is None:
+        return ""
+    first_after = math.ceil(end * steps_per_epoch - 1e-9)  # first step k with k / steps_per_epoch >= end
+    if first_after >= qat * steps_per_epoch - 1e-9:
+        raise ValueError(
+            f"the recipe's pruning ends at epoch {end:g} and QAT starts at epoch {qat:g}, but with "
+            f"{steps_per_epoch} optimizer step(s) per epoch no step falls between them, so pruning cannot "
+            f"reach its final sparsity before the pruned model is taken; use more training images "
+            f"(--train-subset), a smaller --batch-size or more --recipe-epochs")
+    in_window = first_after - math.ceil(start * steps_per_epoch - 1e-9)
+    asked = phases.get("mask_updates")
+    if asked and in_window < asked:
+        return (f"the pruning window [{start:g}, {end:g}) holds {in_window} optimizer step(s), fewer than the "
+                f"{asked} mask updates the recipe asks for: the mask is updated at each of them")
+    return ""
