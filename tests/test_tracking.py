@@ -228,7 +228,8 @@ def test_another_config_in_the_same_folder_gets_its_own_parent_run(tmp_path):
 
 def test_mlflow_is_a_runtime_field_and_its_cli_values(tmp_path):
     """Catches: --mlflow making a finished run directory "a different config" (it is a
-    RUNTIME_FIELD), and the CLI values: 'local', a URI, 'none' (off, the default) and a bad value."""
+    RUNTIME_FIELD), and the CLI values: 'local', the flag alone (= local, before another option
+    or last), a URI, 'none' (off, the default) and a bad value."""
     import orchestrate
 
     config = make_run(tmp_path / "run", mlflow_option=None)
@@ -237,6 +238,8 @@ def test_mlflow_is_a_runtime_field_and_its_cli_values(tmp_path):
     parse = orchestrate.config_from_args
     assert parse(["--preset", "smoke"])[0].mlflow is None
     assert parse(["--preset", "smoke", "--mlflow", "local"])[0].mlflow == "local"
+    assert parse(["--preset", "smoke", "--mlflow"])[0].mlflow == "local"
+    assert parse(["--mlflow", "--preset", "smoke"])[0].mlflow == "local"
     assert parse(["--preset", "smoke", "--mlflow", "http://127.0.0.1:5000"])[0].mlflow == "http://127.0.0.1:5000"
     assert parse(["--preset", "smoke", "--mlflow", "none"])[0].mlflow is None
     with pytest.raises(StudyError, match="--mlflow"):
