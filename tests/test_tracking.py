@@ -215,6 +215,60 @@ def test_rerun_adds_no_run_and_no_step_and_a_resume_adds_only_new_epochs(tracked
     assert len(runs_by_stage(tracked)["students"]) == 3
 
 
+def _current(runs) -> list:
+    return [r for r in runs if "superseded_by" not in r.data.tags]
+
+
+def test_a_rerun_stage_gets_a_new_run_and_the_old_one_is_superseded(tracked, tmp_path):
+    """The pattern of mlflow #4248, on the tracker alone: the recipe reran (a re-exported ONNX file
+    of the same size, new accuracies, a new history) and results.csv changed at the same size.
+    Catches: the old recipe run kept as the current one (old sha256 tag, accuracy, ONNX file), an
+    artefact compared by name and size, the old run's values replaced instead of kept under
+    ``superseded_by``, a new run for a stage whose files did not change (bench, trials); and a
+    rerun back to the first files making the first run current again."""
+    client = mlflow.tracking.MlflowClient(tracking.tracking_uri(tracked))
+    layout = RunLayout(tracked.output_dir)
+    first = {p: p.read_bytes() for p in (layout.onnx("pruned"), layout.sparsify_summary, layout.sparsify_history,
+                                        layout.results)}
+    before = runs_by_stage(tracked)
+    (old,) = before["sparsify"]
+    old_digest = old.data.tags["sha256_pruned"]
+    layout.onnx("pruned").write_bytes(bytes([7]) * len(first[layout.onnx("pruned")]))  # same size, new bytes
+    summary = json.loads(layout.sparsify_summary.read_text())
+    summary["sha256"]["pruned"] = new_digest = _sha256(layout.onnx("pruned"))
+    summary["test_acc_pruned"] = 0.5
+    layout.sparsify_summary.write_text(json.dumps(summary))
+    layout.sparsify_history.write_text(layout.sparsify_history.read_text().replace("0.175", "0.275"))
+    layout.results.write_text("model,test_acc\nce,0.4\n")
+    track_all(tracked)
+    after = runs_by_stage(tracked)
+    assert {k: len(v) for k, v in after.items()} == {"study": 1, "teacher": 1, "students": 3, "sparsify": 2, "bench": 1}
+    (new,) = _current(after["sparsify"])
+    assert new.info.run_id != old.info.run_id and new.info.status == "FINISHED"
+    assert (new.data.tags["sha256_pruned"], new.data.metrics["test_acc_pruned"]) == (new_digest, 0.5)
+    assert [(m.step, m.value) for m in client.get_metric_history(new.info.run_id, "test_acc")] == [(0, 0.275), (1, 0.18)]
+    got = Path(client.download_artifacts(new.info.run_id, "onnx/pruned.onnx", str(tmp_path / "new")))
+    assert _sha256(got) == new_digest
+    (was,) = [r for r in after["sparsify"] if r.info.run_id == old.info.run_id]
+    assert was.data.tags["superseded_by"] == new.info.run_id and was.info.status == "FINISHED"
+    assert (was.data.tags["sha256_pruned"], was.data.metrics["test_acc_pruned"]) == (old_digest, 0.25)  # kept
+    mlflow.set_tracking_uri(tracking.tracking_uri(tracked))
+    holders = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                 filter_string=f"tags.sha256_pruned = '{old_digest}'")
+    assert [r.data.tags.get("superseded_by") for r in holders] == [new.info.run_id]  # none shows it as current
+    parent = after["study"][0].info.run_id
+    assert Path(client.download_artifacts(parent, "results.csv", str(tmp_path / "p"))).read_text() == \
+        "model,test_acc\nce,0.4\n"
+    for stage in ("teacher", "students", "bench"):
+        assert sorted(r.info.run_id for r in after[stage]) == sorted(r.info.run_id for r in before[stage])
+    for path, content in first.items():  # the files went back: so does MLflow
+        path.write_bytes(content)
+    track_all(tracked)
+    again = runs_by_stage(tracked)
+    assert [r.info.run_id for r in _current(again["sparsify"])] == [old.info.run_id]
+    assert {r.data.tags.get("superseded_by") for r in again["sparsify"]} == {None, old.info.run_id}
+
+
 def test_another_config_in_the_same_folder_gets_its_own_parent_run(tmp_path):
     """Catches: a run directory reused with --overwrite and another config continuing the old
     parent run (its params would then not be this study's, and MLflow refuses changed params)."""
