@@ -8,9 +8,12 @@ Everything is logged from the driver, after each stage, from the files the stage
   ``RUNTIME_FIELDS``; those, which may change on a resume, as ``runtime.<field>`` tags), the
   decision rule as a tag, and at the end ``config.json``, ``results.csv``, ``setups.csv`` and
   ``report.pdf`` (when built) as artefacts;
-- under it (tag ``mlflow.parentRunId``), one run per Tune trial (``stage=teacher``/``students``, tags
-  ``trial_id``, ``trial_dir``, ``setup``, ``seed``): the trial's ``params.json`` as params and every
-  epoch of its ``result.json`` (``TRIAL_METRICS`` and each ``loss_<term>``) at step = epoch;
+- under it (tag ``mlflow.parentRunId``), one run per Tune trial that finished (``stage=teacher``/
+  ``students``, tags ``trial_id``, ``trial_dir``, ``setup``, ``seed``): the trial's ``params.json`` as
+  params and every epoch of its ``result.json`` (``TRIAL_METRICS`` and each ``loss_<term>``) at step =
+  epoch. A trial that errored and that Tune restarted (``Tuner.restore(restart_errored=True)`` gives
+  it a new trial id and folder; the errored one's folder stays in the experiment) has no run: only
+  the trials in Tune's experiment state are logged (``final_trials``);
 - one run per sparsity target's recipe (``stage=sparsify``, run name ``recipe<tag>``): every row
   of ``sparsify/history<tag>.csv`` at step = its epoch (accuracy, sparsity, loss terms, learning
   rate, ``quantized`` 0/1, ``precision_bits``), the numbers of ``summary<tag>.json``, tags
@@ -55,7 +58,7 @@ import os
 import time
 from pathlib import Path
 
-from driver.tracking_files import (TRIAL_METRICS, as_number, csv_rows, history_metrics,  # noqa: F401
+from driver.tracking_files import (TRIAL_METRICS, as_number, csv_rows, final_trials, history_metrics,  # noqa: F401
                                    json_digest, read_trial, trial_metrics)
 from study import RunLayout, StudyConfig, StudyError, decision_rule
 from study.config import RUNTIME_FIELDS, variant_label
@@ -294,9 +297,12 @@ class Tracker:
 
     def _trials(self, stage: str) -> None:
         experiment = self.layout.teacher_dir if stage == "teacher" else self.layout.students_dir
+        final = final_trials(experiment)
         for trial_dir in sorted(p.parent for p in experiment.glob("*/result.json")):
             params, results = read_trial(trial_dir)
             if not results:  # failed before its first epoch: nothing to show
+                continue
+            if final is not None and results[0]["trial_id"] not in final:  # errored; Tune restarted it, new id
                 continue
             setup = params.get("setup")
             seed = params.get("seed")

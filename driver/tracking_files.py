@@ -1,6 +1,6 @@
 """What the MLflow tracker (``driver.tracking``) reads from a run directory: a Tune trial's params
-and per-epoch results, the metrics of a result or of a recipe history row, and the digest that keys
-a run by what it mirrors. No MLflow here."""
+and per-epoch results, the metrics of a result or of a recipe history row, which trials of a Tune
+experiment are its final ones, and the digest that keys a run by what it mirrors. No MLflow here."""
 
 from __future__ import annotations
 
@@ -68,3 +68,15 @@ def csv_rows(path: Path) -> list[dict]:
 def json_digest(value) -> str:
     """sha256 (hex) of ``value`` as canonical JSON: a run's ``key`` from what it mirrors."""
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def final_trials(experiment: Path) -> set[str] | None:
+    """The trial ids of the Tune experiment in ``experiment`` (``tune.ExperimentAnalysis``: one per
+    trial of the grid; for a trial that errored and was restarted, the restarted one's). None when
+    the folder holds no experiment state (a folder not written by Tune): then every trial folder
+    counts."""
+    if not any(experiment.glob("experiment_state-*.json")):
+        return None
+    from ray import tune
+
+    return {trial.trial_id for trial in tune.ExperimentAnalysis(str(experiment)).trials}
