@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
         elif f.metadata.get("append"):
             parser.add_argument(flag, type=f.metadata["parse"], action="append", help=text)
+        elif f.metadata.get("const") is not None:
+            parser.add_argument(flag, type=f.metadata["parse"], nargs="?", const=f.metadata["const"], help=text)
         else:
             parser.add_argument(flag, type=f.metadata["parse"], help=text)
     parser.add_argument("--overwrite", action="store_true", default=False,

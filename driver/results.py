@@ -10,7 +10,8 @@ from study.config import swept_fields, variant_label, variants
 
 #: Columns of ``results.csv``, in order (docs/outputs.md): ``seed`` is the trial's seed;
 #: ``best_test_acc``/``best_val_acc`` are the accuracies of the kept checkpoint, the best epoch
-#: (``best_epoch``) by the selection metric (``study.selection_metric``); ``val_acc``/
+#: (``best_epoch``) by the selection metric (``study.selection_metric``; of tied epochs the latest:
+#: ``best_checkpoint``); ``val_acc``/
 #: ``best_val_acc`` are empty without ``--val-size``.
 RESULT_COLUMNS = ("model", "seed", "test_acc", "best_test_acc", "val_acc", "best_val_acc", "best_epoch", "epochs",
                   "params", "seconds", "weight_sparsity", "onnx_test_acc", "base", "started_at", "finished_at")
@@ -35,13 +36,18 @@ def row_variant(config, row: dict) -> str:
 
 def best_checkpoint(result, metric: str):
     """``(Checkpoint, metrics)`` of the kept checkpoint of one trial (a ``ray.tune.Result``) with
-    the highest ``metric``; among equal values the earliest epoch (``training_iteration``), which
-    is what ``Result.get_best_checkpoint(metric, "max")`` returns too (Tune keeps its checkpoints
-    sorted by score, ties in time order). RuntimeError when no kept checkpoint has the metric."""
+    the highest ``metric``; among equal values the latest epoch (``training_iteration``).
+
+    The tie rule is Tune's retention: with ``CheckpointConfig(num_to_keep=1,
+    checkpoint_score_attribute=metric)`` (``driver.tuning.run_tuner``) Ray's ``_CheckpointManager``
+    (``ray/train/_internal/checkpoint_manager.py``, Ray 2.49) inserts a new checkpoint to the right
+    of equal scores and keeps the rightmost, so of tied epochs only the latest is still on disk.
+    ``best_epoch``/``best_test_acc`` of ``results.csv``, ``teacher.pt`` and the checkpoint the
+    sparsify stage reads all come from here. RuntimeError when no kept checkpoint has the metric."""
     kept = [(checkpoint, metrics) for checkpoint, metrics in result.best_checkpoints if metric in metrics]
     if not kept:
         raise RuntimeError(f"trial {result.path} has no checkpoint with {metric!r}")
-    return max(kept, key=lambda item: (item[1][metric], -item[1]["training_iteration"]))
+    return max(kept, key=lambda item: (item[1][metric], item[1]["training_iteration"]))
 
 
 def _row(model: str, result, metric: str, params: int, seed) -> dict:

@@ -8,13 +8,17 @@ Everything is logged from the driver, after each stage, from the files the stage
   ``RUNTIME_FIELDS``; those, which may change on a resume, as ``runtime.<field>`` tags), the
   decision rule as a tag, and at the end ``config.json``, ``results.csv``, ``setups.csv`` and
   ``report.pdf`` (when built) as artefacts;
-- under it (tag ``mlflow.parentRunId``), one run per Tune trial (``stage=teacher``/``students``, tags
-  ``trial_id``, ``trial_dir``, ``setup``, ``seed``): the trial's ``params.json`` as params and every
-  epoch of its ``result.json`` (``TRIAL_METRICS`` and each ``loss_<term>``) at step = epoch;
-- one run for the recipe (``stage=sparsify``): every row of ``sparsify/history.csv`` at step = its
-  epoch (accuracy, sparsity, loss terms, learning rate, ``quantized`` 0/1, ``precision_bits``), the
-  numbers of ``summary.json``, tags ``sha256_<model>`` / ``onnx_<model>`` per exported model, the
-  three ONNX files and ``sparsify/*`` as artefacts;
+- under it (tag ``mlflow.parentRunId``), one run per Tune trial that finished (``stage=teacher``/
+  ``students``, tags ``trial_id``, ``trial_dir``, ``setup``, ``seed``): the trial's ``params.json`` as
+  params and every epoch of its ``result.json`` (``TRIAL_METRICS`` and each ``loss_<term>``) at step =
+  epoch. A trial that errored and that Tune restarted (``Tuner.restore(restart_errored=True)`` gives
+  it a new trial id and folder; the errored one's folder stays in the experiment) has no run: only
+  the trials in Tune's experiment state are logged (``final_trials``);
+- one run per sparsity target's recipe (``stage=sparsify``, run name ``recipe<tag>``): every row
+  of ``sparsify/history<tag>.csv`` at step = its epoch (accuracy, sparsity, loss terms, learning
+  rate, ``quantized`` 0/1, ``precision_bits``), the numbers of ``summary<tag>.json``, tags
+  ``sha256_<model>`` / ``onnx_<model>`` per exported model, its ONNX files and ``sparsify/*<tag>.*``
+  as artefacts;
 - one run for the benchmark (``stage=bench``): every row of ``benchmark.csv`` as metrics
   ``<model>/<engine>/batch_<n>/<column>``, ``onnx_test_acc/<model>``, and both files as artefacts.
 
@@ -25,10 +29,20 @@ start, not the ones of the command that resumes it (``--mlflow`` added or droppe
 be ignored, and restoring would import MLflow). Reading the stage's files after it is the same code
 for a fresh, a resumed and a skipped stage.
 
-Resume: runs are found again by tags (the parent by ``study_dir`` + ``config_digest``, a child by
-parent, ``stage`` and ``trial_id``), and only (metric, step) pairs not yet in MLflow are logged, so
-running the same command again adds no run and no metric step. An artefact is uploaded only when
-no file of that name and size is there yet.
+Resume and reruns: the parent is found again by ``study_dir`` + ``config_digest``. Each child run
+mirrors one version of one thing: tag ``slot`` says what (``teacher``, ``students/<variant> seed
+<n>``, ``sparsify/recipe<tag>``, ``bench``), tag ``key`` which version: the trial id for a trial
+(a stage that reruns makes new trials, with new ids), the sha256 of the files it mirrors for a
+recipe or the benchmark (the summary, whose ``sha256`` names the ONNX files, and the history and
+layer table; ``benchmark.csv`` and ``onnx_accuracy.json``). The same files find the same run, and
+only (metric, step) pairs not yet in it are logged: running the same command again adds no run
+and no metric step, and a resumed trial adds its new epochs. Files that changed (a rerun: an
+edited recipe, DeepSparse found, ``--overwrite``) get a new child run, and every other run of that
+slot is tagged ``superseded_by`` = the new run's id (status left as it was): the runs without
+``superseded_by`` are the current ones; no value of a run is ever replaced. The parent's artefacts
+(the tables, ``report.pdf``) are the run directory's current ones: replaced when their sha256
+differs. Each artefact's sha256 is a tag of its run, ``artifact_sha256/<path>``; an artefact is
+uploaded when it differs from that (a same-sized file is not taken for the same).
 
 The ONNX files are not touched (their sha256, recorded in ``sparsify/summary.json``, is checked by
 later stages): the recipe run carries each file's digest (tag ``sha256_<model>``) and path, and each
@@ -37,23 +51,21 @@ file's ``metadata_props`` name its ``source_trial``, the ``trial_dir`` tag of th
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
 import json
-import math
 import os
-import re
 import time
 from pathlib import Path
 
+from driver.tracking_files import (TRIAL_METRICS, as_number, csv_rows, final_trials, history_metrics,  # noqa: F401
+                                   json_digest, read_trial, trial_metrics)
 from study import RunLayout, StudyConfig, StudyError, decision_rule
-from study.config import RUNTIME_FIELDS
+from study.config import RUNTIME_FIELDS, variant_label
+from study.files import sha256_file
 
 #: ``--mlflow local``: a file store in ``<output-dir>/mlruns``.
 LOCAL = "local"
-#: Per-epoch metrics of a teacher or student trial (besides every ``loss_<term>``).
-TRIAL_METRICS = ("test_acc", "val_acc", "train_loss", "epoch_seconds", "train_images_per_sec")
 #: Columns of ``benchmark.csv`` logged as metrics (the other columns are tags of the run).
 BENCH_METRICS = ("items_per_sec", "latency_mean_ms", "latency_p50_ms", "latency_p99_ms")
 #: Experiment subfolders of the Tune stages (``RunLayout``).
@@ -140,59 +152,10 @@ def _value(value) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def _number(value) -> float | None:
-    """``value`` as a finite float, or None (strings, NaN, missing)."""
-    if isinstance(value, bool):
-        return float(value)
-    if isinstance(value, (int, float)) and math.isfinite(value):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            number = float(value)
-        except ValueError:
-            return {"true": 1.0, "false": 0.0}.get(value.lower())
-        return number if math.isfinite(number) else None
-    return None
-
-
-def read_trial(trial_dir: Path) -> tuple[dict, list[dict]]:
-    """A Tune trial folder's config (``params.json``) and its results (``result.json``, one JSON
-    object per line), one per ``training_iteration`` (the last line of an epoch wins)."""
-    params_file = trial_dir / "params.json"
-    params = json.loads(params_file.read_text()) if params_file.exists() else {}
-    by_epoch: dict[int, dict] = {}
-    for line in (trial_dir / "result.json").read_text().splitlines():
-        if line.strip():
-            result = json.loads(line)
-            by_epoch[int(result["training_iteration"])] = result
-    return params, [by_epoch[k] for k in sorted(by_epoch)]
-
-
-def trial_metrics(result: dict) -> dict[str, float]:
-    """The metrics of one epoch's result that a trial run logs."""
-    keys = [k for k in result if k in TRIAL_METRICS or k.startswith("loss_")]
-    return {k: v for k in keys if (v := _number(result[k])) is not None}
-
-
-def history_metrics(row: dict) -> dict[str, float]:
-    """The metrics of one row of ``sparsify/history.csv``: every numeric column but ``epoch``,
-    ``quantized`` as 0/1, ``precision`` (float32, int8) as ``precision_bits``."""
-    metrics = {k: v for k, text in row.items() if k not in ("epoch", "precision")
-               and (v := _number(text)) is not None}
-    bits = re.search(r"\d+", row.get("precision") or "")
-    if bits:
-        metrics["precision_bits"] = float(bits.group())
-    return metrics
-
-
-def _csv_rows(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 class Tracker:
     """The MLflow runs of one study (module docstring); ``sync(stage)`` after each stage,
-    ``finish(code)`` at the end. Safe to run again on the same files: it adds only what is missing."""
+    ``finish(code)`` at the end. Safe to run again on the same files: it adds only what is missing;
+    on changed files, new runs that supersede the old ones."""
 
     def __init__(self, client, config: StudyConfig):
         from mlflow.entities import RunStatus
@@ -228,19 +191,52 @@ class Tracker:
                                        if k not in RUNTIME_FIELDS})
         return run.info.run_id
 
-    def _child(self, stage: str, key: str, name: str, tags: dict, params: dict,
+    def _child(self, stage: str, slot: str, key: str, name: str, tags: dict, params: dict,
                start_time: int | None = None) -> str:
-        """The run of ``stage`` with tag ``trial_id`` = ``key`` under the parent: found, or
-        created with ``tags`` and ``params``."""
-        found = self._search(f"tags.`mlflow.parentRunId` = '{self.parent_id}' and tags.stage = '{stage}' "
-                             f"and tags.trial_id = '{key}'")
+        """The run of ``slot`` at version ``key`` under the parent (module docstring): found, or
+        created with ``tags`` and ``params``. A trial's run made before runs had slots (tag
+        ``trial_id`` = ``key``, no ``key`` tag) is taken over."""
+        base = f"tags.`mlflow.parentRunId` = '{self.parent_id}' and tags.stage = '{stage}'"
+        found = self._search(f"{base} and tags.slot = '{slot}' and tags.key = '{key}'")
+        if not found and stage in TUNE_STAGES:
+            found = [r for r in self._search(f"{base} and tags.trial_id = '{key}'") if "key" not in r.data.tags]
+            for run in found[:1]:
+                self.client.set_tag(run.info.run_id, "slot", slot)
+                self.client.set_tag(run.info.run_id, "key", key)
         if found:
             return found[0].info.run_id
         run = self.client.create_run(self.experiment_id, run_name=name, start_time=start_time, tags={
-            "mlflow.parentRunId": self.parent_id, "stage": stage, "trial_id": key,
+            "mlflow.parentRunId": self.parent_id, "stage": stage, "slot": slot, "key": key,
             "study_dir": self.study_dir, **{k: _value(v) for k, v in tags.items()}})
         self._params(run.info.run_id, params)
         return run.info.run_id
+
+    def _supersede(self, stage: str, slot: str, current: str) -> None:
+        """``current`` is the run of ``slot`` now: every other run of the slot not yet tagged gets
+        ``superseded_by`` = ``current`` (its status stays), and ``current`` loses that tag (the files
+        went back to its version)."""
+        for run in self._search(f"tags.`mlflow.parentRunId` = '{self.parent_id}' and tags.stage = '{stage}'"):
+            tags = run.data.tags
+            if run.info.run_id == current and "superseded_by" in tags:
+                self.client.delete_tag(current, "superseded_by")
+            elif run.info.run_id != current and "superseded_by" not in tags and self._slot_of(stage, tags) == slot:
+                self.client.set_tag(run.info.run_id, "superseded_by", current)
+
+    def _slot_of(self, stage: str, tags: dict) -> str | None:
+        """A run's ``slot`` tag; for a run made before runs had slots, what it mirrored."""
+        if "slot" in tags:
+            return tags["slot"]
+        if stage in TUNE_STAGES and not self.config.sweep and "seed" in tags:
+            return self._trial_slot(stage, {"setup": tags.get("setup"), "seed": tags["seed"]})
+        return {("sparsify", "recipe"): "sparsify/recipe", ("bench", "benchmark"): "bench"}.get(
+            (stage, tags.get("trial_id")))
+
+    def _trial_slot(self, stage: str, params: dict) -> str:
+        """``teacher``, or ``students/<variant label> seed <seed>`` of a student trial's config."""
+        if stage == "teacher":
+            return "teacher"
+        values = {name: params.get(name) for name, _ in self.config.sweep}
+        return f"students/{variant_label(params.get('setup'), values)} seed {params.get('seed')}"
 
     def _params(self, run_id: str, params: dict) -> None:
         from mlflow.entities import Param
@@ -267,13 +263,16 @@ class Tracker:
             self.client.log_batch(run_id, metrics=new[i:i + 1000])
         return len(new)
 
-    def _artifact(self, run_id: str, path: Path, folder: str | None = None) -> None:
-        """Upload ``path`` into the run's ``folder`` unless a file of its name and size is there."""
+    def _artifact(self, run_id: str, path: Path, folder: str | None = None, digest: str | None = None) -> None:
+        """Upload ``path`` into the run's ``folder`` unless the run's tag ``artifact_sha256/<folder>/<name>``
+        says it holds a file of this sha256 (``digest``: the file's, when known), then set that tag."""
         if not path.is_file():
             return
-        there = {Path(f.path).name: f.file_size for f in self.client.list_artifacts(run_id, folder)}
-        if there.get(path.name) != path.stat().st_size:
+        digest = digest or sha256_file(path)
+        tag = "artifact_sha256/" + (f"{folder}/" if folder else "") + path.name
+        if self.client.get_run(run_id).data.tags.get(tag) != digest:
             self.client.log_artifact(run_id, str(path), folder)
+            self.client.set_tag(run_id, tag, digest)
 
     def _end(self, run_id: str) -> None:
         self.client.set_terminated(run_id, status=self._finished)
@@ -298,27 +297,34 @@ class Tracker:
 
     def _trials(self, stage: str) -> None:
         experiment = self.layout.teacher_dir if stage == "teacher" else self.layout.students_dir
+        final = final_trials(experiment)
         for trial_dir in sorted(p.parent for p in experiment.glob("*/result.json")):
             params, results = read_trial(trial_dir)
             if not results:  # failed before its first epoch: nothing to show
+                continue
+            if final is not None and results[0]["trial_id"] not in final:  # errored; Tune restarted it, new id
                 continue
             setup = params.get("setup")
             seed = params.get("seed")
             name = "teacher" if stage == "teacher" else f"{setup} seed {seed}"
             tags = {"trial_dir": trial_dir.name, "role": "teacher" if stage == "teacher" else "student",
                     **({"setup": setup} if setup else {}), **({"seed": seed} if seed is not None else {})}
-            started = results[0].get("trial_started_at")
-            run_id = self._child(stage, results[0]["trial_id"], name, tags, params,
+            started, slot = results[0].get("trial_started_at"), self._trial_slot(stage, params)
+            trial_id = results[0]["trial_id"]
+            run_id = self._child(stage, slot, trial_id, name, {**tags, "trial_id": trial_id}, params,
                                  start_time=int(started * 1000) if started else None)
             self._metrics(run_id, [(int(r["training_iteration"]), int(r.get("timestamp", time.time()) * 1000),
                                     trial_metrics(r)) for r in results])
             if results[-1].get("done"):
                 self._end(run_id)
+            self._supersede(stage, slot, run_id)
 
     def _recipe(self) -> None:
-        layout = self.layout
-        if not layout.sparsify_summary.exists():
-            return
+        for summary in sorted(self.layout.sparsify_dir.glob("summary*.json")):  # one per sparsity target
+            self._target(RunLayout(self.layout.root, summary.stem[len("summary"):]))
+
+    def _target(self, layout: RunLayout) -> None:
+        """The recipe run of one sparsity target (``layout.tag``), keyed by what it mirrors."""
         summary = json.loads(layout.sparsify_summary.read_text())
         tags = {"source_trial": summary.get("trial_id", ""), "setup": summary.get("setup", ""),
                 "loss": summary.get("loss", "ce")}
@@ -327,39 +333,46 @@ class Tracker:
             tags[f"onnx_{model}"] = str(layout.onnx(model).resolve())
         params = {k: summary[k] for k in ("recipe", "recipe_epochs", "loss", "temperature", "arch", "setup")
                   if k in summary}
-        run_id = self._child("sparsify", "recipe", "recipe", tags, params)
+        files = (layout.sparsify_summary, layout.sparsify_history, layout.layer_sparsity)
+        key = json_digest({"summary": {k: v for k, v in summary.items() if k != "onnx"},  # paths move, content not
+                           **{p.name: sha256_file(p) for p in files[1:] if p.is_file()}})
+        slot = f"sparsify/recipe{layout.tag}"
+        run_id = self._child("sparsify", slot, key, f"recipe{layout.tag}", tags, params)
         now = int(time.time() * 1000)
         steps = []
         if layout.sparsify_history.exists():
-            steps = [(int(float(row["epoch"])), now, history_metrics(row)) for row in _csv_rows(layout.sparsify_history)]
-        scalars = {k: v for k, value in summary.items() if (v := _number(value)) is not None
+            steps = [(int(float(row["epoch"])), now, history_metrics(row)) for row in csv_rows(layout.sparsify_history)]
+        scalars = {k: v for k, value in summary.items() if (v := as_number(value)) is not None
                    and k not in ("recipe_epochs", "temperature")}
         self._metrics(run_id, steps + [(0, now, scalars)])
-        for model in summary.get("sha256", {}):
-            self._artifact(run_id, layout.onnx(model), "onnx")
-        for path in (layout.sparsify_summary, layout.sparsify_history, layout.layer_sparsity):
+        for model, digest in summary.get("sha256", {}).items():
+            self._artifact(run_id, layout.onnx(model), "onnx", digest)
+        for path in files:
             self._artifact(run_id, path, "sparsify")
         self._end(run_id)
+        self._supersede("sparsify", slot, run_id)
 
     def _bench(self) -> None:
         layout = self.layout
         if not layout.benchmark.exists():
             return
-        rows = _csv_rows(layout.benchmark)
+        rows = csv_rows(layout.benchmark)
         first = rows[0] if rows else {}
         tags = {k: first[k] for k in ("isa", "vnni", "num_cores") if first.get(k)}
-        run_id = self._child("bench", "benchmark", "benchmark", tags, {})
+        key = json_digest({p.name: sha256_file(p) for p in (layout.benchmark, layout.onnx_accuracy) if p.is_file()})
+        run_id = self._child("bench", "bench", key, "benchmark", tags, {})
         metrics = {}
         for row in rows:
             prefix = f"{row['model']}/{row['engine']}/batch_{row['batch_size']}"
-            metrics.update({f"{prefix}/{k}": v for k in BENCH_METRICS if (v := _number(row.get(k))) is not None})
+            metrics.update({f"{prefix}/{k}": v for k in BENCH_METRICS if (v := as_number(row.get(k))) is not None})
         if layout.onnx_accuracy.exists():
             accuracies = json.loads(layout.onnx_accuracy.read_text())
-            metrics.update({f"onnx_test_acc/{m}": v for m, a in accuracies.items() if (v := _number(a)) is not None})
+            metrics.update({f"onnx_test_acc/{m}": v for m, a in accuracies.items() if (v := as_number(a)) is not None})
         self._metrics(run_id, [(0, int(time.time() * 1000), metrics)])
         self._artifact(run_id, layout.benchmark)
         self._artifact(run_id, layout.onnx_accuracy)
         self._end(run_id)
+        self._supersede("bench", "bench", run_id)
 
     def finish(self, code: int = 0) -> int:
         """The run's tables (and ``report.pdf`` when built) as artefacts of the parent, which ends

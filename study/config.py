@@ -115,11 +115,13 @@ def csv_of(kind: Callable[[str], Any]) -> Callable[[str], tuple]:
     return parse
 
 
-def option(default: Any, help: str, parse: Callable[[str], Any], append: bool = False) -> Any:
+def option(default: Any, help: str, parse: Callable[[str], Any], append: bool = False,
+           const: Any = None) -> Any:
     """A StudyConfig field: its default (the ``full`` preset's), help text and CLI parser
     (``bool`` makes a ``--flag/--no-flag`` pair; ``append``: a repeatable option, its values
-    collected in order, argparse ``action="append"``)."""
-    return field(default=default, metadata={"help": help, "parse": parse, "append": append})
+    collected in order, argparse ``action="append"``; ``const``: the value of the flag given
+    alone, argparse ``nargs="?"``)."""
+    return field(default=default, metadata={"help": help, "parse": parse, "append": append, "const": const})
 
 
 #: Fields ``--sweep`` can take several values of: each is a key of the students' trial config
@@ -229,9 +231,10 @@ class StudyConfig:
     stop_after: str = option("bench", f"last stage to run: {', '.join(STAGES)}", str)
     report: bool = option(False, "execute report.ipynb and render it to HTML/PDF at the end", bool)
     mlflow: str | None = option(
-        None, "track the study in MLflow (driver/tracking.py; needs the '.[tracking]' extra): 'local' = a file "
-        "store in <output-dir>/mlruns (offline, no server), or a tracking URI (http://HOST:PORT, file:///PATH, "
-        "sqlite:///PATH, databricks); 'none': off, MLflow is not imported", optional_str)
+        None, "track the study in MLflow (driver/tracking.py; needs the '.[tracking]' extra): 'local' (also the "
+        "flag alone) = a file store in <output-dir>/mlruns (offline, no server), or a tracking URI "
+        "(http://HOST:PORT, file:///PATH, sqlite:///PATH, databricks); 'none': off, MLflow is not imported",
+        optional_str, const="local")
     sweep: tuple = option(
         (), "FIELD=V1,V2,...: train every student setup with each of these values of FIELD (repeatable: the grid "
         "is setups x every swept field x seeds, one Tune trial each; variants.csv compares the variants); "

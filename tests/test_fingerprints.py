@@ -7,6 +7,7 @@ one (the story of the issue) really reruns the recipe, one interrupts such a rer
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import shutil
 import sys
@@ -26,6 +27,8 @@ from helpers import copy_run, kill_orchestrate_when, run_orchestrate
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RECIPE = REPO_ROOT / "recipes" / "prune_quantize.yaml"
+#: The '.[tracking]' extra: the story test then also checks what MLflow shows after the rerun.
+HAS_MLFLOW = importlib.util.find_spec("mlflow") is not None
 RUN = ("config.json", "teacher.pt", "teacher", "students", "onnx", "sparsify", "fingerprints",
        "results.csv", "setups.csv", "benchmark.csv", "onnx_accuracy.json")
 
@@ -222,15 +225,27 @@ def test_the_story_an_edited_recipe_reruns_only_sparsify_and_bench(run_copy, cif
     (final_sparsity 0.80 -> 0.50), the same command again: --dry-run says sparsify and bench rerun
     and why; the run then keeps the teacher and students untouched (mtime and sha256 of every
     checkpoint) and ends with pruned weight_sparsity 0.50; the old tables are in previous/.
-    Catches a stale result printed again, or a rerun that retrains the expensive stages."""
+    Catches a stale result printed again, or a rerun that retrains the expensive stages. With MLflow
+    (``--mlflow local``, its store first filled from the run as it was): ``_mlflow_shows_the_rerun``."""
     recipe = tmp_path / "my-recipe.yaml"
     shutil.copy(RECIPE, recipe)
+    tracked = ("--mlflow", "local") if HAS_MLFLOW else ()
+    if HAS_MLFLOW:  # the store as the first run, made with --mlflow, left it
+        from driver import tracking
+
+        config = orchestrate.config_from_args(["--preset", "smoke", "--data-root", str(cifar_root), "--output-dir",
+                                               str(run_copy), "--no-dashboard", "--recipe", str(recipe), *tracked])[0]
+        tracker = tracking.open_tracker(config)
+        for stage in STAGES:
+            tracker.sync(stage)
+        tracker.finish(0)
+        old_summary = json.loads((run_copy / "sparsify" / "summary.json").read_text())
     recipe.write_text(recipe.read_text().replace("final_sparsity: 0.80", "final_sparsity: 0.50"))
     found = dry_run(capsys, run_copy, cifar_root, "--recipe", recipe)
     assert actions(found) == {"teacher": "would skip", "students": "would skip", "sparsify": "would rerun",
                               "bench": "would rerun"}
     before, old_results = _state(run_copy), (run_copy / "results.csv").read_text()
-    run_orchestrate(run_copy, cifar_root, "--recipe", recipe, log="rerun.log")
+    run_orchestrate(run_copy, cifar_root, "--recipe", recipe, *tracked, log="rerun.log")
     log = (run_copy / "rerun.log").read_text()
     assert "[sparsify] rerun: recipe my-recipe.yaml changed (sha256 " in log
     assert "[teacher] " in log and "skipping the teacher stage" in log and "skipping the students stage" in log
@@ -242,6 +257,43 @@ def test_the_story_an_edited_recipe_reruns_only_sparsify_and_bench(run_copy, cif
     assert json.loads((kept / "config.json").read_text())["recipe"] != str(recipe)
     assert not (run_copy / "rerun").exists()
     assert actions(dry_run(capsys, run_copy, cifar_root, "--recipe", recipe)) == SKIP_ALL
+    if HAS_MLFLOW:
+        _mlflow_shows_the_rerun(config, old_summary, run_copy)
+
+
+def _mlflow_shows_the_rerun(config, old_summary: dict, run_dir: Path) -> None:
+    """After the story's rerun, MLflow (mlflow #4248: it kept the old values as current): one parent;
+    the recipe and benchmark runs each a new run that carries the new ``sha256_pruned`` tag, the
+    new accuracies and sparsity, beside the old one, which keeps its values and is tagged
+    ``superseded_by`` the new one (no run shows the old digest as current); the teacher's and
+    students' runs neither duplicated nor superseded."""
+    import mlflow
+
+    from driver import tracking
+
+    client = mlflow.tracking.MlflowClient(tracking.tracking_uri(config))
+    experiment = client.get_experiment_by_name(str(run_dir.resolve()))
+    stages: dict[str, list] = {}
+    for run in client.search_runs([experiment.experiment_id], max_results=1000):
+        stages.setdefault(run.data.tags["stage"], []).append(run)
+    assert {k: len(v) for k, v in stages.items()} == {"study": 1, "teacher": 1, "students": 3, "sparsify": 2,
+                                                       "bench": 2}
+    current = {k: [r for r in v if "superseded_by" not in r.data.tags] for k, v in stages.items()}
+    assert {k: len(v) for k, v in current.items()} == {"study": 1, "teacher": 1, "students": 3, "sparsify": 1,
+                                                        "bench": 1}
+    summary = json.loads((run_dir / "sparsify" / "summary.json").read_text())
+    accuracies = json.loads((run_dir / "onnx_accuracy.json").read_text())
+    (recipe,), (bench,) = current["sparsify"], current["bench"]
+    assert recipe.data.tags["sha256_pruned"] == summary["sha256"]["pruned"] != old_summary["sha256"]["pruned"]
+    assert recipe.data.metrics["test_acc_pruned"] == summary["test_acc_pruned"]
+    assert recipe.data.metrics["weight_sparsity_pruned"] == pytest.approx(0.50, abs=0.01)
+    assert bench.data.metrics["onnx_test_acc/pruned"] == accuracies["pruned"]
+    for stage, new in (("sparsify", recipe), ("bench", bench)):
+        (old,) = [r for r in stages[stage] if r.info.run_id != new.info.run_id]
+        assert old.data.tags["superseded_by"] == new.info.run_id and old.info.status == "FINISHED", stage
+    (old_recipe,) = [r for r in stages["sparsify"] if r.info.run_id != recipe.info.run_id]
+    assert old_recipe.data.tags["sha256_pruned"] == old_summary["sha256"]["pruned"]
+    assert old_recipe.data.metrics["test_acc_pruned"] == old_summary["test_acc_pruned"]
 
 
 def test_an_interrupted_rerun_leaves_the_previous_results_in_place(run_copy, cifar_root, tmp_path, capsys):

@@ -86,6 +86,34 @@ def tiny_onnx(tmp_path_factory):
     return fp32, int8, images
 
 
+def test_ptq_sessions_run_on_the_tasks_threads(tiny_onnx, tmp_path, monkeypatch):
+    """Catches: NNCF's onnxruntime sessions (``nncf.onnx.engine``) opened with onnxruntime's default
+    pool, every core of the machine, instead of the sparsify task's CPU share; and the engine class
+    left replaced after the call."""
+    import onnxruntime
+    from nncf.onnx import engine
+
+    from trainables.compress.ptq import quantize_dense
+
+    seen = []
+    real = onnxruntime.InferenceSession
+
+    def spy(model, sess_options=None, **kwargs):
+        seen.append(None if sess_options is None else (sess_options.intra_op_num_threads,
+                                                       sess_options.inter_op_num_threads))
+        return real(model, sess_options=sess_options, **kwargs)
+
+    monkeypatch.setattr(engine.rt, "InferenceSession", spy)
+    fp32, _, images = tiny_onnx
+    original = engine.ONNXEngine
+    assert quantize_dense(fp32, tmp_path / "int8.onnx", images[:4], threads=1) == 4
+    assert seen and set(seen) == {(1, 1)}, seen  # statistics and bias correction: every session
+    assert engine.ONNXEngine is original
+    seen.clear()
+    quantize_dense(fp32, tmp_path / "int8.onnx", images[:4])  # threads=None: onnxruntime's own default
+    assert seen and set(seen) == {None}, seen
+
+
 def test_ptq_peer_is_a_qdq_int8_graph_close_to_its_fp32_parent(tiny_onnx):
     import onnx
     import onnxruntime as ort

@@ -191,30 +191,6 @@ def test_recipe_run_holds_history_and_the_onnx_files_with_their_recorded_digests
     assert {"results.csv", "setups.csv", "config.json"} <= artefacts
 
 
-def test_rerun_adds_no_run_and_no_step_and_a_resume_adds_only_new_epochs(tracked):
-    """Catches: a resumed or rerun study (a new process: a new Tracker) creating a second parent or
-    trial run, or logging an epoch again (duplicate metric steps); a skipped stage logging again;
-    and the opposite, a resume that logs nothing new (a trial's epochs after the first run)."""
-    client = mlflow.tracking.MlflowClient(tracking.tracking_uri(tracked))
-    before = runs_by_stage(tracked)
-    steps_before = metric_steps(client, [r for runs in before.values() for r in runs])
-    track_all(tracked)
-    after = runs_by_stage(tracked)
-    assert {k: sorted(r.info.run_id for r in v) for k, v in after.items()} == \
-        {k: sorted(r.info.run_id for r in v) for k, v in before.items()}
-    assert metric_steps(client, [r for runs in after.values() for r in runs]) == steps_before
-    # the ce student had one more epoch when the study resumed
-    ce = next(r for r in after["students"] if r.data.tags["setup"] == "ce")
-    result_json = Path(tracked.output_dir) / "students" / ce.data.tags["trial_dir"] / "result.json"
-    last = json.loads(result_json.read_text().splitlines()[-1])
-    result_json.write_text(result_json.read_text() + json.dumps({**last, "training_iteration": 4,
-                                                                 "test_acc": 0.5}) + "\n")
-    tracking.open_tracker(tracked).sync("students")
-    assert [(m.step, m.value) for m in client.get_metric_history(ce.info.run_id, "test_acc")][-2:] == \
-        [(3, last["test_acc"]), (4, 0.5)]
-    assert len(runs_by_stage(tracked)["students"]) == 3
-
-
 def test_another_config_in_the_same_folder_gets_its_own_parent_run(tmp_path):
     """Catches: a run directory reused with --overwrite and another config continuing the old
     parent run (its params would then not be this study's, and MLflow refuses changed params)."""
@@ -228,7 +204,8 @@ def test_another_config_in_the_same_folder_gets_its_own_parent_run(tmp_path):
 
 def test_mlflow_is_a_runtime_field_and_its_cli_values(tmp_path):
     """Catches: --mlflow making a finished run directory "a different config" (it is a
-    RUNTIME_FIELD), and the CLI values: 'local', a URI, 'none' (off, the default) and a bad value."""
+    RUNTIME_FIELD), and the CLI values: 'local', the flag alone (= local, before another option
+    or last), a URI, 'none' (off, the default) and a bad value."""
     import orchestrate
 
     config = make_run(tmp_path / "run", mlflow_option=None)
@@ -237,6 +214,8 @@ def test_mlflow_is_a_runtime_field_and_its_cli_values(tmp_path):
     parse = orchestrate.config_from_args
     assert parse(["--preset", "smoke"])[0].mlflow is None
     assert parse(["--preset", "smoke", "--mlflow", "local"])[0].mlflow == "local"
+    assert parse(["--preset", "smoke", "--mlflow"])[0].mlflow == "local"
+    assert parse(["--mlflow", "--preset", "smoke"])[0].mlflow == "local"
     assert parse(["--preset", "smoke", "--mlflow", "http://127.0.0.1:5000"])[0].mlflow == "http://127.0.0.1:5000"
     assert parse(["--preset", "smoke", "--mlflow", "none"])[0].mlflow is None
     with pytest.raises(StudyError, match="--mlflow"):

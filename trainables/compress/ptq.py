@@ -9,16 +9,25 @@ Why NNCF and not onnxruntime's ``quantize_static``: in the pinned onnxruntime (1
 quantization tool reads ``onnx.TensorProto.INT4`` at import, which onnx 1.14 (SparseML's bound)
 lacks; NNCF 2.9 is the newest NNCF that runs with torch 2.1 (3.x reads ``torch.uint16``) and
 needs nothing from onnx newer than 1.14.
+
+Threads: NNCF 2.9 runs the model for its statistics in onnxruntime sessions that it opens itself
+(``nncf.onnx.engine.ONNXEngine``, created by ``nncf.common.factory.EngineFactory.create(model)``
+with no session options), so onnxruntime would size its intra-op pool to every physical core of
+the machine, not the task's CPU share (onnxruntime #29510); and onnxruntime's default CPU build
+ignores ``OMP_NUM_THREADS``. ``quantize_dense(threads=N)`` therefore hands NNCF, for the length of
+the call, an engine class that opens its sessions with ``SessionOptions.intra_op_num_threads = N``
+(``ort_threads``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
-__all__ = ["calibration_images", "quantize_dense"]
+__all__ = ["calibration_images", "ort_threads", "quantize_dense"]
 
 
 def calibration_images(train_images_float32: Any, count: int, seed: int) -> np.ndarray:
@@ -32,11 +41,39 @@ def calibration_images(train_images_float32: Any, count: int, seed: int) -> np.n
     return np.ascontiguousarray(x[np.sort(pick)])
 
 
+@contextlib.contextmanager
+def ort_threads(threads: int) -> Iterator[None]:
+    """Within the block, every onnxruntime session NNCF opens (``nncf.onnx.engine.ONNXEngine``)
+    runs with ``threads`` intra-op threads (the caller's included) and one inter-op thread; the
+    engine class is put back after. ValueError for ``threads`` < 1."""
+    if threads < 1:
+        raise ValueError(f"onnxruntime threads must be >= 1, got {threads}")
+    import onnxruntime
+    from nncf.onnx import engine
+
+    original = engine.ONNXEngine
+
+    class Engine(original):
+        def __init__(self, model, **rt_session_options):
+            options = onnxruntime.SessionOptions()
+            options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+            rt_session_options.setdefault("sess_options", options)
+            super().__init__(model, **rt_session_options)
+
+    engine.ONNXEngine = Engine  # EngineFactory.create imports it from the module at each call
+    try:
+        yield
+    finally:
+        engine.ONNXEngine = original
+
+
 def quantize_dense(dense_path: str | os.PathLike, out_path: str | os.PathLike, images: np.ndarray,
-                   metadata: dict | None = None) -> int:
+                   metadata: dict | None = None, threads: int | None = None) -> int:
     """Write ``out_path``: ``dense_path`` (FP32 ONNX, one input (B, 3, H, W)) statically quantized
     to INT8 QDQ by NNCF, calibrated on ``images`` ((N, 3, H, W) float32, normalized), one image per
     calibration item (NNCF's ``subset_size`` counts items, so all N are used); ``metadata`` (str -> str) replaces the ``metadata_props`` it carries over.
+    ``threads``: onnxruntime intra-op threads of NNCF's sessions (the task's CPU share, ``ort_threads``;
+    None: onnxruntime's default, every physical core).
     Returns N, the number of calibration images. ValueError when ``images`` is not 4-D or empty."""
     import onnx
 
@@ -57,8 +94,9 @@ def quantize_dense(dense_path: str | os.PathLike, out_path: str | os.PathLike, i
     model = onnx.load(os.fspath(dense_path))
     input_name = model.graph.input[0].name
     items = [images[i:i + 1] for i in range(len(images))]
-    quantized = nncf.quantize(model, nncf.Dataset(items, lambda item: {input_name: item}),
-                              subset_size=len(images))
+    with ort_threads(threads) if threads is not None else contextlib.nullcontext():
+        quantized = nncf.quantize(model, nncf.Dataset(items, lambda item: {input_name: item}),
+                                  subset_size=len(images))
     if metadata is not None:
         del quantized.metadata_props[:]
         for key, value in metadata.items():

@@ -55,7 +55,8 @@ class SparsifySettings:
     Attributes:
         recipe: SparseML recipe YAML path; ``recipe_epochs`` overrides its ``num_epochs`` variable.
         batch_size, seed: as in the student trials (same augmentation stream).
-        threads: torch intra-op threads (the task's CPU share).
+        threads: torch intra-op threads and the PTQ peer's onnxruntime intra-op threads (the task's CPU
+            share).
         output_dir: the run directory.
         trial_id, setup: the Tune trial the checkpoint comes from and its setup (recorded in the
             summary and in each ONNX file's metadata; an empty ``setup``: the checkpoint's).
@@ -216,7 +217,8 @@ class _Stage:
         meta.update(variant=PTQ_MODEL, calibration_images=str(len(images)),
                     quantization="static post-training INT8 (NNCF 2.9, ONNX backend, QDQ; weights per channel)")
         tmp = path.with_name(path.name + ".tmp")
-        self.record["ptq_calibration_images"] = quantize_dense(dense, tmp, images, metadata=meta)
+        self.record["ptq_calibration_images"] = quantize_dense(dense, tmp, images, metadata=meta,
+                                                               threads=max(1, int(self.settings.threads)))
         tmp.replace(path)
         self.record["sha256"][PTQ_MODEL] = sha256_file(path)
 
