@@ -436,7 +436,7 @@ def check_deepsparse_python(python: str) -> str:
     when that Python cannot import deepsparse (before any training)."""
     import subprocess
 
-    from bench.benchmark import foreign_python_env
+    from bench.engines.deepsparse import foreign_python_env
 
     proc = subprocess.run([python, "-c", "import deepsparse; print(deepsparse.__version__)"], capture_output=True,
                           text=True, env=foreign_python_env(), timeout=120)

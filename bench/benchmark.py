@@ -14,10 +14,10 @@ The core count is always set explicitly: the DeepSparse engine is compiled with
 ``num_cores`` and the Ray actor reserves the same number of CPUs
 (:func:`make_cpu_benchmark_actor`), so results are comparable between models.
 
-OpenVINO (``openvino.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": n,
-"PERFORMANCE_HINT": "LATENCY"})``, the model reshaped to the batch size) has no such benchmark API
-here: :func:`timed_loop` times it the same way (warm-up, then back-to-back synchronous calls, the
-same keys and percentiles).
+Each engine is one class in ``bench/engines/`` (``REGISTRY``): it opens a model at a batch size and
+core count, runs a batch and times itself. OpenVINO has no benchmark API of its own here:
+``bench.engines.timed_loop`` times it the same way (warm-up, then back-to-back synchronous calls,
+the same keys and percentiles).
 
 :func:`run_benchmarks` measures every model on every engine at every batch size, ``rounds`` times
 interleaved (round 1 of every job, then round 2, ...), each measurement one actor call that builds
@@ -30,10 +30,11 @@ file: DeepSparse 1.7's ``ORTEngine`` rewrites the file's input batch size **in p
 no switch to turn that off. Measuring must not change the deliverable.
 
 Without DeepSparse in this Python (the Python 3.12 profile: DeepSparse has no wheel past 3.11),
-onnxruntime is timed by :func:`ort_benchmark`, a loop of the same shape (one stream, warm-up, then
-back-to-back ``InferenceSession.run`` calls), and runs every model; DeepSparse runs only through
+onnxruntime is timed by ``timed_loop`` (one stream, warm-up, then back-to-back
+``InferenceSession.run`` calls), and runs every model; DeepSparse runs only through
 ``--deepsparse-python PATH``: the ``deepsparse.benchmark`` command beside that Python 3.10/3.11
-(:func:`deepsparse_command`). Each row of ``benchmark.csv`` names the engine version that ran it.
+(``bench.engines.deepsparse.deepsparse_command``). Each row of ``benchmark.csv`` names the engine
+version that ran it.
 """
 
 from __future__ import annotations
@@ -41,53 +42,23 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
-import math
 import os
 import shutil
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, NamedTuple, Optional, Union
+from typing import Any, Dict, Iterator, Optional, Union
 
 import numpy as np
 
 import study  # noqa: F401  (sets NM_DISABLE_ANALYTICS before DeepSparse is imported)
+from bench.engines import ENGINE_INFO, ENGINES, REGISTRY
+from study import requirements
 from study.errors import error_line
-from study.requirements import has_deepsparse, runs_deepsparse
 
-__all__ = ["ENGINES", "ENGINE_INFO", "BASELINE_ENGINE", "Engine", "CPUBenchmark", "make_cpu_benchmark_actor",
-           "onnx_accuracy", "cpu_isa", "ort_benchmark", "deepsparse_command", "foreign_python_env",
-           "has_deepsparse", "model_sizes", "graph_kind", "timed_loop", "bench_rows"]
-
-
-class Engine(NamedTuple):
-    """One inference engine of the bench stage (``ARCHITECTURE.md``, "How to add a benchmark engine")."""
-
-    #: the Python package it imports (checked up front: ``study.requirements.SPARSIFY_PACKAGES``)
-    package: str
-    #: whether it is benchmarked on the sparse models too (else on ``dense`` only)
-    sparse: bool
-    #: its place among a model's rows in the report's benchmark table (lower first)
-    display_order: int
-    #: whether its ``dense`` row is the report's speed-up baseline ("vs dense <engine>"); exactly one is
-    baseline: bool = False
-
-
-#: The engines, in the order ``run_benchmarks`` measures them (the rows of ``benchmark.csv``). Each
-#: needs a branch in ``_accuracy``; ``deepsparse`` and ``onnxruntime`` are timed by
-#: ``deepsparse.benchmark.benchmark_model``, ``openvino`` by :func:`timed_loop` (``CPUBenchmark.run``).
-#: Every engine runs every model (a model an engine cannot run is a row with its ``error``).
-ENGINE_INFO: Dict[str, Engine] = {
-    "deepsparse": Engine(package="deepsparse", sparse=True, display_order=1),
-    "onnxruntime": Engine(package="onnxruntime", sparse=True, display_order=0, baseline=True),
-    "openvino": Engine(package="openvino", sparse=True, display_order=2),
-}
-#: engine names accepted by :meth:`CPUBenchmark.run` and :func:`onnx_accuracy`
-ENGINES = tuple(ENGINE_INFO)
-#: the engine whose ``dense`` row the report's speed-ups are relative to
-BASELINE_ENGINE = next(name for name, engine in ENGINE_INFO.items() if engine.baseline)
+__all__ = ["CPUBenchmark", "make_cpu_benchmark_actor", "onnx_accuracy", "cpu_isa", "amx_flags", "model_sizes",
+           "graph_kind", "bench_rows", "run_benchmarks", "BENCHMARK_COLUMNS"]
 
 
 def _check_common(model_path: str, batch_size: Any, engine: str, num_cores: Any) -> None:
@@ -144,7 +115,7 @@ def cpu_isa() -> Dict[str, Any]:
         instructions; without them DeepSparse emulates INT8), "amx": :func:`amx_flags`,
         "num_cores": physical cores available to this process, "vendor_model": str}``.
     """
-    if not has_deepsparse():
+    if not requirements.has_deepsparse():
         return _cpu_isa_from_proc()
     from deepsparse.cpu import cpu_architecture
 
@@ -222,92 +193,10 @@ def onnx_accuracy(
         return _accuracy(copy, x, y, int(batch_size), engine, num_cores)
 
 
-def ort_benchmark(path: str, batch_size: int, num_cores: int, warmup_s: float, duration_s: float) -> Dict[str, Any]:
-    """Time onnxruntime (CPU provider, ``intra_op_num_threads = num_cores``) by :func:`timed_loop` on
-    random float32 inputs of the model's shape at ``batch_size`` (the batch axis must be dynamic or
-    equal it). Returns :func:`timed_loop`'s keys."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = int(num_cores)
-    opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
-    inputs = sess.get_inputs()
-    rng = np.random.default_rng(0)
-    batch = rng.standard_normal((batch_size,) + tuple(int(d) for d in inputs[0].shape[1:])).astype(np.float32)
-    return timed_loop(lambda b: sess.run(None, {inputs[0].name: b}), batch, warmup_s, duration_s)
-
-
-def _from_deepsparse(result: Dict[str, Any]) -> Dict[str, Any]:
-    """``deepsparse.benchmark``'s ``benchmark_result`` (``mean``, ``median``, ``99.0%`` in ms per
-    call) under :func:`timed_loop`'s keys; other keys (``version``) kept."""
-    renamed = {"mean": "latency_mean_ms", "median": "latency_p50_ms", "99.0%": "latency_p99_ms"}
-    return {renamed.get(key, key): value for key, value in result.items()}
-
-
-def foreign_python_env() -> Dict[str, str]:
-    """This process's environment for another Python (``--deepsparse-python``): without
-    ``PYTHONPATH``, ``VIRTUAL_ENV`` and ``PYTHONHOME``, which would point it at this Python's
-    packages, and with ``NM_DISABLE_ANALYTICS=1``."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
-    return dict(env, NM_DISABLE_ANALYTICS="1")
-
-
-def deepsparse_command(python: str, path: str, batch_size: int, num_cores: int, warmup_s: float,
-                       duration_s: float, thread_pinning: str = "core") -> Dict[str, Any]:
-    """Run the ``deepsparse.benchmark`` command that lies beside ``python`` (a Python 3.10/3.11 env
-    with deepsparse 1.7) on ``path``: engine deepsparse, scenario sync, its JSON export read back.
-    The command takes whole seconds: ``warmup_s`` and ``duration_s`` are rounded up.
-
-    Returns ``deepsparse.benchmark``'s ``benchmark_result`` keys (``items_per_sec``, ``mean``,
-    ``median``, ``99.0%`` in ms per call, ``iterations``, ``seconds_ran``) plus ``version``
-    (DeepSparse's). Raises RuntimeError with the command's last stderr line when it fails."""
-    command = Path(python).parent / "deepsparse.benchmark"
-    with tempfile.TemporaryDirectory(prefix="deepsparse-") as folder:
-        export = os.path.join(folder, "result.json")
-        args = [str(command), path, "--batch_size", str(batch_size), "--num_cores", str(num_cores),
-                "--scenario", "sync", "--time", str(max(1, math.ceil(duration_s))),
-                "--warmup_time", str(max(1, math.ceil(warmup_s))), "--thread_pinning", thread_pinning,
-                "--engine", "deepsparse", "--quiet", "--export_path", export]
-        proc = subprocess.run(args, capture_output=True, text=True, env=foreign_python_env(),
-                              timeout=duration_s + warmup_s + 600)
-        if proc.returncode != 0 or not os.path.isfile(export):
-            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise RuntimeError(f"{command} exited with code {proc.returncode}: {last}")
-        with open(export) as fh:
-            result = json.load(fh)
-    return {**result["benchmark_result"], "version": str(result["version"])}
-
-
 def _accuracy(path: str, x: np.ndarray, y: np.ndarray, batch_size: int, engine: str,
               num_cores: Optional[int]) -> float:
     """The loop of :func:`onnx_accuracy` on checked inputs (``path`` may be rewritten)."""
-    if engine == "deepsparse":
-        from deepsparse import Engine
-
-        eng = Engine(model=path, batch_size=batch_size, num_cores=num_cores)
-
-        def run(batch: np.ndarray) -> np.ndarray:
-            return eng.run([batch])[0]
-
-    elif engine == "openvino":
-        compiled = _openvino_model(path, batch_size, num_cores)
-
-        def run(batch: np.ndarray) -> np.ndarray:
-            return np.asarray(compiled(batch)[0])
-
-    else:
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        if num_cores is not None:
-            opts.intra_op_num_threads = int(num_cores)
-        sess = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
-        in_name = sess.get_inputs()[0].name
-
-        def run(batch: np.ndarray) -> np.ndarray:
-            return sess.run(None, {in_name: batch})[0]
-
+    run = ENGINE_INFO[engine].open(path, batch_size, num_cores).run
     correct = 0
     n = len(x)
     for start in range(0, n, batch_size):
@@ -319,56 +208,6 @@ def _accuracy(path: str, x: np.ndarray, y: np.ndarray, batch_size: int, engine: 
         logits = np.asarray(run(np.ascontiguousarray(batch)))[:real]
         correct += int((logits.argmax(axis=1) == y[start : start + real]).sum())
     return correct / n
-
-
-def _openvino_model(path: str, batch_size: int, num_cores: Optional[int]):
-    """``path`` compiled by OpenVINO for the CPU with its input reshaped to ``batch_size``,
-    ``num_cores`` inference threads (None: OpenVINO's default), the latency hint (one stream) and
-    ``INFERENCE_PRECISION_HINT`` f32: without it OpenVINO runs an FP32 graph in bf16 on CPUs with
-    AMX or AVX512-BF16 (openvino #21590). Quantized (QDQ) layers still run in INT8."""
-    import openvino as ov
-
-    core = ov.Core()
-    model = core.read_model(path)
-    shape = list(model.inputs[0].get_partial_shape())
-    model.reshape({model.inputs[0].get_any_name(): [batch_size, *(int(d.get_length()) for d in shape[1:])]})
-    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
-    if num_cores is not None:
-        config["INFERENCE_NUM_THREADS"] = int(num_cores)
-    return core.compile_model(model, "CPU", config)
-
-
-def openvino_precision(compiled) -> str:
-    """The precisions OpenVINO compiled ``compiled``'s Convolution and FullyConnected layers to, read
-    back from its runtime model (``runtimePrecision`` of each layer), sorted and joined by "+":
-    e.g. "f32" for an FP32 graph, "u8" for a QDQ INT8 graph, "f32+u8" when some stayed FP32."""
-    found = set()
-    for op in compiled.get_runtime_model().get_ordered_ops():
-        info = op.get_rt_info()
-        if info["layerType"].astype(str) in ("Convolution", "FullyConnected"):
-            found.add(info["runtimePrecision"].astype(str))
-    return "+".join(sorted(found))
-
-
-def timed_loop(run, batch: np.ndarray, warmup_s: float, duration_s: float) -> Dict[str, Any]:
-    """Time ``run(batch)``: untimed calls for ``warmup_s`` s, then back-to-back calls for
-    ``duration_s`` s (at least one). Returns ``items_per_sec`` (len(batch) x calls / seconds),
-    ``latency_mean_ms``, ``latency_p50_ms``, ``latency_p99_ms`` (per call, ms; numpy percentiles,
-    linear), ``iterations``, ``seconds_ran``."""
-    end = time.perf_counter() + warmup_s
-    while time.perf_counter() < end:
-        run(batch)
-    latencies = []
-    start = time.perf_counter()
-    while not latencies or time.perf_counter() - start < duration_s:
-        t0 = time.perf_counter()
-        run(batch)
-        latencies.append(time.perf_counter() - t0)
-    seconds = time.perf_counter() - start
-    ms = np.asarray(latencies) * 1000.0
-    return {"items_per_sec": len(batch) * len(latencies) / seconds, "latency_mean_ms": float(ms.mean()),
-            "latency_p50_ms": float(np.percentile(ms, 50)), "latency_p99_ms": float(np.percentile(ms, 99)),
-            "iterations": len(latencies), "seconds_ran": seconds}
 
 
 def model_sizes(path: Union[str, os.PathLike]) -> tuple[int, int]:
@@ -441,7 +280,7 @@ class CPUBenchmark:
         warmup_s: float = 2.0,
         duration_s: float = 10.0,
     ) -> Dict[str, Any]:
-        """Benchmark one model at one batch size with ``deepsparse.benchmark``.
+        """Benchmark one model at one batch size with its engine's ``time`` (``bench.engines``).
 
         Args:
             model_path: ``.onnx`` file (dynamic or matching batch axis); a private copy is
@@ -458,8 +297,8 @@ class CPUBenchmark:
             ``items_per_sec`` (images/s), ``latency_mean_ms``, ``latency_p50_ms``,
             ``latency_p99_ms`` (per batch call, milliseconds), ``iterations``,
             ``seconds_ran``, ``scenario`` ("singlestream"), ``isa`` ("avx2",
-            "avx512", ...), ``vnni`` (bool), ``amx`` (str), ``precision`` (OpenVINO's
-            read-back, :func:`openvino_precision`; "" for the other engines), ``engine_version``
+            "avx512", ...), ``vnni`` (bool), ``amx`` (str), ``precision`` (the engine's read-back,
+            ``Engine.precision``: OpenVINO's; "" for the other engines), ``engine_version``
             (e.g. "deepsparse 1.7.0", "onnxruntime 1.19.2").
 
         Raises:
@@ -475,47 +314,8 @@ class CPUBenchmark:
                 raise ValueError(f"{name} must be a number > 0 (seconds), got {val!r}")
 
         with private_copy(model_path) as copy:
-            if engine == "openvino":
-                import openvino
-
-                compiled = _openvino_model(copy, int(batch_size), int(num_cores))
-                shape = [int(batch_size), *(int(d) for d in compiled.inputs[0].get_shape()[1:])]
-                batch = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-                res = timed_loop(compiled, batch, float(warmup_s), float(duration_s))
-                res["precision"] = openvino_precision(compiled)
-                version = f"openvino {openvino.__version__}"
-            elif engine == "deepsparse" and self.deepsparse_python:
-                res = _from_deepsparse(deepsparse_command(self.deepsparse_python, copy, int(batch_size),
-                                                          int(num_cores), float(warmup_s), float(duration_s),
-                                                          self.thread_pinning))
-                version = f"deepsparse {res['version']}"
-            elif not has_deepsparse():
-                if engine == "deepsparse":
-                    raise ValueError("deepsparse is not installed in this Python; pass --deepsparse-python")
-                import onnxruntime
-
-                res = ort_benchmark(copy, int(batch_size), int(num_cores), float(warmup_s), float(duration_s))
-                version = f"onnxruntime {onnxruntime.__version__}"
-            else:
-                from deepsparse import __version__ as ds_version
-                from deepsparse.benchmark.benchmark_model import benchmark_model
-
-                res = _from_deepsparse(benchmark_model(
-                    model_path=copy,
-                    batch_size=int(batch_size),
-                    num_cores=int(num_cores),
-                    scenario="sync",
-                    time=float(duration_s),
-                    warmup_time=float(warmup_s),
-                    engine=engine,
-                    thread_pinning=self.thread_pinning,
-                    quiet=True,
-                )["benchmark_result"])
-                version = f"deepsparse {ds_version}"
-                if engine == "onnxruntime":
-                    import onnxruntime
-
-                    version = f"onnxruntime {onnxruntime.__version__} (timed by deepsparse {ds_version})"
+            res = ENGINE_INFO[engine].time(copy, int(batch_size), int(num_cores), float(warmup_s), float(duration_s),
+                                           self.thread_pinning, self.deepsparse_python)
         isa = cpu_isa()
         return {
             "model": model_path,
@@ -533,7 +333,7 @@ class CPUBenchmark:
             "vnni": isa["vnni"],
             "amx": isa["amx"],
             "precision": res.get("precision", ""),
-            "engine_version": version,
+            "engine_version": res["engine_version"],
         }
 
     def accuracy(
@@ -586,7 +386,7 @@ def make_cpu_benchmark_actor(num_cores: int, *, thread_pinning: str = "core",
 #: ok); a failed measurement is empty (NaN), the others stay. ``engine_version``: the engine and
 #: version that ran the row (e.g. "deepsparse 1.7.0"). ``isa``, ``vnni``, ``amx``: the CPU
 #: (:func:`cpu_isa`). ``precision``: what OpenVINO compiled the model's convolutions to, read back
-#: (:func:`openvino_precision`); empty for DeepSparse and onnxruntime, which expose no read-back
+#: (``OpenVINO.precision``); empty for DeepSparse and onnxruntime, which expose no read-back
 #: (onnxruntime's CPU provider runs the graph's own types).
 BENCHMARK_COLUMNS = ["model", "engine", "batch_size", "num_cores", "accuracy", "size_bytes", "size_gzip_bytes",
                      "graph", "rounds", "items_per_sec", "latency_mean_ms", "latency_p50_ms", "latency_p99_ms",
@@ -637,7 +437,7 @@ def run_benchmarks(onnx_paths: Dict[str, str], images_float32: Any, labels: Any,
                    batch_sizes, warmup_s: float, duration_s: float, rounds: int = 1,
                    deepsparse_python: Optional[str] = None, **actor_options: Any):
     """Stage 4: one CPU-only Ray actor with ``num_cores`` cores benchmarks every model on every
-    engine of ``ENGINE_INFO`` at each batch size, one measurement at a time so they do not compete
+    engine of ``bench.engines.REGISTRY`` at each batch size, one measurement at a time so they do not compete
     for the cores, in ``rounds`` interleaved rounds (each measurement its own actor call, its engine
     built afresh); then measures each (model, engine)'s test accuracy in that engine (batch 32).
 
@@ -668,8 +468,8 @@ def run_benchmarks(onnx_paths: Dict[str, str], images_float32: Any, labels: Any,
     import ray
 
     actor = make_cpu_benchmark_actor(num_cores, deepsparse_python=deepsparse_python, **actor_options)
-    in_process = has_deepsparse()
-    engines = [e for e in ENGINES if e != "deepsparse" or runs_deepsparse(deepsparse_python)]
+    in_process = requirements.has_deepsparse()
+    engines = [engine.name for engine in REGISTRY if engine.available(deepsparse_python)]
     if "deepsparse" not in engines:
         print("[bench] deepsparse: not installed in this Python (none past 3.11); left out. To run it, pass "
               "--deepsparse-python PATH (a Python 3.10/3.11 with deepsparse==1.7.0)", flush=True)
@@ -685,7 +485,7 @@ def run_benchmarks(onnx_paths: Dict[str, str], images_float32: Any, labels: Any,
 
     failures = (ray.exceptions.RayError, ValueError, OSError, RuntimeError)
     jobs = [(name, engine, batch) for name in onnx_paths
-            for engine in engines if name == "dense" or ENGINE_INFO[engine].sparse
+            for engine in engines
             for batch in batch_sizes]
     measured: Dict[tuple, list] = {job: [] for job in jobs}
     errors: Dict[tuple, str] = {}
@@ -714,8 +514,8 @@ def run_benchmarks(onnx_paths: Dict[str, str], images_float32: Any, labels: Any,
     accuracy: Dict[tuple, Any] = {}
     for name in onnx_paths:
         for engine in dict.fromkeys(engine for _, engine, _ in jobs):
-            if engine == "deepsparse" and not in_process:
-                continue  # the deepsparse.benchmark command times a model; it does not run the test set
+            if not ENGINE_INFO[engine].measures_accuracy(deepsparse_python):
+                continue  # e.g. the deepsparse.benchmark command times a model; it does not run the test set
             try:
                 accuracy[(name, engine)] = float(call("accuracy", str(onnx_paths[name]), images_float32, labels, 32,
                                                       engine=engine))

@@ -3,7 +3,7 @@ report's margins): each figure's height grows with the number of rows it draws."
 
 from __future__ import annotations
 
-from bench.benchmark import ENGINE_INFO
+from bench.engines import ENGINE_INFO
 from report.data import RunData
 from report.tables import benchmark_frame, model_order
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from bench.benchmark import BASELINE_ENGINE
+from bench.engines import BASELINE_ENGINE
 from report.data import SETUP_INFO, SETUPS, SPARSE_MODELS, RunData, _base_setup, _results_row, _value, base_seed
 from report.tables import overlap_sentence
 from study import decision_rule

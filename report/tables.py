@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from bench.benchmark import BASELINE_ENGINE, ENGINE_INFO
+from bench.engines import BASELINE_ENGINE, ENGINE_INFO
 from report.data import (MODELS, SETUPS, SPARSE_MODELS, RunData, _base_setup, _describe, _results_row, _value,
                          base_seed)
 from study import ONNX_MODELS

@@ -1,13 +1,13 @@
-"""The engine registry (bench.benchmark.ENGINE_INFO) and what reads it: the job matrix's rules, the
+"""The engine registry (bench.engines.REGISTRY) and what reads it: the job matrix's rules, the
 packages checked up front, the report's order and speed-up baseline."""
 
-from bench.benchmark import BASELINE_ENGINE, ENGINE_INFO, ENGINES
+from bench.engines import BASELINE_ENGINE, ENGINE_INFO, ENGINES, REGISTRY, Engine
 from study.requirements import SPARSIFY_PACKAGES
 
 
 def test_every_engine_is_checked_for_up_front_and_one_is_the_baseline():
-    assert ENGINES == tuple(ENGINE_INFO) == ("deepsparse", "onnxruntime", "openvino")
-    assert all(engine.sparse for engine in ENGINE_INFO.values())  # every model on every engine
+    assert ENGINES == tuple(ENGINE_INFO) == tuple(e.name for e in REGISTRY) == ("deepsparse", "onnxruntime", "openvino")
+    assert all(isinstance(engine, Engine) and type(engine).open is not Engine.open for engine in REGISTRY)
     assert {engine.package for engine in ENGINE_INFO.values()} <= set(SPARSIFY_PACKAGES)
     assert [name for name, engine in ENGINE_INFO.items() if engine.baseline] == [BASELINE_ENGINE] == ["onnxruntime"]
     assert len({engine.display_order for engine in ENGINE_INFO.values()}) == len(ENGINE_INFO)

@@ -166,19 +166,19 @@ def test_openvino_compiles_fp32_graphs_in_f32(tiny_onnx, monkeypatch):
     CPU has AMX or AVX512-BF16 (openvino #21590), so this checks the request, not this CPU."""
     import openvino as ov
 
-    from bench.benchmark import _openvino_model
+    from bench.engines import ENGINE_INFO
 
     seen = []
     compile_model = ov.Core.compile_model
     monkeypatch.setattr(ov.Core, "compile_model", lambda self, model, device, config: seen.append(config)
                         or compile_model(self, model, device, config))
-    compiled = _openvino_model(str(tiny_onnx[0]), 2, 1)
+    compiled = ENGINE_INFO["openvino"].open(str(tiny_onnx[0]), 2, 1).handle
     assert seen[0]["INFERENCE_PRECISION_HINT"] == "f32"
     assert str(compiled.get_property("INFERENCE_PRECISION_HINT")) in ("f32", "<Type: 'float32'>")
 
 
 def test_timed_loop_counts_items_per_second():
-    from bench.benchmark import timed_loop
+    from bench.engines import timed_loop
 
     out = timed_loop(lambda batch: __import__("time").sleep(0.01), np.zeros((8, 1)), 0.0, 0.1)
     assert 1 <= out["iterations"] <= 11 and out["seconds_ran"] >= 0.1

@@ -10,7 +10,7 @@ import matplotlib
 import pytest
 
 import report
-from bench.benchmark import ENGINE_INFO
+from bench.engines import ENGINE_INFO
 from report.charts import MAX_FIGURE_INCHES
 from report.data import RunData
 

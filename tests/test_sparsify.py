@@ -348,13 +348,13 @@ def test_exported_models_describe_themselves(sparsified):
 
 
 def test_onnxruntime_timed_loop_and_accuracy_without_deepsparse(sparsified, monkeypatch):
-    """The Python 3.12 profile's bench path (``ort_benchmark``), on any profile: DeepSparse hidden."""
+    """The Python 3.12 profile's bench path (onnxruntime by ``timed_loop``), on any profile: DeepSparse hidden."""
     import onnxruntime
 
     import bench.benchmark as benchmark
     from study.files import sha256_file
 
-    monkeypatch.setattr(benchmark, "has_deepsparse", lambda: False)
+    monkeypatch.setattr(benchmark.requirements, "has_deepsparse", lambda: False)  # every engine reads it there
     path = sparsified["quantized"]
     before = sha256_file(path)
     row = benchmark.CPUBenchmark(num_cores=1).run(path, 4, engine="onnxruntime", warmup_s=0.1, duration_s=0.3)

@@ -199,7 +199,7 @@ def _recipe_rows(rows: list[dict], n_test: int, flops: float, peak: float) -> li
 
 def project(config, table: pd.DataFrame) -> pd.DataFrame:
     """Projected seconds per stage of the preset's study at its epoch bounds, from ``table``."""
-    from bench.benchmark import ENGINES
+    from bench.engines import ENGINES
 
     rows = {r["stage"]: r for r in table.to_dict("records")}
     n_train, n_test = config.train_subset or 50_000, config.test_subset or 10_000
