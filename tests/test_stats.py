@@ -109,10 +109,10 @@ def _trial(setup, seed, epochs):
     return SimpleNamespace(config={"setup": setup, "seed": seed}, best_checkpoints=kept, path=f"/x/{setup}_{seed}")
 
 
-def test_best_checkpoint_ties_go_to_the_earliest_epoch():
+def test_best_checkpoint_ties_go_to_the_latest_epoch():
     trial = _trial("kd", 0, [(4, {"val_acc": 0.6, "test_acc": 0.5}), (5, {"val_acc": 0.6, "test_acc": 0.55}),
                              (2, {"val_acc": 0.5, "test_acc": 0.6})])
-    assert best_checkpoint(trial, "val_acc")[0] == "kd-0-e4"
+    assert best_checkpoint(trial, "val_acc")[0] == "kd-0-e5"  # Tune keeps the newer of tied checkpoints
     assert best_checkpoint(trial, "test_acc")[0] == "kd-0-e2"
     with pytest.raises(RuntimeError, match="no checkpoint with 'acc'"):
         best_checkpoint(trial, "acc")
