@@ -3,7 +3,7 @@
 
 Stages (each one hop away from here; ``ARCHITECTURE.md`` draws the whole picture):
   1. teacher   ``trainables.train.train_teacher``  - fine-tune a ResNet teacher (one Tune trial)
-  2. students  ``trainables.train.train_student``  - three setups (ce, kd, kd_feat) at once under Tune
+  2. students  ``trainables.student.train_student`` - three setups (ce, kd, kd_feat) at once under Tune
   3. sparsify  ``trainables.compress.sparsify``             - best student -> SparseML recipe -> ONNX
   4. bench     ``bench.benchmark``                 - DeepSparse / onnxruntime on a CPU-only actor
   5. report    ``report``                          - executed report.ipynb -> HTML/PDF (``--report``)
@@ -177,7 +177,7 @@ def stage_students(config: StudyConfig, data, teacher_path: Path, reruns):
     import torch
     from ray import tune
 
-    from trainables.train import train_student
+    from trainables.student import train_student
     from driver.tuning import run_tuner, student_space, trial_resources
 
     from ray.tune.result_grid import ResultGrid

@@ -261,6 +261,7 @@ def test_a_killed_trial_still_finishes(tmp_path, cifar_root):
         """train_student whose worker process dies once, in its 2nd epoch's report."""
         from ray import tune
 
+        import trainables.student as student
         import trainables.train as train
 
         marker = Path(config["marker"])
