@@ -3,8 +3,9 @@ transitively, each with the sha256 of its bytes (``code_digests``).
 
 The imports are read with ``ast``, not executed: every ``import`` and ``from ... import`` in a
 module counts, at its top or inside a function, a conditional or a ``try``. A name is this
-project's when it resolves to a file under the project directory (``<root>/a/b.py`` or
-``<root>/a/b/__init__.py``); everything else (the standard library, torch, Ray, ...) is left out.
+project's when it lies in one of its packages (``PACKAGES``) and resolves to a file under the
+project directory (``<root>/a/b.py`` or ``<root>/a/b/__init__.py``); everything else (the standard
+library, torch, Ray, ...) is left out, also where it is installed beside the project.
 Importing ``a.b.c`` runs ``a/__init__.py`` and ``a/b/__init__.py`` too, so those count. Paths are
 relative to the project directory, with ``/``. Pure ``ast`` and ``hashlib``: nothing is imported.
 """
@@ -18,11 +19,14 @@ from typing import Iterable
 
 #: The directory that holds the project's packages (``study/``, ``trainables/``, ...).
 ROOT = Path(__file__).resolve().parent.parent
+#: The project's top-level packages (the import-linter's ``root_packages`` in ``pyproject.toml``).
+PACKAGES: tuple[str, ...] = ("report", "bench", "driver", "trainables", "models", "study")
 
 
-def module_file(name: str, root: Path = ROOT) -> Path | None:
-    """The file of module ``name`` (dotted) under ``root``, or None when it is not this project's."""
-    if not name:
+def module_file(name: str, root: Path = ROOT, packages: tuple[str, ...] = PACKAGES) -> Path | None:
+    """The file of module ``name`` (dotted) under ``root``, or None when it is not in ``packages``
+    or has no file there."""
+    if name.split(".")[0] not in packages:
         return None
     base = root.joinpath(*name.split("."))
     for path in (base.with_name(base.name + ".py"), base / "__init__.py"):
@@ -56,20 +60,21 @@ def imported_names(path: Path, module: str) -> set[str]:
     return {name for name in names if name}
 
 
-def source_files(entries: Iterable[str], root: Path = ROOT) -> tuple[str, ...]:
+def source_files(entries: Iterable[str], root: Path = ROOT,
+                 packages: tuple[str, ...] = PACKAGES) -> tuple[str, ...]:
     """The files (relative to ``root``, sorted) that importing the modules ``entries`` runs from
-    this project: each entry, its packages' ``__init__.py`` and, transitively, every project
-    module they import. ValueError when an entry is not a module of this project."""
+    the project's ``packages``: each entry, its packages' ``__init__.py`` and, transitively, every
+    module of them they import. ValueError when an entry is not a module of those packages."""
     todo, seen = [], {}
     for entry in entries:
-        if module_file(entry, root) is None:
+        if module_file(entry, root, packages) is None:
             raise ValueError(f"{entry!r} is not a module under {root}")
         todo.extend(_with_parents(entry))
     while todo:
         name = todo.pop()
         if name in seen:
             continue
-        path = seen[name] = module_file(name, root)
+        path = seen[name] = module_file(name, root, packages)
         if path is None:
             continue
         for imported in imported_names(path, name):

@@ -146,16 +146,31 @@ def test_the_code_of_a_stage_is_what_its_modules_import():
 
 def test_imports_are_read_inside_functions_relative_and_from_packages(tmp_path):
     """source_files: ``import a.b`` runs ``a/__init__``; ``from a import m`` may name a module; a
-    relative import resolves against its package; a third-party import is left out. Catches a
-    walk that reads only top-level imports or drops packages' ``__init__``."""
+    relative import resolves against its package; a third-party import is left out, also when it
+    is installed beside the project. Catches a walk that reads only top-level imports, drops
+    packages' ``__init__`` or walks into torch."""
     for name, text in {"a/__init__.py": "", "a/b.py": "import os\ndef f():\n    from . import c\n",
                        "a/c.py": "from .d import x\n", "a/d.py": "x = 1\n", "e.py": "import torch\n",
                        "main.py": "from a import b\nimport e\n"}.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
-    assert source_files(["main"], tmp_path) == ("a/__init__.py", "a/b.py", "a/c.py", "a/d.py", "e.py", "main.py")
+    (tmp_path / "torch").mkdir()  # a package installed beside the project, as in site-packages
+    (tmp_path / "torch" / "__init__.py").write_text("")
+    assert source_files(["main"], tmp_path, ("a", "e", "main")) == (
+        "a/__init__.py", "a/b.py", "a/c.py", "a/d.py", "e.py", "main.py")
     with pytest.raises(ValueError, match="not a module"):
-        source_files(["nope"], tmp_path)
+        source_files(["nope"], tmp_path, ("nope",))
+
+
+def test_the_project_packages_are_the_import_linters():
+    """study.sources.PACKAGES is pyproject.toml's import-linter ``root_packages``. Catches a new
+    top-level package whose modules no stage's code would hold."""
+    import re
+
+    from study.sources import PACKAGES
+
+    line = re.search(r"^root_packages = \[(.*)\]$", (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    assert sorted(PACKAGES) == sorted(name.strip(' "') for name in line.split(","))
 
 
 def test_paths_are_not_compared_contents_are(tmp_path):
@@ -182,7 +197,7 @@ def test_a_run_made_before_fingerprints_is_refused_in_one_line_and_left_untouche
     (out / "config.json").write_text("{}")
     (out / "results.csv").write_text("model,test_acc\nteacher,0.5\n")
     before = {str(p): (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None) for p in out.rglob("*")}
-    for extra in ((), ("--dry-run",)):
+    for extra in (("--dry-run",), ()):  # --dry-run first: a run that is not refused would train
         code = orchestrate.main(["--preset", "smoke", "--no-dashboard", "--data-root", str(cifar_root),
                                  "--output-dir", str(out), *extra])
         err = capsys.readouterr().err.strip().splitlines()
