@@ -223,7 +223,7 @@ def test_a_changed_onnx_model_stops_a_resumed_run(smoke_run, cifar_root, tmp_pat
     """The exported models are checked against sparsify/summary.json's sha256 on every rerun."""
     import onnx
 
-    out = copy_run(smoke_run, tmp_path / "changed", *TRAINED_STATE, "onnx", "sparsify")
+    out = copy_run(smoke_run, tmp_path / "changed", *TRAINED_STATE, "fingerprints", "onnx", "sparsify")
     model = onnx.load(str(out / "onnx" / "dense.onnx"))
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 32  # what DeepSparse's ORT did
     onnx.save(model, str(out / "onnx" / "dense.onnx"))

@@ -388,7 +388,7 @@ def test_a_finished_smoke_run_rerun_with_mlflow_fills_the_store_from_its_files(s
     from helpers import copy_run, run_orchestrate
 
     out = copy_run(smoke_run, tmp_path / "tracked", "config.json", "teacher.pt", "teacher", "students", "sparsify",
-                   "onnx", "benchmark.csv", "onnx_accuracy.json", "results.csv", "setups.csv")
+                   "onnx", "benchmark.csv", "onnx_accuracy.json", "results.csv", "setups.csv", "fingerprints")
     config = make_config("smoke", output_dir=str(out), mlflow="local")
     run_orchestrate(out, cifar_root, "--mlflow", "local")
     log = (out / "orchestrate.log").read_text()
