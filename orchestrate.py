@@ -3,7 +3,7 @@
 
 Stages (each one hop away from here; ``ARCHITECTURE.md`` draws the whole picture):
   1. teacher   ``trainables.train.train_teacher``  - fine-tune a ResNet teacher (one Tune trial)
-  2. students  ``trainables.train.train_student``  - three setups (ce, kd, kd_feat) at once under Tune
+  2. students  ``trainables.student.train_student`` - three setups (ce, kd, kd_feat) at once under Tune
   3. sparsify  ``trainables.compress.sparsify``             - best student -> SparseML recipe -> ONNX
   4. bench     ``bench.benchmark``                 - DeepSparse / onnxruntime on a CPU-only actor
   5. report    ``report``                          - executed report.ipynb -> HTML/PDF (``--report``)
@@ -25,8 +25,9 @@ import textwrap
 from pathlib import Path
 
 from study import PRESETS, RunLayout, StudyConfig, StudyError, decision_rule, make_config, selection_metric
-from study.config import PROJECT_DIR, check_output_dir, config_json
+from study.config import PROJECT_DIR, config_json
 from study.noise import VERBOSE_ENV, set_verbose, verbose
+from study.reruns import check_output_dir
 from study.requirements import (NEWEST_SPARSIFY_PYTHON, PY312_SPARSEML_INSTALL, check_packages, check_python,
                                 required_packages, runs_deepsparse, sparsify_stages, torch_note)
 
@@ -152,7 +153,7 @@ def stage_teacher(config: StudyConfig, data, reruns) -> Path:
     from driver.tuning import run_tuner, trial_config, trial_resources
 
     target = RunLayout(config.output_dir).teacher
-    if reruns.action("teacher") in ("skip", "record"):
+    if reruns.action("teacher") == "skip":
         try:
             load_checkpoint(target)
         except ValueError as err:
@@ -179,7 +180,7 @@ def stage_students(config: StudyConfig, data, teacher_path: Path, reruns):
     import torch
     from ray import tune
 
-    from trainables.train import train_student
+    from trainables.student import train_student
     from driver.tuning import run_tuner, student_space, trial_resources
 
     from ray.tune.result_grid import ResultGrid
@@ -225,8 +226,7 @@ def stage_sparsify(config: StudyConfig, data, best, teacher_path: Path, reruns) 
     loss = setup if config.sparsify_loss == "setup" else "ce"
     metric = selection_metric(config)
     checkpoint, metrics = best_checkpoint(best, metric)
-    keep = ("skip", "record")
-    kept = reruns.action("sparsify") in keep
+    kept = reruns.action("sparsify") == "skip"
     if kept:
         try:
             summary = layout.read_sparsify(targets)
@@ -237,7 +237,7 @@ def stage_sparsify(config: StudyConfig, data, best, teacher_path: Path, reruns) 
     only_targets = (reruns.changed("sparsify", checkpoint=str(Path(checkpoint.path) / "model.pt")) or set()) \
         <= {"sparsities"}
     out = reruns.begin("sparsify", checkpoint=str(Path(checkpoint.path) / "model.pt"))  # may turn into a rerun
-    if kept and reruns.action("sparsify") in keep:
+    if kept and reruns.action("sparsify") == "skip":
         reruns.done("sparsify")
         print(f"[sparsify] {layout.sparsify_summary.parent} is complete: skipping the sparsify stage", flush=True)
         return summary
@@ -369,7 +369,7 @@ def stage_bench(config: StudyConfig, data, summary: dict, reruns) -> tuple:
     layout = RunLayout(config.output_dir)
     models = model_names(sparsity_targets(config.sparsities, config.recipe))
     reruns.begin("bench")  # may turn a skip into a rerun
-    if reruns.action("bench") in ("skip", "record"):
+    if reruns.action("bench") == "skip":
         reruns.done("bench")
         print(f"[bench] {layout.benchmark} exists: skipping the benchmark stage", flush=True)
         return pd.read_csv(layout.benchmark), json.loads(layout.onnx_accuracy.read_text())
@@ -562,7 +562,7 @@ def start_reruns(config: StudyConfig, decisions: list, digests: dict):
     """Print the plan (one line per stage); when a stage reruns, first keep the result tables and
     config of the run so far in ``previous/<timestamp>/``; then write this run's ``config.json``.
     Returns the ``driver.reruns.Reruns`` the stages consult."""
-    from driver.reruns import Reruns, archive_previous, record_legacy_reruns
+    from driver.reruns import Reruns, archive_previous
     from study.files import atomic_write_text
 
     layout = RunLayout(config.output_dir)
@@ -571,7 +571,6 @@ def start_reruns(config: StudyConfig, decisions: list, digests: dict):
             print(decision.line(), flush=True)
     reruns = Reruns(config, decisions, digests)
     if reruns.reruns_any():
-        record_legacy_reruns(config, decisions, digests)
         kept = archive_previous(layout)
         if kept is not None:
             print(f"previous results kept in {kept}", flush=True)
@@ -600,7 +599,7 @@ def run_study(config: StudyConfig, args: argparse.Namespace) -> int:
 
     data, digests = load_data(config)
     decisions = None if replace else plan_run(config, digests)
-    check_inputs(config, teacher_stage=replace or decisions[0].action not in ("skip", "record"))
+    check_inputs(config, teacher_stage=replace or decisions[0].action != "skip")
     nodes = nodes or start_ray(config)
     if replace:
         print(f"--overwrite: removing the earlier run in {out}", flush=True)

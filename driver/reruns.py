@@ -15,17 +15,14 @@ import shutil
 import time
 from pathlib import Path
 
-from study import ONNX_MODELS, STAGES, RunLayout, StudyConfig
+from study import STAGES, RunLayout, StudyConfig
 from study.config import config_json
 from study.files import atomic_write_text
-from study.fingerprint import changed_inputs, file_inputs, make_fingerprint, read_fingerprint, write_fingerprint
-from study.layout import model_names, sparsity_targets
+from study.fingerprint import (changed_inputs, differences, file_inputs, make_fingerprint, read_fingerprint,
+                               stage_code, write_fingerprint)
+from study.layout import STAGE_OUTPUTS, model_names, sparsity_targets
 from study.requirements import runs_deepsparse
-from study.reruns import Decision, StageState, check_absorbable, legacy_fields, plan, saved_config
-
-#: What a stage owns in the run directory: what ``promote`` moves and ``discard`` removes.
-STAGE_OUTPUTS = {"teacher": ("teacher", "teacher.pt"), "students": ("students",),
-                 "sparsify": ("onnx", "sparsify"), "bench": ("benchmark.csv", "onnx_accuracy.json")}
+from study.reruns import Decision, StageState, plan
 
 
 def stages_of(config: StudyConfig) -> tuple[str, ...]:
@@ -63,7 +60,8 @@ def current_fingerprint(stage: str, config: StudyConfig, digests: dict, checkpoi
     files (``study.fingerprint.file_inputs``), ``teacher.pt`` (students, sparsify), the winning
     checkpoint's ``model.pt`` (sparsify; ``checkpoint``, relative to the run directory or
     absolute), the ONNX models and ``deepsparse: True`` where DeepSparse runs (bench:
-    ``study.requirements.runs_deepsparse``), and the data ``digests`` (``trainables.digests``)."""
+    ``study.requirements.runs_deepsparse``), the data ``digests`` (``trainables.digests``) and the
+    source files the stage runs (``study.fingerprint.stage_code``)."""
     values = json.loads(config_json(config))
     files = file_inputs(stage, values)
     if stage in ("students", "sparsify"):
@@ -73,7 +71,8 @@ def current_fingerprint(stage: str, config: StudyConfig, digests: dict, checkpoi
     if stage == "bench":
         files.update({f"{name}.onnx": f"onnx/{name}.onnx"
                       for name in model_names(sparsity_targets(config.sparsities, config.recipe))})
-    fingerprint = make_fingerprint(stage, values, digests, files, complete=complete, root=config.output_dir)
+    fingerprint = make_fingerprint(stage, values, digests, files, complete=complete, root=config.output_dir,
+                                   code=stage_code(stage))
     if stage == "bench" and runs_deepsparse(config.deepsparse_python):
         # recorded only when DeepSparse runs: a bench made without it reruns once DeepSparse is
         # there (--deepsparse-python); one made with it is kept when a later run has none
@@ -84,32 +83,15 @@ def current_fingerprint(stage: str, config: StudyConfig, digests: dict, checkpoi
 def plan_run(config: StudyConfig, digests: dict) -> list[Decision]:
     """One ``Decision`` per stage of this run (``stages_of``), from the fingerprints recorded in
     ``config.output_dir`` and what each stage reads now. The sparsify stage's winning checkpoint is
-    the one it recorded (the run itself checks the winner again once the students are known).
-    StudyError when the saved ``config.json`` is unreadable or differs in a field no stage reads."""
+    the one it recorded (the run itself checks the winner again once the students are known)."""
     layout = RunLayout(config.output_dir)
-    previous = saved_config(layout.config)
-    check_absorbable(previous, json.loads(config_json(config)))
     states = {}
     for stage in stages_of(config):
         recorded = read_fingerprint(layout.fingerprint(stage))
         checkpoint = ((recorded or {}).get("files", {}).get("checkpoint") or {}).get("path")
         states[stage] = StageState(outputs_complete(layout, stage, config), recorded,
-                                   current_fingerprint(stage, config, digests, checkpoint),
-                                   legacy_fields(stage, previous))
+                                   current_fingerprint(stage, config, digests, checkpoint))
     return plan(states)
-
-
-def record_legacy_reruns(config: StudyConfig, decisions: list[Decision], digests: dict) -> None:
-    """Before ``config.json`` is rewritten: a stage made before fingerprints that reruns gets the
-    fingerprint of its old outputs (the fields of the old ``config.json``), so that an interrupted
-    rerun is still seen as one by the next run."""
-    layout = RunLayout(config.output_dir)
-    previous = saved_config(layout.config)
-    for decision in decisions:
-        if decision.action == "rerun" and read_fingerprint(layout.fingerprint(decision.stage)) is None:
-            old = current_fingerprint(decision.stage, config, digests)
-            old["fields"] = legacy_fields(decision.stage, previous) or old["fields"]
-            write_fingerprint(layout.fingerprint(decision.stage), old)
 
 
 def archive_previous(layout: RunLayout) -> Path | None:
@@ -143,8 +125,7 @@ def clear_staging(layout: RunLayout) -> RunLayout:
 
 def discard(layout: RunLayout, stage: str) -> None:
     """Remove ``stage``'s outputs (an unfinished attempt whose inputs have changed since)."""
-    for name in STAGE_OUTPUTS[stage]:
-        path = layout.root / name
+    for path in layout.stage_outputs(stage):
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
@@ -201,8 +182,6 @@ class Reruns:
                                       None if checkpoint is None else relative(checkpoint, layout.root))
         self.pending[stage] = current
         if self.action(stage) == "skip":
-            from study.fingerprint import differences
-
             changed = differences(read_fingerprint(layout.fingerprint(stage)) or {}, current)
             if not changed:
                 return layout
@@ -220,7 +199,7 @@ class Reruns:
             old = self.decisions[later]
             if later == stage:
                 new = Decision(stage, "rerun", reason)
-            elif old.action in ("skip", "record"):
+            elif old.action == "skip":
                 new = Decision(later, "rerun", f"{stage} reruns first")
             else:
                 continue

@@ -75,7 +75,7 @@ class RunData:
 
     @property
     def seeds(self) -> int:
-        """Seeds per student setup (1 for runs made before ``--seeds`` existed)."""
+        """Seeds per student setup (``config.json``'s ``seeds``; 1 without a ``config.json``)."""
         return int(self.config.get("seeds", 1) or 1)
 
     @property

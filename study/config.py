@@ -269,8 +269,8 @@ RUNTIME_FIELDS = ("data_root", "download", "output_dir", "dashboard", "address",
 def selection_metric(config) -> str:
     """The metric the stop rule and every "best" choice (best epoch, best trial, winning setup) read:
     ``"val_acc"`` when the run holds out a validation split (``val_size`` > 0), else ``"test_acc"``
-    (the task's rule, the default). ``config``: a StudyConfig or its ``config.json`` dict (a dict
-    without ``val_size`` is a run made before the option existed: ``"test_acc"``)."""
+    (the task's rule, the default). ``config``: a StudyConfig or its ``config.json`` dict (an empty
+    dict, a run directory without ``config.json``: ``"test_acc"``)."""
     val_size = config.get("val_size", 0) if isinstance(config, dict) else config.val_size
     return "val_acc" if val_size else "test_acc"
 
@@ -462,27 +462,3 @@ def config_json(config: StudyConfig) -> str:
     that say which rule the run's choices used."""
     return json.dumps({**dataclasses.asdict(config), "selection_metric": selection_metric(config),
                        "decision_rule": decision_rule(config)}, indent=2)
-
-
-#: What a run made before a field existed did, where that differs from the field's default: the
-#: recipe trained with cross-entropy before ``--sparsify-loss`` (its default is now ``setup``).
-LEGACY_VALUES: dict[str, Any] = {"sparsify_loss": "ce"}
-
-
-def check_output_dir(config: StudyConfig, overwrite: bool) -> bool:
-    """Whether --output-dir holds an earlier run that ``--overwrite`` is to replace
-    (``RunLayout.remove_outputs``, once every other check has passed). Without ``overwrite`` a
-    changed config is no reason to refuse when a stage reads the changed field: that stage and
-    those after it rerun (``study.reruns``). StudyError (one line) only where no stage can absorb
-    the change: an unreadable ``config.json``, or a changed field that no stage declares
-    (``study.reruns.check_absorbable``)."""
-    from study.layout import RunLayout
-    from study.reruns import check_absorbable, saved_config
-
-    saved = RunLayout(config.output_dir).config
-    if not saved.exists():
-        return False
-    if overwrite:
-        return True
-    check_absorbable(saved_config(saved), json.loads(config_json(config)))
-    return False

@@ -3,16 +3,21 @@
 A stage's fingerprint (``RunLayout.fingerprint(stage)``, ``fingerprints/<stage>.json``) holds:
 
 * ``fields``: the values of the StudyConfig fields the stage reads (``STAGE_FIELDS``, declared
-  once here); a field that names a file (``FILE_FIELDS``) is recorded by content, in ``files``;
+  once here, each field by the first stage that reads it); a field that names a file
+  (``FILE_FIELDS``) is recorded by content, in ``files``;
 * ``files``: label -> ``{"path", "sha256"}`` of every file the stage reads (the recipe, the
   teacher's initial weights, ``teacher.pt``, the winning checkpoint, the ONNX models);
 * ``data``: split -> sha256 of the uint8 images and labels the stage trained or tested on
   (after subsetting; ``STAGE_DATA``), so the data root may move but its images may not change;
+* ``code``: relative path -> sha256 of every source file of this project that the stage runs
+  (``STAGE_CODE``: its entry modules and what they import, ``study.sources``), so an edit to
+  the code a stage runs reruns it; ``report/`` and ``bench/perf/`` are in no stage's code;
 * ``complete``: False while the stage runs in place (an interrupted first attempt), True once its
   outputs are complete.
 
-Two fingerprints are the same input when their ``fields``, the sha256 of their ``files`` and
-their ``data`` agree: paths are not compared (a moved file or data root is the same input).
+Two fingerprints are the same input when their ``fields``, the sha256 of their ``files``, their
+``data`` and their ``code`` agree: paths of files and data are not compared (a moved file or data
+root is the same input).
 Pure data and hashlib: nothing heavy is imported here.
 """
 
@@ -23,26 +28,37 @@ import os
 from pathlib import Path
 from typing import Any
 
-from study.config import RUNTIME_FIELDS, STAGES
+from study.config import STAGES
 from study.files import atomic_write_text, sha256_file
+from study.sources import ROOT, code_digests
 
 FINGERPRINT_FORMAT = 1
 
-#: The StudyConfig fields each stage reads (its own inputs; what earlier stages made is in its
-#: ``files``). A change in one of them reruns that stage and every stage after it.
+#: The StudyConfig fields each stage reads, each declared once: by the first stage that reads it
+#: (``arch``, ``batch_size``, ``tolerance``, ... are read by the students and the recipe too, but
+#: a change in one reruns the teacher and so every stage after it). A change in one of them
+#: reruns that stage and every stage after it. What earlier stages made is in its ``files``.
 STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     "teacher": ("arch", "stem", "teacher_weights", "train_subset", "test_subset", "val_size", "seed",
                 "batch_size", "teacher_lr", "teacher_max_epochs", "tolerance", "patience", "compile"),
-    "students": ("arch", "stem", "train_subset", "test_subset", "val_size", "seed", "seeds", "setups",
-                 "batch_size", "lr", "temperature", "max_epochs", "tolerance", "patience", "compile", "sweep"),
-    "sparsify": ("recipe", "recipe_epochs", "sparsify_loss", "temperature", "batch_size", "val_size", "sparsities",
-                 "ptq_calibration_images"),
+    "students": ("seeds", "setups", "lr", "temperature", "max_epochs", "sweep"),
+    "sparsify": ("recipe", "recipe_epochs", "sparsify_loss", "sparsities", "ptq_calibration_images"),
     "bench": ("bench_cores", "bench_batch_sizes", "bench_warmup_seconds", "bench_seconds", "bench_rounds"),
 }
 
 #: Fields no stage reads as a value: the preset is only the name of the values the other fields
 #: hold (and those are compared).
 LABEL_FIELDS: tuple[str, ...] = ("preset",)
+
+#: The modules each stage runs (the Tune trainable or Ray task, and the driver code that chooses
+#: what it keeps: the teacher's best epoch, the trial the recipe starts from); with everything
+#: they import from this project they are its ``code`` (``study.sources.source_files``).
+STAGE_CODE: dict[str, tuple[str, ...]] = {
+    "teacher": ("trainables.train", "driver.tuning", "driver.results"),
+    "students": ("trainables.student", "driver.tuning"),
+    "sparsify": ("trainables.compress.sparsify", "driver.results"),
+    "bench": ("bench.benchmark", "trainables.batches"),
+}
 
 #: Fields that name a file: the stage records the file's sha256 (``files[field]``), not its path.
 #: ``teacher_weights`` names a file unless it is one of ``NOT_A_FILE``.
@@ -63,19 +79,17 @@ def file_field(name: str, value: Any) -> bool:
     return name in FILE_FIELDS and value not in NOT_A_FILE.get(name, ())
 
 
-#: Fields left out of a fingerprint while they hold the value a stage recorded before the field
-#: existed read (``sweep``: empty, no sweep; ``sparsities``: empty, the recipe's own target alone),
-#: so it is the same input, not a change. Values as in ``config.json`` (lists).
-OMITTED_WHEN: dict[str, Any] = {"sweep": [], "sparsities": []}
-
-
 def stage_fields(stage: str, config: dict) -> dict:
     """The values of the fields ``stage`` reads, from ``config`` (``config.json``'s dict); a file
-    field holds ``FILE_MARK`` (its file is fingerprinted by content); an empty
-    ``OMITTED_WHEN`` field holding its old meaning is left out."""
+    field holds ``FILE_MARK`` (its file is fingerprinted by content)."""
     return {name: FILE_MARK if file_field(name, config.get(name)) else config.get(name)
-            for name in STAGE_FIELDS[stage]
-            if not (name in OMITTED_WHEN and list(config.get(name) or []) == OMITTED_WHEN[name])}
+            for name in STAGE_FIELDS[stage]}
+
+
+def stage_code(stage: str, root: Path = ROOT) -> dict[str, str]:
+    """``{path: sha256}`` of the source files ``stage`` runs (``STAGE_CODE``, ``study.sources``),
+    in the project at ``root`` (default: this one)."""
+    return code_digests(STAGE_CODE[stage], root)
 
 
 def file_inputs(stage: str, config: dict) -> dict[str, str]:
@@ -85,11 +99,12 @@ def file_inputs(stage: str, config: dict) -> dict[str, str]:
 
 
 def make_fingerprint(stage: str, config: dict, data: dict, files: dict[str, str], complete: bool = True,
-                     root: str | os.PathLike | None = None) -> dict:
+                     root: str | os.PathLike | None = None, code: dict[str, str] | None = None) -> dict:
     """The fingerprint of ``stage`` run with ``config`` (a StudyConfig as ``config.json``'s dict),
     on ``data`` (split -> sha256, None for a split the run has not) and ``files`` (label -> path,
     hashed here; a relative path is relative to ``root``, the run directory, and recorded so; a
-    missing file's digest is None)."""
+    missing file's digest is None), by the source files ``code`` (path -> sha256, ``stage_code``;
+    None: none)."""
     hashed = {}
     for label, path in files.items():
         try:
@@ -99,17 +114,36 @@ def make_fingerprint(stage: str, config: dict, data: dict, files: dict[str, str]
         hashed[label] = {"path": str(path), "sha256": digest}
     return {"format": FINGERPRINT_FORMAT, "stage": stage, "complete": bool(complete),
             "fields": stage_fields(stage, config), "files": hashed,
-            "data": {split: data.get(split) for split in STAGE_DATA[stage]}}
+            "data": {split: data.get(split) for split in STAGE_DATA[stage]}, "code": dict(code or {})}
 
 
 def _short(digest: str | None) -> str:
     return "missing" if digest is None else digest[:4] + "\u2026"
 
 
+def changed_code(old: dict, new: dict) -> list[str] | None:
+    """The source files (paths) whose sha256 differ from fingerprint ``old`` to ``new``, sorted (a
+    file in one only counts); None when ``old`` records no ``code``."""
+    if "code" not in old:
+        return None
+    before, after = old["code"], new.get("code", {})
+    return sorted(path for path in set(before) | set(after) if before.get(path) != after.get(path))
+
+
+def _code_phrase(paths: list[str] | None) -> str | None:
+    if paths is None:
+        return "code (not recorded)"
+    if not paths:
+        return None
+    more = f" and {len(paths) - 3} more files" if len(paths) > 3 else ""
+    return f"code {', '.join(paths[:3])}{more} changed"
+
+
 def differences(old: dict, new: dict) -> list[str]:
     """What changed from fingerprint ``old`` to ``new``, one phrase each (empty: the same inputs):
     ``recipe my-recipe.yaml changed (sha256 3f2a… -> 9b1c…)``, ``temperature 4.0 -> 2.0``,
-    ``training images changed (sha256 …)``. Paths are not compared."""
+    ``training images changed (sha256 …)``, ``code trainables/losses.py changed`` (at most three
+    paths named, then ``and N more files``). Paths of files and data are not compared."""
     out = []
     old_fields, new_fields = old.get("fields", {}), new.get("fields", {})
     for name in new_fields:
@@ -129,19 +163,22 @@ def differences(old: dict, new: dict) -> list[str]:
         if old_data.get(split) != new_data[split]:
             out.append(f"{DATA_NAMES[split]} changed (sha256 {_short(old_data.get(split))} -> "
                        f"{_short(new_data[split])})")
-    return out
+    code = _code_phrase(changed_code(old, new))
+    return out + ([code] if code else [])
 
 
 def changed_inputs(old: dict, new: dict) -> set[str]:
-    """The names of what differs from ``old`` to ``new``: field names, ``file:<label>`` and
-    ``data:<split>`` (empty: the same inputs; the same comparison as ``differences``)."""
+    """The names of what differs from ``old`` to ``new``: field names, ``file:<label>``,
+    ``data:<split>`` and ``code:<path>`` (``code`` when ``old`` records none) (empty: the same
+    inputs; the same comparison as ``differences``)."""
     out = {name for name in set(old.get("fields", {})) | set(new.get("fields", {}))
            if old.get("fields", {}).get(name, FILE_MARK + "?") != new.get("fields", {}).get(name, FILE_MARK + "?")}
     for label in set(old.get("files", {})) | set(new.get("files", {})):
         if old.get("files", {}).get(label, {}).get("sha256") != new.get("files", {}).get(label, {}).get("sha256"):
             out.add(f"file:{label}")
     out |= {f"data:{split}" for split in new.get("data", {}) if old.get("data", {}).get(split) != new["data"][split]}
-    return out
+    code = changed_code(old, new)
+    return out | ({"code"} if code is None else {f"code:{path}" for path in code})
 
 
 def read_fingerprint(path: str | os.PathLike) -> dict | None:
@@ -158,11 +195,4 @@ def write_fingerprint(path: str | os.PathLike, fingerprint: dict) -> None:
     atomic_write_text(path, json.dumps(fingerprint, indent=2))
 
 
-def undeclared_fields(names) -> list[str]:
-    """Config fields (of ``names``) that no stage declares in ``STAGE_FIELDS`` and that are neither
-    ``RUNTIME_FIELDS`` nor ``LABEL_FIELDS``: no stage can rerun for a change in one of them."""
-    declared = {name for fields in STAGE_FIELDS.values() for name in fields}
-    return [n for n in names if n not in declared and n not in RUNTIME_FIELDS and n not in LABEL_FIELDS]
-
-
-assert set(STAGE_FIELDS) == set(STAGES) == set(STAGE_DATA)
+assert set(STAGE_FIELDS) == set(STAGES) == set(STAGE_DATA) == set(STAGE_CODE)

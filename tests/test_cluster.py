@@ -211,7 +211,7 @@ def two_node_bench(two_nodes, smoke_run, cifar_root, tmp_path_factory) -> Path:
     from helpers import copy_run
 
     out = copy_run(smoke_run, tmp_path_factory.mktemp("two-node-bench"), "config.json", "teacher.pt", "teacher",
-                   "students", "sparsify", "onnx")
+                   "students", "sparsify", "onnx", "fingerprints")
     proc, seconds = orchestrate(cifar_root, out, "--address", two_nodes.address)
     (out / "orchestrate.log").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, f"two-node bench failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}"

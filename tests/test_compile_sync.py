@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from models import build_student, build_teacher, feature_extractor, forward_features, load_checkpoint
-from trainables import train
+from trainables import student, train
 from trainables.batches import _epoch_seed, augment, normalize, train_batches
 from trainables.data import CIFAR10Tensors
 
@@ -67,7 +67,7 @@ def _run_student(monkeypatch, config: dict, data: CIFAR10Tensors, keep: Path | N
 
     monkeypatch.setattr(train.tune, "report", report)
     monkeypatch.setattr(train.tune, "get_checkpoint", lambda: None)
-    train.train_student(config, data=data, teacher=_teacher_payload())
+    student.train_student(config, data=data, teacher=_teacher_payload())
     return reports
 
 
@@ -202,7 +202,7 @@ def test_loss_terms_are_read_once_per_epoch_not_per_step(monkeypatch):
 
 def test_train_loss_is_the_image_weighted_mean_of_the_steps(monkeypatch):
     """The on-device float64 sums give what python floats gave: sum(loss_b * n_b) / N."""
-    real = train.distillation_loss
+    real = student.distillation_loss
     steps = []
 
     def spy(*args, **kwargs):
@@ -210,7 +210,7 @@ def test_train_loss_is_the_image_weighted_mean_of_the_steps(monkeypatch):
         steps.append((float(loss), len(args[2])))
         return loss, terms
 
-    monkeypatch.setattr(train, "distillation_loss", spy)
+    monkeypatch.setattr(student, "distillation_loss", spy)
     (metrics,) = _run_student(monkeypatch, _config("ce"), _data(20))
     assert [n for _, n in steps] == [8, 8, 4]
     assert metrics["train_loss"] == sum(v * n for v, n in steps) / 20  # exact, as before
@@ -220,7 +220,7 @@ def test_train_loss_is_the_image_weighted_mean_of_the_steps(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_no_host_sync_in_steady_steps_on_cuda(monkeypatch):  # pragma: no cover - GPU only
     """On a GPU, steps after the first raise if anything in them synchronises with the device."""
-    real = train.distillation_loss
+    real = student.distillation_loss
     calls = []
 
     def strict(*args, **kwargs):
@@ -228,7 +228,7 @@ def test_no_host_sync_in_steady_steps_on_cuda(monkeypatch):  # pragma: no cover 
         torch.cuda.set_sync_debug_mode("error" if len(calls) > 1 else "default")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train, "distillation_loss", strict)
+    monkeypatch.setattr(student, "distillation_loss", strict)
     real_evaluate = train.evaluate
 
     def evaluate(*args, **kwargs):
@@ -280,14 +280,14 @@ def test_compiled_kd_feat_trains_and_saves_a_plain_checkpoint(monkeypatch, tmp_p
 
 def test_compiled_steps_see_one_batch_shape(monkeypatch):
     shapes = []
-    real = train.distillation_loss
+    real = student.distillation_loss
 
     def spy(*args, **kwargs):
         shapes.append(len(args[2]))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train, "distillation_loss", spy)
-    monkeypatch.setattr(train, "maybe_compile", lambda module, backend: module)  # wiring only
+    monkeypatch.setattr(student, "distillation_loss", spy)
+    monkeypatch.setattr(student, "maybe_compile", lambda module, backend: module)  # wiring only
     _run_student(monkeypatch, _config("ce", compile=True), _data(20))
     assert shapes == [8, 8]  # 20 images: the short batch of 4 is dropped when compiling
     shapes.clear()

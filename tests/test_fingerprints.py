@@ -17,11 +17,13 @@ import pandas as pd
 import pytest
 
 import orchestrate
-from study import STAGES, StudyConfig, StudyError, make_config
+from study import STAGES, StudyConfig, make_config
 from study.config import RUNTIME_FIELDS, config_json
 from study.files import sha256_file
-from study.fingerprint import LABEL_FIELDS, STAGE_FIELDS, differences, make_fingerprint, write_fingerprint
-from study.reruns import StageState, check_absorbable, plan
+from study.fingerprint import (LABEL_FIELDS, STAGE_CODE, STAGE_FIELDS, differences, make_fingerprint, stage_code,
+                               write_fingerprint)
+from study.reruns import StageState, plan
+from study.sources import ROOT, source_files
 
 from helpers import copy_run, kill_orchestrate_when, run_orchestrate
 
@@ -60,35 +62,118 @@ def run_copy(smoke_run, tmp_path) -> Path:
 # The rule, on its own
 
 
-def test_every_config_field_is_read_by_a_stage_or_is_runtime():
-    """Every StudyConfig field is declared: read by a stage (STAGE_FIELDS), runtime or a label.
-    Catches a new field that no rerun would ever compare (it would be refused, never absorbed)."""
-    names = {f.name for f in dataclasses.fields(StudyConfig)}
-    declared = {n for fields in STAGE_FIELDS.values() for n in fields} | set(RUNTIME_FIELDS) | set(LABEL_FIELDS)
-    assert names - declared == set()
-    assert declared - names == set()
+def test_every_config_field_is_read_by_exactly_one_stage_or_is_runtime():
+    """Every StudyConfig field is declared once: by one stage (STAGE_FIELDS, the first that reads
+    it; the later ones rerun after it), or as a runtime field or a label. Catches a new field that
+    no rerun would ever compare (a change in it would keep results made under the old value), and
+    one declared twice (which stage owns it?)."""
+    names = [f.name for f in dataclasses.fields(StudyConfig)]
+    declared = [n for fields in STAGE_FIELDS.values() for n in fields] + [*RUNTIME_FIELDS, *LABEL_FIELDS]
+    assert sorted(declared) == sorted(names)
 
 
 def test_a_changed_stage_reruns_itself_and_every_later_stage_only():
-    """plan: the first changed stage and those after it rerun, the earlier ones are skipped; no
-    fingerprint is 'record'; an interrupted attempt resumes with the same inputs, restarts with
-    others. Catches a rerun that does not propagate, or one that reruns earlier stages."""
+    """plan: the first changed stage and those after it rerun, the earlier ones are skipped; an
+    interrupted attempt resumes with the same inputs, restarts with others. Catches a rerun that
+    does not propagate, or one that reruns earlier stages."""
     fp = {s: make_fingerprint(s, {"temperature": 4.0}, {}, {}) for s in STAGES}
-    changed = make_fingerprint("sparsify", {"temperature": 2.0}, {}, {})
+    changed = make_fingerprint("sparsify", {"recipe_epochs": 2.0}, {}, {})
     states = {s: StageState(True, fp[s], fp[s]) for s in STAGES}
     states["sparsify"] = StageState(True, fp["sparsify"], changed)
     got = {d.stage: (d.action, d.reason) for d in plan(states)}
     assert got == {"teacher": ("skip", "inputs unchanged"), "students": ("skip", "inputs unchanged"),
-                   "sparsify": ("rerun", "temperature 4.0 -> 2.0"), "bench": ("rerun", "sparsify reruns first")}
-    legacy = plan({"teacher": StageState(True, None, fp["teacher"], fp["teacher"]["fields"])})
-    assert legacy[0].action == "record" and "no fingerprint" in legacy[0].reason
-    bench = {**fp["bench"], "fields": {**fp["bench"]["fields"], "deepsparse": True}}  # not a config field
-    legacy = plan({"bench": StageState(True, None, bench, fp["bench"]["fields"])})
-    assert legacy[0].action == "record"  # config.json cannot hold it: not a change
+                   "sparsify": ("rerun", "recipe_epochs None -> 2.0"), "bench": ("rerun", "sparsify reruns first")}
     unfinished = {**fp["students"], "complete": False}
     assert plan({"students": StageState(False, unfinished, fp["students"])})[0].action == "resume"
     other = make_fingerprint("students", {"temperature": 2.0}, {}, {})
     assert plan({"students": StageState(False, unfinished, other)})[0].action == "restart"
+
+
+def _project_copy(dest: Path) -> Path:
+    """The project's packages (every ``.py`` of them) copied under ``dest``."""
+    for path in ROOT.glob("*/**/*.py"):
+        if path.relative_to(ROOT).parts[0] in ("study", "models", "trainables", "driver", "bench", "report"):
+            target = dest / path.relative_to(ROOT)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+    return dest
+
+
+def _plan_after_edit(root: Path, path: str, edit) -> dict:
+    """stage -> (action, reason) after ``edit(text)`` rewrote ``root/path``, against fingerprints
+    recorded before it (each stage's code only: fields, files and data the same)."""
+    before = {s: make_fingerprint(s, {}, {}, {}, code=stage_code(s, root)) for s in STAGES}
+    file = root / path
+    file.write_text(edit(file.read_text()))
+    states = {s: StageState(True, before[s], make_fingerprint(s, {}, {}, {}, code=stage_code(s, root)))
+              for s in STAGES}
+    return {d.stage: (d.action, d.reason) for d in plan(states)}
+
+
+def test_an_edited_source_file_reruns_the_stages_that_run_it_and_names_it(tmp_path):
+    """The code is in the key: the students' loss doubled in trainables/losses.py reruns the
+    students and every later stage, naming the file, and keeps the teacher (which runs no student
+    loss); a comment added to report/ or bench/perf/ reruns nothing. Catches results kept under
+    edited code (the key held no code), a key that misses a module the stage imports, or one that
+    holds the report."""
+    root = _project_copy(tmp_path / "project")
+    got = _plan_after_edit(root, "trainables/losses.py", lambda text: text.replace(
+        "loss = sum(summands[name] for name in names) / len(names)",
+        "loss = 2.0 * sum(summands[name] for name in names) / len(names)"))
+    assert got == {"teacher": ("skip", "inputs unchanged"),
+                   "students": ("rerun", "code trainables/losses.py changed"),
+                   "sparsify": ("rerun", "students reruns first"), "bench": ("rerun", "students reruns first")}
+    got = _plan_after_edit(root, "trainables/compress/core.py", lambda text: text + "# a comment\n")
+    assert got["students"][0] == "skip" and got["sparsify"] == ("rerun", "code trainables/compress/core.py changed")
+    for path in ("report/tables.py", "bench/perf/study_time.py"):
+        got = _plan_after_edit(root, path, lambda text: text + "# a comment\n")
+        assert {d: action for d, (action, _) in got.items()} == {s: "skip" for s in STAGES}, path
+
+
+def test_the_code_of_a_stage_is_what_its_modules_import():
+    """Each stage's code, from the real import graph: its entry modules, their packages and what
+    they import (inside functions too); nothing of report/ or bench/perf/, and the teacher's holds
+    no student loss. Catches a stage whose code misses what it runs, or a teacher rerun by an edit
+    to the students' loss."""
+    code = {stage: source_files(entries) for stage, entries in STAGE_CODE.items()}
+    assert not [p for files in code.values() for p in files if p.startswith(("report/", "bench/perf/"))]
+    assert "trainables/losses.py" not in code["teacher"] and "trainables/student.py" not in code["teacher"]
+    assert {"trainables/train.py", "trainables/batches.py", "models/resnet.py", "study/config.py",
+            "driver/tuning.py", "trainables/stopper.py", "trainables/__init__.py"} <= set(code["teacher"])
+    assert {"trainables/losses.py", "trainables/student.py", "trainables/train.py"} <= set(code["students"])
+    assert {"trainables/compress/core.py", "trainables/compress/ptq.py", "trainables/losses.py",
+            "driver/results.py", "driver/stats.py"} <= set(code["sparsify"])  # ptq, stats: imported in functions
+    assert {"bench/benchmark.py", "trainables/batches.py"} <= set(code["bench"])
+    assert not [p for files in code.values() for p in files if p.startswith(("study/reruns", "study/fingerprint"))]
+
+
+def test_imports_are_read_inside_functions_relative_and_from_packages(tmp_path):
+    """source_files: ``import a.b`` runs ``a/__init__``; ``from a import m`` may name a module; a
+    relative import resolves against its package; a third-party import is left out, also when it
+    is installed beside the project. Catches a walk that reads only top-level imports, drops
+    packages' ``__init__`` or walks into torch."""
+    for name, text in {"a/__init__.py": "", "a/b.py": "import os\ndef f():\n    from . import c\n",
+                       "a/c.py": "from .d import x\n", "a/d.py": "x = 1\n", "e.py": "import torch\n",
+                       "main.py": "from a import b\nimport e\n"}.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    (tmp_path / "torch").mkdir()  # a package installed beside the project, as in site-packages
+    (tmp_path / "torch" / "__init__.py").write_text("")
+    assert source_files(["main"], tmp_path, ("a", "e", "main")) == (
+        "a/__init__.py", "a/b.py", "a/c.py", "a/d.py", "e.py", "main.py")
+    with pytest.raises(ValueError, match="not a module"):
+        source_files(["nope"], tmp_path, ("nope",))
+
+
+def test_the_project_packages_are_the_import_linters():
+    """study.sources.PACKAGES is pyproject.toml's import-linter ``root_packages``. Catches a new
+    top-level package whose modules no stage's code would hold."""
+    import re
+
+    from study.sources import PACKAGES
+
+    line = re.search(r"^root_packages = \[(.*)\]$", (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    assert sorted(PACKAGES) == sorted(name.strip(' "') for name in line.split(","))
 
 
 def test_paths_are_not_compared_contents_are(tmp_path):
@@ -104,17 +189,29 @@ def test_paths_are_not_compared_contents_are(tmp_path):
     assert differences(one, two)[0].startswith("recipe b.yaml changed (sha256 ")
 
 
-def test_a_change_no_stage_reads_is_refused_and_says_why(monkeypatch):
-    """The refusal is kept only for a field no stage declares. Catches a refusal that is gone (the
-    change would pass silently) or one that fires for a field a stage absorbs."""
-    import study.fingerprint as fingerprint
-
-    saved = json.loads(config_json(make_config("smoke")))
-    check_absorbable(saved, {**saved, "lr": 0.5})  # a students field: absorbed, no error
-    monkeypatch.setitem(fingerprint.STAGE_FIELDS, "students",
-                        tuple(n for n in STAGE_FIELDS["students"] if n != "lr"))
-    with pytest.raises(StudyError, match=r"\(lr: 0\.001 -> 0\.5\).*no stage declares.*--overwrite"):
-        check_absorbable(saved, {**saved, "lr": 0.5})
+def test_a_run_made_before_fingerprints_is_refused_in_one_line_and_left_untouched(tmp_path, capsys, cifar_root):
+    """A run directory with a stage's outputs but no fingerprints/ (made before fingerprints
+    existed): a run and --dry-run both exit 2 with one line naming --overwrite and --output-dir,
+    and touch nothing; --overwrite is allowed. Catches an old run taken as current, retrained
+    under it, or written to before the refusal."""
+    out = tmp_path / "old"
+    (out / "students").mkdir(parents=True)
+    (out / "teacher.pt").write_bytes(b"weights")
+    (out / "config.json").write_text("{}")
+    (out / "results.csv").write_text("model,test_acc\nteacher,0.5\n")
+    before = {str(p): (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None) for p in out.rglob("*")}
+    for extra in (("--dry-run",), ()):  # --dry-run first: a run that is not refused would train
+        code = orchestrate.main(["--preset", "smoke", "--no-dashboard", "--data-root", str(cifar_root),
+                                 "--output-dir", str(out), *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1, err
+        assert err[0].startswith(f"error: --output-dir {out} holds teacher, students outputs without their "
+                                 "fingerprints"), err
+        assert "--overwrite" in err[0] and "new --output-dir" in err[0]
+    assert {str(p): (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None) for p in out.rglob("*")} == before
+    code = orchestrate.main(["--preset", "smoke", "--no-dashboard", "--data-root", str(cifar_root),
+                             "--output-dir", str(out), "--dry-run", "--overwrite"])
+    assert code == 0 and "would remove the earlier run" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,15 +296,19 @@ def test_a_students_field_reruns_students_sparsify_and_bench_and_keeps_the_teach
     assert "temperature 4.0 -> 2.0" in found["students"]
 
 
-def test_a_run_made_before_fingerprints_is_recorded_not_rerun(run_copy, cifar_root, capsys):
-    """No fingerprints/ (an older run): every stage 'record', nothing reruns; a field that differs
-    from its config.json still reruns that stage. Catches an old run retrained, or taken as current."""
-    shutil.rmtree(run_copy / "fingerprints")
+def test_an_edited_source_file_reruns_from_the_first_stage_that_runs_it(run_copy, cifar_root, capsys):
+    """--dry-run on the smoke run whose students were recorded with another trainables/losses.py
+    (as after an edit of it): the teacher is kept, the students rerun naming the file, and every
+    later stage after them. Catches a run's fingerprints made without the code (the issue's
+    story: "would skip: inputs unchanged" under an edited loss)."""
+    path = run_copy / "fingerprints" / "students.json"
+    recorded = json.loads(path.read_text())
+    recorded["code"]["trainables/losses.py"] = "0" * 64
+    write_fingerprint(path, recorded)
     found = dry_run(capsys, run_copy, cifar_root)
-    assert actions(found) == {s: "would record its inputs" for s in STAGES}
-    assert "no fingerprint" in found["teacher"]
-    found = dry_run(capsys, run_copy, cifar_root, "--bench-seconds", "3")
-    assert actions(found)["bench"] == "would rerun" and "bench_seconds 0.5 -> 3.0" in found["bench"]
+    assert found["students"] == "[students] would rerun: code trainables/losses.py changed"
+    assert actions(found) == {"teacher": "would skip", "students": "would rerun", "sparsify": "would rerun",
+                              "bench": "would rerun"}
 
 
 # ---------------------------------------------------------------------------------------------

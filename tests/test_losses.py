@@ -212,7 +212,7 @@ def test_every_loss_term_has_a_computation_and_a_known_input():
 
 def _student_loss_terms(setup):
     from models import build_student
-    from trainables.train import student_loss
+    from trainables.student import student_loss
 
     torch.manual_seed(0)
     student, teacher = build_student("resnet18"), build_student("resnet18").eval()

@@ -290,31 +290,6 @@ def test_every_option_has_a_description():
         assert len(text.split()) >= 3, (action.option_strings, action.help)
 
 
-def test_a_run_from_before_sparsify_loss_counts_as_ce(tmp_path):
-    """config.json of a run made before --sparsify-loss existed has no such key; that run's recipe
-    trained with cross-entropy, so the sparsify stage of such a run (no fingerprint) reruns under the
-    new default ``setup`` and is kept under ``--sparsify-loss ce``; neither is refused."""
-    import json
-
-    from study.config import check_output_dir, config_json
-    from study.fingerprint import make_fingerprint
-    from study.reruns import StageState, legacy_fields, plan, saved_config
-
-    config = make_config("smoke", output_dir=str(tmp_path))
-    saved = json.loads(config_json(config))
-    del saved["sparsify_loss"]
-    (tmp_path / "config.json").write_text(json.dumps(saved))
-    assert check_output_dir(config, overwrite=False) is False
-    assert check_output_dir(config, overwrite=True) is True
-    old = legacy_fields("sparsify", saved_config(tmp_path / "config.json"))
-    for loss, action in (("setup", "rerun"), ("ce", "record")):
-        values = json.loads(config_json(make_config("smoke", output_dir=str(tmp_path), sparsify_loss=loss)))
-        (decision,) = plan({"sparsify": StageState(True, None, make_fingerprint("sparsify", values, {}, {}), old)})
-        assert decision.action == action, decision
-    assert "sparsify_loss 'ce' -> 'setup'" in plan({"sparsify": StageState(
-        True, None, make_fingerprint("sparsify", json.loads(config_json(config)), {}, {}), old)})[0].reason
-
-
 def _bench(failed: int = 0):
     import pandas as pd
 

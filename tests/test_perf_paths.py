@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from models import build_teacher
-from trainables import train
+from trainables import student, train
 from trainables.data import CIFAR10Tensors
 from trainables.train import autocast, pick_device, setup_torch
 
@@ -112,7 +112,7 @@ def test_student_epoch_on_cpu_is_fp32_and_contiguous(monkeypatch):
     payload = {"arch": "resnet18", "stem": "cifar", "num_classes": 10,
                "state_dict": teacher.state_dict()}
     seen, reports = [], []
-    real_feature_extractor = train.feature_extractor
+    real_feature_extractor = student.feature_extractor
 
     def spy(model):
         extractor = real_feature_extractor(model)
@@ -129,13 +129,13 @@ def test_student_epoch_on_cpu_is_fp32_and_contiguous(monkeypatch):
     def report(metrics, checkpoint=None):
         reports.append(metrics)
 
-    monkeypatch.setattr(train, "feature_extractor", spy)
+    monkeypatch.setattr(student, "feature_extractor", spy)
     monkeypatch.setattr(train.tune, "report", report)
     monkeypatch.setattr(train.tune, "get_checkpoint", lambda: None)
     config = {"arch": "resnet18", "stem": "cifar", "num_classes": 10, "batch_size": 8,
               "lr": 1e-3, "seed": 0, "threads": 1, "setup": "kd_feat", "temperature": 4.0,
               "max_epochs": 1}
-    train.train_student(config, data=_tiny_data(), teacher=payload)
+    student.train_student(config, data=_tiny_data(), teacher=payload)
 
     assert torch.get_num_threads() == 1
     assert len(seen) == 4  # 2 batches x (teacher, student)

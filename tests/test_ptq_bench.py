@@ -16,7 +16,7 @@ from bench.benchmark import amx_flags
 from helpers import TinyResNet
 from report.findings import compression_verdict, pareto_front
 from study import StudyError, make_config
-from study.fingerprint import changed_inputs, stage_fields
+from study.fingerprint import changed_inputs, make_fingerprint, stage_fields
 from study.layout import RunLayout, Target, dense_owner, model_names, recipe_sparsity, sparsity_targets, target_tag
 from study.config import PROJECT_DIR
 
@@ -51,12 +51,12 @@ def test_bad_sparsities_are_one_line_and_exit_2(text, capsys):
     assert err.startswith(f"error: --sparsities ") and "between 0 and 1" in err and "\n" not in err
 
 
-def test_sparsities_are_a_sparsify_input_left_out_while_default():
+def test_sparsities_are_a_sparsify_input():
     config = json.loads(__import__("study.config", fromlist=["x"]).config_json(make_config("smoke")))
-    assert "sparsities" not in stage_fields("sparsify", config)  # a run made before the flag: the same input
+    assert stage_fields("sparsify", config)["sparsities"] == []  # the recipe's own target alone
     given = json.loads(__import__("study.config", fromlist=["x"]).config_json(make_config("smoke", sparsities=(0.5, 0.8))))
     assert stage_fields("sparsify", given)["sparsities"] == [0.5, 0.8]
-    old, new = {"fields": stage_fields("sparsify", config)}, {"fields": stage_fields("sparsify", given)}
+    old, new = make_fingerprint("sparsify", config, {}, {}), make_fingerprint("sparsify", given, {}, {})
     assert changed_inputs(old, new) == {"sparsities"}
     assert changed_inputs(old, old) == set()
     with pytest.raises(StudyError, match="bench-rounds"):

@@ -24,7 +24,8 @@ from study.files import sha256_file
 from trainables.compress.checkpoint import CHECKPOINT_FORMAT
 from trainables.compress.sparsify import SparsifySettings, sparsify_student
 from trainables.compress.core import RecipeRun, is_quantized, load_recipe
-from trainables.train import MODEL_FILE, student_loss
+from trainables.student import student_loss
+from trainables.train import MODEL_FILE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(REPO, "recipes", "prune_quantize.yaml")

@@ -27,7 +27,8 @@ mlflow = pytest.importorskip("mlflow")  # the '.[tracking]' extra
 
 from driver import tracking  # noqa: E402
 from study import RunLayout, StudyError, decision_rule, make_config  # noqa: E402
-from study.config import check_output_dir, config_json  # noqa: E402
+from study.config import RUNTIME_FIELDS, config_json  # noqa: E402
+from study.fingerprint import STAGE_FIELDS  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SETUP_TERMS = {"ce": ["ce"], "kd": ["ce", "soft_ce"], "kd_feat": ["ce", "soft_ce", "feat_mse"]}
@@ -203,14 +204,12 @@ def test_another_config_in_the_same_folder_gets_its_own_parent_run(tmp_path):
 
 
 def test_mlflow_is_a_runtime_field_and_its_cli_values(tmp_path):
-    """Catches: --mlflow making a finished run directory "a different config" (it is a
+    """Catches: --mlflow read as an input of a stage (a finished run given it would rerun; it is a
     RUNTIME_FIELD), and the CLI values: 'local', the flag alone (= local, before another option
     or last), a URI, 'none' (off, the default) and a bad value."""
     import orchestrate
 
-    config = make_run(tmp_path / "run", mlflow_option=None)
-    assert check_output_dir(make_config("smoke", output_dir=config.output_dir, data_root=config.data_root,
-                                        mlflow="local"), overwrite=False) is False
+    assert "mlflow" in RUNTIME_FIELDS and not any("mlflow" in fields for fields in STAGE_FIELDS.values())
     parse = orchestrate.config_from_args
     assert parse(["--preset", "smoke"])[0].mlflow is None
     assert parse(["--preset", "smoke", "--mlflow", "local"])[0].mlflow == "local"
@@ -368,7 +367,7 @@ def test_a_finished_smoke_run_rerun_with_mlflow_fills_the_store_from_its_files(s
     from helpers import copy_run, run_orchestrate
 
     out = copy_run(smoke_run, tmp_path / "tracked", "config.json", "teacher.pt", "teacher", "students", "sparsify",
-                   "onnx", "benchmark.csv", "onnx_accuracy.json", "results.csv", "setups.csv")
+                   "onnx", "benchmark.csv", "onnx_accuracy.json", "results.csv", "setups.csv", "fingerprints")
     config = make_config("smoke", output_dir=str(out), mlflow="local")
     run_orchestrate(out, cifar_root, "--mlflow", "local")
     log = (out / "orchestrate.log").read_text()

@@ -1,7 +1,9 @@
-"""Ray Tune function trainables: fine-tune the teacher, train one student per setup.
+"""The teacher's Ray Tune trainable (``train_teacher``) and the epoch loop it shares with the
+students' (``_fit``; ``trainables.student``): device, threads, compile, autocast, evaluation,
+per-epoch checkpoints.
 
-Both follow Ray Tune's function-trainable convention: a function of ``config`` that calls
-``tune.report(metrics, checkpoint=tune.Checkpoint)`` once per epoch and resumes from
+Both trainables follow Ray Tune's function-trainable convention: a function of ``config`` that
+calls ``tune.report(metrics, checkpoint=tune.Checkpoint)`` once per epoch and resumes from
 ``tune.get_checkpoint()`` when Tune restarts it. Large inputs (the CIFAR-10 tensors, the frozen
 teacher's weights) arrive through ``tune.with_parameters`` and so sit once in Ray's object store,
 not pickled into every trial's config.
@@ -9,14 +11,13 @@ not pickled into every trial's config.
 ``config`` keys read here (all set by ``driver.tuning.trial_config``):
 ``arch``, ``stem``, ``num_classes``, ``batch_size`` (128..512), ``lr`` (Adam), ``seed``,
 ``threads`` (torch intra-op threads = the trial's CPU share), ``compile`` (``torch.compile``:
-True/False, None = on a GPU only), optionally ``compile_backend`` (default ``"inductor"``), and
-for students ``setup`` (``ce``/``kd``/``kd_feat``) and ``temperature``.
+True/False, None = on a GPU only), optionally ``compile_backend`` (default ``"inductor"``).
 
 The hot loop never waits for the device: batches are made on it from device-resident uint8
-tensors, the loss terms are summed on it and read back once per epoch, the frozen teacher runs
-under ``torch.no_grad()``. With ``compile`` the models run through ``torch.compile`` (the
-``kd_feat`` feature taps too: ``models.feature_extractor`` is one traced graph, no hooks), while
-checkpoints hold the plain model's state dict (no ``_orig_mod.`` prefixes).
+tensors, the loss terms are summed on it and read back once per epoch. With ``compile`` the
+models run through ``torch.compile``, while checkpoints hold the plain model's state dict (no
+``_orig_mod.`` prefixes). This module imports no loss of the students (``trainables.losses``), so
+an edit there does not rerun the teacher stage (``study.fingerprint.STAGE_CODE``).
 """
 
 from __future__ import annotations
@@ -27,18 +28,15 @@ import os
 import shutil
 import tempfile
 import time
-from functools import partial
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from ray import tune
 
-from models import (build_student, build_teacher, feature_extractor, forward_features, load_checkpoint,
-                    save_checkpoint)
-from study import SETUP_INFO, SETUPS, needs_teacher, setup_needs
+from models import build_teacher, load_checkpoint, save_checkpoint
 from trainables.batches import eval_batches, train_batches
 from trainables.data import CIFAR10Tensors
-from trainables.losses import distillation_loss
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
@@ -342,101 +340,7 @@ def train_teacher(config: dict, data: CIFAR10Tensors) -> None:
     forward = maybe_compile(model, compile_backend(config, device))
 
     def loss_fn(x, y):
-        return distillation_loss("ce", forward(x), y)
+        loss = F.cross_entropy(forward(x), y)
+        return loss, {"ce": loss.detach()}
 
     _fit(config, data, model, "teacher", loss_fn, device)
-
-
-def frozen_teacher(teacher: dict, device: torch.device) -> torch.nn.Module:
-    """The teacher rebuilt from its checkpoint payload (``torch.load`` of ``teacher.pt``:
-    ``{"arch", "stem", "num_classes", "state_dict", ...}``) on ``device``, float32, in eval mode,
-    gradients off (channels_last on a GPU).
-
-    Raises:
-        KeyError: the payload lacks one of those keys; RuntimeError: its state dict does not fit
-        the architecture it names (``load_state_dict``).
-    """
-    model = build_teacher(teacher["arch"], num_classes=teacher["num_classes"], stem=teacher["stem"],
-                          weights=None)
-    model.load_state_dict(teacher["state_dict"])
-    return _on_device(model, device).eval().requires_grad_(False)
-
-
-def student_loss(setup: str, student: torch.nn.Module, teacher: torch.nn.Module | None,
-                 temperature: float, compile_with: str | None = None, *,
-                 trace_student: bool = True):
-    """The loss of one student step for ``setup``, as a function ``loss_fn(x, y) -> (loss, terms)``
-    of a batch x (B,3,32,32) float32 and labels y (B,) int64 (see ``distillation_loss``).
-
-    The frozen ``teacher`` (None for a setup without teacher terms, ``ce``; in eval mode, gradients
-    off) runs under ``torch.no_grad()``: its outputs are ordinary tensors that need no copy. What a
-    setup reads follows from its terms (``study.SETUP_INFO``, ``study.setup_needs``): ``kd`` needs
-    only the teacher's logits; ``kd_feat`` also the layer1/2/4 feature maps of both models, by default from
-    ``models.feature_extractor`` graphs built here once (no hooks per call). With
-    ``compile_with`` (a ``torch.compile`` backend, e.g. ``"inductor"``) the student's and the
-    teacher's forward are compiled; the parameters stay those of ``student``/``teacher``.
-
-    ``trace_student=False`` takes the student's feature maps from forward hooks at each call
-    (``models.forward_features``) instead of a graph traced once: a traced graph keeps the
-    submodules it was built with, so after SparseML swaps in fused fake-quant modules for QAT it
-    would silently compute the un-quantized network. The sparsify stage uses this; the hooks see
-    whatever ``layer1``/``layer2``/``layer4`` of ``student`` compute at that moment.
-
-    Raises:
-        ValueError: ``setup`` is not one of ``study.SETUPS``, or ``teacher`` is None for a setup
-            that needs it (``study.needs_teacher``: ``kd``/``kd_feat``).
-    """
-    if setup not in SETUP_INFO:
-        raise ValueError(f"setup {setup!r} is unknown; allowed: {', '.join(SETUP_INFO)}")
-    # What the setup's terms read (study.SETUP_INFO, study.LOSS_TERMS): the teacher's logits,
-    # and for feature terms also both models' feature maps.
-    needs = setup_needs(setup)
-    use_teacher, use_features = needs_teacher(setup), "features" in needs
-    if use_teacher and teacher is None:
-        raise ValueError(f"setup {setup!r} needs the teacher; got None")
-    s_forward, t_forward = student, teacher
-    if use_features:
-        t_forward = feature_extractor(teacher)
-        s_forward = feature_extractor(student) if trace_student else partial(forward_features, student)
-    s_forward = maybe_compile(s_forward, compile_with)
-    if t_forward is not None and use_teacher:
-        t_forward = maybe_compile(t_forward, compile_with)
-
-    def loss_fn(x, y):
-        if not use_teacher:
-            return distillation_loss(setup, s_forward(x), y)
-        with torch.no_grad():
-            t_out = t_forward(x)
-        if not use_features:  # logits only
-            return distillation_loss(setup, s_forward(x), y, teacher_logits=t_out,
-                                     temperature=temperature)
-        (t_logits, t_feats), (s_logits, s_feats) = t_out, s_forward(x)
-        return distillation_loss(setup, s_logits, y, teacher_logits=t_logits,
-                                 student_feats=s_feats, teacher_feats=t_feats,
-                                 temperature=temperature)
-
-    return loss_fn
-
-
-def train_student(config: dict, data: CIFAR10Tensors, teacher: dict) -> None:
-    """Tune trainable: train ``build_student(arch, stem)`` with ``config["setup"]``'s loss.
-
-    ``teacher`` is the payload of the frozen teacher checkpoint (``torch.load`` of
-    ``teacher.pt``: ``{"arch", "stem", "num_classes", "role", "state_dict", ...}``), handed over
-    by ``tune.with_parameters`` so it is stored once in the object store. It is rebuilt once per
-    trial, in eval mode, with gradients off; its forward runs under ``torch.no_grad()``.
-    Setups: ``ce`` (cross-entropy), ``kd`` (+ soft cross-entropy at ``temperature``),
-    ``kd_feat`` (+ MSE on layer1/layer2/layer4 feature maps); see ``trainables.losses``.
-    Both models go through ``torch.compile`` when ``use_compile``. Reports ``test_acc`` (and
-    ``val_acc`` with ``--val-size``), ``train_loss``, one ``loss_<term>`` per summand and
-    ``warmup_seconds`` each epoch.
-    """
-    device = pick_device()
-    setup_torch(config, device)
-    setup = config["setup"]
-    student = _on_device(build_student(config["arch"], num_classes=config["num_classes"],
-                                       stem=config["stem"]), device)
-    teacher_model = frozen_teacher(teacher, device) if needs_teacher(setup) else None
-    loss_fn = student_loss(setup, student, teacher_model, float(config["temperature"]),
-                           compile_backend(config, device))
-    _fit(config, data, student, "student", loss_fn, device)

@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_trainable(role: str, space: dict, data, teacher: dict | None) -> list[dict]:
     """``train_teacher``/``train_student`` called directly; returns the reported metrics."""
-    from trainables import train
+    from trainables import student, train
 
     reports = []
 
@@ -88,7 +88,7 @@ def run_trainable(role: str, space: dict, data, teacher: dict | None) -> list[di
         if role == "teacher":
             train.train_teacher(dict(space), data=data)
         else:
-            train.train_student(dict(space), data=data, teacher=teacher)
+            student.train_student(dict(space), data=data, teacher=teacher)
     return reports
 
 
@@ -133,7 +133,7 @@ def flops_per_image(role: str, config, setup: str = "ce", batch: int = 2) -> flo
 
     from models import build_student, build_teacher
     from trainables.losses import distillation_loss
-    from trainables.train import student_loss
+    from trainables.student import student_loss
 
     x, y = torch.randn(batch, 3, 32, 32), torch.arange(batch) % 10
     teacher = build_teacher(config.arch, stem=config.stem, weights=None)

@@ -12,7 +12,7 @@ Measures, at one batch size, on ``--device`` (cpu or cuda), in one run:
   moved to the device;
 * ``teacher forward``: ``build_teacher(arch)`` in eval mode under ``torch.no_grad()``;
 * ``student step <setup>`` for ce, kd, kd_feat: one optimisation step as in
-  ``trainables.train.train_student`` (teacher forward for kd/kd_feat, the setup's loss, backward,
+  ``trainables.student.train_student`` (teacher forward for kd/kd_feat, the setup's loss, backward,
   Adam step, the loss terms summed on the device as ``_fit`` does: no read-back per step) on a
   fixed, already-made batch.
 
@@ -46,8 +46,8 @@ from models import ARCHS, STEMS, build_student, build_teacher  # noqa: E402
 from study import SETUPS, needs_teacher  # noqa: E402
 from trainables.batches import stratified_subset, train_batches  # noqa: E402
 from trainables.data import CIFAR10_MEAN, CIFAR10_STD, load_cifar10  # noqa: E402
-from trainables.train import (autocast, compile_backend, maybe_compile, setup_torch,  # noqa: E402
-                              student_loss)
+from trainables.student import student_loss  # noqa: E402
+from trainables.train import autocast, compile_backend, maybe_compile, setup_torch  # noqa: E402
 
 PIPELINE = "data pipeline"
 BASELINE = "DataLoader baseline"
@@ -188,7 +188,7 @@ def baseline_loader(images: torch.Tensor, labels: torch.Tensor, args, device: to
 def student_step_fn(setup: str, args, device: torch.device, teacher: torch.nn.Module | None,
                     fmt: torch.memory_format) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """One optimisation step of a fresh student, as ``trainables.train._fit`` runs it with
-    ``train_student``'s loss (``trainables.train.student_loss``, compiled per ``--compile``);
+    ``train_student``'s loss (``trainables.student.student_loss``, compiled per ``--compile``);
     returns the running float64 sums of loss * batch per term, on the device (never read)."""
     student = build_student(args.arch, num_classes=10, stem=args.stem).to(device)
     student = student.to(memory_format=fmt).train()

@@ -3,7 +3,7 @@
 
 Parts (``--parts``, run in this order, all in one process and one Ray instance):
 
-* ``direct``: ``trainables.train.train_student`` called as a plain function with the study's
+* ``direct``: ``trainables.student.train_student`` called as a plain function with the study's
   config (``study.make_config`` + ``driver.tuning.trial_config``), ``tune.report`` replaced by
   a recorder (outside a Tune session Ray 2.49's ``tune.report`` is a no-op and
   ``tune.get_checkpoint`` returns None, so the loop runs unchanged; the per-epoch checkpoint is
@@ -140,7 +140,7 @@ def teacher_payload(config) -> dict:
 def run_direct(space: dict, data, teacher: dict | None) -> dict:
     """``train_student`` (``train_teacher`` when ``teacher`` is None) as a plain call; returns
     per-epoch wall times and the metrics."""
-    from trainables import train
+    from trainables import student, train
 
     stamps, metrics = [], []
 
@@ -155,7 +155,7 @@ def run_direct(space: dict, data, teacher: dict | None) -> dict:
         if teacher is None:
             train.train_teacher(dict(space), data=data)
         else:
-            train.train_student(dict(space), data=data, teacher=teacher)
+            student.train_student(dict(space), data=data, teacher=teacher)
     total = time.perf_counter() - t0
     torch.set_num_threads(threads)
     epochs = [b - a for a, b in zip([t0] + stamps[:-1], stamps)]
@@ -282,7 +282,8 @@ def prepare(args, config, data, teacher: dict, storage: str, cores: int, gpus: f
     from ray import tune
 
     from driver import tuning
-    from trainables.train import train_student, train_teacher
+    from trainables.student import train_student
+    from trainables.train import train_teacher
 
     threads = args.threads or cores
     student = tune.with_parameters(train_student, data=data, teacher=teacher)

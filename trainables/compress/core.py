@@ -150,7 +150,7 @@ class RecipeRun:
             clock stays exact.
         loss_fn: ``loss_fn(x, y) -> (loss, terms)`` on a batch already on the model's device:
             ``loss`` a 0-d float tensor with gradient w.r.t. ``model``, ``terms`` name ->
-            detached 0-d tensor (e.g. ``trainables.train.student_loss``). It must call ``model``
+            detached 0-d tensor (e.g. ``trainables.student.student_loss``). It must call ``model``
             itself, so that it runs what the model is at that step (QAT modules included).
             None: cross-entropy of ``model(x)`` to ``y``, one term ``ce``.
         autocast: ``autocast(device)`` -> the context the forward pass and loss run in, used

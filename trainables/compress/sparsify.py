@@ -3,7 +3,7 @@
 ``sparsify_student`` is a plain function; ``orchestrate.py`` runs it as a Ray task on the
 training device (``ray.remote(num_gpus=..., num_cpus=...)``). No stopping rule applies here:
 the recipe's epochs rule. The fine-tuning and QAT loss is ``SparsifySettings.loss``: by default (``--sparsify-loss
-setup``) the winning setup's own, through the students' ``trainables.train.student_loss`` with the
+setup``) the winning setup's own, through the students' ``trainables.student.student_loss`` with the
 frozen teacher (soft targets at the students' temperature; for ``kd_feat`` also the layer1/2/4
 feature MSE, the student's feature maps read by hooks so they follow SparseML's QAT module swap), or
 cross-entropy to the labels (``ce``). On a GPU with bf16 the epochs before QAT run under bf16
@@ -43,7 +43,8 @@ from trainables.data import CIFAR10Tensors
 from trainables.compress.export import export_model_onnx, model_metadata
 from trainables.compress.checkpoint import load_recipe_checkpoint, same_recipe
 from trainables.compress.core import RecipeRun, global_sparsity, is_quantized, load_recipe, weight_sparsity
-from trainables.train import MODEL_FILE, autocast, evaluate, frozen_teacher, pick_device, student_loss
+from trainables.student import frozen_teacher, student_loss
+from trainables.train import MODEL_FILE, autocast, evaluate, pick_device
 
 __all__ = ["SparsifySettings", "sparsify_student"]
 
