@@ -13,8 +13,8 @@ from typing import Any
 
 from study import LOSS_TERMS, SETUP_INFO, SETUPS, RunLayout, selection_metric
 from study.config import swept_fields, variant_label
+from study.layout import QDQ_MODEL, SPARSE_MODELS
 
-SPARSE_MODELS = ("pruned", "pruned_quantized")
 MODELS = ("teacher", *SETUPS, *SPARSE_MODELS)
 #: The columns of the report's loss plot (``report.ipynb``) and their legends: the total, then one
 #: ``loss_<term>`` per summand of ``study.LOSS_TERMS``.
@@ -273,4 +273,5 @@ def _describe(run: RunData, model: str) -> str:
         **{setup: info.formula for setup, info in SETUP_INFO.items()},
         "pruned": f"{base}, pruned",
         "pruned_quantized": f"{base}, pruned + INT8",
+        QDQ_MODEL: f"{base}, pruned + INT8 (QDQ export)",
     }.get(model, "")

@@ -191,7 +191,8 @@ def findings(run: RunData) -> list[str]:
     for column in ("best_test_acc", "test_acc"):
         if math.isnan(dense) and base:
             dense = _value(_results_row(run, base, seed, variant), column)
-    pruned, quant = (_results_row(run, m) for m in SPARSE_MODELS)
+    rows = {m: _results_row(run, m) for m in SPARSE_MODELS}
+    pruned, quant = rows["pruned"], rows["pruned_quantized"]  # the QDQ export shares quant's torch numbers
     if base and not math.isnan(dense) and (pruned is not None or quant is not None):
         parts = []
         if pruned is not None:
@@ -206,7 +207,7 @@ def findings(run: RunData) -> list[str]:
         trained = f", fine-tuned with {RECIPE_LOSS_WORDS.get(loss, loss)}" if loss else ""
         text = f"Sparsifying the {which} ({_pct(dense)} dense, PyTorch{trained}): " + "; ".join(parts) + "."
         onnx = [f"{m} {_pct(_value(r, 'onnx_test_acc'))}"
-                for m, r in ((f"dense {base}", _results_row(run, base, seed, variant)), *zip(SPARSE_MODELS, (pruned, quant)))
+                for m, r in ((f"dense {base}", _results_row(run, base, seed, variant)), *rows.items())
                 if r is not None and not math.isnan(_value(r, "onnx_test_acc"))]
         if onnx:
             text += f" Exported to ONNX and run in {run.onnx_accuracy_engine}: {', '.join(onnx)}."

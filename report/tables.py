@@ -197,16 +197,17 @@ def show_table(table, title: str, note: str | None = None) -> None:
 
 def model_order(model: str) -> tuple:
     """Sort key of a benchmark model: ``dense``, ``dense_int8``, then by sparsity target (the tag's
-    percent; the untagged target, the recipe's own, as 80), ``pruned`` before ``pruned_quantized``."""
+    percent; the untagged target, the recipe's own, as 80), its models in ``SPARSE_MODELS`` order
+    (pruned, pruned_quantized, pruned_quantized_qdq)."""
     import re
 
     if model in ("dense", "dense_int8"):
         return (0.0, ("dense", "dense_int8").index(model))
-    m = re.match(r"^(pruned|pruned_quantized)(?:_s(\d+)(?:p(\d+))?)?$", str(model))
+    m = re.match(rf"^({'|'.join(SPARSE_MODELS)})(?:_s(\d+)(?:p(\d+))?)?$", str(model))
     if not m:
         return (1e9, 0)
     percent = float(f"{m.group(2)}.{m.group(3) or 0}") if m.group(2) else 80.0
-    return (percent, 0 if m.group(1) == "pruned" else 1)
+    return (percent, SPARSE_MODELS.index(m.group(1)))
 
 
 def bench_order(model: str, engine: str) -> tuple:
@@ -224,7 +225,7 @@ _BENCH_ORDER = {key: rank for rank, key in enumerate(sorted(
 
 def benchmark_frame(run: RunData):
     """``benchmark.csv`` sorted (batch size, then ``bench_order``: dense, dense_int8, each target's
-    pruned and pruned_quantized, engines in display order)
+    ``SPARSE_MODELS``, engines in display order)
     with ``name`` ("model (engine)" on two lines), ``speedup`` (items_per_sec / that of dense on
     onnxruntime at the same batch size; NaN without that baseline) and ``speed_label`` (bar text)."""
     import pandas as pd

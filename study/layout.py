@@ -16,8 +16,14 @@ from typing import NamedTuple, Optional
 
 from study.files import DigestMismatchError, check_digests
 
+#: The QAT model exported as a QDQ graph (QuantizeLinear/DequantizeLinear around float Conv/Gemm,
+#: ``convert_qat=False``): the form OpenVINO and onnxruntime run in INT8; ``pruned_quantized`` is the
+#: same model as ConvInteger/MatMulInteger (``convert_qat=True``), the form DeepSparse runs.
+QDQ_MODEL = "pruned_quantized_qdq"
+#: The models each sparsity target exports (their file names carry the target's tag), in report order.
+SPARSE_MODELS: tuple[str, ...] = ("pruned", "pruned_quantized", QDQ_MODEL)
 #: The exported models of one sparsity target, in the order the study reports them.
-ONNX_MODELS: tuple[str, ...] = ("dense", "pruned", "pruned_quantized")
+ONNX_MODELS: tuple[str, ...] = ("dense", *SPARSE_MODELS)
 #: The dense model, INT8 by static post-training quantization (``trainables.compress.ptq``): the
 #: peer a user would try first, made by the sparsify stage next to ``dense``.
 PTQ_MODEL = "dense_int8"
@@ -28,7 +34,7 @@ DENSE_MODELS: tuple[str, ...] = ("dense", PTQ_MODEL)
 STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "teacher": ("teacher", "teacher.pt"), "students": ("students",), "sparsify": ("onnx", "sparsify"),
     "bench": ("benchmark.csv", "onnx_accuracy.json")}
-_MODEL_NAME = re.compile(r"^(dense|dense_int8|(pruned|pruned_quantized)(_s\d+(p\d+)?)?)$")
+_MODEL_NAME = re.compile(r"^(dense|dense_int8|(pruned|pruned_quantized|pruned_quantized_qdq)(_s\d+(p\d+)?)?)$")
 
 
 class Target(NamedTuple):
@@ -40,9 +46,10 @@ class Target(NamedTuple):
     tag: str
 
     @property
-    def models(self) -> tuple[str, str]:
-        """``(pruned<tag>, pruned_quantized<tag>)``."""
-        return f"pruned{self.tag}", f"pruned_quantized{self.tag}"
+    def models(self) -> tuple[str, ...]:
+        """``(pruned<tag>, pruned_quantized<tag>, pruned_quantized_qdq<tag>)``: ``SPARSE_MODELS``
+        with this target's tag."""
+        return tuple(f"{kind}{self.tag}" for kind in SPARSE_MODELS)
 
 
 def recipe_sparsity(recipe: str | os.PathLike) -> Optional[float]:
@@ -81,7 +88,7 @@ def sparsity_targets(sparsities, recipe: str | os.PathLike) -> list[Target]:
 
 def model_names(targets) -> list[str]:
     """Every model of a run with these ``Target``s, in report order: ``dense``, ``dense_int8``,
-    then each target's pruned and pruned_quantized."""
+    then each target's ``SPARSE_MODELS`` (pruned, pruned_quantized, pruned_quantized_qdq)."""
     return [*DENSE_MODELS, *(name for t in targets for name in t.models)]
 
 
@@ -143,10 +150,10 @@ class RunLayout:
 
     def onnx(self, name: str) -> Path:
         """Path of exported model ``name`` (``dense``, ``dense_int8``, ``pruned[_s<pct>]``,
-        ``pruned_quantized[_s<pct>]``); ValueError otherwise."""
+        ``pruned_quantized[_s<pct>]``, ``pruned_quantized_qdq[_s<pct>]``); ValueError otherwise."""
         if not _MODEL_NAME.match(str(name)):
             raise ValueError(f"unknown model {name!r}; allowed: dense, dense_int8, pruned[_s<percent>], "
-                             "pruned_quantized[_s<percent>]")
+                             "pruned_quantized[_s<percent>], pruned_quantized_qdq[_s<percent>]")
         return self.onnx_dir / f"{name}.onnx"
 
     def check_onnx(self, summary: dict, models=None) -> None:

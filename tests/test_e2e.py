@@ -50,7 +50,8 @@ def test_results_table_has_every_model(smoke_run):
     rows taken from the wrong epoch, trial or setup (e.g. the last checkpoint instead of the best,
     or the earlier of tied epochs)."""
     table = pd.read_csv(smoke_run / "results.csv")
-    assert list(table["model"]) == ["teacher", "ce", "kd", "kd_feat", "pruned", "pruned_quantized"]
+    assert list(table["model"]) == ["teacher", "ce", "kd", "kd_feat", "pruned", "pruned_quantized",
+                                    "pruned_quantized_qdq"]
     assert table["test_acc"].between(0, 1).all()
     trained = table.set_index("model").loc[["teacher", "ce", "kd", "kd_feat"]]
     for model, frame in _histories(smoke_run).items():
@@ -63,12 +64,12 @@ def test_results_table_has_every_model(smoke_run):
     assert trained.loc["teacher", "params"] == 11_173_962
     assert (trained.loc[["ce", "kd", "kd_feat"], "params"] == 9_993_290).all()
     summary = json.loads((smoke_run / "sparsify" / "summary.json").read_text())
-    sparse = table.set_index("model").loc[["pruned", "pruned_quantized"]]
-    for name in ("pruned", "pruned_quantized"):
+    sparse = table.set_index("model").loc[["pruned", "pruned_quantized", "pruned_quantized_qdq"]]
+    for name in ("pruned", "pruned_quantized", "pruned_quantized_qdq"):
         assert sparse.loc[name, "weight_sparsity"] == pytest.approx(summary[f"weight_sparsity_{name}"], abs=1e-9)
         assert sparse.loc[name, "test_acc"] == pytest.approx(summary[f"test_acc_{name}"], abs=1e-9)
     accuracies = json.loads((smoke_run / "onnx_accuracy.json").read_text())
-    assert list(sparse["onnx_test_acc"]) == [accuracies["pruned"], accuracies["pruned_quantized"]]
+    assert list(sparse["onnx_test_acc"]) == [accuracies[m] for m in ("pruned", "pruned_quantized", "pruned_quantized_qdq")]
     assert (sparse["base"] == summary["setup"]).all()
     assert json.loads((smoke_run / "config.json").read_text())["train_subset"] == 300
 
@@ -109,7 +110,8 @@ def test_student_trials_overlapped_in_time(smoke_run):
 def test_exported_models_are_sparse_and_quantized(smoke_run):
     """The sparsities read back from the exported files are the recipe's 0.80 and what the
     summary (and so results.csv) reports; the quantized graph computes its convolutions in
-    integers. Catches an export of the wrong model state (dense, or before the masks applied)."""
+    integers, its QDQ twin quantizes around float Conv/Gemm. Catches an export of the wrong model
+    state (dense, or before the masks applied)."""
     onnx_dir = smoke_run / "onnx"
     summary = json.loads((smoke_run / "sparsify" / "summary.json").read_text())
     dense, _ = onnx_weight_sparsity(onnx_dir / "dense.onnx")
@@ -121,11 +123,15 @@ def test_exported_models_are_sparse_and_quantized(smoke_run):
     assert quantized == pytest.approx(summary["weight_sparsity_pruned_quantized"], abs=0.005)
     assert onnx_op_types(onnx_dir / "pruned_quantized.onnx") & {"ConvInteger", "QLinearConv"}
     assert not onnx_op_types(onnx_dir / "pruned.onnx") & {"ConvInteger", "QLinearConv"}
+    qdq_ops = onnx_op_types(onnx_dir / "pruned_quantized_qdq.onnx")
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= qdq_ops and not qdq_ops & {"ConvInteger", "QLinearConv"}
+    qdq, _ = onnx_weight_sparsity(onnx_dir / "pruned_quantized_qdq.onnx")
+    assert qdq == pytest.approx(summary["weight_sparsity_pruned_quantized_qdq"], abs=0.005)
 
 
 def test_benchmark_table(smoke_run):
     bench = pd.read_csv(smoke_run / "benchmark.csv")
-    expected = {(m, e, b) for m in ("dense", "dense_int8", "pruned", "pruned_quantized")
+    expected = {(m, e, b) for m in ("dense", "dense_int8", "pruned", "pruned_quantized", "pruned_quantized_qdq")
                 for e in ("deepsparse", "onnxruntime", "openvino") for b in (1, 32)}
     assert set(zip(bench["model"], bench["engine"], bench["batch_size"])) == expected
     assert (bench["rounds"] == 2).all() and bench["accuracy"].between(0, 1).all()
@@ -134,6 +140,11 @@ def test_benchmark_table(smoke_run):
     assert (bench["latency_p99_ms"] >= bench["latency_p50_ms"]).all()
     assert bench["num_cores"].nunique() == 1 and bench["isa"].isin(["avx2", "avx512"]).all()
     assert (bench["status"] == "ok").all() and bench["error"].isna().all()  # empty in the CSV
+    graphs = bench.drop_duplicates("model").set_index("model")["graph"]
+    assert (graphs["pruned_quantized"], graphs["pruned_quantized_qdq"]) == ("ConvInteger INT8", "QDQ INT8")
+    # the QAT model runs as INT8 on OpenVINO in its QDQ form: u8/i8 convolutions, read back
+    ov = bench[(bench["model"] == "pruned_quantized_qdq") & (bench["engine"] == "openvino")]
+    assert len(ov) == 2 and all({"u8", "i8"} & set(p.split("+")) for p in ov["precision"]), list(ov["precision"])
 
 
 def test_sparsify_records_agree_with_each_other(smoke_run):
@@ -226,7 +237,7 @@ def test_the_run_prints_one_line_per_epoch_and_no_known_noise(smoke_run):
                       "Checkpoint successfully created", "Trial status", "Wrote the latest version",
                       "snapshotting", "Started a local Ray instance"):
             assert noise not in log, noise
-        assert len(log.splitlines()) < 110  # the benchmark table: 24 rows (4 models x 3 engines x 2 batch sizes)
+        assert len(log.splitlines()) < 120  # the benchmark table: 30 rows (5 models x 3 engines x 2 batch sizes)
     interrupted, resumed = logs
     assert "[teacher] epoch 2: test_acc" in interrupted and "recipe epoch" not in interrupted
     assert "exists: skipping the teacher stage" in resumed and "[students] restoring the experiment" in resumed
@@ -272,7 +283,7 @@ def test_the_recipe_trains_with_the_winning_setups_loss_by_default(smoke_run):
     terms = {"ce": ["ce"], "kd": ["ce", "soft_ce"], "kd_feat": ["ce", "soft_ce", "mse_layer1",
                                                                  "mse_layer2", "mse_layer4"]}
     assert summary["loss"] == summary["setup"]
-    for name in ("pruned", "pruned_quantized"):
+    for name in ("pruned", "pruned_quantized", "pruned_quantized_qdq"):
         assert read_metadata(smoke_run / "onnx" / f"{name}.onnx")["recipe_loss"] == summary["loss"]
     assert "recipe_loss" not in read_metadata(smoke_run / "onnx" / "dense.onnx")
     assert [c for c in history.columns if c.startswith("loss_")] == [f"loss_{t}" for t in terms[summary["loss"]]]

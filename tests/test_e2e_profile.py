@@ -30,17 +30,19 @@ def profile_run(cifar_root, tmp_path_factory):
 
 def test_smoke_run_end_to_end_on_this_python(profile_run):
     results = pd.read_csv(profile_run / "results.csv")
-    assert list(results["model"]) == ["teacher", "ce", "kd", "kd_feat", "pruned", "pruned_quantized"]
+    assert list(results["model"]) == ["teacher", "ce", "kd", "kd_feat", "pruned", "pruned_quantized",
+                                      "pruned_quantized_qdq"]
     assert results["test_acc"].between(0, 1).all()
-    sparse = results.set_index("model").loc[["pruned", "pruned_quantized"]]
+    sparse = results.set_index("model").loc[["pruned", "pruned_quantized", "pruned_quantized_qdq"]]
     assert sparse["weight_sparsity"].between(0.79, 0.81).all() and sparse["onnx_test_acc"].between(0, 1).all()
     onnx_dir = profile_run / "onnx"
     assert sorted(p.name for p in onnx_dir.glob("*.onnx")) == ["dense.onnx", "dense_int8.onnx", "pruned.onnx",
-                                                             "pruned_quantized.onnx"]
+                                                             "pruned_quantized.onnx", "pruned_quantized_qdq.onnx"]
     assert onnx_weight_sparsity(onnx_dir / "pruned.onnx")[0] == pytest.approx(0.80, abs=0.01)
     assert onnx_op_types(onnx_dir / "pruned_quantized.onnx") & {"ConvInteger", "QLinearConv"}
+    assert onnx_op_types(onnx_dir / "pruned_quantized_qdq.onnx") >= {"QuantizeLinear", "DequantizeLinear", "Conv"}
     summary = json.loads((profile_run / "sparsify" / "summary.json").read_text())
-    assert set(summary["sha256"]) == {"dense", "dense_int8", "pruned", "pruned_quantized"}
+    assert set(summary["sha256"]) == {"dense", "dense_int8", "pruned", "pruned_quantized", "pruned_quantized_qdq"}
     assert onnx_op_types(onnx_dir / "dense_int8.onnx") >= {"QuantizeLinear", "DequantizeLinear"}  # NNCF's PTQ
 
 
@@ -49,7 +51,7 @@ def test_benchmark_rows_name_the_engine_versions_that_ran(profile_run):
 
     bench = pd.read_csv(profile_run / "benchmark.csv")
     assert (bench["status"] == "ok").all() and (bench["items_per_sec"] > 0).all()
-    models = ["dense", "dense_int8", "pruned", "pruned_quantized"]
+    models = ["dense", "dense_int8", "pruned", "pruned_quantized", "pruned_quantized_qdq"]
     for engine in ("onnxruntime", "openvino"):  # every model on every engine, at batch 1 and 32
         rows = bench[bench["engine"] == engine]
         assert sorted(set(zip(rows["model"], rows["batch_size"]))) == [(m, b) for m in models for b in (1, 32)]

@@ -20,8 +20,11 @@ def test_report_orders_rows_by_model_then_engine_display_order():
 
     shown = sorted(_BENCH_ORDER, key=_BENCH_ORDER.get)
     engines = ["onnxruntime", "deepsparse", "openvino"]
-    assert shown == [(m, e) for m in ("dense", "dense_int8", "pruned", "pruned_quantized") for e in engines]
-    # targets by sparsity, the untagged one (the recipe's own) as 80 %
-    models = ["pruned_quantized_s90", "pruned", "dense_int8", "pruned_s50", "dense", "pruned_quantized_s50"]
+    assert shown == [(m, e) for m in ("dense", "dense_int8", "pruned", "pruned_quantized", "pruned_quantized_qdq")
+                     for e in engines]
+    # targets by sparsity, the untagged one (the recipe's own) as 80 %; the QDQ export after the ConvInteger one
+    models = ["pruned_quantized_s90", "pruned_quantized_qdq_s50", "pruned", "dense_int8", "pruned_s50", "dense",
+              "pruned_quantized_qdq", "pruned_quantized_s50"]
     assert sorted(models, key=lambda m: bench_order(m, "deepsparse")) == [
-        "dense", "dense_int8", "pruned_s50", "pruned_quantized_s50", "pruned", "pruned_quantized_s90"]
+        "dense", "dense_int8", "pruned_s50", "pruned_quantized_s50", "pruned_quantized_qdq_s50", "pruned",
+        "pruned_quantized_qdq", "pruned_quantized_s90"]

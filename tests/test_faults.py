@@ -194,7 +194,7 @@ def test_an_interrupted_recipe_resumes_to_the_same_results(smoke_run, tmp_path, 
     resumed = sparsify_in_process(out, straight["setup"])
     assert "resumed the recipe after epoch 1/2" in capsys.readouterr().out
     for key in ("trial_id", "loss", "test_acc_dense", "test_acc_pruned", "test_acc_pruned_quantized",
-                "weight_sparsity_pruned", "weight_sparsity_pruned_quantized"):
+                "test_acc_pruned_quantized_qdq", "weight_sparsity_pruned", "weight_sparsity_pruned_quantized"):
         assert resumed[key] == straight[key], key
     assert resumed["sha256"]["dense"] == straight["sha256"]["dense"]  # exported before the kill, kept
     columns = ["epoch", "train_loss", "test_acc", "sparsity", "lr", "quantized", "steps"]

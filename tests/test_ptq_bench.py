@@ -30,8 +30,8 @@ def test_targets_carry_their_sparsity_unless_it_is_the_recipes_own():
     assert [target_tag(s, 0.8) for s in (0.5, 0.8, 0.9, 0.875)] == ["_s50", "", "_s90", "_s87p5"]
     targets = sparsity_targets((0.5, 0.8), RECIPE)
     assert targets == [Target(0.5, "_s50"), Target(0.8, "")]
-    assert model_names(targets) == ["dense", "dense_int8", "pruned_s50", "pruned_quantized_s50", "pruned",
-                                    "pruned_quantized"]
+    assert model_names(targets) == ["dense", "dense_int8", "pruned_s50", "pruned_quantized_s50",
+                                    "pruned_quantized_qdq_s50", "pruned", "pruned_quantized", "pruned_quantized_qdq"]
     assert dense_owner(targets) == Target(0.8, "")  # the untagged target exports dense
     assert dense_owner(sparsity_targets((0.5, 0.9), RECIPE)) == Target(0.5, "_s50")  # else the first
     assert sparsity_targets((), RECIPE) == [Target(None, "")]  # default: the recipe's own, as always
@@ -40,6 +40,7 @@ def test_targets_carry_their_sparsity_unless_it_is_the_recipes_own():
                                                                               "recipe_checkpoint_s50.pt")
     assert RunLayout("run").sparsify_summary.name == "summary.json"
     assert layout.onnx("pruned_quantized_s50").name == "pruned_quantized_s50.onnx"
+    assert layout.onnx("pruned_quantized_qdq_s50").name == "pruned_quantized_qdq_s50.onnx"
     with pytest.raises(ValueError, match="unknown model"):
         layout.onnx("pruned_s50; rm")
 

@@ -307,6 +307,8 @@ def _seeds_run(tmp_path):
          "onnx_test_acc": 0.195},
         {"model": "pruned_quantized", "seed": 1, "test_acc": 0.18, "weight_sparsity": 0.8, "base": "kd",
          "params": 9e6, "onnx_test_acc": 0.18},
+        {"model": "pruned_quantized_qdq", "seed": 1, "test_acc": 0.18, "weight_sparsity": 0.8, "base": "kd",
+         "params": 9e6, "onnx_test_acc": 0.185},
     ])
     setups = pd.DataFrame([
         {"setup": "ce", "seeds": 2, "test_acc_mean": 0.22, "test_acc_std": 0.0141421, "ci95_low": 0.04,
@@ -336,9 +338,11 @@ def test_setups_and_sparse_tables_of_a_seeds_run(tmp_path):
                                     "weight sparsity (%)"]
     assert sparse.values.tolist() == [["dense kd s1 (best epoch)", "", "28.0", "", "27.5", ""],
                                       ["pruned", "kd s1", "20.0", "-8.0", "19.5", "80.0"],
-                                      ["pruned_quantized", "kd s1", "18.0", "-10.0", "18.0", "80.0"]]
+                                      ["pruned_quantized", "kd s1", "18.0", "-10.0", "18.0", "80.0"],
+                                      ["pruned_quantized_qdq", "kd s1", "18.0", "-10.0", "18.5", "80.0"]]
     table = report.accuracy_table(run)
-    assert list(table["seed"]) == ["0", "0", "1", "0", "1", "1", "1"]
+    assert list(table["seed"]) == ["0", "0", "1", "0", "1", "1", "1", "1"]
+    assert table["model"].iloc[-1] == "pruned_quantized_qdq"
     assert "val acc (best epoch)" in table and "only reported" in report.accuracy_note(table, run)
     lines = report.findings(run)
     assert lines[0].startswith("Winner by mean validation accuracy over 2 seeds: kd (test accuracy 27.0 %, "
@@ -346,6 +350,8 @@ def test_setups_and_sparse_tables_of_a_seeds_run(tmp_path):
                                "Welch's t-test p = 0.0572: not significant at the 0.05 level.")
     assert "Sparsifying the kd student (seed 1, its best seed) (28.0 % dense, PyTorch, fine-tuned with the kd " \
            "loss (labels and the frozen teacher's soft targets)): pruning" in lines[1]
+    assert lines[1].endswith("Exported to ONNX and run in DeepSparse: dense kd 27.5 %, pruned 19.5 %, "
+                             "pruned_quantized 18.0 %, pruned_quantized_qdq 18.5 %.")
     summary = report.run_summary(run)
     assert "300 training (100 of them held out for validation) / 200 test images" in summary
     assert "stop when validation accuracy changes" in summary and "2 seeds per setup (0..1)" in summary

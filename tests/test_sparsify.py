@@ -78,6 +78,7 @@ def sparsified(tmp_path_factory):
     history = RecipeRun(model, manager, optimizer, train_batches, evaluate,
                         on_pruning_end=on_pruning_end, log=None).run()
     quant_path = export_model_onnx(model, out / "quantized.onnx", convert_qat=True, metadata=METADATA)
+    qdq_path = export_model_onnx(model, out / "quantized_qdq.onnx")  # the same QAT model, convert_qat=False
     return {
         "dir": out,
         "model": model,
@@ -88,6 +89,8 @@ def sparsified(tmp_path_factory):
         "dense_inputs": images[:32].numpy(),
         "pruned": str(out / "pruned.onnx"),
         "quantized": quant_path,
+        "quantized_qdq": qdq_path,
+        "images": images.numpy(),
     }
 
 
@@ -179,6 +182,31 @@ def test_quantized_onnx_has_integer_convs_and_keeps_sparsity(sparsified):
     assert ops & {"ConvInteger", "QLinearConv"}, ops
     frac, per = onnx_weight_sparsity(sparsified["quantized"])  # zero point aware
     assert len(per) == 4 and frac >= 0.79
+
+
+def test_qdq_export_of_the_qat_model_is_qdq_sparse_and_agrees_with_the_convinteger_file(sparsified):
+    """``convert_qat=False`` on the QAT model (``pruned_quantized_qdq``): QuantizeLinear /
+    DequantizeLinear around float Conv/Gemm (the graph OpenVINO and onnxruntime run in INT8), no
+    ConvInteger; its weights keep the recipe's 80 % zeros; in onnxruntime it predicts what the
+    ConvInteger file predicts (argmax on >= 95 % of the 48 images, logits within 2 % of their range)."""
+    import onnxruntime as ort
+
+    from bench.benchmark import graph_kind
+
+    ops = onnx_op_types(sparsified["quantized_qdq"])
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm"} <= ops, ops
+    assert not ops & {"ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul"}, ops
+    assert graph_kind(sparsified["quantized_qdq"]) == "QDQ INT8"
+    assert graph_kind(sparsified["quantized"]) == "ConvInteger INT8"
+    frac, per = onnx_weight_sparsity(sparsified["quantized_qdq"])
+    assert len(per) == 4 and frac >= 0.79
+    assert frac == pytest.approx(global_sparsity(sparsified["model"]), abs=0.005)
+    x = sparsified["images"]
+    qdq, convinteger = (ort.InferenceSession(sparsified[key], providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+                        for key in ("quantized_qdq", "quantized"))
+    assert qdq.shape == convinteger.shape == (48, 10)
+    assert (qdq.argmax(1) == convinteger.argmax(1)).mean() >= 0.95
+    assert np.abs(qdq - convinteger).max() < 0.02 * np.abs(convinteger).max()
 
 
 def test_dense_onnx_matches_torch_in_onnxruntime_at_batch_1_and_32(sparsified):

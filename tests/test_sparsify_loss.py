@@ -15,6 +15,7 @@ import torch
 from sparseml.pytorch.utils import LoggerManager, PythonLogger
 from torch.ao.quantization import disable_observer
 
+from bench.benchmark import graph_kind
 from helpers import TinyResNet
 from models import build_student, build_teacher, feature_extractor, forward_features, save_checkpoint
 from trainables.data import CIFAR10Tensors
@@ -22,6 +23,7 @@ from study import RunLayout
 from study import SETUP_INFO
 from study.files import sha256_file
 from trainables.compress.checkpoint import CHECKPOINT_FORMAT
+from trainables.compress.export import read_metadata
 from trainables.compress.sparsify import SparsifySettings, sparsify_student
 from trainables.compress.core import RecipeRun, is_quantized, load_recipe
 from trainables.student import student_loss
@@ -141,6 +143,19 @@ def test_sparsify_student_records_the_loss_it_trained_with(tmp_path):
     history = (tmp_path / "run" / "sparsify" / "history.csv").read_text().splitlines()[0].split(",")
     assert [c for c in history if c.startswith("loss_")] == [f"loss_{t}" for t in SETUP_INFO["kd_feat"].terms]
     assert saved["weight_sparsity_pruned_quantized"] == pytest.approx(0.8, abs=0.01)
+    # the QAT model also as QDQ: its own file, metadata, digest and accuracy, the ConvInteger file kept
+    layout = RunLayout(tmp_path / "run")
+    assert set(saved["sha256"]) == {"dense", "dense_int8", "pruned", "pruned_quantized", "pruned_quantized_qdq"}
+    assert saved["models"] == {"pruned": "pruned", "pruned_quantized": "pruned_quantized",
+                               "pruned_quantized_qdq": "pruned_quantized_qdq"}
+    for name, graph in (("pruned_quantized", "ConvInteger INT8"), ("pruned_quantized_qdq", "QDQ INT8")):
+        assert sha256_file(layout.onnx(name)) == saved["sha256"][name] and graph_kind(layout.onnx(name)) == graph
+        meta = read_metadata(layout.onnx(name))
+        assert meta["variant"] == name and meta["recipe_loss"] == loss and "convert_qat" in meta["quantization"]
+        assert float(meta["test_acc"]) == pytest.approx(saved["test_acc_pruned_quantized"], abs=1e-6)
+    assert saved["test_acc_pruned_quantized_qdq"] == saved["test_acc_pruned_quantized"]
+    assert saved["weight_sparsity_pruned_quantized_qdq"] == saved["weight_sparsity_pruned_quantized"]
+    layout.check_onnx(saved)  # the layout's own list of a target's models: the QDQ one among them
 
 
 def _settings(output_dir, **fields):

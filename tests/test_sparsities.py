@@ -15,7 +15,8 @@ from study.files import sha256_file
 
 RUN = ("config.json", "teacher.pt", "teacher", "students", "onnx", "sparsify", "fingerprints",
        "results.csv", "setups.csv", "variants.csv", "benchmark.csv", "onnx_accuracy.json")
-MODELS = ("dense", "dense_int8", "pruned_s50", "pruned_quantized_s50", "pruned", "pruned_quantized")
+MODELS = ("dense", "dense_int8", "pruned_s50", "pruned_quantized_s50", "pruned_quantized_qdq_s50", "pruned",
+          "pruned_quantized", "pruned_quantized_qdq")
 ENGINES = ("deepsparse", "onnxruntime", "openvino")
 
 
@@ -49,19 +50,20 @@ def test_each_target_has_its_models_digests_and_measured_sparsity(two_targets):
     s50 = json.loads((out / "sparsify" / "summary_s50.json").read_text())
     s80 = json.loads((out / "sparsify" / "summary.json").read_text())
     assert (s50["sparsity"], s50["tag"], s80["sparsity"], s80["tag"]) == (0.5, "_s50", 0.8, "")
-    assert set(s50["sha256"]) == {"pruned_s50", "pruned_quantized_s50"}  # dense: the 0.8 target's
-    assert set(s80["sha256"]) == {"dense", "dense_int8", "pruned", "pruned_quantized"}
+    assert set(s50["sha256"]) == {"pruned_s50", "pruned_quantized_s50", "pruned_quantized_qdq_s50"}  # dense: 0.8's
+    assert set(s80["sha256"]) == {"dense", "dense_int8", "pruned", "pruned_quantized", "pruned_quantized_qdq"}
     for summary in (s50, s80):
         for name, digest in summary["sha256"].items():
             assert sha256_file(out / "onnx" / f"{name}.onnx") == digest, name
     assert s80["ptq_calibration_images"] == 128  # the smoke preset's
     # the weight sparsity read back from the exported files
-    for name, want in (("pruned_s50", 0.50), ("pruned_quantized_s50", 0.50), ("pruned", 0.80),
-                       ("pruned_quantized", 0.80)):
+    for name, want in (("pruned_s50", 0.50), ("pruned_quantized_s50", 0.50), ("pruned_quantized_qdq_s50", 0.50),
+                       ("pruned", 0.80), ("pruned_quantized", 0.80), ("pruned_quantized_qdq", 0.80)):
         assert onnx_weight_sparsity(out / "onnx" / f"{name}.onnx")[0] == pytest.approx(want, abs=0.01), name
     results = pd.read_csv(out / "results.csv").set_index("model")
     assert results.loc["pruned_s50", "weight_sparsity"] == pytest.approx(0.50, abs=0.01)
     assert results.loc["pruned_quantized", "weight_sparsity"] == pytest.approx(0.80, abs=0.01)
+    assert results.loc["pruned_quantized_qdq_s50", "weight_sparsity"] == pytest.approx(0.50, abs=0.01)
 
 
 def test_benchmark_has_every_model_on_every_engine_with_accuracy_and_size(two_targets):
@@ -80,6 +82,7 @@ def test_benchmark_has_every_model_on_every_engine_with_accuracy_and_size(two_ta
         sizes.loc["dense", "size_gzip_bytes"]
     assert sizes.loc["dense_int8", "graph"] == "QDQ INT8" and sizes.loc["pruned_quantized", "graph"] == \
         "ConvInteger INT8" and sizes.loc["dense", "graph"] == "FP32"
+    assert sizes.loc["pruned_quantized_qdq", "graph"] == sizes.loc["pruned_quantized_qdq_s50", "graph"] == "QDQ INT8"
     accuracy = json.loads((out / "onnx_accuracy.json").read_text())
     assert set(accuracy) == set(MODELS)
     ds = bench[(bench["engine"] == "deepsparse")].drop_duplicates("model").set_index("model")["accuracy"]

@@ -33,11 +33,11 @@ def test_projection_is_epochs_times_projected_epochs_plus_warmup():
     assert got["students (concurrent)"] == pytest.approx(4 * 14 + 2)
     # recipe_epochs 2: epoch 0 before QAT, epoch 1 QAT (recipes/prune_quantize.yaml); + 3 evaluations
     assert got["sparsify (1 + 1 QAT epochs)"] == pytest.approx(7 + 12 + 3 + 3 * 200 * 0.01)
-    # 3 engines x 4 models (dense, dense_int8, pruned, pruned_quantized) x 2 batch sizes x 2 rounds,
-    # each (0.5 + 0.2) s: the smoke preset's bench seconds and warm-up
-    assert got["bench (48 runs, fixed)"] == pytest.approx(48 * 0.7)
-    assert got["total"] == pytest.approx(15 + 58 + 28 + 48 * 0.7)
-    assert study_time.total_line(got.reset_index()) == f"total: {(15 + 58 + 28 + 48 * 0.7) / 60:.1f} min"
+    # 3 engines x 5 models (dense, dense_int8, pruned, pruned_quantized, pruned_quantized_qdq) x 2 batch
+    # sizes x 2 rounds, each (0.5 + 0.2) s: the smoke preset's bench seconds and warm-up
+    assert got["bench (60 runs, fixed)"] == pytest.approx(60 * 0.7)
+    assert got["total"] == pytest.approx(15 + 58 + 28 + 60 * 0.7)
+    assert study_time.total_line(got.reset_index()) == f"total: {(15 + 58 + 28 + 60 * 0.7) / 60:.1f} min"
 
 
 def test_flops_of_a_distillation_step_add_the_teacher_forward():

@@ -231,11 +231,13 @@ def test_results_columns_and_the_sparsified_rows_carry_the_swept_values():
     assert result_columns(make_config("smoke")) == RESULT_COLUMNS
     rows = [{"model": "kd", "seed": 1, "temperature": t, "params": 10} for t in (2.0, 8.0)]
     summary = {"setup": "kd", "recipe_epochs": 2.0, **{f"{k}_{m}": 0.1 for k in ("test_acc", "weight_sparsity")
-                                                       for m in ("pruned", "pruned_quantized")}}
+                                                       for m in ("pruned", "pruned_quantized", "pruned_quantized_qdq")}}
     rows += sparsified_rows(summary, rows, seed=1, values={"temperature": 8.0})
-    set_onnx_accuracy(rows, {"dense": 0.4, "pruned": 0.3, "pruned_quantized": 0.2}, "kd", 1, {"temperature": 8.0})
-    assert [r["onnx_test_acc"] for r in rows] == [None, 0.4, 0.3, 0.2]
-    assert [r["temperature"] for r in rows[2:]] == [8.0, 8.0]
+    set_onnx_accuracy(rows, {"dense": 0.4, "pruned": 0.3, "pruned_quantized": 0.2, "pruned_quantized_qdq": 0.25},
+                      "kd", 1, {"temperature": 8.0})
+    assert [r["model"] for r in rows[2:]] == ["pruned", "pruned_quantized", "pruned_quantized_qdq"]
+    assert [r["onnx_test_acc"] for r in rows] == [None, 0.4, 0.3, 0.2, 0.25]
+    assert [r["temperature"] for r in rows[2:]] == [8.0, 8.0, 8.0]
 
 
 def test_the_sweep_is_an_input_of_the_students():

@@ -68,7 +68,7 @@ def make_run(root: Path, mlflow_option: str | None = "local"):
                f"bbbbb_0000{i}", {**base, "seed": 0, "setup": setup}, epochs=3 + i, terms=SETUP_TERMS[setup])
     layout.onnx_dir.mkdir()
     digests = {}
-    for n, model in enumerate(("dense", "pruned", "pruned_quantized")):
+    for n, model in enumerate(("dense", "pruned", "pruned_quantized", "pruned_quantized_qdq")):
         layout.onnx(model).write_bytes(bytes([n]) * (1000 + n))
         digests[model] = _sha256(layout.onnx(model))
     layout.sparsify_dir.mkdir()
@@ -76,20 +76,23 @@ def make_run(root: Path, mlflow_option: str | None = "local"):
         "trial_id": "train_student_bbbbb_00002_2_seed=0,setup=kd_feat_2026-01-01", "setup": "kd_feat",
         "loss": "kd_feat", "temperature": 4.0, "arch": "resnet18", "recipe": "recipes/prune_quantize.yaml",
         "recipe_epochs": 2.0, "test_acc_dense": 0.3, "test_acc_pruned": 0.25, "test_acc_pruned_quantized": 0.24,
+        "test_acc_pruned_quantized_qdq": 0.24,
         "onnx": {m: str(layout.onnx(m)) for m in digests}, "sha256": digests}))
     layout.sparsify_history.write_text(
         "epoch,train_loss,loss_ce,test_acc,sparsity,lr,quantized,steps,precision,epoch_seconds\n"
         "0,2.39,2.39,0.175,0.8,0.0003,False,3,float32,25.9\n"
         "1,1.94,1.94,0.180,0.8,0.00004,True,3,int8,10.0\n")
     layout.layer_sparsity.write_text("layer,sparsity\nconv1,0.8\n")
-    bench_rows = [("dense", "deepsparse", 1), ("dense", "onnxruntime", 1), ("pruned_quantized", "deepsparse", 32)]
+    bench_rows = [("dense", "deepsparse", 1), ("dense", "onnxruntime", 1), ("pruned_quantized", "deepsparse", 32),
+                  ("pruned_quantized_qdq", "openvino", 32)]
     with open(layout.benchmark, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["model", "engine", "batch_size", "num_cores", "items_per_sec", "latency_mean_ms",
                          "latency_p50_ms", "latency_p99_ms", "isa", "vnni", "status", "error"])
         for k, (model, engine, batch) in enumerate(bench_rows):
             writer.writerow([model, engine, batch, 2, 300.0 + k, 3.0 + k, 2.9, 6.5, "avx512", True, "ok", ""])
-    layout.onnx_accuracy.write_text(json.dumps({"dense": 0.3, "pruned": 0.25, "pruned_quantized": 0.24}))
+    layout.onnx_accuracy.write_text(json.dumps({"dense": 0.3, "pruned": 0.25, "pruned_quantized": 0.24,
+                                                "pruned_quantized_qdq": 0.23}))
     layout.results.write_text("model,test_acc\nce,0.3\n")
     layout.setups.write_text("setup,mean\nce,0.3\n")
     return config
@@ -188,6 +191,8 @@ def test_recipe_run_holds_history_and_the_onnx_files_with_their_recorded_digests
     bench = runs_by_stage(tracked)["bench"][0]
     assert bench.data.metrics["dense/onnxruntime/batch_1/items_per_sec"] == 301.0
     assert bench.data.metrics["pruned_quantized/deepsparse/batch_32/latency_mean_ms"] == 5.0
+    assert bench.data.metrics["pruned_quantized_qdq/openvino/batch_32/items_per_sec"] == 303.0
+    assert bench.data.metrics["onnx_test_acc/pruned_quantized_qdq"] == 0.23
     artefacts = {f.path for f in client.list_artifacts(runs_by_stage(tracked)["study"][0].info.run_id)}
     assert {"results.csv", "setups.csv", "config.json"} <= artefacts
 

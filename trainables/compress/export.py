@@ -49,7 +49,7 @@ __all__ = ["export_model_onnx", "model_metadata", "read_metadata"]
 def model_metadata(*, variant: str, arch: str, stem: str, source_trial: str, setup: str,
                    recipe: str, recipe_epochs: float, weight_sparsity: float,
                    test_acc: float, recipe_loss: str | None, source_variant: dict | None = None,
-                   recipe_temperature: float | None = None) -> dict:
+                   recipe_temperature: float | None = None, quantization: str | None = None) -> dict:
     """The ``metadata_props`` of an exported classifier: everything a deployer needs to feed it
     and read its output, and where it came from. All values are strings (ONNX requires it);
     lists are JSON.
@@ -59,14 +59,15 @@ def model_metadata(*, variant: str, arch: str, stem: str, source_trial: str, set
     ``preprocessing`` (in words), ``normalization_mean`` / ``normalization_std`` (JSON lists,
     per RGB channel, of pixel values scaled to 0..1: ``trainables.data.CIFAR10_MEAN`` /
     ``CIFAR10_STD``, exactly what training used), ``output_name`` ("output"), ``output``
-    (in words), ``class_names`` (JSON list, in output order), ``variant`` (dense, pruned or
-    pruned_quantized), ``arch``, ``stem``, ``source_trial``, ``source_setup``, ``recipe``,
+    (in words), ``class_names`` (JSON list, in output order), ``variant`` (dense, pruned,
+    pruned_quantized or pruned_quantized_qdq), ``arch``, ``stem``, ``source_trial``, ``source_setup``, ``recipe``,
     ``recipe_epochs``, ``recipe_loss`` (pruned models only, ``recipe_loss`` not None: the setup
     whose loss the recipe trained with, ce, kd or kd_feat), ``recipe_temperature`` (pruned models
     whose recipe loss reads the teacher: the softmax temperature it used, the source trial's own),
     ``source_variant`` (JSON object: the source trial's swept values, ``--sweep``; ``{}`` without
     one), ``weight_sparsity`` (0..1 of conv/linear weights that are zero),
-    ``test_acc`` (torch test accuracy 0..1 when exported).
+    ``test_acc`` (torch test accuracy 0..1 when exported), ``quantization`` (INT8 files only,
+    ``quantization`` not None: how it was quantized and its graph form, in words).
     """
     return {
         "input_name": "input", "input_layout": "NCHW", "input_dtype": "float32",
@@ -84,6 +85,7 @@ def model_metadata(*, variant: str, arch: str, stem: str, source_trial: str, set
         **({} if recipe_temperature is None else {"recipe_temperature": f"{float(recipe_temperature):g}"}),
         "source_variant": json.dumps(source_variant or {}, sort_keys=False),
         "weight_sparsity": f"{weight_sparsity:.6f}", "test_acc": f"{test_acc:.6f}",
+        **({} if quantization is None else {"quantization": quantization}),
     }
 
 
@@ -141,7 +143,10 @@ def export_model_onnx(
         path: destination ``.onnx`` file; parent folders are created.
         convert_qat: convert a QAT model (fake-quant modules from SparseML's
             ``QuantizationModifier``) to a fully quantized ONNX graph
-            (ConvInteger/QLinearConv, int8 weights).
+            (ConvInteger/QLinearConv, int8 weights). False on a QAT model: a QDQ graph
+            (QuantizeLinear/DequantizeLinear around float Conv/Gemm, weights stored as float
+            initializers quantized through QuantizeLinear), the form OpenVINO and onnxruntime
+            compile to INT8 kernels.
         sample_batch: shape of the tracing input, or the input tensor itself. Its
             batch size does not matter: axis 0 is exported as dynamic ("batch").
         metadata: key -> string pairs stored as the file's ``metadata_props`` (e.g.

@@ -11,8 +11,10 @@ autocast, QAT epochs in float32 (fake-quant needs it).
 
 Outputs under ``output_dir`` (paths from ``study.RunLayout``; each written atomically):
 ``onnx/dense.onnx`` (the student as trained), ``onnx/pruned.onnx`` (FP32, saved when pruning ends,
-before QAT), ``onnx/pruned_quantized.onnx`` (``convert_qat=True``: INT8 ConvInteger/QLinearConv),
-each with ``metadata_props`` describing its input, output and origin (``export.model_metadata``);
+before QAT), ``onnx/pruned_quantized.onnx`` (``convert_qat=True``: INT8 ConvInteger/MatMulInteger, the
+form DeepSparse runs) and ``onnx/pruned_quantized_qdq.onnx`` (the same QAT model with
+``convert_qat=False``: QuantizeLinear/DequantizeLinear around float Conv/Gemm, the form OpenVINO and
+onnxruntime run in INT8), each with ``metadata_props`` describing its input, output and origin (``export.model_metadata``);
 ``sparsify/history.csv`` (per recipe epoch), ``sparsify/layer_sparsity.csv`` (per prunable layer
 of the pruned model) and ``sparsify/summary.json`` (written last: its presence marks the stage done;
 it records each ONNX file's sha256, which later stages and resumed runs check).
@@ -36,7 +38,7 @@ from torch import nn
 
 from models import load_checkpoint
 from study import SETUPS, RunLayout, needs_teacher
-from study.layout import PTQ_MODEL, Target, recipe_sparsity
+from study.layout import PTQ_MODEL, QDQ_MODEL, SPARSE_MODELS, Target, recipe_sparsity
 from study.files import atomic_write_text, check_digests, sha256_file
 from trainables.batches import normalize, train_batches
 from trainables.data import CIFAR10Tensors
@@ -47,6 +49,14 @@ from trainables.student import frozen_teacher, student_loss
 from trainables.train import MODEL_FILE, autocast, evaluate, pick_device
 
 __all__ = ["SparsifySettings", "sparsify_student"]
+
+#: The ``quantization`` metadata of the two exports of the QAT model (the file's graph, in words).
+QUANTIZATION = {
+    "pruned_quantized": "quantization-aware training (SparseML 1.7), exported with convert_qat=True: "
+                        "ConvInteger/MatMulInteger with int8/uint8 weights (the form DeepSparse runs)",
+    QDQ_MODEL: "quantization-aware training (SparseML 1.7), exported with convert_qat=False: QDQ "
+               "(QuantizeLinear/DequantizeLinear around float Conv/Gemm; the form OpenVINO and onnxruntime run in INT8)",
+}
 
 
 @dataclass(frozen=True)
@@ -92,8 +102,8 @@ class SparsifySettings:
 def sparsify_student(checkpoint, data: CIFAR10Tensors, settings: SparsifySettings,
                      teacher: Optional[dict] = None) -> dict:
     """Prune + quantize the student in ``checkpoint`` (read once, never written) with
-    ``settings.recipe`` at ``settings.target``'s sparsity; export its pruned and pruned_quantized
-    ONNX models, and with ``settings.export_dense`` also ``dense`` and ``dense_int8``.
+    ``settings.recipe`` at ``settings.target``'s sparsity; export its pruned, pruned_quantized and
+    pruned_quantized_qdq ONNX models, and with ``settings.export_dense`` also ``dense`` and ``dense_int8``.
 
     Args:
         checkpoint: a ``ray.train.Checkpoint`` (or a folder path) holding ``model.pt`` as written by
@@ -108,12 +118,13 @@ def sparsify_student(checkpoint, data: CIFAR10Tensors, settings: SparsifySetting
         (the trial's swept values, field -> value; ``{}`` without ``--sweep``), ``loss`` (the
         setup whose loss the recipe trained with), ``temperature`` (None for ``ce``), ``arch``,
         ``recipe``, ``recipe_epochs``, ``test_acc_dense``, ``test_acc_pruned``,
-        ``test_acc_pruned_quantized`` (0..1), ``weight_sparsity_pruned``,
-        ``weight_sparsity_pruned_quantized`` (fraction 0..1 of prunable conv/linear weights that
+        ``test_acc_pruned_quantized`` and ``test_acc_pruned_quantized_qdq`` (0..1; one torch model, two
+        exports), ``weight_sparsity_pruned``, ``weight_sparsity_pruned_quantized``,
+        ``weight_sparsity_pruned_quantized_qdq`` (fraction 0..1 of prunable conv/linear weights that
         are zero), ``epoch_seconds_before_qat`` / ``epoch_seconds_qat`` (mean wall seconds per
         recipe epoch without / with QAT modules; None when the recipe has no such epoch),
         ``sparsity`` (the target's final_sparsity: given, or the recipe's own), ``tag`` (its
-        outputs' suffix), ``models`` (pruned / pruned_quantized -> file name without ``.onnx``),
+        outputs' suffix), ``models`` (``study.layout.SPARSE_MODELS`` -> file name without ``.onnx``),
         ``ptq_calibration_images`` (the owner task only, else None), ``onnx`` (name -> path) and
         ``sha256`` (name -> hex digest) of the files this task made (the owner's: also ``dense``
         and ``dense_int8``).
@@ -161,6 +172,7 @@ def sparsify_student(checkpoint, data: CIFAR10Tensors, settings: SparsifySetting
     history = run.run(checkpoint_path=stage.layout.sparsify_checkpoint, resume=resume, extra=stage.record)
     test_acc_quantized = stage.accuracy(model)
     stage.export("pruned_quantized", model, test_acc_quantized, convert_qat=True)
+    stage.export(QDQ_MODEL, model, test_acc_quantized)
     return stage.finish(model, history, test_acc_quantized)
 
 
@@ -189,7 +201,7 @@ class _Stage:
                         self.device, amp=not is_quantized(model))
 
     def model_name(self, variant: str) -> str:
-        """The file name (without ``.onnx``) of ``variant`` (dense, pruned, pruned_quantized) for
+        """The file name (without ``.onnx``) of ``variant`` (dense or one of ``SPARSE_MODELS``) for
         this task's target: the pruned ones carry its tag."""
         return variant if variant == "dense" else variant + self.settings.target.tag
 
@@ -201,7 +213,7 @@ class _Stage:
             setup=self.setup, recipe=s.recipe, recipe_epochs=s.recipe_epochs,
             recipe_loss=None if variant == "dense" else s.loss, source_variant=dict(s.variant or {}),
             recipe_temperature=None if variant == "dense" or s.loss == "ce" else s.temperature, weight_sparsity=global_sparsity(model),
-            test_acc=test_acc))
+            test_acc=test_acc, quantization=QUANTIZATION.get(variant)))
         self.record["sha256"][self.model_name(variant)] = sha256_file(path)
 
     def quantize_dense(self) -> None:
@@ -267,13 +279,14 @@ class _Stage:
             "recipe_epochs": s.recipe_epochs,
             "test_acc_dense": self.record["test_acc_dense"],
             "test_acc_pruned": pruned["test_acc"], "weight_sparsity_pruned": pruned["sparsity"],
-            "test_acc_pruned_quantized": test_acc_quantized,
+            "test_acc_pruned_quantized": test_acc_quantized, "test_acc_pruned_quantized_qdq": test_acc_quantized,
             "weight_sparsity_pruned_quantized": global_sparsity(model),
+            "weight_sparsity_pruned_quantized_qdq": global_sparsity(model),
             "epoch_seconds_before_qat": float(seconds[False]) if False in seconds else None,
             "epoch_seconds_qat": float(seconds[True]) if True in seconds else None,
             "sparsity": s.target.sparsity if s.target.sparsity is not None else recipe_sparsity(s.recipe),
             "tag": s.target.tag,
-            "models": {variant: self.model_name(variant) for variant in ("pruned", "pruned_quantized")},
+            "models": {variant: self.model_name(variant) for variant in SPARSE_MODELS},
             "ptq_calibration_images": self.record.get("ptq_calibration_images"),
             "onnx": {name: str(layout.onnx(name)) for name in self.record["sha256"]},
             "sha256": dict(self.record["sha256"]),
