@@ -14,13 +14,7 @@ mlflow = pytest.importorskip("mlflow")  # the '.[tracking]' extra
 from driver import tracking  # noqa: E402
 from study import RunLayout, StudyError, make_config  # noqa: E402
 from test_tracking import _sha256, make_run, metric_steps, runs_by_stage, track_all  # noqa: E402
-
-
-@pytest.fixture
-def tracked(tmp_path):
-    config = make_run(tmp_path / "run")
-    track_all(config)
-    return config
+from test_tracking import tracked  # noqa: E402,F401  (the fixture: a fabricated run, tracked once)
 
 
 def test_rerun_adds_no_run_and_no_step_and_a_resume_adds_only_new_epochs(tracked):
