@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
-import onnxruntime as ort
-
 from bench.engines.base import Engine, Session
 from bench.engines.deepsparse import deepsparse_benchmark
 from study import requirements
@@ -21,6 +19,8 @@ class OnnxRuntime(Engine):
     name, package, display_order, baseline = "onnxruntime", "onnxruntime", 0, True
 
     def open(self, path: str, batch_size: int, num_cores: Optional[int]) -> Session:
+        import onnxruntime as ort  # bench stack: imported when the engine runs, so the registry loads without it
+
         opts = ort.SessionOptions()
         if num_cores is not None:
             opts.intra_op_num_threads = int(num_cores)
@@ -31,7 +31,9 @@ class OnnxRuntime(Engine):
                        (batch_size, *(int(d) for d in first.shape[1:])), sess)
 
     def version(self) -> str:
-        return f"onnxruntime {ort.__version__}"
+        import onnxruntime  # bench stack (see open)
+
+        return f"onnxruntime {onnxruntime.__version__}"
 
     def time(self, path: str, batch_size: int, num_cores: int, warmup_s: float, duration_s: float,
              thread_pinning: str = "core", deepsparse_python: Optional[str] = None) -> Dict[str, Any]:
