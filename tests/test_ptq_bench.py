@@ -89,8 +89,8 @@ def tiny_onnx(tmp_path_factory):
 
 def test_ptq_sessions_run_on_the_tasks_threads(tiny_onnx, tmp_path, monkeypatch):
     """Catches: NNCF's onnxruntime sessions (``nncf.onnx.engine``) opened with onnxruntime's default
-    pool, every core of the machine, instead of the sparsify task's CPU share; and the engine class
-    left replaced after the call."""
+    pool, every core of the machine, instead of the sparsify task's CPU share; and NNCF's
+    ``onnxruntime`` left replaced after the call."""
     import onnxruntime
     from nncf.onnx import engine
 
@@ -106,13 +106,13 @@ def test_ptq_sessions_run_on_the_tasks_threads(tiny_onnx, tmp_path, monkeypatch)
 
     monkeypatch.setattr(engine.rt, "InferenceSession", spy)
     fp32, _, images = tiny_onnx
-    original = engine.ONNXEngine
+    original = engine.rt
     assert quantize_dense(fp32, tmp_path / "int8.onnx", images[:4], threads=1) == 4
     assert seen and set(seen) == {(1, 1)}, seen  # statistics and bias correction: every session
-    assert engine.ONNXEngine is original
+    assert engine.rt is original
     seen.clear()
     quantize_dense(fp32, tmp_path / "int8.onnx", images[:4])  # threads=None: onnxruntime's own default
-    assert seen and set(seen) == {None}, seen
+    assert seen and set(seen) <= {None, (0, 0)}, seen  # NNCF 2.9 passes no options, 3.x default ones
 
 
 def test_ptq_peer_is_a_qdq_int8_graph_close_to_its_fp32_parent(tiny_onnx):

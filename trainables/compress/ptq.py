@@ -15,7 +15,7 @@ Threads: NNCF 2.9 runs the model for its statistics in onnxruntime sessions that
 with no session options), so onnxruntime would size its intra-op pool to every physical core of
 the machine, not the task's CPU share (onnxruntime #29510); and onnxruntime's default CPU build
 ignores ``OMP_NUM_THREADS``. ``quantize_dense(threads=N)`` therefore hands NNCF, for the length of
-the call, an engine class that opens its sessions with ``SessionOptions.intra_op_num_threads = N``
+the call, an ``onnxruntime`` module whose sessions open with ``SessionOptions.intra_op_num_threads = N``
 (``ort_threads``).
 """
 
@@ -41,30 +41,38 @@ def calibration_images(train_images_float32: Any, count: int, seed: int) -> np.n
     return np.ascontiguousarray(x[np.sort(pick)])
 
 
+class _OrtWithThreads:
+    """The ``onnxruntime`` module as ``nncf.onnx.engine`` sees it inside ``ort_threads``: its
+    ``InferenceSession`` sets ``threads`` intra-op threads and one inter-op thread on the session
+    options it is given (NNCF 3.x passes its own) or makes (NNCF 2.9 passes none)."""
+
+    def __init__(self, module, threads: int):
+        self._module, self._threads = module, threads
+
+    def __getattr__(self, name: str):
+        return getattr(self._module, name)
+
+    def InferenceSession(self, model, sess_options=None, **kwargs):  # noqa: N802 (onnxruntime's name)
+        options = sess_options if sess_options is not None else self._module.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = self._threads, 1
+        return self._module.InferenceSession(model, sess_options=options, **kwargs)
+
+
 @contextlib.contextmanager
 def ort_threads(threads: int) -> Iterator[None]:
-    """Within the block, every onnxruntime session NNCF opens (``nncf.onnx.engine.ONNXEngine``)
-    runs with ``threads`` intra-op threads (the caller's included) and one inter-op thread; the
-    engine class is put back after. ValueError for ``threads`` < 1."""
+    """Within the block, every onnxruntime session NNCF opens (``nncf.onnx.engine.ONNXEngine``,
+    NNCF 2.9 and 3.x) runs with ``threads`` intra-op threads (the caller's included) and one
+    inter-op thread; ``nncf.onnx.engine.rt`` is put back after. ValueError for ``threads`` < 1."""
     if threads < 1:
         raise ValueError(f"onnxruntime threads must be >= 1, got {threads}")
-    import onnxruntime
     from nncf.onnx import engine
 
-    original = engine.ONNXEngine
-
-    class Engine(original):
-        def __init__(self, model, **rt_session_options):
-            options = onnxruntime.SessionOptions()
-            options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-            rt_session_options.setdefault("sess_options", options)
-            super().__init__(model, **rt_session_options)
-
-    engine.ONNXEngine = Engine  # EngineFactory.create imports it from the module at each call
+    original = engine.rt
+    engine.rt = _OrtWithThreads(original, threads)  # ONNXEngine.__init__ looks ``rt`` up at each call
     try:
         yield
     finally:
-        engine.ONNXEngine = original
+        engine.rt = original
 
 
 def quantize_dense(dense_path: str | os.PathLike, out_path: str | os.PathLike, images: np.ndarray,
