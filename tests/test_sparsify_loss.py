@@ -12,6 +12,7 @@ import os
 
 import pytest
 import torch
+import trainables.compress.compat  # noqa: F401,I001  (SparseML 1.7 on newer torch; before SparseML is imported)
 from sparseml.pytorch.utils import LoggerManager, PythonLogger
 from torch.ao.quantization import disable_observer
 
@@ -133,7 +134,8 @@ def test_sparsify_student_records_the_loss_it_trained_with(tmp_path):
                           torch.arange(8) % 10)
     payload = {"arch": "resnet18", "stem": "cifar", "num_classes": 10,
                "state_dict": teacher.state_dict()}
-    settings = SparsifySettings(recipe=RECIPE, recipe_epochs=2, batch_size=16, seed=0, threads=2,
+    # batch 8: 2 steps per epoch, one of them in the window between pruning's end (0.5) and QAT (1)
+    settings = SparsifySettings(recipe=RECIPE, recipe_epochs=2, batch_size=8, seed=0, threads=2,
                                 output_dir=str(tmp_path / "run"), trial_id="t0", setup="kd_feat",
                                 loss=loss, temperature=4.0)
     summary = sparsify_student(checkpoint, data, settings, teacher=payload)
