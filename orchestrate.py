@@ -544,14 +544,18 @@ def load_data(config: StudyConfig) -> tuple:
 def dry_run(config: StudyConfig, overwrite: bool) -> int:
     """``--dry-run``: one line per stage, what a run would do with it and why (``driver.reruns``);
     loads the data tensors (their fingerprint), starts no Ray and loads no model. A
-    ``--deepsparse-python`` is checked as a run checks it (``check_deepsparse_python``)."""
+    ``--deepsparse-python`` is checked as a run checks it (``check_deepsparse_python``), and
+    ``--mlflow`` needs MLflow installed (``check_tracking``; no store is opened)."""
     from driver.reruns import plan_run
+    from driver.tracking import check_tracking
 
     if check_output_dir(config, overwrite):
         print(f"--overwrite: would remove the earlier run in {config.output_dir} and run every stage")
         return 0
     if config.deepsparse_python and config.stop_after == "bench":
         check_deepsparse_python(config.deepsparse_python)
+    if config.mlflow is not None:
+        check_tracking(config, probe=False)
     _, digests = load_data(config)
     for decision in plan_run(config, digests):
         print(decision.line(dry_run=True))

@@ -106,14 +106,28 @@ def open_tracker(config: StudyConfig) -> "Tracker | NullTracker":
     """The study's tracker: a ``NullTracker`` without ``--mlflow`` (MLflow not imported), else a
     ``Tracker`` on the parent run of this study (found again on a resume, else created).
 
-    Raises StudyError (one line) when MLflow is not installed, the URI is not one MLflow accepts
-    or the tracking server does not answer, before anything has been trained."""
+    Raises StudyError (one line), before anything has been trained, as ``check_tracking`` does."""
     if config.mlflow is None:
         return NullTracker()
+    client = check_tracking(config)
+    tracker = Tracker(client, config)
+    shown = f"mlflow ui --backend-store-uri {Path(config.output_dir).resolve() / 'mlruns'}" \
+        if config.mlflow == LOCAL else tracking_uri(config)
+    print(f"[mlflow] experiment {tracker.study_dir}, study run {tracker.parent_id}: {shown}", flush=True)
+    return tracker
+
+
+def check_tracking(config: StudyConfig, probe: bool = True):
+    """The ``MlflowClient`` of ``--mlflow`` (``config.mlflow`` not None). Raises StudyError (one
+    line) when MLflow is not installed, the URI is not one MLflow accepts, or (``probe``) the
+    tracking server does not answer. ``probe=False`` (``--dry-run``) opens no store, so nothing
+    is written; it then returns None."""
     try:
-        from mlflow.tracking import MlflowClient
+        from mlflow.tracking import MlflowClient  # optional package (the tracking extra): only with --mlflow
     except ModuleNotFoundError as err:
         raise StudyError(f"--mlflow needs MLflow ({err}): pip install -e '.[tracking]'") from None
+    if not probe:
+        return None
     uri = tracking_uri(config)
     try:
         client = MlflowClient(tracking_uri=uri)
@@ -122,11 +136,7 @@ def open_tracker(config: StudyConfig) -> "Tracker | NullTracker":
         raise StudyError(f"--mlflow {config.mlflow}: not a tracking URI MLflow accepts ({detail}); use local, "
                          "http(s)://HOST:PORT, file:///PATH, sqlite:///PATH or databricks") from None
     _probe(client, uri)
-    tracker = Tracker(client, config)
-    shown = f"mlflow ui --backend-store-uri {Path(config.output_dir).resolve() / 'mlruns'}" \
-        if config.mlflow == LOCAL else uri
-    print(f"[mlflow] experiment {tracker.study_dir}, study run {tracker.parent_id}: {shown}", flush=True)
-    return tracker
+    return client
 
 
 def _probe(client, uri: str) -> None:

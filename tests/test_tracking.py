@@ -276,7 +276,8 @@ sys.meta_path[:] = [_Hide(f) for f in sys.meta_path]
 def test_without_the_flag_nothing_imports_mlflow(tmp_path):
     """Catches: a module-level `import mlflow` in driver/tracking.py or orchestrate.py, or a hook
     that imports it without --mlflow; and with --mlflow but MLflow not installed, anything but one
-    StudyError line naming the extra. Runs in a subprocess in which mlflow cannot be imported."""
+    StudyError line naming the extra, from a run and from ``--dry-run``. Runs in a subprocess in
+    which mlflow cannot be imported."""
     run = tmp_path / "run"
     make_run(run)
     script = BLOCK_MLFLOW + textwrap.dedent(f"""
@@ -297,12 +298,16 @@ def test_without_the_flag_nothing_imports_mlflow(tmp_path):
             assert "'.[tracking]'" in str(err), err
         else:
             raise AssertionError("no StudyError without mlflow")
+        fresh = {str(tmp_path / "fresh")!r}
+        assert orchestrate.main(["--preset", "smoke", "--output-dir", fresh, "--data-root", "d", "--mlflow",
+                                 "--dry-run"]) == 2  # --dry-run checks what the run would check
         print("ok")
     """)
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.stdout.strip() == "ok", done.stderr[-3000:]
-    assert not (run / "mlruns").exists()
+    assert done.stderr.strip().splitlines()[-1].startswith("error: --mlflow needs MLflow"), done.stderr[-3000:]
+    assert not (run / "mlruns").exists() and not (tmp_path / "fresh").exists()
 
 
 def test_mlflow_server_on_the_store_answers_its_runs_over_rest(tracked, tmp_path):
