@@ -203,9 +203,9 @@ def test_setup_table_names_the_terms_its_loss_returns(setup):
 
 def test_every_loss_term_has_a_computation_and_a_known_input():
     from study import LOSS_TERMS, SETUP_INFO
-    from trainables.losses import _TERMS
+    from trainables.losses import LOSS_TERM_FUNCTIONS
 
-    assert tuple(_TERMS) == tuple(LOSS_TERMS) == TERM_NAMES
+    assert tuple(LOSS_TERM_FUNCTIONS) == tuple(LOSS_TERMS) == TERM_NAMES
     assert {term.needs for term in LOSS_TERMS.values()} <= {"labels", "teacher_logits", "features"}
     assert all(set(info.terms) <= set(LOSS_TERMS) and info.terms for info in SETUP_INFO.values())
 
@@ -237,3 +237,17 @@ def test_a_new_row_in_the_table_is_a_new_setup(monkeypatch):
     assert tuple(terms) == ("ce", "mse_layer4")
     assert loss.item() == pytest.approx((_ce_ref(S, Y) + 9.0) / 2, rel=1e-6)  # MSE of 3 vs 0 = 9
     assert _student_loss_terms("ce_layer4") == ("ce", "mse_layer4")
+
+
+def test_each_term_is_a_function_of_one_named_batch():
+    """The terms read the fields of one ``LossInputs``, by name: hand-computed values."""
+    from trainables.losses import LOSS_TERM_FUNCTIONS, LossInputs
+
+    batch = LossInputs("kd_feat", _t(S), torch.tensor(Y), teacher_logits=_t(T),
+                       student_feature_maps=_feats([1, 2, 3]), teacher_feature_maps=_feats([0, 0, 0]),
+                       temperature=2.0)
+    values = {name: fn(batch).item() for name, fn in LOSS_TERM_FUNCTIONS.items()}
+    assert values == pytest.approx({"ce": _ce_ref(S, Y), "soft_ce": _soft_ce_ref(S, T, 2.0),
+                                    "mse_layer1": 1.0, "mse_layer2": 4.0, "mse_layer4": 9.0}, rel=1e-6)
+    assert [fn.__name__ for fn in LOSS_TERM_FUNCTIONS.values()] == \
+        ["cross_entropy_term", "soft_target_term", "mse_layer1", "mse_layer2", "mse_layer4"]

@@ -22,7 +22,7 @@ gradient may flow into it, whether or not the caller ran it under ``torch.no_gra
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Mapping, Optional, Tuple
+from typing import Callable, Dict, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,8 @@ __all__ = [
     "SETUPS",
     "FEATURE_LAYERS",
     "TERM_NAMES",
+    "LOSS_TERM_FUNCTIONS",
+    "LossInputs",
     "soft_cross_entropy",
     "distillation_loss",
 ]
@@ -187,24 +189,63 @@ def distillation_loss(
     if setup not in SETUP_INFO:
         raise ValueError(f"setup={setup!r} is unknown; allowed: {SETUPS}")
     _check_logits("student_logits", student_logits)
-
+    batch = LossInputs(setup, student_logits, labels, teacher_logits, student_feats, teacher_feats, temperature)
     names = SETUP_INFO[setup].terms
     summands: Dict[str, torch.Tensor] = {}
     for name in names:  # in the table's order, so the first missing input is the one reported
         if LOSS_TERMS[name].needs != "labels" and teacher_logits is None:
             raise ValueError(f"setup {setup!r} needs teacher_logits, a (B, C) float tensor; got None")
-        summands[name] = _TERMS[name](setup, student_logits, labels, teacher_logits, student_feats, teacher_feats,
-                                      temperature)
+        summands[name] = LOSS_TERM_FUNCTIONS[name](batch)
     loss = sum(summands[name] for name in names) / len(names)
     terms = {name: summands[name].detach() for name in names}
     return loss, terms
 
 
-#: How each summand of ``study.LOSS_TERMS`` is computed, from ``(setup, student_logits, labels,
-#: teacher_logits, student_feats, teacher_feats, temperature)``; a new term needs an entry here.
-_TERMS: Dict[str, Callable[..., torch.Tensor]] = {
-    "ce": lambda setup, s, y, t, sf, tf, temp: F.cross_entropy(s, y),
-    "soft_ce": lambda setup, s, y, t, sf, tf, temp: soft_cross_entropy(s, t, temp),
-    **{f"mse_{layer}": (lambda setup, s, y, t, sf, tf, temp, layer=layer: _feature_mse(setup, layer, sf, tf))
-       for layer in FEATURE_LAYERS},
+class LossInputs(NamedTuple):
+    """One student batch as every loss term reads it."""
+
+    #: the setup being trained (``study.SETUPS``), named in error messages
+    setup: str
+    #: (B, C) float, the student's raw scores; gradients flow into it
+    student_logits: torch.Tensor
+    #: (B,) int64 class ids in ``[0, C)``
+    labels: torch.Tensor
+    #: (B, C) float from the frozen teacher, or None (``ce``); detached by the terms
+    teacher_logits: Optional[torch.Tensor] = None
+    #: layer name -> (B, C_l, H_l, W_l) float, at least :data:`FEATURE_LAYERS` (feature terms only)
+    student_feature_maps: Optional[Mapping[str, torch.Tensor]] = None
+    #: the teacher's feature maps, same keys and shapes; detached by the terms
+    teacher_feature_maps: Optional[Mapping[str, torch.Tensor]] = None
+    #: softening temperature T > 0 of the soft targets (unitless)
+    temperature: float = 4.0
+
+
+def cross_entropy_term(batch: LossInputs) -> torch.Tensor:
+    """``ce``: ``F.cross_entropy`` of the student's logits to the labels, mean over the batch."""
+    return F.cross_entropy(batch.student_logits, batch.labels)
+
+
+def soft_target_term(batch: LossInputs) -> torch.Tensor:
+    """``soft_ce``: :func:`soft_cross_entropy` to the teacher's soft targets at the batch's temperature."""
+    return soft_cross_entropy(batch.student_logits, batch.teacher_logits, batch.temperature)
+
+
+def feature_map_term(layer: str) -> Callable[[LossInputs], torch.Tensor]:
+    """``mse_<layer>``: the term that takes ``F.mse_loss`` between the student's and the detached
+    teacher's ``layer`` feature maps (ValueError when a map is missing or the shapes differ)."""
+
+    def term(batch: LossInputs) -> torch.Tensor:
+        return _feature_mse(batch.setup, layer, batch.student_feature_maps, batch.teacher_feature_maps)
+
+    term.__name__ = term.__qualname__ = f"mse_{layer}"
+    return term
+
+
+#: The function of each summand of ``study.LOSS_TERMS`` (same keys, same order), each taking one
+#: :class:`LossInputs`. A new term is one function and one entry here, beside its row in
+#: ``study.LOSS_TERMS`` (which stays free of torch: the CLI and the report read it).
+LOSS_TERM_FUNCTIONS: Dict[str, Callable[[LossInputs], torch.Tensor]] = {
+    "ce": cross_entropy_term,
+    "soft_ce": soft_target_term,
+    **{f"mse_{layer}": feature_map_term(layer) for layer in FEATURE_LAYERS},
 }
