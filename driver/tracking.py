@@ -22,12 +22,10 @@ Everything is logged from the driver, after each stage, from the files the stage
 - one run for the benchmark (``stage=bench``): every row of ``benchmark.csv`` as metrics
   ``<model>/<engine>/batch_<n>/<column>``, ``onnx_test_acc/<model>``, and both files as artefacts.
 
-Why not Tune callbacks (Ray's ``MLflowLoggerCallback`` or one of ours): the former starts a new MLflow
-run whenever a trial starts, so a resumed study would get duplicates; and Tune pickles a run's
-callbacks into ``tuner.pkl``, so ``Tuner.restore`` runs the callbacks of the experiment's first
-start, not the ones of the command that resumes it (``--mlflow`` added or dropped on a resume would
-be ignored, and restoring would import MLflow). Reading the stage's files after it is the same code
-for a fresh, a resumed and a skipped stage.
+Why not Tune callbacks (Ray's ``MLflowLoggerCallback`` or one of ours): Tune pickles them into
+``tuner.pkl``, so a restored experiment runs its first start's callbacks, and a resume would start
+new MLflow runs (docs/tracking.md). Reading the stage's files after it is the same code for a
+fresh, a resumed and a skipped stage.
 
 Resume and reruns: the parent is found again by ``study_dir`` + ``config_digest``. Each child run
 mirrors one version of one thing: tag ``slot`` says what (``teacher``, ``students/<variant> seed
@@ -105,8 +103,7 @@ class NullTracker:
 def open_tracker(config: StudyConfig) -> "Tracker | NullTracker":
     """The study's tracker: a ``NullTracker`` without ``--mlflow`` (MLflow not imported), else a
     ``Tracker`` on the parent run of this study (found again on a resume, else created).
-
-    Raises StudyError (one line), before anything has been trained, as ``check_tracking`` does."""
+    StudyError (one line) before anything has been trained, as ``check_tracking``."""
     if config.mlflow is None:
         return NullTracker()
     client = check_tracking(config)
@@ -118,10 +115,9 @@ def open_tracker(config: StudyConfig) -> "Tracker | NullTracker":
 
 
 def check_tracking(config: StudyConfig, probe: bool = True):
-    """The ``MlflowClient`` of ``--mlflow`` (``config.mlflow`` not None). Raises StudyError (one
-    line) when MLflow is not installed, the URI is not one MLflow accepts, or (``probe``) the
-    tracking server does not answer. ``probe=False`` (``--dry-run``) opens no store, so nothing
-    is written; it then returns None."""
+    """The ``MlflowClient`` of ``--mlflow``. StudyError (one line) when MLflow is not installed, the
+    URI is not one MLflow accepts, or the server does not answer. ``probe=False`` (``--dry-run``):
+    only the first check, no store opened, None returned."""
     try:
         from mlflow.tracking import MlflowClient  # optional package (the tracking extra): only with --mlflow
     except ModuleNotFoundError as err:
