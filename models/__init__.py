@@ -1,5 +1,5 @@
-"""ResNet teacher/student builders and feature maps (``models.resnet``) and this project's
-checkpoint file (``models.checkpoint``)."""
+"""ResNet teacher/student builders (``models.resnet``), their feature maps (``models.features``)
+and this project's checkpoint file (``models.checkpoint``)."""
 
 from .checkpoint import CHECKPOINT_FORMAT, save_checkpoint
 from .checks import ROLES
@@ -11,10 +11,9 @@ from .resnet import (
     build_student,
     build_teacher,
     count_parameters,
-    feature_extractor,
-    forward_features,
     load_checkpoint,
 )
+from .features import feature_extractor, forward_features
 
 __all__ = [
     "ARCHS",
