@@ -512,6 +512,7 @@ def run_benchmarks(onnx_paths: Dict[str, str], images_float32: Any, labels: Any,
               f"measurements ({len(engines)} engines, {len(onnx_paths)} models, batch sizes "
               f"{', '.join(map(str, batch_sizes))}) in {time.perf_counter() - started:.0f} s", flush=True)
     accuracy: Dict[tuple, Any] = {}
+    print(f"[bench] test accuracy of each model in each engine, {len(labels)} images at batch 32", flush=True)
     for name in onnx_paths:
         for engine in dict.fromkeys(engine for _, engine, _ in jobs):
             if not ENGINE_INFO[engine].measures_accuracy(deepsparse_python):
