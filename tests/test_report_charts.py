@@ -84,3 +84,14 @@ def test_engine_versions_in_one_phrase_or_a_column():
     run.benchmark.loc[0, "engine_version"] = "onnxruntime 2.0"
     assert report.engine_versions(run) == ""
     assert report.benchmark_table(run)["engine version"].iloc[0] == "onnxruntime 2.0"
+
+
+def test_the_benchmark_table_says_which_precision_openvino_ran():
+    """The graph cell carries OpenVINO's read-back precision (``benchmark.csv`` ``precision``);
+    rows without one (DeepSparse, onnxruntime, runs made before the column) show the graph alone."""
+    run = _run(FOUR, sizes=(1,))
+    run.benchmark["precision"] = [{"openvino": "u8"}.get(engine, "") for engine in run.benchmark["engine"]]
+    table = report.benchmark_table(run).set_index("engine")
+    assert set(table.loc["openvino", "graph (ran as)"]) == {"FP32 (u8)"}
+    assert set(table.loc["onnxruntime", "graph (ran as)"]) == {"FP32"}
+    assert set(report.benchmark_table(_run(FOUR, sizes=(1,)))["graph (ran as)"]) == {"FP32"}
