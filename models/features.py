@@ -14,6 +14,15 @@ from study import FEATURE_LAYERS
 __all__ = ["feature_extractor", "forward_features"]
 
 
+def _submodule(model: nn.Module, name: str, caller: str, needed: tuple[str, ...]) -> nn.Module:
+    """``model``'s submodule ``name``; ValueError naming what ``caller`` needs when it has none."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"model {type(model).__name__} has no submodule {name!r}; "
+                         f"{caller} needs {', '.join(needed)}") from None
+
+
 def forward_features(
     model: nn.Module, images: torch.Tensor
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -52,13 +61,7 @@ def forward_features(
     handles = []
     try:
         for name in FEATURE_LAYERS:
-            try:
-                layer = model.get_submodule(name)
-            except AttributeError:
-                raise ValueError(
-                    f"model {type(model).__name__} has no submodule {name!r}; "
-                    f"forward_features needs {', '.join(FEATURE_LAYERS)}"
-                ) from None
+            layer = _submodule(model, name, "forward_features", FEATURE_LAYERS)
 
             def hook(_module, _inputs, output, _name=name):
                 feats[_name] = output
@@ -110,13 +113,7 @@ def feature_extractor(model: nn.Module) -> nn.Module:
     from torchvision.models.feature_extraction import create_feature_extractor
 
     for name in FEATURE_LAYERS + ("fc",):
-        try:
-            model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(
-                f"model {type(model).__name__} has no submodule {name!r}; "
-                f"feature_extractor needs {', '.join(FEATURE_LAYERS + ('fc',))}"
-            ) from None
+        _submodule(model, name, "feature_extractor", FEATURE_LAYERS + ("fc",))
     nodes = {name: name for name in FEATURE_LAYERS}
     nodes["fc"] = "logits"
     with warnings.catch_warnings():  # fx tracing touches deprecated torch.has_* attributes
