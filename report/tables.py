@@ -256,8 +256,7 @@ def benchmark_table(run: RunData):
                       zip(b["size_bytes"], b["size_gzip_bytes"])] if "size_bytes" in b else "",
         # with the precision OpenVINO ran its layers in, read back from the compiled model (docs/outputs.md)
         "graph (ran as)": [g if not p else f"{g} ({p})" for g, p in
-                           zip(b["graph"].fillna("") if "graph" in b else [""] * len(b),
-                               b["precision"].fillna("") if "precision" in b else [""] * len(b))],
+                           b.reindex(columns=["graph", "precision"]).fillna("").itertuples(index=False)],
         "images/s": b["items_per_sec"].map("{:.1f}".format),
         f"vs dense {BASELINE_ENGINE}": b["speedup"].map(lambda v: "" if pd.isna(v) else f"{v:.2f}×"),
         "mean (ms)": b["latency_mean_ms"].map("{:.1f}".format),
