@@ -57,7 +57,7 @@ from bench.engines import ENGINE_INFO, ENGINES, REGISTRY
 from study import requirements
 from study.errors import error_line
 
-__all__ = ["CPUBenchmark", "make_cpu_benchmark_actor", "onnx_accuracy", "cpu_isa", "amx_flags", "model_sizes",
+__all__ = ["CPUBenchmark", "make_cpu_benchmark_actor", "onnx_accuracy", "cpu_isa", "amx_flags", "model_sizes", "model_cost",
            "graph_kind", "bench_rows", "run_benchmarks", "BENCHMARK_COLUMNS"]
 
 
@@ -215,6 +215,19 @@ def model_sizes(path: Union[str, os.PathLike]) -> tuple[int, int]:
     bytes. Zeros compress, so a pruned model's gzip size shows its sparsity. OSError when unreadable."""
     data = open(os.fspath(path), "rb").read()
     return len(data), len(gzip.compress(data, compresslevel=9))
+
+
+def model_cost(path: Union[str, os.PathLike]) -> tuple[Optional[int], Optional[int]]:
+    """``(MACs, parameters)`` per image of the ONNX model at ``path``, as its ``metadata_props``
+    ``macs``/``params`` record them (``trainables.compress.export.model_cost`` at export); None
+    for a value the file does not record or a file that is not an ONNX model."""
+    import onnx
+
+    try:
+        meta = {p.key: p.value for p in onnx.load(os.fspath(path), load_external_data=False).metadata_props}
+        return tuple(int(meta[key]) if key in meta else None for key in ("macs", "params"))
+    except Exception:  # noqa: BLE001 - protobuf's DecodeError, OSError, ...: graph_kind says "unreadable"
+        return None, None
 
 
 def graph_kind(path: Union[str, os.PathLike]) -> str:
@@ -380,7 +393,8 @@ def make_cpu_benchmark_actor(num_cores: int, *, thread_pinning: str = "core",
 
 #: Columns of ``benchmark.csv``, in order: the pair's test ``accuracy`` (0..1) in that engine, the
 #: model file's ``size_bytes`` and ``size_gzip_bytes``, its ``graph`` (:func:`graph_kind`), how many
-#: ``rounds`` were timed; throughput (images/s) and latencies (ms per batch call) are medians over
+#: ``rounds`` were timed; ``macs``/``params``: multiply-accumulates per image and parameter elements
+#: of the model (:func:`model_cost`; an unstructured-pruned model counts its zeros); throughput (images/s) and latencies (ms per batch call) are medians over
 #: the rounds, ``items_per_sec_rounds`` / ``latency_p50_ms_rounds`` the rounds themselves (JSON
 #: lists). ``status`` is "ok" or "error"; ``error`` is the first line of what went wrong (empty when
 #: ok); a failed measurement is empty (NaN), the others stay. ``engine_version``: the engine and
@@ -389,7 +403,7 @@ def make_cpu_benchmark_actor(num_cores: int, *, thread_pinning: str = "core",
 #: (``OpenVINO.precision``); empty for DeepSparse and onnxruntime, which expose no read-back
 #: (onnxruntime's CPU provider runs the graph's own types).
 BENCHMARK_COLUMNS = ["model", "engine", "batch_size", "num_cores", "accuracy", "size_bytes", "size_gzip_bytes",
-                     "graph", "rounds", "items_per_sec", "latency_mean_ms", "latency_p50_ms", "latency_p99_ms",
+                     "macs", "params", "graph", "rounds", "items_per_sec", "latency_mean_ms", "latency_p50_ms", "latency_p99_ms",
                      "items_per_sec_rounds", "latency_p50_ms_rounds", "isa", "vnni", "amx", "precision",
                      "status", "error", "engine_version"]
 #: the timed keys of a measurement whose median a row holds
@@ -401,7 +415,8 @@ def _first_line(err: BaseException) -> str:
     return error_line(getattr(err, "cause", None) or err, typed=True)
 
 
-def bench_rows(jobs, measured: dict, errors: dict, accuracy: dict, sizes: dict, graphs: dict, num_cores: int):
+def bench_rows(jobs, measured: dict, errors: dict, accuracy: dict, sizes: dict, graphs: dict, num_cores: int,
+               costs: Optional[dict] = None):
     """The rows of ``benchmark.csv`` (dicts with ``BENCHMARK_COLUMNS``), one per job, in job order.
 
     Args:
@@ -409,7 +424,8 @@ def bench_rows(jobs, measured: dict, errors: dict, accuracy: dict, sizes: dict, 
         measured: job -> list of :meth:`CPUBenchmark.run` results, one per round that ran.
         errors: job -> first error line of its timing (absent/empty: none).
         accuracy: ``(model, engine)`` -> test accuracy 0..1, or an error line (str) when it failed.
-        sizes: model -> ``(raw, gzip)`` bytes; graphs: model -> :func:`graph_kind`.
+        sizes: model -> ``(raw, gzip)`` bytes; graphs: model -> :func:`graph_kind`; costs: model ->
+            ``(MACs, params)`` per image (:func:`model_cost`; absent: unknown).
 
     A row's timings are the medians of its rounds (``statistics.median``); a row with a timing or
     accuracy error has ``status`` "error" and both errors in ``error``, its other values kept."""
@@ -422,6 +438,7 @@ def bench_rows(jobs, measured: dict, errors: dict, accuracy: dict, sizes: dict, 
         row = {"model": model, "engine": engine, "batch_size": batch, "num_cores": num_cores,
                "accuracy": acc if isinstance(acc, float) else None,
                "size_bytes": sizes.get(model, (None, None))[0], "size_gzip_bytes": sizes.get(model, (None, None))[1],
+               "macs": (costs or {}).get(model, (None, None))[0], "params": (costs or {}).get(model, (None, None))[1],
                "graph": graphs.get(model), "rounds": len(runs), "status": "error" if problems else "ok",
                "error": "; ".join(problems)}
         if runs:
@@ -526,7 +543,8 @@ def run_benchmarks(onnx_paths: Dict[str, str], images_float32: Any, labels: Any,
     ray.kill(actor)
     sizes = {name: model_sizes(path) for name, path in onnx_paths.items()}
     graphs = {name: graph_kind(path) for name, path in onnx_paths.items()}
-    table = pd.DataFrame(bench_rows(jobs, measured, errors, accuracy, sizes, graphs, num_cores),
+    costs = {name: model_cost(path) for name, path in onnx_paths.items()}
+    table = pd.DataFrame(bench_rows(jobs, measured, errors, accuracy, sizes, graphs, num_cores, costs),
                          columns=BENCHMARK_COLUMNS)
     reference = "deepsparse" if in_process else "onnxruntime"
     accuracies = {name: accuracy.get((name, reference)) if isinstance(accuracy.get((name, reference)), float)
