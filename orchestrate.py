@@ -218,10 +218,11 @@ def stage_sparsify(config: StudyConfig, data, best, teacher_path: Path, reruns) 
     from driver.results import best_checkpoint
     from study.layout import dense_owner, model_names, sparsity_targets
     from trainables.compress.sparsify import sparsify_student
+    from trainables.compress.structured import thin_student
     from driver.tuning import trial_resources
 
     layout = RunLayout(config.output_dir)
-    targets = sparsity_targets(config.sparsities, config.recipe)
+    targets = sparsity_targets(config.sparsities, config.recipe, config.channel_ratios)
     setup = best.config["setup"]
     loss = setup if config.sparsify_loss == "setup" else "ce"
     metric = selection_metric(config)
@@ -235,7 +236,7 @@ def stage_sparsify(config: StudyConfig, data, best, teacher_path: Path, reruns) 
             raise StudyError(str(err)) from None
     # finished targets are kept only when nothing but the target list changed since they were made
     only_targets = (reruns.changed("sparsify", checkpoint=str(Path(checkpoint.path) / "model.pt")) or set()) \
-        <= {"sparsities"}
+        <= {"sparsities", "channel_ratios"}
     out = reruns.begin("sparsify", checkpoint=str(Path(checkpoint.path) / "model.pt"))  # may turn into a rerun
     if kept and reruns.action("sparsify") == "skip":
         reruns.done("sparsify")
@@ -264,14 +265,16 @@ def stage_sparsify(config: StudyConfig, data, best, teacher_path: Path, reruns) 
     cpu, gpu = resources["cpu"], resources["gpu"]
     if gpu and len(todo) > 1:  # on a GPU: a fraction of it (and of its node's CPUs) each, all at once
         cpu, gpu = (math.floor(value / len(todo) * 1e4) / 1e4 for value in (cpu, gpu))
-    task = ray.remote(num_cpus=cpu, num_gpus=gpu)(sparsify_student)
+    tasks = {False: ray.remote(num_cpus=cpu, num_gpus=gpu)(sparsify_student),
+             True: ray.remote(num_cpus=cpu, num_gpus=gpu)(thin_student)}
     refs = []
     for target in todo:
         settings, teacher = sparsify_settings(dataclasses.replace(config, output_dir=str(out.root)), best,
                                               teacher_path, threads=max(1, math.floor(cpu)), target=target,
                                               export_dense=target == owner)
-        print(f"[sparsify] target {_target_text(target)}: recipe task submitted", flush=True)
-        refs.append(task.remote(checkpoint, data, settings, teacher=teacher))  # writes its summary into out
+        print(f"[sparsify] target {_target_text(target)}: {'thinning' if target.structured else 'recipe'} task "
+              "submitted", flush=True)
+        refs.append(tasks[target.structured].remote(checkpoint, data, settings, teacher=teacher))  # writes its summary into out
     try:
         ray.get(refs)
     except ray.exceptions.RayTaskError as err:
@@ -283,6 +286,8 @@ def stage_sparsify(config: StudyConfig, data, best, teacher_path: Path, reruns) 
 
 
 def _target_text(target) -> str:
+    if target.structured:
+        return f"channel ratio {target.ratio:g}"
     return "(the recipe's own)" if target.sparsity is None else f"{target.sparsity:g}"
 
 
@@ -298,6 +303,8 @@ def target_complete(root: Path, target, models, recipe: str) -> bool:
         RunLayout(root).check_onnx(summary, models)
     except (OSError, ValueError):
         return False
+    if target.structured:
+        return summary.get("channel_ratio") == target.ratio
     want = target.sparsity if target.sparsity is not None else recipe_sparsity(recipe)
     return summary.get("sparsity") == want
 
@@ -367,7 +374,7 @@ def stage_bench(config: StudyConfig, data, summary: dict, reruns) -> tuple:
     from study.layout import model_names, sparsity_targets
 
     layout = RunLayout(config.output_dir)
-    models = model_names(sparsity_targets(config.sparsities, config.recipe))
+    models = model_names(sparsity_targets(config.sparsities, config.recipe, config.channel_ratios))
     reruns.begin("bench")  # may turn a skip into a rerun
     if reruns.action("bench") == "skip":
         reruns.done("bench")

@@ -39,7 +39,8 @@ def outputs_complete(layout: RunLayout, stage: str, config: StudyConfig | None =
     if stage == "students":
         return layout.students_dir.is_dir()
     if stage == "sparsify":
-        targets = sparsity_targets(config.sparsities if config else (), config.recipe if config else "")
+        targets = sparsity_targets(config.sparsities if config else (), config.recipe if config else "",
+                                   config.channel_ratios if config else ())
         return all(layout.target(t).sparsify_summary.exists() for t in targets) and \
             all(layout.onnx(n).exists() for n in model_names(targets))
     return layout.benchmark.exists() and layout.onnx_accuracy.exists()
@@ -70,7 +71,7 @@ def current_fingerprint(stage: str, config: StudyConfig, digests: dict, checkpoi
         files["checkpoint"] = checkpoint
     if stage == "bench":
         files.update({f"{name}.onnx": f"onnx/{name}.onnx"
-                      for name in model_names(sparsity_targets(config.sparsities, config.recipe))})
+                      for name in model_names(sparsity_targets(config.sparsities, config.recipe, config.channel_ratios))})
     fingerprint = make_fingerprint(stage, values, digests, files, complete=complete, root=config.output_dir,
                                    code=stage_code(stage))
     if stage == "bench" and runs_deepsparse(config.deepsparse_python):

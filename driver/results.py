@@ -7,7 +7,7 @@ from pathlib import Path
 
 from study import StudyConfig, decision_rule, selection_metric
 from study.config import swept_fields, variant_label, variants
-from study.layout import SPARSE_MODELS
+from study.layout import SPARSE_MODELS, STRUCTURED_KINDS
 
 #: Columns of ``results.csv``, in order (docs/outputs.md): ``seed`` is the trial's seed;
 #: ``best_test_acc``/``best_val_acc`` are the accuracies of the kept checkpoint, the best epoch
@@ -165,17 +165,18 @@ def sparsify_trial(config: StudyConfig, students, rows: list[dict]):
 
 def sparsified_rows(summary: dict, rows: list[dict], seed=None, values: dict | None = None) -> list[dict]:
     """Rows ``<kind><tag>`` (``study.layout.SPARSE_MODELS``: pruned, pruned_quantized and
-    pruned_quantized_qdq, the one QAT model's two exports sharing its torch numbers) of every sparsity
+    pruned_quantized_qdq, the one QAT model's two exports sharing its torch numbers; and
+    ``STRUCTURED_KINDS``, with their own parameter counts) of every
     target of the sparsify summary (``RunLayout.read_sparsify``; one without ``targets``: itself, a
     default run's; a kind it does not record is left out): torch test accuracy, measured weight sparsity (0..1), recipe epochs, the setup they came from
     (``base``), the seed of that trial and its swept values (``values``: field -> value)."""
     params = next(row["params"] for row in rows if row["model"] == summary["setup"])
     return [{"model": target.get("models", {}).get(kind, kind), "seed": seed, **(values or {}),
-             "test_acc": target[f"test_acc_{kind}"], "params": params,
+             "test_acc": target[f"test_acc_{kind}"], "params": target.get(f"params_{kind}", params),
              "weight_sparsity": target[f"weight_sparsity_{kind}"], "epochs": int(target["recipe_epochs"])
              if float(target["recipe_epochs"]).is_integer() else target["recipe_epochs"],
              "base": target["setup"]} for target in summary.get("targets", [summary])
-            for kind in SPARSE_MODELS if f"test_acc_{kind}" in target]
+            for kind in (*SPARSE_MODELS, *STRUCTURED_KINDS) if f"test_acc_{kind}" in target]
 
 
 def set_onnx_accuracy(rows: list[dict], accuracies: dict, setup: str, seed, values: dict | None = None) -> None:

@@ -68,7 +68,9 @@ WITHIN = 0.01
 
 
 def _is_sparse(model: str) -> bool:
-    return str(model).startswith("pruned")
+    """Whether ``model`` is one of the study's compressed models (unstructured ``pruned*`` or
+    structured ``structured*``)."""
+    return str(model).startswith(("pruned", "structured"))
 
 
 def compression_verdict(bench, batch_size: int, markdown: bool = False) -> list[str]:
@@ -78,7 +80,7 @@ def compression_verdict(bench, batch_size: int, markdown: bool = False) -> list[
     * the fastest (model, engine) whose test accuracy in that engine is within 1 point (``WITHIN``)
       of its dense parent's (``dense`` on the same engine), its images/s, and its speed-up over the
       best dense INT8 peer (the fastest ``dense_int8`` row) and over dense ``BASELINE_ENGINE``;
-    * one sentence per sparse model (``pruned*``) whose fastest row is slower than the best
+    * one sentence per compressed model (``pruned*``, ``structured*``) whose fastest row is slower than the best
       ``dense_int8`` row and no more accurate than it: it loses to PTQ.
 
     Empty when the frame has no ``accuracy`` column or no measured row at that batch size."""

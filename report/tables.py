@@ -198,11 +198,15 @@ def show_table(table, title: str, note: str | None = None) -> None:
 def model_order(model: str) -> tuple:
     """Sort key of a benchmark model: ``dense``, ``dense_int8``, then by sparsity target (the tag's
     percent; the untagged target, the recipe's own, as 80), its models in ``SPARSE_MODELS`` order
-    (pruned, pruned_quantized, pruned_quantized_qdq)."""
+    (pruned, pruned_quantized, pruned_quantized_qdq); then the structured targets by channel ratio
+    (``structured_c<percent>``, then its ``_int8``)."""
     import re
 
     if model in ("dense", "dense_int8"):
         return (0.0, ("dense", "dense_int8").index(model))
+    structured = re.match(r"^structured_c(\d+)(?:p(\d+))?(_int8)?$", str(model))
+    if structured:
+        return (1000.0 + float(f"{structured.group(1)}.{structured.group(2) or 0}"), int(bool(structured.group(3))))
     m = re.match(rf"^({'|'.join(SPARSE_MODELS)})(?:_s(\d+)(?:p(\d+))?)?$", str(model))
     if not m:
         return (1e9, 0)

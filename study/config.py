@@ -213,6 +213,11 @@ class StudyConfig:
         "each is its own sparsify Ray task from the winning checkpoint, with the recipe's final_sparsity set to "
         "it; its outputs carry it (pruned_s50.onnx) unless it is the recipe's own; not given: the "
         "recipe's final_sparsity alone (0.8 in recipes/prune_quantize.yaml)", csv_of(float))
+    channel_ratios: tuple[float, ...] = option(
+        (), "comma-separated structured-pruning targets (fractions in (0, 1) of each layer's channels to remove), "
+        "e.g. 0.3,0.5: each is its own sparsify Ray task that thins the winning checkpoint (Torch-Pruning), "
+        "fine-tunes it with the setup's loss for --recipe-epochs and quantizes it (NNCF PTQ); outputs "
+        "structured_c50.onnx and structured_c50_int8.onnx; not given: none", csv_of(float))
     ptq_calibration_images: int = option(
         300, "training images that calibrate the dense INT8 post-training-quantized peer (dense_int8, NNCF)", int)
     bench_cores: int | None = option(
@@ -448,6 +453,10 @@ def validate(config: StudyConfig) -> None:
     if len(set(targets)) != len(targets) or not all(0 < t < 1 for t in targets):
         raise StudyError(f"--sparsities {','.join(map(str, targets)) or '(none)'}: give distinct fractions "
                          "between 0 and 1 (exclusive), e.g. 0.5,0.8,0.9")
+    ratios = config.channel_ratios or ()
+    if len(set(ratios)) != len(ratios) or not all(0 < r < 1 for r in ratios):
+        raise StudyError(f"--channel-ratios {','.join(map(str, ratios)) or '(none)'}: give distinct fractions "
+                         "between 0 and 1 (exclusive), e.g. 0.3,0.5")
     if config.ptq_calibration_images < 1:
         raise StudyError(f"--ptq-calibration-images {config.ptq_calibration_images} must be >= 1")
     if config.bench_rounds < 1:

@@ -42,7 +42,7 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     "teacher": ("arch", "stem", "teacher_weights", "train_subset", "test_subset", "val_size", "seed",
                 "batch_size", "teacher_lr", "teacher_max_epochs", "tolerance", "patience", "compile"),
     "students": ("seeds", "setups", "lr", "temperature", "max_epochs", "sweep"),
-    "sparsify": ("recipe", "recipe_epochs", "sparsify_loss", "sparsities", "ptq_calibration_images"),
+    "sparsify": ("recipe", "recipe_epochs", "sparsify_loss", "sparsities", "channel_ratios", "ptq_calibration_images"),
     "bench": ("bench_cores", "bench_batch_sizes", "bench_warmup_seconds", "bench_seconds", "bench_rounds"),
 }
 
@@ -56,7 +56,7 @@ LABEL_FIELDS: tuple[str, ...] = ("preset",)
 STAGE_CODE: dict[str, tuple[str, ...]] = {
     "teacher": ("trainables.train", "driver.tuning", "driver.results"),
     "students": ("trainables.student", "driver.tuning"),
-    "sparsify": ("trainables.compress.sparsify", "driver.results"),
+    "sparsify": ("trainables.compress.sparsify", "trainables.compress.structured", "driver.results"),
     "bench": ("bench.benchmark", "trainables.batches"),
 }
 

@@ -27,6 +27,9 @@ ONNX_MODELS: tuple[str, ...] = ("dense", *SPARSE_MODELS)
 #: The dense model, INT8 by static post-training quantization (``trainables.compress.ptq``): the
 #: peer a user would try first, made by the sparsify stage next to ``dense``.
 PTQ_MODEL = "dense_int8"
+#: The models each structured target exports (``--channel-ratios``; file names ``structured<tag>``,
+#: ``structured<tag>_int8``): the thinned FP32 model and it INT8 by NNCF PTQ (QDQ).
+STRUCTURED_KINDS: tuple[str, ...] = ("structured", "structured_int8")
 #: The models made once per run (not per target), in report order.
 DENSE_MODELS: tuple[str, ...] = ("dense", PTQ_MODEL)
 #: What each stage owns in the run directory (names under it): what a rerun moves in place and
@@ -34,21 +37,33 @@ DENSE_MODELS: tuple[str, ...] = ("dense", PTQ_MODEL)
 STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "teacher": ("teacher", "teacher.pt"), "students": ("students",), "sparsify": ("onnx", "sparsify"),
     "bench": ("benchmark.csv", "onnx_accuracy.json")}
-_MODEL_NAME = re.compile(r"^(dense|dense_int8|(pruned|pruned_quantized|pruned_quantized_qdq)(_s\d+(p\d+)?)?)$")
+_MODEL_NAME = re.compile(r"^(dense|dense_int8|(pruned|pruned_quantized|pruned_quantized_qdq)(_s\d+(p\d+)?)?"
+                         r"|structured_c\d+(p\d+)?(_int8)?)$")
 
 
 class Target(NamedTuple):
-    """One sparsity target of the sparsify stage: ``sparsity`` (the recipe's ``final_sparsity``
-    for its task; None: the recipe's own, not overridden) and ``tag``, the suffix of its outputs
-    (``""``: the names a default run always had)."""
+    """One target of the sparsify stage, its own Ray task. Unstructured (``ratio`` None):
+    ``sparsity`` is the recipe's ``final_sparsity`` for its task (None: the recipe's own, not
+    overridden). Structured: ``ratio`` is the fraction of channels removed (``--channel-ratios``).
+    ``tag`` is the suffix of its outputs (``""``: the names a default run always had; ``_s50``;
+    ``_c50``)."""
 
     sparsity: Optional[float]
     tag: str
+    ratio: Optional[float] = None
+
+    @property
+    def structured(self) -> bool:
+        """Whether this is a structured-pruning target (``--channel-ratios``)."""
+        return self.ratio is not None
 
     @property
     def models(self) -> tuple[str, ...]:
-        """``(pruned<tag>, pruned_quantized<tag>, pruned_quantized_qdq<tag>)``: ``SPARSE_MODELS``
-        with this target's tag."""
+        """The models this target exports: ``(pruned<tag>, pruned_quantized<tag>,
+        pruned_quantized_qdq<tag>)`` (``SPARSE_MODELS``), or ``(structured<tag>,
+        structured<tag>_int8)`` for a structured target."""
+        if self.structured:
+            return tuple(kind.replace("structured", f"structured{self.tag}") for kind in STRUCTURED_KINDS)
         return tuple(f"{kind}{self.tag}" for kind in SPARSE_MODELS)
 
 
@@ -74,27 +89,37 @@ def target_tag(sparsity: float, own: Optional[float]) -> str:
     ``_s<percent>`` (``0.5`` -> ``_s50``, ``0.875`` -> ``_s87p5``)."""
     if own is not None and float(sparsity) == float(own):
         return ""
-    return "_s" + f"{round(float(sparsity) * 100, 4):g}".replace(".", "p")
+    return percent_tag("_s", sparsity)
 
 
-def sparsity_targets(sparsities, recipe: str | os.PathLike) -> list[Target]:
+def percent_tag(prefix: str, fraction: float) -> str:
+    """``prefix`` and ``fraction`` in percent, ``.`` as ``p``: ``("_c", 0.5)`` -> ``_c50``,
+    ``("_s", 0.875)`` -> ``_s87p5``."""
+    return prefix + f"{round(float(fraction) * 100, 4):g}".replace(".", "p")
+
+
+def sparsity_targets(sparsities, recipe: str | os.PathLike, channel_ratios=()) -> list[Target]:
     """The run's targets: one per ``--sparsities`` value (in the order given), or, with none given,
-    the recipe's own ``final_sparsity`` alone (untagged, not overridden)."""
+    the recipe's own ``final_sparsity`` alone (untagged, not overridden); then one structured
+    target per ``--channel-ratios`` value (``channel_ratios``, tag ``_c<percent>``)."""
+    structured = [Target(None, percent_tag("_c", r), float(r)) for r in channel_ratios or ()]
     if not sparsities:
-        return [Target(None, "")]
+        return [Target(None, ""), *structured]
     own = recipe_sparsity(recipe)
-    return [Target(float(s), target_tag(s, own)) for s in sparsities]
+    return [*(Target(float(s), target_tag(s, own)) for s in sparsities), *structured]
 
 
 def model_names(targets) -> list[str]:
     """Every model of a run with these ``Target``s, in report order: ``dense``, ``dense_int8``,
-    then each target's ``SPARSE_MODELS`` (pruned, pruned_quantized, pruned_quantized_qdq)."""
+    then each target's ``models`` (pruned, pruned_quantized, pruned_quantized_qdq; or structured,
+    structured_int8)."""
     return [*DENSE_MODELS, *(name for t in targets for name in t.models)]
 
 
 def dense_owner(targets) -> Target:
     """The target whose task exports ``dense`` and ``dense_int8``: the untagged one when there is
-    one, else the first (the other tasks leave those files alone: no two tasks write one file)."""
+    one, else the first (the other tasks leave those files alone: no two tasks write one file).
+    ``sparsity_targets`` always puts an unstructured target first."""
     return next((t for t in targets if t.tag == ""), targets[0])
 
 
@@ -153,7 +178,8 @@ class RunLayout:
         ``pruned_quantized[_s<pct>]``, ``pruned_quantized_qdq[_s<pct>]``); ValueError otherwise."""
         if not _MODEL_NAME.match(str(name)):
             raise ValueError(f"unknown model {name!r}; allowed: dense, dense_int8, pruned[_s<percent>], "
-                             "pruned_quantized[_s<percent>], pruned_quantized_qdq[_s<percent>]")
+                             "pruned_quantized[_s<percent>], pruned_quantized_qdq[_s<percent>], "
+                             "structured_c<percent>[_int8]")
         return self.onnx_dir / f"{name}.onnx"
 
     def check_onnx(self, summary: dict, models=None) -> None:

@@ -36,7 +36,7 @@ def frozen_teacher(teacher: dict, device: torch.device) -> torch.nn.Module:
 
 def student_loss(setup: str, student: torch.nn.Module, teacher: torch.nn.Module | None,
                  temperature: float, compile_with: str | None = None, *,
-                 trace_student: bool = True):
+                 trace_student: bool = True, teacher_channels: dict | None = None):
     """The loss of one student step for ``setup``, as a function ``loss_fn(x, y) -> (loss, terms)``
     of a batch x (B,3,32,32) float32 and labels y (B,) int64 (see ``distillation_loss``).
 
@@ -53,6 +53,10 @@ def student_loss(setup: str, student: torch.nn.Module, teacher: torch.nn.Module 
     submodules it was built with, so after SparseML swaps in fused fake-quant modules for QAT it
     would silently compute the un-quantized network. The sparsify stage uses this; the hooks see
     whatever ``layer1``/``layer2``/``layer4`` of ``student`` compute at that moment.
+
+    ``teacher_channels`` (feature layer -> int64 (C_l,) channel indices) matches a student thinned
+    by structured pruning: the teacher's feature map of that layer is cut to the channels the
+    student kept, in order, before the MSE (``trainables.compress.structured``).
 
     Raises:
         ValueError: ``setup`` is not one of ``study.SETUPS``, or ``teacher`` is None for a setup
@@ -83,6 +87,9 @@ def student_loss(setup: str, student: torch.nn.Module, teacher: torch.nn.Module 
             return distillation_loss(setup, s_forward(x), y, teacher_logits=t_out,
                                      temperature=temperature)
         (t_logits, t_feats), (s_logits, s_feats) = t_out, s_forward(x)
+        if teacher_channels:
+            t_feats = {name: feats.index_select(1, teacher_channels[name].to(feats.device))
+                       if name in teacher_channels else feats for name, feats in t_feats.items()}
         return distillation_loss(setup, s_logits, y, teacher_logits=t_logits,
                                  student_feats=s_feats, teacher_feats=t_feats,
                                  temperature=temperature)

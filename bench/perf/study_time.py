@@ -231,7 +231,7 @@ def project(config, table: pd.DataFrame) -> pd.DataFrame:
     except ImportError:
         out.append({"stage": "sparsify (SparseML not installed)", "epochs": 0, "seconds": math.nan})
     # every model on every engine at every batch size, in each round (bench.benchmark.run_benchmarks)
-    jobs = len(ENGINES) * len(model_names(sparsity_targets(config.sparsities, config.recipe))) \
+    jobs = len(ENGINES) * len(model_names(sparsity_targets(config.sparsities, config.recipe, config.channel_ratios))) \
         * len(config.bench_batch_sizes) * config.bench_rounds
     out.append({"stage": f"bench ({jobs} runs, fixed)", "epochs": 0,
                 "seconds": jobs * (config.bench_seconds + config.bench_warmup_seconds)})

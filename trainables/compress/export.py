@@ -28,6 +28,7 @@ here, at their source (``quiet_export``), unless ``--verbose``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ import warnings
 from typing import Iterator, Mapping, Optional, Sequence, Union
 
 import torch
+import torch_pruning as tp
 from torch import nn
 
 from study.files import atomic_output
@@ -43,13 +45,23 @@ from trainables.data import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
 from trainables.compress.compat import onnx_export_kwargs
 from trainables.compress.core import is_quantized
 
-__all__ = ["export_model_onnx", "model_metadata", "read_metadata"]
+__all__ = ["export_model_onnx", "model_cost", "model_metadata", "read_metadata"]
+
+
+def model_cost(model: nn.Module, image_size: int = 32) -> tuple[int, int]:
+    """``(MACs, parameters)`` of ``model`` for one (1, 3, image_size, image_size) image:
+    multiply-accumulates of its conv/linear/BN layers and every parameter element
+    (``torch_pruning.utils.count_ops_and_params``); counted on a copy in eval mode, on CPU."""
+    probe = copy.deepcopy(model).cpu().float().eval()
+    macs, params = tp.utils.count_ops_and_params(probe, torch.zeros(1, 3, image_size, image_size))
+    return int(macs), int(params)
 
 
 def model_metadata(*, variant: str, arch: str, stem: str, source_trial: str, setup: str,
                    recipe: str, recipe_epochs: float, weight_sparsity: float,
                    test_acc: float, recipe_loss: str | None, source_variant: dict | None = None,
-                   recipe_temperature: float | None = None, quantization: str | None = None) -> dict:
+                   recipe_temperature: float | None = None, quantization: str | None = None,
+                   macs: int | None = None, params: int | None = None, channel_ratio: float | None = None) -> dict:
     """The ``metadata_props`` of an exported classifier: everything a deployer needs to feed it
     and read its output, and where it came from. All values are strings (ONNX requires it);
     lists are JSON.
@@ -67,7 +79,10 @@ def model_metadata(*, variant: str, arch: str, stem: str, source_trial: str, set
     ``source_variant`` (JSON object: the source trial's swept values, ``--sweep``; ``{}`` without
     one), ``weight_sparsity`` (0..1 of conv/linear weights that are zero),
     ``test_acc`` (torch test accuracy 0..1 when exported), ``quantization`` (INT8 files only,
-    ``quantization`` not None: how it was quantized and its graph form, in words).
+    ``quantization`` not None: how it was quantized and its graph form, in words), ``macs`` and
+    ``params`` (given: multiply-accumulates per image and parameter elements,
+    ``model_cost``), ``channel_ratio`` (structured models: the
+    fraction of channels removed).
     """
     return {
         "input_name": "input", "input_layout": "NCHW", "input_dtype": "float32",
@@ -86,6 +101,8 @@ def model_metadata(*, variant: str, arch: str, stem: str, source_trial: str, set
         "source_variant": json.dumps(source_variant or {}, sort_keys=False),
         "weight_sparsity": f"{weight_sparsity:.6f}", "test_acc": f"{test_acc:.6f}",
         **({} if quantization is None else {"quantization": quantization}),
+        **{key: f"{value:g}" if isinstance(value, float) else str(value)
+           for key, value in (("macs", macs), ("params", params), ("channel_ratio", channel_ratio)) if value is not None},
     }
 
 

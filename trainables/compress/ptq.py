@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
-__all__ = ["calibration_images", "ort_threads", "quantize_dense"]
+__all__ = ["calibration_images", "ort_threads", "quantize_dense", "quantize_onnx"]
 
 
 def calibration_images(train_images_float32: Any, count: int, seed: int) -> np.ndarray:
@@ -111,3 +112,19 @@ def quantize_dense(dense_path: str | os.PathLike, out_path: str | os.PathLike, i
             quantized.metadata_props.add(key=str(key), value=str(value))
     onnx.save(quantized, os.fspath(out_path))
     return len(images)
+
+
+def quantize_onnx(fp32_path: str | os.PathLike, out_path: str | os.PathLike, images: np.ndarray, *,
+                  threads: int, variant: str) -> int:
+    """Write ``out_path`` atomically: ``fp32_path`` INT8 by ``quantize_dense``, its
+    ``metadata_props`` those of ``fp32_path`` with ``variant``, ``quantization`` (how, in words)
+    and ``calibration_images`` (N). Returns N."""
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(os.fspath(fp32_path), load_external_data=False).metadata_props}
+    meta.update(variant=variant, calibration_images=str(len(images)),
+                quantization="static post-training INT8 (NNCF, ONNX backend, QDQ; weights per channel)")
+    tmp = Path(out_path).with_name(Path(out_path).name + ".tmp")
+    count = quantize_dense(fp32_path, tmp, images, metadata=meta, threads=threads)
+    tmp.replace(out_path)
+    return count

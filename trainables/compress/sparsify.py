@@ -42,13 +42,13 @@ from study.layout import PTQ_MODEL, QDQ_MODEL, SPARSE_MODELS, Target, recipe_spa
 from study.files import atomic_write_text, check_digests, sha256_file
 from trainables.batches import normalize, train_batches
 from trainables.data import CIFAR10Tensors
-from trainables.compress.export import export_model_onnx, model_metadata
+from trainables.compress.export import export_model_onnx, model_cost, model_metadata
 from trainables.compress.checkpoint import load_recipe_checkpoint, same_recipe
 from trainables.compress.core import RecipeRun, global_sparsity, is_quantized, load_recipe, weight_sparsity
 from trainables.student import frozen_teacher, student_loss
 from trainables.train import MODEL_FILE, autocast, evaluate, pick_device
 
-__all__ = ["SparsifySettings", "sparsify_student"]
+__all__ = ["SparsifySettings", "load_student", "sparsify_student"]
 
 #: The ``quantization`` metadata of the two exports of the QAT model (the file's graph, in words).
 QUANTIZATION = {
@@ -146,9 +146,10 @@ def sparsify_student(checkpoint, data: CIFAR10Tensors, settings: SparsifySetting
     torch.manual_seed(s.seed)
     torch.set_num_threads(max(1, int(s.threads)))
     device = pick_device()
-    model, meta = _load_student(checkpoint)
+    model, meta = load_student(checkpoint)
     model.to(device)
     stage = _Stage(s, RunLayout(s.output_dir).target(s.target), meta, device, data)
+    stage.cost = model_cost(model)  # every export has the student's architecture (unstructured zeros stay)
     recipe_sha256 = sha256_file(s.recipe)
     resume = same_recipe(load_recipe_checkpoint(stage.layout.sparsify_checkpoint), recipe_sha256,
                          stage.layout.sparsify_checkpoint)
@@ -176,7 +177,7 @@ def sparsify_student(checkpoint, data: CIFAR10Tensors, settings: SparsifySetting
     return stage.finish(model, history, test_acc_quantized)
 
 
-def _load_student(checkpoint) -> tuple:
+def load_student(checkpoint) -> tuple:
     """(model, meta) from ``model.pt`` in ``checkpoint`` (a ``ray.train.Checkpoint`` or a folder)."""
     if hasattr(checkpoint, "as_directory"):  # ray.train.Checkpoint
         with checkpoint.as_directory() as folder:
@@ -194,6 +195,7 @@ class _Stage:
         self.settings, self.layout, self.meta, self.device, self.data = settings, layout, meta, device, data
         self.setup = settings.setup or (meta.get("extra") or {}).get("setup")
         self.record: Dict[str, Any] = {}
+        self.cost: tuple = (None, None)  # (MACs, params) per image of the student, set before the recipe
 
     def accuracy(self, model: nn.Module) -> float:
         """Test accuracy 0..1; bf16 autocast (where the device has it) only before QAT."""
@@ -213,26 +215,20 @@ class _Stage:
             setup=self.setup, recipe=s.recipe, recipe_epochs=s.recipe_epochs,
             recipe_loss=None if variant == "dense" else s.loss, source_variant=dict(s.variant or {}),
             recipe_temperature=None if variant == "dense" or s.loss == "ce" else s.temperature, weight_sparsity=global_sparsity(model),
-            test_acc=test_acc, quantization=QUANTIZATION.get(variant)))
+            test_acc=test_acc, quantization=QUANTIZATION.get(variant), macs=self.cost[0], params=self.cost[1]))
         self.record["sha256"][self.model_name(variant)] = sha256_file(path)
 
     def quantize_dense(self) -> None:
         """Write ``onnx/dense_int8.onnx``: ``dense.onnx`` INT8 by static PTQ (NNCF), calibrated on
         ``ptq_images`` training images chosen by the seed; its metadata is dense's with ``variant``
         dense_int8, ``quantization`` and ``calibration_images``; record its sha256 and N."""
-        import onnx
+        from trainables.compress.ptq import calibration_images, quantize_onnx
 
-        from trainables.compress.ptq import calibration_images, quantize_dense
-
-        dense, path = self.layout.onnx("dense"), self.layout.onnx(PTQ_MODEL)
+        path = self.layout.onnx(PTQ_MODEL)
         images = calibration_images(normalize(self.data.train_images), self.settings.ptq_images, self.settings.seed)
-        meta = {p.key: p.value for p in onnx.load(dense, load_external_data=False).metadata_props}
-        meta.update(variant=PTQ_MODEL, calibration_images=str(len(images)),
-                    quantization="static post-training INT8 (NNCF 2.9, ONNX backend, QDQ; weights per channel)")
-        tmp = path.with_name(path.name + ".tmp")
-        self.record["ptq_calibration_images"] = quantize_dense(dense, tmp, images, metadata=meta,
-                                                               threads=max(1, int(self.settings.threads)))
-        tmp.replace(path)
+        self.record["ptq_calibration_images"] = quantize_onnx(self.layout.onnx("dense"), path, images,
+                                                              threads=max(1, int(self.settings.threads)),
+                                                              variant=PTQ_MODEL)
         self.record["sha256"][PTQ_MODEL] = sha256_file(path)
 
     def pruning_end(self, model: nn.Module) -> None:
