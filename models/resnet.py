@@ -246,12 +246,7 @@ def build_teacher(
     check_num_classes(num_classes)
 
     if weights == "imagenet":
-        state = _load_imagenet_state_dict(arch)
-        model = _bare_resnet(arch, 1000)
-        model.load_state_dict(state)
-        _replace_fc(model, num_classes)
-        _apply_stem(model, stem)
-        return model
+        return _imagenet_teacher(arch, num_classes, stem)
 
     if weights is None:
         model = _bare_resnet(arch, num_classes)
@@ -259,26 +254,45 @@ def build_teacher(
         return model
 
     if isinstance(weights, (str, os.PathLike)):
-        ckpt = _read_checkpoint(weights, map_location="cpu")
-        wanted = {"arch": arch, "stem": stem, "num_classes": num_classes, "role": "teacher"}
-        mismatches = [
-            f"{key}={ckpt[key]!r} (wanted {value!r})"
-            for key, value in wanted.items()
-            if ckpt[key] != value
-        ]
-        if mismatches:
-            raise ValueError(
-                f"checkpoint {os.fspath(weights)!r} does not match build_teacher(arch={arch!r}, "
-                f"stem={stem!r}, num_classes={num_classes}): it has {', '.join(mismatches)}"
-            )
-        model = _bare_resnet(arch, num_classes)
-        _apply_stem(model, stem)
-        _load_state_strict(model, ckpt["state_dict"], weights)
-        return model
+        return _checkpoint_teacher(arch, num_classes, stem, weights)
 
     raise ValueError(
         f"weights must be 'imagenet', None or a checkpoint path, got {weights!r}"
     )
+
+
+def _imagenet_teacher(arch: str, num_classes: int, stem: str) -> torchvision.models.ResNet:
+    """``build_teacher(weights="imagenet")``: torchvision's ImageNet weights loaded into a
+    1000-class ``arch``, then a fresh fc of ``num_classes`` and the stem applied."""
+    state = _load_imagenet_state_dict(arch)
+    model = _bare_resnet(arch, 1000)
+    model.load_state_dict(state)
+    _replace_fc(model, num_classes)
+    _apply_stem(model, stem)
+    return model
+
+
+def _checkpoint_teacher(arch: str, num_classes: int, stem: str,
+                        weights: str | os.PathLike) -> torchvision.models.ResNet:
+    """``build_teacher(weights=<path>)``: every weight loaded strictly from the teacher checkpoint
+    ``weights``. Raises ValueError (one line, naming the path) if it cannot be read or is of
+    another arch/stem/num_classes/role."""
+    ckpt = _read_checkpoint(weights, map_location="cpu")
+    wanted = {"arch": arch, "stem": stem, "num_classes": num_classes, "role": "teacher"}
+    mismatches = [
+        f"{key}={ckpt[key]!r} (wanted {value!r})"
+        for key, value in wanted.items()
+        if ckpt[key] != value
+    ]
+    if mismatches:
+        raise ValueError(
+            f"checkpoint {os.fspath(weights)!r} does not match build_teacher(arch={arch!r}, "
+            f"stem={stem!r}, num_classes={num_classes}): it has {', '.join(mismatches)}"
+        )
+    model = _bare_resnet(arch, num_classes)
+    _apply_stem(model, stem)
+    _load_state_strict(model, ckpt["state_dict"], weights)
+    return model
 
 
 def build_student(

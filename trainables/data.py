@@ -122,27 +122,7 @@ def load_cifar10(root: str | os.PathLike, download: bool = False,
             file; download failure (no network).
     """
     root_path = Path(root).expanduser()
-    if not root_path.exists():
-        if not download:
-            raise DataRootError(
-                f"CIFAR-10 root {str(root_path)!r} does not exist; expected a directory with "
-                f"{_LAYOUTS} (or pass --download to fetch it)")
-    elif not root_path.is_dir():
-        raise DataRootError(f"CIFAR-10 root {str(root_path)!r} is not a directory; expected a "
-                            f"directory with {_LAYOUTS}")
-
-    kind = _detect_layout(root_path) if root_path.is_dir() else None
-    if kind is None:
-        if not download:
-            raise DataRootError(
-                f"CIFAR-10 root {str(root_path)!r} holds none of the accepted layouts: "
-                f"{_LAYOUTS}; pass --download to fetch it")
-        _download(root_path)
-        kind = "batches"
-        if _detect_layout(root_path) != "batches":
-            raise DataRootError(f"download into {str(root_path)!r} finished but "
-                                f"{_BATCHES_DIR}/ is missing there")
-
+    kind = _root_layout(root_path, download)
     if kind == "folder":  # cheap structural checks before trusting any cache
         _class_dirs(root_path / "train")
         _class_dirs(root_path / "test")
@@ -156,6 +136,32 @@ def load_cifar10(root: str | os.PathLike, download: bool = False,
     if cache:
         _write_cache(root_path, kind, fingerprint, data)
     return data
+
+
+def _root_layout(root_path: Path, download: bool) -> str:
+    """The layout of ``root_path``, 'folder' or 'batches'; with ``download``, fetches (b) into it
+    first if neither is there. Raises DataRootError (root missing or not a directory, no layout,
+    download incomplete)."""
+    if not root_path.exists():
+        if not download:
+            raise DataRootError(
+                f"CIFAR-10 root {str(root_path)!r} does not exist; expected a directory with "
+                f"{_LAYOUTS} (or pass --download to fetch it)")
+    elif not root_path.is_dir():
+        raise DataRootError(f"CIFAR-10 root {str(root_path)!r} is not a directory; expected a "
+                            f"directory with {_LAYOUTS}")
+    kind = _detect_layout(root_path) if root_path.is_dir() else None
+    if kind is None:
+        if not download:
+            raise DataRootError(
+                f"CIFAR-10 root {str(root_path)!r} holds none of the accepted layouts: "
+                f"{_LAYOUTS}; pass --download to fetch it")
+        _download(root_path)
+        kind = "batches"
+        if _detect_layout(root_path) != "batches":
+            raise DataRootError(f"download into {str(root_path)!r} finished but "
+                                f"{_BATCHES_DIR}/ is missing there")
+    return kind
 
 
 def _detect_layout(root: Path) -> str | None:

@@ -241,16 +241,126 @@ def project(config, table: pd.DataFrame) -> pd.DataFrame:
                      ignore_index=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Measure the chosen stages, print the per-stage table and the projection."""
+def _teacher_payload(measure) -> dict:
+    """What the student trials get: ``torch.load`` of a randomly initialised teacher's checkpoint."""
     import tempfile
 
+    from models import build_teacher, save_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return torch.load(save_checkpoint(build_teacher(measure.arch, stem=measure.stem, weights=None),
+                                          Path(tmp) / "teacher.pt", arch=measure.arch, stem=measure.stem,
+                                          num_classes=10, role="teacher"), map_location="cpu")
+
+
+def _task(fn, resources: dict):
+    """``fn`` as a Ray task asking for ``resources`` (``{"cpu": ..., "gpu": ...}``)."""
     import ray
 
-    from models import build_teacher, save_checkpoint
-    from trainables.batches import study_data
-    from trainables.train import use_compile
+    return ray.remote(num_cpus=resources["cpu"], num_gpus=resources["gpu"])(fn)
+
+
+def _space(measure, role: str, resources: dict, **extra) -> dict:
+    """``driver.tuning.trial_config`` of ``role`` with ``resources``, two epochs, plus ``extra``."""
     from driver.tuning import trial_config
+
+    return {**trial_config(measure, role, resources), "max_epochs": 2, **extra}
+
+
+def _concurrent_rows(measure, share: dict, data_ref, teacher_ref, seen: int, n_test: int,
+                     flops: dict, peak: float) -> list[dict]:
+    """``students x<n>``: every setup at once, each with ``share``; one row per trial, then the
+    ``all`` row (summed images/s and TFLOP/s, ``wall_s``: seconds until the last one ends)."""
+    import ray
+
+    n = len(measure.setups)
+    t0 = time.perf_counter()
+    refs = {s: _task(run_trainable, share).remote("student", _space(measure, "student", share, setup=s),
+                                                  data_ref, teacher_ref) for s in measure.setups}
+    results = {s: ray.get(ref) for s, ref in refs.items()}
+    wall = time.perf_counter() - t0
+    trials = [_row(f"students x{n} ({s})", results[s], seen, n_test, flops[s], peak)
+              for s in measure.setups]
+    rate = sum(r["images_per_s"] for r in trials)
+    tflops = sum(r["tflop_per_s"] for r in trials)
+    return trials + [{"stage": f"students x{n}, all", "images_per_s": rate,
+                      "epoch_s": max(r["epoch_s"] for r in trials),
+                      "first_epoch_overhead_s": max(r["first_epoch_overhead_s"] for r in trials),
+                      "warmup_s": max(r["warmup_s"] for r in trials), "gflop_per_image": math.nan,
+                      "tflop_per_s": tflops, "mfu_pct": 100 * tflops / peak,
+                      "test_s_per_image": math.nan, "wall_s": wall}]
+
+
+def _measure_rows(args, stages: list[str], measure, data, teacher: dict, device: torch.device,
+                  cores: int) -> tuple[list[dict], float]:
+    """Runs the chosen stages in a local Ray instance (shut down at the end); returns (one row
+    per measured stage, the peak TFLOP/s: ``--peak-tflops`` or measured)."""
+    import ray
+
+    from trainables.train import use_compile
+
+    gpu = device.type == "cuda"
+    ray.init(address="local", num_cpus=cores, num_gpus=1 if gpu else 0, include_dashboard=False,
+             log_to_driver=False)
+    whole = {"cpu": float(cores), "gpu": 1.0 if gpu else 0.0}
+    n = len(measure.setups)
+    share = {"cpu": cores / n, "gpu": 1.0 / n if gpu else 0.0}
+    try:
+        peak = args.peak_tflops or ray.get(_task(measured_peak_tflops, whole).remote(device, cores))
+        data_ref, teacher_ref = ray.put(data), ray.put(teacher)
+        n_train, n_test = len(data.train_labels), len(data.test_labels)
+        bs = measure.batch_size
+        seen = (n_train // bs * bs if use_compile({"compile": measure.compile}, device) and n_train > bs
+                else n_train)
+        rows = []
+        if "teacher" in stages:
+            reports = ray.get(_task(run_trainable, whole).remote(
+                "teacher", _space(measure, "teacher", whole), data_ref, None))
+            rows.append(_row("teacher", reports, seen, n_test, flops_per_image("teacher", measure), peak))
+        flops = {s: flops_per_image("student", measure, s) for s in measure.setups}
+        if "students" in stages:
+            for setup in measure.setups:
+                reports = ray.get(_task(run_trainable, whole).remote(
+                    "student", _space(measure, "student", whole, setup=setup), data_ref, teacher_ref))
+                rows.append(_row(f"student {setup}", reports, seen, n_test, flops[setup], peak))
+        if "concurrent" in stages:
+            rows += _concurrent_rows(measure, share, data_ref, teacher_ref, seen, n_test, flops, peak)
+        if "recipe" in stages:
+            try:
+                recipe = ray.get(_task(run_recipe_epochs, whole).remote(
+                    measure, _space(measure, "student", whole), data_ref))
+                rows += _recipe_rows(recipe, n_test, flops_per_image("student", measure, "ce"), peak)
+            except ray.exceptions.RayTaskError as err:
+                if not isinstance(err.cause, ImportError):
+                    raise
+                print(f"recipe: skipped ({str(err.cause).splitlines()[0]})")
+    finally:
+        ray.shutdown()
+    return rows, peak
+
+
+def _print_results(args, config, measure, table: pd.DataFrame, peak: float, device: torch.device,
+                   cores: int, n_train: int, n_test: int) -> None:
+    """The device line, the per-stage table and the projection of the preset's study."""
+    from trainables.train import use_compile
+
+    name = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU, {cores} cores"
+    print(f"device: {name}; peak {peak:.2f} TFLOP/s ({'given' if args.peak_tflops else 'measured matmul'}); "
+          f"preset {args.preset}, arch {measure.arch}, batch {measure.batch_size}, compile "
+          f"{use_compile({'compile': measure.compile}, device)}; measured on {n_train} train / "
+          f"{n_test} test images, 2 epochs per stage; torch {torch.__version__}")
+    print(table.drop(columns=["test_s_per_image"]).to_markdown(index=False, floatfmt=".3g"))
+    projection = project(config, table)
+    n_train_p, n_test_p = config.train_subset or 50_000, config.test_subset or 10_000
+    print(f"\nProjected study, preset {args.preset} ({n_train_p} train / {n_test_p} test images, "
+          "every stage at its epoch bound):")
+    print(projection.to_markdown(index=False, floatfmt=".1f"))
+    print(total_line(projection))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Measure the chosen stages, print the per-stage table and the projection."""
+    from trainables.batches import study_data
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -263,83 +373,12 @@ def main(argv: list[str] | None = None) -> int:
     measure = study.make_config(args.preset, data_root=args.data_root, compile=args.compile,
                                 teacher_weights=None, **sizes)
     data = study_data(measure)
-    gpu = torch.cuda.is_available()
-    device = torch.device("cuda" if gpu else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cores = len(os.sched_getaffinity(0))
-    with tempfile.TemporaryDirectory() as tmp:
-        teacher = torch.load(save_checkpoint(build_teacher(measure.arch, stem=measure.stem, weights=None),
-                                             Path(tmp) / "teacher.pt", arch=measure.arch, stem=measure.stem,
-                                             num_classes=10, role="teacher"), map_location="cpu")
-    ray.init(address="local", num_cpus=cores, num_gpus=1 if gpu else 0, include_dashboard=False,
-             log_to_driver=False)
-    whole = {"cpu": float(cores), "gpu": 1.0 if gpu else 0.0}
-    n = len(measure.setups)
-    share = {"cpu": cores / n, "gpu": 1.0 / n if gpu else 0.0}
-
-    def task(fn, resources):
-        return ray.remote(num_cpus=resources["cpu"], num_gpus=resources["gpu"])(fn)
-
-    def space(role, resources, **extra):
-        return {**trial_config(measure, role, resources), "max_epochs": 2, **extra}
-
-    try:
-        peak = args.peak_tflops or ray.get(task(measured_peak_tflops, whole).remote(device, cores))
-        data_ref, teacher_ref = ray.put(data), ray.put(teacher)
-        n_train, n_test = len(data.train_labels), len(data.test_labels)
-        bs = measure.batch_size
-        seen = n_train // bs * bs if use_compile({"compile": measure.compile}, device) and n_train > bs             else n_train
-        rows = []
-        if "teacher" in stages:
-            reports = ray.get(task(run_trainable, whole).remote("teacher", space("teacher", whole),
-                                                                 data_ref, None))
-            rows.append(_row("teacher", reports, seen, n_test, flops_per_image("teacher", measure), peak))
-        flops = {s: flops_per_image("student", measure, s) for s in measure.setups}
-        if "students" in stages:
-            for setup in measure.setups:
-                reports = ray.get(task(run_trainable, whole).remote(
-                    "student", space("student", whole, setup=setup), data_ref, teacher_ref))
-                rows.append(_row(f"student {setup}", reports, seen, n_test, flops[setup], peak))
-        if "concurrent" in stages:
-            t0 = time.perf_counter()
-            refs = {s: task(run_trainable, share).remote("student", space("student", share, setup=s),
-                                                        data_ref, teacher_ref) for s in measure.setups}
-            results = {s: ray.get(ref) for s, ref in refs.items()}
-            wall = time.perf_counter() - t0
-            trials = [_row(f"students x{n} ({s})", results[s], seen, n_test, flops[s], peak)
-                      for s in measure.setups]
-            rows += trials
-            rate = sum(r["images_per_s"] for r in trials)
-            tflops = sum(r["tflop_per_s"] for r in trials)
-            rows.append({"stage": f"students x{n}, all", "images_per_s": rate,
-                         "epoch_s": max(r["epoch_s"] for r in trials),
-                         "first_epoch_overhead_s": max(r["first_epoch_overhead_s"] for r in trials),
-                         "warmup_s": max(r["warmup_s"] for r in trials), "gflop_per_image": math.nan,
-                         "tflop_per_s": tflops, "mfu_pct": 100 * tflops / peak,
-                         "test_s_per_image": math.nan, "wall_s": wall})
-        if "recipe" in stages:
-            try:
-                recipe = ray.get(task(run_recipe_epochs, whole).remote(
-                    measure, space("student", whole), data_ref))
-                rows += _recipe_rows(recipe, n_test, flops_per_image("student", measure, "ce"), peak)
-            except ray.exceptions.RayTaskError as err:
-                if not isinstance(err.cause, ImportError):
-                    raise
-                print(f"recipe: skipped ({str(err.cause).splitlines()[0]})")
-    finally:
-        ray.shutdown()
-    table = pd.DataFrame(rows)
-    name = torch.cuda.get_device_name(0) if gpu else f"CPU, {cores} cores"
-    print(f"device: {name}; peak {peak:.2f} TFLOP/s ({'given' if args.peak_tflops else 'measured matmul'}); "
-          f"preset {args.preset}, arch {measure.arch}, batch {bs}, compile "
-          f"{use_compile({'compile': measure.compile}, device)}; measured on {n_train} train / "
-          f"{n_test} test images, 2 epochs per stage; torch {torch.__version__}")
-    print(table.drop(columns=["test_s_per_image"]).to_markdown(index=False, floatfmt=".3g"))
-    projection = project(config, table)
-    n_train_p, n_test_p = config.train_subset or 50_000, config.test_subset or 10_000
-    print(f"\nProjected study, preset {args.preset} ({n_train_p} train / {n_test_p} test images, "
-          "every stage at its epoch bound):")
-    print(projection.to_markdown(index=False, floatfmt=".1f"))
-    print(total_line(projection))
+    teacher = _teacher_payload(measure)
+    rows, peak = _measure_rows(args, stages, measure, data, teacher, device, cores)
+    _print_results(args, config, measure, pd.DataFrame(rows), peak, device, cores,
+                   len(data.train_labels), len(data.test_labels))
     return 0
 
 

@@ -268,23 +268,34 @@ def measure(args) -> tuple[pd.DataFrame, pd.DataFrame, str]:
         del step
 
     table = pd.DataFrame(rows)
+    return table, pd.DataFrame(_ratios(table, args.setups)), _run_info(args, device, use_cl, source)
+
+
+def _ratios(table: pd.DataFrame, setups: list[str]) -> list[dict]:
+    """Rows ``ratio``/``value`` of the images/s in ``table``: the data pipeline over each student
+    step and over the DataLoader baseline, and the baseline over the fastest student step."""
     rate = dict(zip(table["stage"] + " " + table["setup"], table["images_per_s"]))
     pipeline = table.loc[table["stage"] == PIPELINE, "images_per_s"].iloc[0]
     baseline = table.loc[table["stage"] == BASELINE, "images_per_s"].iloc[0]
     ratios = [{"ratio": f"data pipeline / student step {s}", "value": pipeline / rate[f"{STEP} {s}"]}
-              for s in args.setups]
+              for s in setups]
     ratios.append({"ratio": "data pipeline / DataLoader baseline", "value": pipeline / baseline})
     ratios.append({"ratio": "DataLoader baseline / fastest student step",
-                   "value": baseline / max(rate[f"{STEP} {s}"] for s in args.setups)})
+                   "value": baseline / max(rate[f"{STEP} {s}"] for s in setups)})
+    return ratios
+
+
+def _run_info(args, device: torch.device, use_cl: bool, source: str) -> str:
+    """One line describing the run: arch, batch, device, threads, memory format, autocast,
+    compile backend, where the images came from, torch version."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{len(os.sched_getaffinity(0))} cores"
-    info = (f"arch {args.arch} (stem {args.stem}), batch {bs}, device {args.device} ({name}), "
+    return (f"arch {args.arch} (stem {args.stem}), batch {args.batch_size}, device {args.device} ({name}), "
             f"threads {torch.get_num_threads()}, memory format "
             f"{'channels_last' if use_cl else 'contiguous'}, autocast "
             f"{'bf16' if device.type == 'cuda' and torch.cuda.is_bf16_supported() else 'off (fp32)'}, "
             f"compile {args.backend or 'off'}, "
             f"images: {source}, torch {torch.__version__}")
-    return table, pd.DataFrame(ratios), info
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -65,43 +65,66 @@ def load_recipe(path: "str | os.PathLike", **overrides: Any) -> ScheduledModifie
             are invalid; or the recipe defines no modifiers.
     """
     p = os.fspath(path)
+    _check_file(p)
+    if p.lower().endswith(".yaml"):
+        _check_yaml_mapping(p)
+    if overrides:
+        _check_overrides(p, overrides)
+    manager = _manager_from_yaml(p, overrides)
+    if not list(manager.iter_modifiers()):
+        raise ValueError(f"recipe {p!r} defines no modifiers (expected *_modifiers lists)")
+    return manager
+
+
+def _check_file(p: str) -> None:
+    """Raise ValueError unless ``p`` is an existing file whose name ends in ``RECIPE_EXTENSIONS``."""
     if not os.path.isfile(p):
         raise ValueError(f"recipe file not found: {p!r} (expected an existing .yaml file)")
     if not p.lower().endswith(RECIPE_EXTENSIONS):
         raise ValueError(
             f"recipe file {p!r} has an unsupported extension; allowed: {', '.join(RECIPE_EXTENSIONS)}"
         )
-    if p.lower().endswith(".yaml"):
-        # Parse once without modifier classes to tell "not YAML" apart from
-        # "YAML with an unknown modifier" (SparseML's loader would raise a generic
-        # yaml error for both).
-        try:
-            with open(p, "r", encoding="utf-8") as fh:
-                text = fh.read()
-            container = load_recipe_yaml_str_no_classes(text)
-        except yaml.YAMLError as exc:
-            raise ValueError(f"recipe {p!r} is not valid YAML: {_yaml_problem(exc)}") from exc
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"recipe {p!r} is not a UTF-8 text file: {_one_line(exc)}") from exc
-        if not isinstance(container, dict):
-            raise ValueError(
-                f"recipe {p!r} is not a YAML mapping of variables and *_modifiers lists "
-                f"(got {type(container).__name__})"
-            )
 
-    if overrides:
-        try:
-            known = load_global_recipe_variables_from_yaml(p)
-        except Exception as exc:  # noqa: BLE001 - re-raised with the path
-            raise ValueError(f"recipe {p!r} could not be read: {_one_line(exc)}") from exc
-        unknown = sorted(set(overrides) - set(known))
-        if unknown:
-            raise ValueError(
-                f"recipe {p!r} has no variable(s) {unknown}; overridable: {sorted(known)}"
-            )
 
+def _check_yaml_mapping(p: str) -> None:
+    """Raise ValueError unless the ``.yaml`` file ``p`` is UTF-8 text holding a YAML mapping.
+
+    Parses once without modifier classes to tell "not YAML" apart from "YAML with an unknown
+    modifier" (SparseML's loader would raise a generic yaml error for both).
+    """
     try:
-        manager = ScheduledModifierManager.from_yaml(p, recipe_variables=dict(overrides) or None)
+        with open(p, "r", encoding="utf-8") as fh:
+            text = fh.read()
+        container = load_recipe_yaml_str_no_classes(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"recipe {p!r} is not valid YAML: {_yaml_problem(exc)}") from exc
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"recipe {p!r} is not a UTF-8 text file: {_one_line(exc)}") from exc
+    if not isinstance(container, dict):
+        raise ValueError(
+            f"recipe {p!r} is not a YAML mapping of variables and *_modifiers lists "
+            f"(got {type(container).__name__})"
+        )
+
+
+def _check_overrides(p: str, overrides: Dict[str, Any]) -> None:
+    """Raise ValueError if the recipe ``p`` cannot be read or defines no variable of some override."""
+    try:
+        known = load_global_recipe_variables_from_yaml(p)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the path
+        raise ValueError(f"recipe {p!r} could not be read: {_one_line(exc)}") from exc
+    unknown = sorted(set(overrides) - set(known))
+    if unknown:
+        raise ValueError(
+            f"recipe {p!r} has no variable(s) {unknown}; overridable: {sorted(known)}"
+        )
+
+
+def _manager_from_yaml(p: str, overrides: Dict[str, Any]) -> ScheduledModifierManager:
+    """``ScheduledModifierManager.from_yaml`` with ``overrides`` as recipe variables; every error
+    (unknown modifier tag, bad YAML, invalid arguments) re-raised as a one-line ValueError."""
+    try:
+        return ScheduledModifierManager.from_yaml(p, recipe_variables=dict(overrides) or None)
     except yaml.constructor.ConstructorError as exc:
         m = re.search(r"tag '!(?:pytorch\.)?([^']+)'", str(exc))
         name = m.group(1) if m else _one_line(exc)
@@ -112,10 +135,6 @@ def load_recipe(path: "str | os.PathLike", **overrides: Any) -> ScheduledModifie
         raise ValueError(f"recipe {p!r} is not valid YAML: {_one_line(exc)}") from exc
     except Exception as exc:  # noqa: BLE001 - SparseML raises ValueError/TypeError/RuntimeError
         raise ValueError(f"recipe {p!r} is invalid: {type(exc).__name__}: {_one_line(exc)}") from exc
-
-    if not list(manager.iter_modifiers()):
-        raise ValueError(f"recipe {p!r} defines no modifiers (expected *_modifiers lists)")
-    return manager
 
 
 def _mask_updates(pruner: Any) -> "int | None":
