@@ -54,10 +54,10 @@ LABEL_FIELDS: tuple[str, ...] = ("preset",)
 #: what it keeps: the teacher's best epoch, the trial the recipe starts from); with everything
 #: they import from this project they are its ``code`` (``study.sources.source_files``).
 STAGE_CODE: dict[str, tuple[str, ...]] = {
-    "teacher": ("trainables.train", "driver.tuning", "driver.results"),
-    "students": ("trainables.student", "driver.tuning"),
-    "sparsify": ("trainables.compress.sparsify", "trainables.compress.structured", "driver.results"),
-    "bench": ("bench.benchmark", "trainables.batches"),
+    "teacher": ("stages.teacher", "trainables.train", "driver.tuning", "driver.results"),
+    "students": ("stages.students", "trainables.student", "driver.tuning"),
+    "sparsify": ("stages.sparsify", "trainables.compress.sparsify", "trainables.compress.structured", "driver.results"),
+    "bench": ("stages.bench", "bench.benchmark", "trainables.batches"),
 }
 
 #: Fields that name a file: the stage records the file's sha256 (``files[field]``), not its path.

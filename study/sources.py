@@ -20,7 +20,7 @@ from typing import Iterable
 #: The directory that holds the project's packages (``study/``, ``trainables/``, ...).
 ROOT = Path(__file__).resolve().parent.parent
 #: The project's top-level packages (the import-linter's ``root_packages`` in ``pyproject.toml``).
-PACKAGES: tuple[str, ...] = ("report", "bench", "driver", "trainables", "models", "study")
+PACKAGES: tuple[str, ...] = ("stages", "report", "bench", "driver", "trainables", "models", "study")
 
 
 def module_file(name: str, root: Path = ROOT, packages: tuple[str, ...] = PACKAGES) -> Path | None:

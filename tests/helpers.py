@@ -97,7 +97,7 @@ def sparsify_in_process(run_dir: Path, setup: str, seed: int = 0, threads: int =
     """The sparsify stage's recipe, in this process, on the (``setup``, ``seed``) trial of the
     students' experiment in ``run_dir`` (a finished or copied run: its ``config.json`` and
     ``teacher.pt``), from that trial's best checkpoint, with the settings the stage would use
-    (``orchestrate.sparsify_settings``; the smoke run's task had 2 threads). Writes into
+    (``stages.sparsify.sparsify_settings``; the smoke run's task had 2 threads). Writes into
     ``run_dir`` as the stage does; returns the summary."""
     import dataclasses
     import json
@@ -105,7 +105,7 @@ def sparsify_in_process(run_dir: Path, setup: str, seed: int = 0, threads: int =
     from ray import tune
     from ray.tune.result_grid import ResultGrid
 
-    import orchestrate
+    import stages.sparsify
     from driver.results import best_checkpoint
     from study import RunLayout, StudyConfig, make_config, selection_metric
     from trainables.batches import study_data
@@ -119,7 +119,7 @@ def sparsify_in_process(run_dir: Path, setup: str, seed: int = 0, threads: int =
     grid = ResultGrid(tune.ExperimentAnalysis(str(RunLayout(run_dir).students_dir)))
     best = next(r for r in grid if (r.config["setup"], r.config["seed"]) == (setup, seed))
     checkpoint, _ = best_checkpoint(best, selection_metric(config))
-    settings, teacher = orchestrate.sparsify_settings(config, best, RunLayout(run_dir).teacher, threads)
+    settings, teacher = stages.sparsify.sparsify_settings(config, best, RunLayout(run_dir).teacher, threads)
     return sparsify_student(checkpoint, study_data(config), settings, teacher=teacher)
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 import orchestrate
+import stages.report
+import stages.runner
 from study import StudyError, make_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -93,20 +95,20 @@ def test_training_stages_alone_need_neither_sparseml_nor_python_3_11():
 def test_a_run_that_stops_early_says_what_it_left_out_and_how_to_run_it(monkeypatch):
     import importlib.util
 
-    assert orchestrate.skipped_stages_line("bench") is None
-    assert orchestrate.skipped_stages_line("students", (3, 11, 7)) == (
+    assert stages.runner.skipped_stages_line("bench") is None
+    assert stages.runner.skipped_stages_line("students", (3, 11, 7)) == (
         "skipped the sparsify and bench stage(s) (--stop-after students); run the same command with --stop-after bench")
-    assert orchestrate.skipped_stages_line("sparsify").startswith("skipped the bench stage(s) (--stop-after sparsify)")
+    assert stages.runner.skipped_stages_line("sparsify").startswith("skipped the bench stage(s) (--stop-after sparsify)")
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sparseml" else real(name, *a))
-    line = orchestrate.skipped_stages_line("teacher", (3, 12, 1))
+    line = stages.runner.skipped_stages_line("teacher", (3, 12, 1))
     assert line.startswith("skipped the students, sparsify and bench stage(s) (--stop-after teacher)")
     assert line.endswith("after installing SparseML for Python 3.12: pip install --no-deps --ignore-requires-python "
                          f"-r {REPO_ROOT}/requirements/py312-sparseml.txt")
-    assert "after installing SparseML for Python 3.13: pip install" in orchestrate.skipped_stages_line("students",
+    assert "after installing SparseML for Python 3.13: pip install" in stages.runner.skipped_stages_line("students",
                                                                                                       (3, 13, 0))
     # Python 3.14: no install would make those stages run there (check_python refuses them)
-    assert orchestrate.skipped_stages_line("students", (3, 14, 0)) == (
+    assert stages.runner.skipped_stages_line("students", (3, 14, 0)) == (
         "skipped the sparsify and bench stage(s) (--stop-after students); they run on Python 3.10 to 3.13")
 
 
@@ -312,10 +314,10 @@ def test_the_end_of_a_run_prints_the_tables_the_cpu_and_the_fastest_models(monke
     from report import fastest_model
 
     monkeypatch.setattr(driver.results, "summary_text", lambda config, table, setups: "SUMMARY")
-    orchestrate.print_results(None, None, None, None)
+    stages.report.print_results(None, None, None, None)
     assert capsys.readouterr().out == "SUMMARY\n"
     bench = _bench(failed)
-    orchestrate.print_results(None, None, None, bench)
+    stages.report.print_results(None, None, None, bench)
     lines = capsys.readouterr().out.splitlines()
     assert lines[:3] == ["SUMMARY", "", "Throughput (items/s, median of the rounds), latency (ms), test accuracy "
                                         "in the engine, size (bytes):"]

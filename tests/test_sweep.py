@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 import orchestrate
+import stages.sparsify
 from study import StudyError, make_config
 from study.config import SWEEPABLE, variant_label, variants
 
@@ -196,11 +197,11 @@ def test_the_recipe_uses_the_sparsified_trials_own_temperature(tmp_path):
                          output_dir=str(tmp_path))
     best = SimpleNamespace(config={"setup": "kd", "seed": 1, "temperature": 8.0, "batch_size": 256},
                            path="/x/train_student_00003")
-    settings, payload = orchestrate.sparsify_settings(config, best, teacher, threads=1)
+    settings, payload = stages.sparsify.sparsify_settings(config, best, teacher, threads=1)
     assert config.temperature == 4.0 and settings.temperature == 8.0 and settings.batch_size == 256
     assert settings.variant == {"temperature": 8.0, "batch_size": 256} and payload == {"stand-in": True}
     no_sweep = make_config("smoke", output_dir=str(tmp_path), temperature=3.0)
-    plain, _ = orchestrate.sparsify_settings(no_sweep, SimpleNamespace(
+    plain, _ = stages.sparsify.sparsify_settings(no_sweep, SimpleNamespace(
         config={"setup": "kd", "seed": 0, "temperature": 3.0, "batch_size": 128}, path="/x/t"), teacher, threads=1)
     assert plain.temperature == 3.0 and plain.variant == {}
 
