@@ -45,17 +45,32 @@ def start_ray(config: StudyConfig):
     return nodes
 
 
+def steps_per_epoch(config: StudyConfig) -> int:
+    """Optimizer steps per epoch of the sparsify stage's training data: ``ceil(N / B)`` for the
+    training images N (``--train-subset`` or all 50,000, less ``--val-size``) at the largest batch
+    size B a trial of the run trains with (``--batch-size``, or a swept one)."""
+    import math
+
+    from study.config import CIFAR10_TRAIN_IMAGES, variants
+
+    images = (config.train_subset or CIFAR10_TRAIN_IMAGES) - config.val_size
+    batch = max(int(values.get("batch_size", config.batch_size)) for _, values in variants(config))
+    return max(1, math.ceil(images / batch))
+
+
 def check_inputs(config: StudyConfig, teacher_stage: bool) -> None:
     """Everything that can fail after hours of training, checked before any: the recipe (when the
-    sparsify stage will run) and the teacher's initial weights (when the teacher stage will run:
+    sparsify stage will run: it loads, and some optimizer step falls between the end of pruning and
+    the start of QAT at ``steps_per_epoch``, ``check_pruning_window``) and the teacher's initial weights (when the teacher stage will run:
     'imagenet' is downloaded now, a checkpoint path must hold a teacher of this arch and stem)."""
     if config.stop_after in ("sparsify", "bench"):
-        from trainables.compress.core import load_recipe
+        from trainables.compress.core import check_pruning_window, load_recipe, recipe_phases
 
         try:
             for sparsity in config.sparsities or (None,):  # each target's recipe; None: the recipe's own
-                load_recipe(config.recipe, num_epochs=config.recipe_epochs,
-                            **({} if sparsity is None else {"final_sparsity": sparsity}))
+                manager = load_recipe(config.recipe, num_epochs=config.recipe_epochs,
+                                      **({} if sparsity is None else {"final_sparsity": sparsity}))
+                check_pruning_window(recipe_phases(manager), steps_per_epoch(config))
         except ValueError as err:
             raise StudyError(str(err)) from None
     if config.teacher_weights is not None and teacher_stage:

@@ -329,3 +329,17 @@ def test_the_end_of_a_run_prints_the_tables_the_cpu_and_the_fastest_models(monke
         assert ends == []
     else:
         assert ends == ["CPU: avx2, VNNI False, AMX none"] + [fastest_model(bench, b) for b in ((1, 16) if failed == 0 else (1,))]
+
+
+def test_a_pruning_window_without_a_step_is_refused_before_any_training():
+    # smoke: 300 training images; at batch 512 one step per epoch, and with 2 recipe epochs pruning
+    # ends at 0.5 and QAT starts at 1: no step falls between them (recipe.check_pruning_window)
+    config = make_config("smoke", batch_size=512, teacher_weights=None)
+    assert stages.runner.steps_per_epoch(config) == 1
+    with pytest.raises(StudyError, match=r"pruning ends at epoch 0.5 and QAT starts at epoch 1, but with 1 "):
+        stages.runner.check_inputs(config, teacher_stage=False)
+    ok = make_config("smoke", teacher_weights=None)  # batch 128: 3 steps per epoch
+    assert stages.runner.steps_per_epoch(ok) == 3
+    stages.runner.check_inputs(ok, teacher_stage=False)
+    swept = make_config("smoke", teacher_weights=None, sweep=(("batch_size", ("128", "512")),))
+    assert stages.runner.steps_per_epoch(swept) == 1  # the largest batch a trial trains with
