@@ -105,29 +105,10 @@ def sparsify_student(checkpoint, data: CIFAR10Tensors, settings: SparsifySetting
     ``settings.recipe`` at ``settings.target``'s sparsity; export its pruned, pruned_quantized and
     pruned_quantized_qdq ONNX models, and with ``settings.export_dense`` also ``dense`` and ``dense_int8``.
 
-    Args:
-        checkpoint: a ``ray.train.Checkpoint`` (or a folder path) holding ``model.pt`` as written by
-            the student trainable.
-        data: CIFAR-10 uint8 tensors (train (N,3,32,32), test (M,3,32,32)) of the run.
-        settings: the stage's settings.
-        teacher: the frozen teacher's checkpoint payload (``torch.load`` of ``teacher.pt``);
-            needed unless ``settings.loss`` is ``ce``.
-
-    Returns:
-        The summary dict (also ``sparsify/summary.json``): ``trial_id``, ``setup``, ``variant``
-        (the trial's swept values, field -> value; ``{}`` without ``--sweep``), ``loss`` (the
-        setup whose loss the recipe trained with), ``temperature`` (None for ``ce``), ``arch``,
-        ``recipe``, ``recipe_epochs``, ``test_acc_dense``, ``test_acc_pruned``,
-        ``test_acc_pruned_quantized`` and ``test_acc_pruned_quantized_qdq`` (0..1; one torch model, two
-        exports), ``weight_sparsity_pruned``, ``weight_sparsity_pruned_quantized``,
-        ``weight_sparsity_pruned_quantized_qdq`` (fraction 0..1 of prunable conv/linear weights that
-        are zero), ``epoch_seconds_before_qat`` / ``epoch_seconds_qat`` (mean wall seconds per
-        recipe epoch without / with QAT modules; None when the recipe has no such epoch),
-        ``sparsity`` (the target's final_sparsity: given, or the recipe's own), ``tag`` (its
-        outputs' suffix), ``models`` (``study.layout.SPARSE_MODELS`` -> file name without ``.onnx``),
-        ``ptq_calibration_images`` (the owner task only, else None), ``onnx`` (name -> path) and
-        ``sha256`` (name -> hex digest) of the files this task made (the owner's: also ``dense``
-        and ``dense_int8``).
+    Args: ``checkpoint``, a ``ray.train.Checkpoint`` (or a folder) holding the student trainable's
+    ``model.pt``; ``data``, the run's CIFAR-10 uint8 tensors (train (N,3,32,32), test (M,3,32,32));
+    ``teacher``, the payload of ``teacher.pt`` (``torch.load``), needed unless the loss is ``ce``.
+    Returns the summary dict, also ``sparsify/summary<tag>.json`` (its keys: ``_Stage.finish``).
 
     Raises:
         ValueError: the recipe is missing, not YAML, or names an unknown modifier
@@ -260,7 +241,20 @@ class _Stage:
 
     def finish(self, model: nn.Module, history: List[Dict[str, Any]], test_acc_quantized: float) -> dict:
         """Write ``layer_sparsity.csv``, ``history.csv``, then ``summary.json`` (last: it marks
-        the stage done) and delete the recipe checkpoint; the summary."""
+        the stage done) and delete the recipe checkpoint. Returns the summary: ``trial_id``, ``setup``, ``variant``
+        (the trial's swept values, field -> value; ``{}`` without ``--sweep``), ``loss`` (the
+        setup whose loss the recipe trained with), ``temperature`` (None for ``ce``), ``arch``,
+        ``recipe``, ``recipe_epochs``, ``test_acc_dense``, ``test_acc_pruned``,
+        ``test_acc_pruned_quantized`` and ``test_acc_pruned_quantized_qdq`` (0..1; one torch model, two
+        exports), ``weight_sparsity_pruned``, ``weight_sparsity_pruned_quantized``,
+        ``weight_sparsity_pruned_quantized_qdq`` (fraction 0..1 of prunable conv/linear weights that
+        are zero), ``epoch_seconds_before_qat`` / ``epoch_seconds_qat`` (mean wall seconds per
+        recipe epoch without / with QAT modules; None when the recipe has no such epoch),
+        ``sparsity`` (the target's final_sparsity: given, or the recipe's own), ``tag`` (its
+        outputs' suffix), ``models`` (``study.layout.SPARSE_MODELS`` -> file name without ``.onnx``),
+        ``ptq_calibration_images`` (the owner task only, else None), ``onnx`` (name -> path) and
+        ``sha256`` (name -> hex digest) of the files this task made (the owner's: also ``dense``
+        and ``dense_int8``)."""
         s, layout, pruned = self.settings, self.layout, self.record["pruned"]
         layer_table = pd.DataFrame({"layer": list(pruned["layers"]), "params": list(pruned["params"].values()),
                                     "sparsity": list(pruned["layers"].values())})

@@ -182,40 +182,57 @@ def thin_student(checkpoint, data: CIFAR10Tensors, settings: SparsifySettings, t
 
     dense = copy.deepcopy(model).cpu()
     record = {"test_acc_dense": accuracy(model)}
-    (record["macs_dense"], record["params_dense"]) = model_cost(model)
-    kept = thin(model, target.ratio)
-    record["test_acc_thinned"] = accuracy(model)
-    macs, params = model_cost(model)
-    print(f"thinned by channel ratio {target.ratio:g}: MACs {record['macs_dense'] / 1e6:.0f} M -> {macs / 1e6:.0f} M, "
-          f"parameters {record['params_dense'] / 1e6:.2f} M -> {params / 1e6:.2f} M, test accuracy "
-          f"{record['test_acc_dense']:.4f} -> {record['test_acc_thinned']:.4f}", flush=True)
+    kept = _thin_and_report(model, target.ratio, record, accuracy)
     loss_fn = student_loss(s.loss, model, frozen_teacher(teacher, device) if needs_teacher(s.loss) else None,
                            s.temperature, trace_student=False, teacher_channels=kept)
     history = _fine_tune(model, loss_fn, data, s, device, accuracy)
     record["test_acc_structured"] = accuracy(model)
-    names = dict(zip(STRUCTURED_KINDS, target.models))
-    fp32, int8 = layout.onnx(names["structured"]), layout.onnx(names["structured_int8"])
-    metadata = model_metadata(
-        variant="structured", arch=meta["arch"], stem=meta["stem"], source_trial=s.trial_id,
-        setup=s.setup or (meta.get("extra") or {}).get("setup"), recipe="", recipe_epochs=s.recipe_epochs,
-        recipe_loss=s.loss, source_variant=dict(s.variant or {}), weight_sparsity=0.0,
-        recipe_temperature=None if s.loss == "ce" else s.temperature, test_acc=record["test_acc_structured"],
-        macs=macs, params=params, channel_ratio=target.ratio)
-    export_model_onnx(model.cpu().eval(), fp32, metadata=metadata)
-    images = calibration_images(normalize(data.train_images), s.ptq_images, s.seed)
-    record["ptq_calibration_images"] = quantize_onnx(fp32, int8, images, threads=threads, variant="structured_int8")
-    record["test_acc_structured_int8"] = _onnx_accuracy(int8, data.test_images, data.test_labels, threads)
-    atomic_write_text(layout.layer_sparsity, _layer_channels(dense, model.cpu()).to_csv(index=False))
+    names = _export(model.cpu().eval(), meta, s, layout, record, data, threads)
+    atomic_write_text(layout.layer_sparsity, _layer_channels(dense, model).to_csv(index=False))
     atomic_write_text(layout.sparsify_history, pd.DataFrame(history).to_csv(index=False))
     summary = {
-        "trial_id": s.trial_id, "setup": metadata["source_setup"], "variant": dict(s.variant or {}), "loss": s.loss,
-        "temperature": None if s.loss == "ce" else s.temperature, "arch": meta["arch"],
-        "recipe_epochs": s.recipe_epochs, "channel_ratio": target.ratio, "sparsity": None, "tag": target.tag,
-        "models": names, **record, "weight_sparsity_structured": 0.0, "weight_sparsity_structured_int8": 0.0,
-        "macs_structured": macs, "params_structured": params, "macs_structured_int8": macs,
-        "params_structured_int8": params,
+        "trial_id": s.trial_id, "setup": s.setup or (meta.get("extra") or {}).get("setup"),
+        "variant": dict(s.variant or {}), "loss": s.loss, "temperature": None if s.loss == "ce" else s.temperature,
+        "arch": meta["arch"], "recipe_epochs": s.recipe_epochs, "channel_ratio": target.ratio, "sparsity": None,
+        "tag": target.tag, "models": names, **record,
         "onnx": {name: str(layout.onnx(name)) for name in names.values()},
         "sha256": {name: sha256_file(layout.onnx(name)) for name in names.values()},
     }
     atomic_write_text(layout.sparsify_summary, json.dumps(summary, indent=2))
     return summary
+
+
+def _thin_and_report(model: nn.Module, ratio: float, record: dict, accuracy) -> dict:
+    """``thin`` ``model`` by ``ratio``; put ``macs``/``params`` of the dense and the thinned model
+    (``macs_dense``, ``params_dense``, ``macs_structured``, ``params_structured`` and the same for
+    ``structured_int8``), ``weight_sparsity_*`` (0.0) and ``test_acc_thinned`` into ``record``;
+    print one line. Returns ``thin``'s kept channels."""
+    record["macs_dense"], record["params_dense"] = model_cost(model)
+    kept = thin(model, ratio)
+    record["test_acc_thinned"] = accuracy(model)
+    macs, params = model_cost(model)
+    for kind in STRUCTURED_KINDS:
+        record.update({f"macs_{kind}": macs, f"params_{kind}": params, f"weight_sparsity_{kind}": 0.0})
+    print(f"thinned by channel ratio {ratio:g}: MACs {record['macs_dense'] / 1e6:.0f} M -> {macs / 1e6:.0f} M, "
+          f"parameters {record['params_dense'] / 1e6:.2f} M -> {params / 1e6:.2f} M, test accuracy "
+          f"{record['test_acc_dense']:.4f} -> {record['test_acc_thinned']:.4f}", flush=True)
+    return kept
+
+
+def _export(model: nn.Module, meta: dict, s: SparsifySettings, layout: RunLayout, record: dict,
+            data: CIFAR10Tensors, threads: int) -> dict:
+    """Write ``structured<tag>.onnx`` (FP32, with ``model_metadata``) and ``structured<tag>_int8.onnx``
+    (NNCF PTQ on ``s.ptq_images`` training images); add ``ptq_calibration_images`` and
+    ``test_acc_structured_int8`` (onnxruntime) to ``record``. Returns kind -> file name."""
+    names = dict(zip(STRUCTURED_KINDS, s.target.models))
+    fp32, int8 = layout.onnx(names["structured"]), layout.onnx(names["structured_int8"])
+    export_model_onnx(model, fp32, metadata=model_metadata(
+        variant="structured", arch=meta["arch"], stem=meta["stem"], source_trial=s.trial_id,
+        setup=s.setup or (meta.get("extra") or {}).get("setup"), recipe="", recipe_epochs=s.recipe_epochs,
+        recipe_loss=s.loss, source_variant=dict(s.variant or {}), weight_sparsity=0.0,
+        recipe_temperature=None if s.loss == "ce" else s.temperature, test_acc=record["test_acc_structured"],
+        macs=record["macs_structured"], params=record["params_structured"], channel_ratio=s.target.ratio))
+    images = calibration_images(normalize(data.train_images), s.ptq_images, s.seed)
+    record["ptq_calibration_images"] = quantize_onnx(fp32, int8, images, threads=threads, variant="structured_int8")
+    record["test_acc_structured_int8"] = _onnx_accuracy(int8, data.test_images, data.test_labels, threads)
+    return names
