@@ -1,6 +1,6 @@
 """Stage 3, structured targets (``--channel-ratios``): the best student thinned, fine-tuned, exported.
 
-``thin_student`` is a plain function; ``orchestrate.py`` runs it as a Ray task beside the
+``thin_student`` is a plain function; ``stages.sparsify`` runs it as a Ray task beside the
 unstructured targets' ``sparsify_student``. For one channel ratio r it
 
 1. removes the fraction r of the channels of every convolution (``thin``: Torch-Pruning's
@@ -27,12 +27,13 @@ import json
 import math
 from pathlib import Path
 
+import onnxruntime as ort
 import pandas as pd
 import torch
 import torch_pruning as tp
 from torch import nn
 
-from study import RunLayout, needs_teacher
+from study import FEATURE_LAYERS, RunLayout, needs_teacher
 from study.files import atomic_write_text, sha256_file
 from study.layout import STRUCTURED_KINDS
 from trainables.batches import normalize, train_batches
@@ -51,8 +52,6 @@ INIT_LR, FINAL_LR = 1e-3, 1e-4
 #: Channel counts are rounded to multiples of this (Torch-Pruning's ``round_to``): INT8 kernels work
 #: on blocks of channels (AVX-512 VNNI: 16 bytes per lane group; OpenVINO pads to 8 or 16).
 ROUND_TO = 8
-#: The feature layers whose output channels ``thin`` reports (``study.FEATURE_LAYERS``).
-_FEATURE_LAYERS = ("layer1", "layer2", "layer4")
 
 
 def _last_bn(layer: nn.Sequential) -> nn.BatchNorm2d:
@@ -72,7 +71,7 @@ def thin(model: nn.Module, ratio: float, image_size: int = 32) -> dict[str, torc
     ``teacher_channels`` reads). Raises ValueError for a ratio outside (0, 1)."""
     if not 0 < ratio < 1:
         raise ValueError(f"channel ratio {ratio!r} must be between 0 and 1 (exclusive)")
-    outputs = {name: _last_bn(getattr(model, name)) for name in _FEATURE_LAYERS}
+    outputs = {name: _last_bn(getattr(model, name)) for name in FEATURE_LAYERS}
     widths = {name: bn.num_features for name, bn in outputs.items()}
     example = torch.zeros(1, 3, image_size, image_size, device=next(model.parameters()).device)
     pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
@@ -96,8 +95,6 @@ def _plain(idxs) -> list[int]:
 def _onnx_accuracy(path: Path, images: torch.Tensor, labels: torch.Tensor, threads: int) -> float:
     """Top-1 accuracy (0..1) of the ONNX classifier at ``path`` in onnxruntime on uint8 images
     (N, 3, 32, 32) and labels (N,), in batches of 256, with ``threads`` intra-op threads."""
-    import onnxruntime as ort
-
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
