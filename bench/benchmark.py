@@ -35,219 +35,28 @@ onnxruntime is timed by ``timed_loop`` (one stream, warm-up, then back-to-back
 ``--deepsparse-python PATH``: the ``deepsparse.benchmark`` command beside that Python 3.10/3.11
 (``bench.engines.deepsparse.deepsparse_command``). Each row of ``benchmark.csv`` names the engine
 version that ran it.
+
+Here: the worker (:class:`CPUBenchmark`) and the stage (:func:`run_benchmarks`). The rows of
+``benchmark.csv`` are built in ``bench.rows``, the accuracy pass and the private copy live in
+``bench.accuracy``, the CPU's features in ``bench.cpu``; their public names are importable from here.
 """
 
 from __future__ import annotations
 
-import contextlib
-import gzip
-import json
 import os
-import shutil
-import statistics
-import tempfile
 import time
-from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Union
-
-import numpy as np
+from typing import Any, Dict, Optional, Union
 
 import study  # noqa: F401  (sets NM_DISABLE_ANALYTICS before DeepSparse is imported)
-from bench.engines import ENGINE_INFO, ENGINES, REGISTRY
+from bench.accuracy import check_args, onnx_accuracy, private_copy
+from bench.cpu import _cpu_isa_from_proc, amx_flags, cpu_isa  # noqa: F401  (re-exported)
+from bench.engines import ENGINE_INFO, REGISTRY
+from bench.rows import BENCHMARK_COLUMNS, TIMED, bench_rows, graph_kind, model_cost, model_sizes  # noqa: F401
 from study import requirements
 from study.errors import error_line
 
 __all__ = ["CPUBenchmark", "make_cpu_benchmark_actor", "onnx_accuracy", "cpu_isa", "amx_flags", "model_sizes", "model_cost",
            "graph_kind", "bench_rows", "run_benchmarks", "BENCHMARK_COLUMNS"]
-
-
-def _check_common(model_path: str, batch_size: Any, engine: str, num_cores: Any) -> None:
-    if not os.path.isfile(model_path):
-        raise ValueError(f"ONNX model not found: {model_path!r}")
-    if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    if engine not in ENGINES:
-        raise ValueError(f"engine {engine!r} is not supported; allowed: {', '.join(ENGINES)}")
-    if num_cores is not None and (
-        not isinstance(num_cores, (int, np.integer)) or isinstance(num_cores, bool) or num_cores < 1
-    ):
-        raise ValueError(f"num_cores must be an int >= 1 or None, got {num_cores!r}")
-
-
-def _cpu_isa_from_proc(cpuinfo: Optional[str] = None) -> Dict[str, Any]:
-    """:func:`cpu_isa` without DeepSparse, from ``/proc/cpuinfo`` (or the text ``cpuinfo``): isa
-    "avx512" (avx512f), "avx2" or "unknown"; vnni: avx512_vnni or avx_vnni; amx: the AMX flags
-    (:func:`amx_flags`); physical cores: distinct (physical id, core id) pairs among the CPUs this
-    process may run on."""
-    text = cpuinfo if cpuinfo is not None else Path("/proc/cpuinfo").read_text()
-    allowed = os.sched_getaffinity(0) if cpuinfo is None and hasattr(os, "sched_getaffinity") else None
-    flags, cores, model, cpu = set(), set(), "", {}
-    for block in text.strip().split("\n\n"):
-        cpu = dict(line.split(":", 1) for line in block.splitlines() if ":" in line)
-        cpu = {k.strip(): v.strip() for k, v in cpu.items()}
-        if allowed is not None and int(cpu.get("processor", -1)) not in allowed:
-            continue
-        flags = set(cpu.get("flags", "").split())
-        model = cpu.get("model name", model)
-        cores.add((cpu.get("physical id", "0"), cpu.get("core id", cpu.get("processor", "0"))))
-    isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "unknown"
-    return {"isa": isa, "vnni": bool({"avx512_vnni", "avx_vnni"} & flags), "amx": amx_flags(flags),
-            "num_cores": max(1, len(cores)), "vendor_model": model}
-
-
-def amx_flags(flags: Optional[set] = None) -> str:
-    """The Intel AMX tile flags of this CPU (``amx_int8``, ``amx_bf16``, ``amx_fp16``, ...), sorted
-    and space-separated, from ``flags`` or the first CPU of ``/proc/cpuinfo``; "" when none (AMD, or
-    Intel before Sapphire Rapids). OpenVINO's INT8 and bf16 kernels use them where present."""
-    if flags is None:
-        text = Path("/proc/cpuinfo").read_text()
-        line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "flags :")
-        flags = set(line.split(":", 1)[1].split())
-    return " ".join(sorted(f for f in flags if f.startswith("amx")))
-
-
-def cpu_isa() -> Dict[str, Any]:
-    """What DeepSparse detects about this CPU (``deepsparse.cpu.cpu_architecture()``); without
-    DeepSparse in this Python, the same keys read from ``/proc/cpuinfo``.
-
-    Returns:
-        ``{"isa": "avx2" | "avx512" | ..., "vnni": bool (int8 dot-product
-        instructions; without them DeepSparse emulates INT8), "amx": :func:`amx_flags`,
-        "num_cores": physical cores available to this process, "vendor_model": str}``.
-    """
-    if not requirements.has_deepsparse():
-        return _cpu_isa_from_proc()
-    from deepsparse.cpu import cpu_architecture
-
-    arch = cpu_architecture()
-    return {
-        "isa": str(arch.isa),
-        "vnni": bool(arch.vnni),
-        "amx": amx_flags(),
-        "num_cores": int(arch.num_available_physical_cores),
-        "vendor_model": str(getattr(arch, "vendor_model", "")),
-    }
-
-
-@contextlib.contextmanager
-def private_copy(path: Union[str, os.PathLike]) -> Iterator[str]:
-    """Yield the path of a copy of the ONNX file ``path`` in a new temporary folder, removed
-    afterwards: engines that rewrite their model file (see the module docstring) rewrite the copy.
-    Raises OSError when ``path`` cannot be read."""
-    with tempfile.TemporaryDirectory(prefix="bench-") as folder:
-        copy = os.path.join(folder, os.path.basename(os.fspath(path)))
-        shutil.copyfile(path, copy)
-        yield copy
-
-
-def _to_numpy_f32(images: Any) -> np.ndarray:
-    if hasattr(images, "detach"):  # torch tensor
-        images = images.detach().cpu().numpy()
-    arr = np.ascontiguousarray(np.asarray(images), dtype=np.float32)
-    return arr
-
-
-def onnx_accuracy(
-    path: Union[str, os.PathLike],
-    images_float32: Any,
-    labels: Any,
-    batch_size: int,
-    engine: str = "deepsparse",
-    num_cores: Optional[int] = None,
-) -> float:
-    """Top-1 accuracy of an exported classifier on a labelled image set.
-
-    Args:
-        path: ``.onnx`` file; one input (B, C, H, W) float32, first output logits
-            (B, num_classes).
-        images_float32: (N, C, H, W) float32, already normalized exactly as the model
-            was trained (numpy array or torch tensor).
-        labels: (N,) integer class ids (numpy or torch).
-        batch_size: engine batch size. DeepSparse compiles for a fixed batch size, so
-            the last partial batch is zero-padded to ``batch_size`` and the padded
-            rows are dropped (ONNX Runtime is fed the same way).
-        engine: "deepsparse" (``deepsparse.Engine``), "onnxruntime"
-            (``onnxruntime.InferenceSession``, CPU provider) or "openvino" (compiled for the CPU at
-            ``batch_size``).
-        num_cores: cores for the engine (DeepSparse ``num_cores``, ORT
-            ``intra_op_num_threads``); None = the engine's default (all).
-
-    Returns:
-        Fraction 0..1 of images whose argmax logit equals the label.
-
-    Raises:
-        ValueError: missing file, unknown engine, bad batch_size/num_cores, images
-            not 4-D, or images/labels of different length or empty.
-    """
-    path = os.fspath(path)
-    _check_common(path, batch_size, engine, num_cores)
-    x = _to_numpy_f32(images_float32)
-    y = labels.detach().cpu().numpy() if hasattr(labels, "detach") else np.asarray(labels)
-    y = y.astype(np.int64).reshape(-1)
-    if x.ndim != 4:
-        raise ValueError(f"images_float32 must be (N, C, H, W), got shape {x.shape}")
-    if len(x) != len(y) or len(x) == 0:
-        raise ValueError(f"need as many labels as images (> 0), got {len(x)} images and {len(y)} labels")
-
-    with private_copy(path) as copy:
-        return _accuracy(copy, x, y, int(batch_size), engine, num_cores)
-
-
-def _accuracy(path: str, x: np.ndarray, y: np.ndarray, batch_size: int, engine: str,
-              num_cores: Optional[int]) -> float:
-    """The loop of :func:`onnx_accuracy` on checked inputs (``path`` may be rewritten)."""
-    run = ENGINE_INFO[engine].open(path, batch_size, num_cores).run
-    correct = 0
-    n = len(x)
-    for start in range(0, n, batch_size):
-        batch = x[start : start + batch_size]
-        real = len(batch)
-        if real < batch_size:
-            pad = np.zeros((batch_size - real,) + batch.shape[1:], dtype=np.float32)
-            batch = np.concatenate([batch, pad], axis=0)
-        logits = np.asarray(run(np.ascontiguousarray(batch)))[:real]
-        correct += int((logits.argmax(axis=1) == y[start : start + real]).sum())
-    return correct / n
-
-
-def model_sizes(path: Union[str, os.PathLike]) -> tuple[int, int]:
-    """``(raw, gzip)``: the file's size on disk and gzip-compressed (level 9, ``gzip.compress``), in
-    bytes. Zeros compress, so a pruned model's gzip size shows its sparsity. OSError when unreadable."""
-    data = open(os.fspath(path), "rb").read()
-    return len(data), len(gzip.compress(data, compresslevel=9))
-
-
-def model_cost(path: Union[str, os.PathLike]) -> tuple[Optional[int], Optional[int]]:
-    """``(MACs, parameters)`` per image of the ONNX model at ``path``, as its ``metadata_props``
-    ``macs``/``params`` record them (``trainables.compress.export.model_cost`` at export); None
-    for a value the file does not record or a file that is not an ONNX model."""
-    import onnx
-
-    try:
-        meta = {p.key: p.value for p in onnx.load(os.fspath(path), load_external_data=False).metadata_props}
-        return tuple(int(meta[key]) if key in meta else None for key in ("macs", "params"))
-    except Exception:  # noqa: BLE001 - protobuf's DecodeError, OSError, ...: graph_kind says "unreadable"
-        return None, None
-
-
-def graph_kind(path: Union[str, os.PathLike]) -> str:
-    """Which graph an ONNX file holds, from its op types: ``"ConvInteger INT8"`` (SparseML's
-    ``convert_qat`` export: ConvInteger/MatMulInteger), ``"QLinearConv INT8"``, ``"QDQ INT8"``
-    (QuantizeLinear/DequantizeLinear around float Conv/Gemm), ``"FP32"``, or ``"unreadable"`` when
-    the file is not an ONNX model (its benchmark rows carry the engines' errors)."""
-    import onnx
-
-    try:
-        ops = {node.op_type for node in onnx.load(os.fspath(path), load_external_data=False).graph.node}
-    except Exception:  # noqa: BLE001 - protobuf's DecodeError, OSError, ...: the rows say what failed
-        return "unreadable"
-    if ops & {"ConvInteger", "MatMulInteger"}:
-        return "ConvInteger INT8"
-    if ops & {"QLinearConv", "QLinearMatMul"}:
-        return "QLinearConv INT8"
-    if "DequantizeLinear" in ops:
-        return "QDQ INT8"
-    return "FP32"
 
 
 class CPUBenchmark:
@@ -321,7 +130,7 @@ class CPUBenchmark:
         model_path = os.fspath(model_path)
         if num_cores is None:
             num_cores = self.num_cores if self.num_cores is not None else cpu_isa()["num_cores"]
-        _check_common(model_path, batch_size, engine, num_cores)
+        check_args(model_path, batch_size, engine, num_cores)
         for name, val in (("warmup_s", warmup_s), ("duration_s", duration_s)):
             if not isinstance(val, (int, float)) or isinstance(val, bool) or not val > 0:
                 raise ValueError(f"{name} must be a number > 0 (seconds), got {val!r}")
@@ -329,25 +138,7 @@ class CPUBenchmark:
         with private_copy(model_path) as copy:
             res = ENGINE_INFO[engine].time(copy, int(batch_size), int(num_cores), float(warmup_s), float(duration_s),
                                            self.thread_pinning, self.deepsparse_python)
-        isa = cpu_isa()
-        return {
-            "model": model_path,
-            "engine": engine,
-            "batch_size": int(batch_size),
-            "num_cores": int(num_cores),
-            "items_per_sec": float(res["items_per_sec"]),
-            "latency_mean_ms": float(res["latency_mean_ms"]),
-            "latency_p50_ms": float(res["latency_p50_ms"]),
-            "latency_p99_ms": float(res["latency_p99_ms"]),
-            "iterations": int(res["iterations"]),
-            "seconds_ran": float(res["seconds_ran"]),
-            "scenario": "singlestream",
-            "isa": isa["isa"],
-            "vnni": isa["vnni"],
-            "amx": isa["amx"],
-            "precision": res.get("precision", ""),
-            "engine_version": res["engine_version"],
-        }
+        return _measurement(model_path, engine, int(batch_size), int(num_cores), res)
 
     def accuracy(
         self,
@@ -363,6 +154,31 @@ class CPUBenchmark:
         if num_cores is None:
             num_cores = self.num_cores
         return onnx_accuracy(path, images_float32, labels, batch_size, engine=engine, num_cores=num_cores)
+
+
+def _measurement(model_path: str, engine: str, batch_size: int, num_cores: int,
+                 res: Dict[str, Any]) -> Dict[str, Any]:
+    """The dict :meth:`CPUBenchmark.run` returns: the job, the engine's timing ``res`` (its
+    ``time``) as float/int, and this CPU (:func:`cpu_isa`, read now)."""
+    isa = cpu_isa()
+    return {
+        "model": model_path,
+        "engine": engine,
+        "batch_size": batch_size,
+        "num_cores": num_cores,
+        "items_per_sec": float(res["items_per_sec"]),
+        "latency_mean_ms": float(res["latency_mean_ms"]),
+        "latency_p50_ms": float(res["latency_p50_ms"]),
+        "latency_p99_ms": float(res["latency_p99_ms"]),
+        "iterations": int(res["iterations"]),
+        "seconds_ran": float(res["seconds_ran"]),
+        "scenario": "singlestream",
+        "isa": isa["isa"],
+        "vnni": isa["vnni"],
+        "amx": isa["amx"],
+        "precision": res.get("precision", ""),
+        "engine_version": res["engine_version"],
+    }
 
 
 def make_cpu_benchmark_actor(num_cores: int, *, thread_pinning: str = "core",
@@ -391,63 +207,9 @@ def make_cpu_benchmark_actor(num_cores: int, *, thread_pinning: str = "core",
     return cls.remote(num_cores, thread_pinning, deepsparse_python)
 
 
-#: Columns of ``benchmark.csv``, in order: the pair's test ``accuracy`` (0..1) in that engine, the
-#: model file's ``size_bytes`` and ``size_gzip_bytes``, its ``graph`` (:func:`graph_kind`), how many
-#: ``rounds`` were timed; ``macs``/``params``: multiply-accumulates per image and parameter elements
-#: of the model (:func:`model_cost`; an unstructured-pruned model counts its zeros); throughput (images/s) and latencies (ms per batch call) are medians over
-#: the rounds, ``items_per_sec_rounds`` / ``latency_p50_ms_rounds`` the rounds themselves (JSON
-#: lists). ``status`` is "ok" or "error"; ``error`` is the first line of what went wrong (empty when
-#: ok); a failed measurement is empty (NaN), the others stay. ``engine_version``: the engine and
-#: version that ran the row (e.g. "deepsparse 1.7.0"). ``isa``, ``vnni``, ``amx``: the CPU
-#: (:func:`cpu_isa`). ``precision``: what OpenVINO compiled the model's convolutions to, read back
-#: (``OpenVINO.precision``); empty for DeepSparse and onnxruntime, which expose no read-back
-#: (onnxruntime's CPU provider runs the graph's own types).
-BENCHMARK_COLUMNS = ["model", "engine", "batch_size", "num_cores", "accuracy", "size_bytes", "size_gzip_bytes",
-                     "macs", "params", "graph", "rounds", "items_per_sec", "latency_mean_ms", "latency_p50_ms", "latency_p99_ms",
-                     "items_per_sec_rounds", "latency_p50_ms_rounds", "isa", "vnni", "amx", "precision",
-                     "status", "error", "engine_version"]
-#: the timed keys of a measurement whose median a row holds
-TIMED = ("items_per_sec", "latency_mean_ms", "latency_p50_ms", "latency_p99_ms")
-
-
 def _first_line(err: BaseException) -> str:
     """The innermost cause of a Ray error (or ``err`` itself) as ``Type: first line``."""
     return error_line(getattr(err, "cause", None) or err, typed=True)
-
-
-def bench_rows(jobs, measured: dict, errors: dict, accuracy: dict, sizes: dict, graphs: dict, num_cores: int,
-               costs: Optional[dict] = None):
-    """The rows of ``benchmark.csv`` (dicts with ``BENCHMARK_COLUMNS``), one per job, in job order.
-
-    Args:
-        jobs: ``(model, engine, batch_size)`` tuples.
-        measured: job -> list of :meth:`CPUBenchmark.run` results, one per round that ran.
-        errors: job -> first error line of its timing (absent/empty: none).
-        accuracy: ``(model, engine)`` -> test accuracy 0..1, or an error line (str) when it failed.
-        sizes: model -> ``(raw, gzip)`` bytes; graphs: model -> :func:`graph_kind`; costs: model ->
-            ``(MACs, params)`` per image (:func:`model_cost`; absent: unknown).
-
-    A row's timings are the medians of its rounds (``statistics.median``); a row with a timing or
-    accuracy error has ``status`` "error" and both errors in ``error``, its other values kept."""
-    rows = []
-    for job in jobs:
-        model, engine, batch = job
-        runs = measured.get(job, [])
-        acc = accuracy.get((model, engine))
-        problems = [e for e in (errors.get(job), None if not isinstance(acc, str) else f"accuracy: {acc}") if e]
-        row = {"model": model, "engine": engine, "batch_size": batch, "num_cores": num_cores,
-               "accuracy": acc if isinstance(acc, float) else None,
-               "size_bytes": sizes.get(model, (None, None))[0], "size_gzip_bytes": sizes.get(model, (None, None))[1],
-               "macs": (costs or {}).get(model, (None, None))[0], "params": (costs or {}).get(model, (None, None))[1],
-               "graph": graphs.get(model), "rounds": len(runs), "status": "error" if problems else "ok",
-               "error": "; ".join(problems)}
-        if runs:
-            row.update({key: statistics.median(r[key] for r in runs) for key in TIMED})
-            row["items_per_sec_rounds"] = json.dumps([round(r["items_per_sec"], 3) for r in runs])
-            row["latency_p50_ms_rounds"] = json.dumps([round(r["latency_p50_ms"], 4) for r in runs])
-            row.update({key: runs[0][key] for key in ("isa", "vnni", "amx", "precision", "engine_version")})
-        rows.append(row)
-    return rows
 
 
 def run_benchmarks(onnx_paths: Dict[str, str], images_float32: Any, labels: Any, *, num_cores: int,
@@ -482,65 +244,17 @@ def run_benchmarks(onnx_paths: Dict[str, str], images_float32: Any, labels: Any,
         onnxruntime where this Python has no DeepSparse.
     """
     import pandas as pd
-    import ray
 
-    actor = make_cpu_benchmark_actor(num_cores, deepsparse_python=deepsparse_python, **actor_options)
+    actor = _Actor(num_cores, deepsparse_python, actor_options)
     in_process = requirements.has_deepsparse()
-    engines = [engine.name for engine in REGISTRY if engine.available(deepsparse_python)]
-    if "deepsparse" not in engines:
-        print("[bench] deepsparse: not installed in this Python (none past 3.11); left out. To run it, pass "
-              "--deepsparse-python PATH (a Python 3.10/3.11 with deepsparse==1.7.0)", flush=True)
-
-    def call(method: str, *args, **kwargs):
-        """``actor.<method>(...)``; replaces the actor when it died, then re-raises."""
-        nonlocal actor
-        try:
-            return ray.get(getattr(actor, method).remote(*args, **kwargs))
-        except ray.exceptions.RayActorError:
-            actor = make_cpu_benchmark_actor(num_cores, deepsparse_python=deepsparse_python, **actor_options)
-            raise
-
-    failures = (ray.exceptions.RayError, ValueError, OSError, RuntimeError)
+    engines = _engines(deepsparse_python)
     jobs = [(name, engine, batch) for name in onnx_paths
             for engine in engines
             for batch in batch_sizes]
-    measured: Dict[tuple, list] = {job: [] for job in jobs}
-    errors: Dict[tuple, str] = {}
-    from study.noise import verbose
-
-    for round_ in range(1, int(rounds) + 1):
-        started = time.perf_counter()
-        for job in jobs:
-            if job in errors:
-                continue
-            name, engine, batch = job
-            where = f"[bench] round {round_}/{rounds} {name:22s} {engine:11s} batch {batch:3d}"
-            try:
-                row = call("run", str(onnx_paths[name]), batch, engine=engine, warmup_s=warmup_s,
-                           duration_s=duration_s)
-            except failures as err:
-                errors[job] = _first_line(err)
-                print(f"{where}: failed, {errors[job]}", flush=True)
-                continue
-            measured[job].append(row)
-            if verbose():  # else one line per round (below); failures always
-                print(f"{where}: {row['items_per_sec']:9.1f} items/s, p50 {row['latency_p50_ms']:.2f} ms", flush=True)
-        print(f"[bench] round {round_}/{rounds}: {sum(len(m) >= round_ for m in measured.values())} of {len(jobs)} "
-              f"measurements ({len(engines)} engines, {len(onnx_paths)} models, batch sizes "
-              f"{', '.join(map(str, batch_sizes))}) in {time.perf_counter() - started:.0f} s", flush=True)
-    accuracy: Dict[tuple, Any] = {}
-    print(f"[bench] test accuracy of each model in each engine, {len(labels)} images at batch 32", flush=True)
-    for name in onnx_paths:
-        for engine in dict.fromkeys(engine for _, engine, _ in jobs):
-            if not ENGINE_INFO[engine].measures_accuracy(deepsparse_python):
-                continue  # e.g. the deepsparse.benchmark command times a model; it does not run the test set
-            try:
-                accuracy[(name, engine)] = float(call("accuracy", str(onnx_paths[name]), images_float32, labels, 32,
-                                                      engine=engine))
-            except failures as err:
-                accuracy[(name, engine)] = _first_line(err)
-                print(f"[bench] accuracy of {name} on {engine}: failed, {accuracy[(name, engine)]}", flush=True)
-    ray.kill(actor)
+    scope = f"{len(engines)} engines, {len(onnx_paths)} models, batch sizes {', '.join(map(str, batch_sizes))}"
+    measured, errors = _time_jobs(actor, onnx_paths, jobs, rounds, warmup_s, duration_s, scope)
+    accuracy = _accuracies(actor, onnx_paths, jobs, images_float32, labels, deepsparse_python)
+    actor.kill()
     sizes = {name: model_sizes(path) for name, path in onnx_paths.items()}
     graphs = {name: graph_kind(path) for name, path in onnx_paths.items()}
     costs = {name: model_cost(path) for name, path in onnx_paths.items()}
@@ -550,3 +264,95 @@ def run_benchmarks(onnx_paths: Dict[str, str], images_float32: Any, labels: Any,
     accuracies = {name: accuracy.get((name, reference)) if isinstance(accuracy.get((name, reference)), float)
                   else None for name in onnx_paths}
     return table, accuracies
+
+
+class _Actor:
+    """The one :class:`CPUBenchmark` actor of :func:`run_benchmarks`; one that died is replaced."""
+
+    def __init__(self, num_cores: int, deepsparse_python: Optional[str], options: Dict[str, Any]):
+        self._start = lambda: make_cpu_benchmark_actor(num_cores, deepsparse_python=deepsparse_python, **options)
+        self.handle = self._start()
+
+    def call(self, method: str, *args, **kwargs):
+        """``actor.<method>(...)``; replaces the actor when it died, then re-raises."""
+        import ray
+
+        try:
+            return ray.get(getattr(self.handle, method).remote(*args, **kwargs))
+        except ray.exceptions.RayActorError:
+            self.handle = self._start()
+            raise
+
+    def kill(self) -> None:
+        """``ray.kill`` the actor."""
+        import ray
+
+        ray.kill(self.handle)
+
+
+def _failures() -> tuple:
+    """The errors that make one measurement a row with ``status`` "error" instead of ending the stage."""
+    import ray
+
+    return (ray.exceptions.RayError, ValueError, OSError, RuntimeError)
+
+
+def _engines(deepsparse_python: Optional[str]) -> list:
+    """Names of the engines of ``REGISTRY`` that run here (``Engine.available``), in its order; one
+    line when DeepSparse is not among them."""
+    engines = [engine.name for engine in REGISTRY if engine.available(deepsparse_python)]
+    if "deepsparse" not in engines:
+        print("[bench] deepsparse: not installed in this Python (none past 3.11); left out. To run it, pass "
+              "--deepsparse-python PATH (a Python 3.10/3.11 with deepsparse==1.7.0)", flush=True)
+    return engines
+
+
+def _time_jobs(actor: _Actor, onnx_paths: Dict[str, str], jobs: list, rounds: int, warmup_s: float,
+               duration_s: float, scope: str) -> tuple:
+    """Time every ``(model, engine, batch)`` job ``rounds`` times, interleaved: one line per failure
+    (that job is not timed again), per round and, with ``--verbose``, per measurement (``scope``:
+    what the round line says was measured). Returns ``(measured, errors)``: job -> the
+    :meth:`CPUBenchmark.run` results of its rounds, job -> its error line."""
+    from study.noise import verbose
+
+    measured: Dict[tuple, list] = {job: [] for job in jobs}
+    errors: Dict[tuple, str] = {}
+    for round_ in range(1, int(rounds) + 1):
+        started = time.perf_counter()
+        for job in jobs:
+            if job in errors:
+                continue
+            name, engine, batch = job
+            where = f"[bench] round {round_}/{rounds} {name:22s} {engine:11s} batch {batch:3d}"
+            try:
+                row = actor.call("run", str(onnx_paths[name]), batch, engine=engine, warmup_s=warmup_s,
+                                 duration_s=duration_s)
+            except _failures() as err:
+                errors[job] = _first_line(err)
+                print(f"{where}: failed, {errors[job]}", flush=True)
+                continue
+            measured[job].append(row)
+            if verbose():  # else one line per round (below); failures always
+                print(f"{where}: {row['items_per_sec']:9.1f} items/s, p50 {row['latency_p50_ms']:.2f} ms", flush=True)
+        print(f"[bench] round {round_}/{rounds}: {sum(len(m) >= round_ for m in measured.values())} of {len(jobs)} "
+              f"measurements ({scope}) in {time.perf_counter() - started:.0f} s", flush=True)
+    return measured, errors
+
+
+def _accuracies(actor: _Actor, onnx_paths: Dict[str, str], jobs: list, images_float32: Any, labels: Any,
+                deepsparse_python: Optional[str]) -> Dict[tuple, Any]:
+    """Test accuracy of each model in each engine of ``jobs`` that measures it (batch 32):
+    ``(model, engine)`` -> 0..1, or the error line (str) when it failed (one line says so)."""
+    accuracy: Dict[tuple, Any] = {}
+    print(f"[bench] test accuracy of each model in each engine, {len(labels)} images at batch 32", flush=True)
+    for name in onnx_paths:
+        for engine in dict.fromkeys(engine for _, engine, _ in jobs):
+            if not ENGINE_INFO[engine].measures_accuracy(deepsparse_python):
+                continue  # e.g. the deepsparse.benchmark command times a model; it does not run the test set
+            try:
+                accuracy[(name, engine)] = float(actor.call("accuracy", str(onnx_paths[name]), images_float32, labels,
+                                                            32, engine=engine))
+            except _failures() as err:
+                accuracy[(name, engine)] = _first_line(err)
+                print(f"[bench] accuracy of {name} on {engine}: failed, {accuracy[(name, engine)]}", flush=True)
+    return accuracy

@@ -108,11 +108,6 @@ def run_tuner(config: StudyConfig, name: str, trainable, param_space: dict, reso
     """
     from ray import tune
 
-    from study.noise import verbose
-    from driver.progress import EpochLines
-    from trainables.stopper import AccuracyPlateauStopper
-
-    metric = selection_metric(config)
     storage = str(Path(storage or config.output_dir).resolve())
     path = os.path.join(storage, name)
     # Resources and threads are this cluster's, also on restore: the restored trials take their
@@ -125,23 +120,7 @@ def run_tuner(config: StudyConfig, name: str, trainable, param_space: dict, reso
         tuner = tune.Tuner.restore(path, trainable=wrapped, param_space=param_space,
                                    resume_unfinished=True, restart_errored=True)
     else:
-        tuner = tune.Tuner(
-            wrapped,
-            param_space=param_space,
-            run_config=tune.RunConfig(
-                name=name,
-                storage_path=storage,
-                stop=AccuracyPlateauStopper(metric=metric, tolerance=config.tolerance,
-                                            patience=config.patience, max_epochs=max_epochs),
-                checkpoint_config=tune.CheckpointConfig(  # Tune always keeps the latest as well
-                    num_to_keep=1, checkpoint_score_attribute=metric,
-                    checkpoint_score_order="max"),
-                failure_config=tune.FailureConfig(max_failures=2),
-                callbacks=[EpochLines(name, several_seeds=config.seeds > 1,
-                                      swept=[n for n, _ in config.sweep] if name == "students" else ())],
-                verbose=1 if verbose() else 0,
-            ),
-        )
+        tuner = _new_tuner(config, name, wrapped, param_space, max_epochs, storage)
     try:
         grid = tuner.fit()
     except RuntimeError as err:  # Tune gives up when Ray's memory monitor kills a trial starting up
@@ -155,6 +134,35 @@ def run_tuner(config: StudyConfig, name: str, trainable, param_space: dict, reso
         raise StudyError(f"{len(errors)} {name} trial(s) failed; first error: {errors[0]}")
     drop_optimizer_state(Path(path))
     return grid
+
+
+def _new_tuner(config: StudyConfig, name: str, wrapped, param_space: dict, max_epochs: int, storage: str):
+    """A fresh ``tune.Tuner`` of ``run_tuner``'s experiment ``<storage>/<name>``: its stopper,
+    checkpoints, retries, epoch lines and verbosity."""
+    from ray import tune
+
+    from study.noise import verbose
+    from driver.progress import EpochLines
+    from trainables.stopper import AccuracyPlateauStopper
+
+    metric = selection_metric(config)
+    return tune.Tuner(
+        wrapped,
+        param_space=param_space,
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=storage,
+            stop=AccuracyPlateauStopper(metric=metric, tolerance=config.tolerance,
+                                        patience=config.patience, max_epochs=max_epochs),
+            checkpoint_config=tune.CheckpointConfig(  # Tune always keeps the latest as well
+                num_to_keep=1, checkpoint_score_attribute=metric,
+                checkpoint_score_order="max"),
+            failure_config=tune.FailureConfig(max_failures=2),
+            callbacks=[EpochLines(name, several_seeds=config.seeds > 1,
+                                  swept=[n for n, _ in config.sweep] if name == "students" else ())],
+            verbose=1 if verbose() else 0,
+        ),
+    )
 
 
 def drop_optimizer_state(experiment: Path) -> int:

@@ -174,18 +174,11 @@ def export_model_onnx(
 
     Raises:
         ValueError: ``convert_qat=True`` but the model has no QAT modules (SparseML
-            would silently write an FP32 graph), or ``sample_batch`` is not a 4-D
-            shape / tensor.
+            would silently write an FP32 graph), or ``sample_batch`` is a shape that is
+            not 4-D with every size >= 1 (a tensor is traced as given, unchecked).
     """
     path = os.fspath(path)
-    if isinstance(sample_batch, torch.Tensor):
-        sample = sample_batch.detach().to("cpu", torch.float32)
-    else:
-        shape = tuple(int(s) for s in sample_batch)
-        if len(shape) != 4 or min(shape) < 1:
-            raise ValueError(f"sample_batch shape {shape} is not a positive (B, C, H, W) shape")
-        gen = torch.Generator().manual_seed(0)
-        sample = torch.randn(shape, generator=gen)
+    sample = _sample_input(sample_batch)
     if convert_qat and not is_quantized(model):
         raise ValueError(
             "convert_qat=True but the model has no quantization-aware modules (no qconfig); "
@@ -201,11 +194,28 @@ def export_model_onnx(
             ModuleExporter(model, str(tmp.parent)).export_onnx(sample, name=tmp.name, convert_qat=convert_qat,
                                                                **onnx_export_kwargs())
             if metadata:
-                import onnx
-
-                proto = onnx.load(str(tmp))
-                onnx.helper.set_model_props(proto, {str(k): str(v) for k, v in metadata.items()})
-                onnx.save(proto, str(tmp))
+                _set_metadata(str(tmp), metadata)
     finally:
         model.train(was_training)
     return path
+
+
+def _sample_input(sample_batch: Union[Sequence[int], torch.Tensor]) -> torch.Tensor:
+    """The tracing input of ``export_model_onnx``: the tensor as float32 on CPU, or a seeded
+    ``randn`` of the shape. ValueError when a shape is not 4-D with every size >= 1."""
+    if isinstance(sample_batch, torch.Tensor):
+        return sample_batch.detach().to("cpu", torch.float32)
+    shape = tuple(int(s) for s in sample_batch)
+    if len(shape) != 4 or min(shape) < 1:
+        raise ValueError(f"sample_batch shape {shape} is not a positive (B, C, H, W) shape")
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(shape, generator=gen)
+
+
+def _set_metadata(path: str, metadata: Mapping[str, str]) -> None:
+    """Rewrite the ONNX file ``path`` with ``metadata`` (keys and values as str) as its ``metadata_props``."""
+    import onnx
+
+    proto = onnx.load(path)
+    onnx.helper.set_model_props(proto, {str(k): str(v) for k, v in metadata.items()})
+    onnx.save(proto, path)
