@@ -274,7 +274,16 @@ def _flag(name: str) -> str:
 
 
 def validate(config: StudyConfig) -> None:
-    """Check every value that can be checked before any long work starts; StudyError if not."""
+    """Check every value that can be checked before any long work starts; StudyError if not (the
+    first problem found, in the order of the checks below)."""
+    _check_training(config)
+    _check_choices(config)
+    _check_run(config)
+    _check_outputs(config)
+
+
+def _check_training(config: StudyConfig) -> None:
+    """The numbers of the training stages: batch size, rates, epochs, subsets, seeds, val split."""
     low, high = TASK_BATCH_RANGE
     if not low <= config.batch_size <= high:
         raise StudyError(f"--batch-size {config.batch_size} is outside the allowed range {low}..{high}")
@@ -295,6 +304,10 @@ def validate(config: StudyConfig) -> None:
     if config.val_size and not 10 <= config.val_size < train_images:
         raise StudyError(f"--val-size {config.val_size} must be 0 (no validation split) or between 10 "
                          f"(one image per class) and {train_images - 1} (the training images minus one)")
+
+
+def _check_choices(config: StudyConfig) -> None:
+    """The fields that name one of a fixed set: setups, arch, stem, sparsify loss, last stage."""
     bad = [s for s in config.setups if s not in SETUPS]
     if bad or not config.setups:
         raise StudyError(f"unknown setup(s) {bad or list(config.setups)}; allowed: {', '.join(SETUPS)}")
@@ -307,6 +320,10 @@ def validate(config: StudyConfig) -> None:
                          f"{', '.join(SPARSIFY_LOSSES)}")
     if config.stop_after not in STAGES:
         raise StudyError(f"--stop-after {config.stop_after!r} unknown; allowed: {', '.join(STAGES)}")
+
+
+def _check_run(config: StudyConfig) -> None:
+    """Where and how the run executes: output dir, Ray resources, MLflow, the DeepSparse Python."""
     if "://" in config.output_dir:
         raise StudyError(f"--output-dir {config.output_dir}: URIs are not supported (the sparsify and bench "
                          "stages write plain files); use a folder on a filesystem every node mounts")
@@ -329,6 +346,11 @@ def validate(config: StudyConfig) -> None:
         if not (python.parent / "deepsparse.benchmark").is_file():
             raise StudyError(f"--deepsparse-python {config.deepsparse_python}: no deepsparse.benchmark command "
                              f"beside it in {python.parent}; install deepsparse==1.7.0 into that environment")
+
+
+def _check_outputs(config: StudyConfig) -> None:
+    """What the run makes and measures: the sweep's shape, sparsity and channel targets, PTQ
+    calibration, benchmark rounds and batch sizes."""
     if config.sweep and not isinstance(config.sweep, (tuple, list)):
         raise StudyError(f"--sweep {config.sweep!r}: give FIELD=V1,V2,...")
     targets = config.sparsities or ()
