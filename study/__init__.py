@@ -1,6 +1,6 @@
 """The study's vocabulary, importable by every layer: config and presets (``study.config``), the
-run directory's layout (``study.layout``), atomic file writes (``study.files``) and one-line errors
-(``study.errors``).
+student setups (``study.setups``), the sweep's grid (``study.sweep``), the run directory's layout
+(``study.layout``), atomic file writes (``study.files``) and one-line errors (``study.errors``).
 
 Importing this package sets ``NM_DISABLE_ANALYTICS=1`` (unless already set): the Neural Magic
 packages (SparseML, DeepSparse, SparseZoo) otherwise try to send usage analytics at import, and
@@ -15,11 +15,12 @@ import os
 os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
 
 from study.config import (  # noqa: E402
-    ARCHS, FEATURE_LAYERS, LOSS_TERMS, PRESETS, RUNTIME_FIELDS, SETUP_INFO, SETUPS, SPARSIFY_LOSSES, STAGES, STEMS,
-    TASK_BATCH_RANGE, LossTerm, Setup, StudyConfig, StudyError, decision_rule, make_config, needs_teacher,
-    selection_metric, setup_needs, validate)
+    ARCHS, PRESETS, RUNTIME_FIELDS, SPARSIFY_LOSSES, STAGES, STEMS, TASK_BATCH_RANGE, StudyConfig, StudyError,
+    decision_rule, make_config, selection_metric, validate)
 from study.layout import ONNX_MODELS, RunLayout  # noqa: E402
 from study.noise import quiet_loggers  # noqa: E402
+from study.setups import (  # noqa: E402
+    FEATURE_LAYERS, LOSS_TERMS, SETUP_INFO, SETUPS, LossTerm, Setup, needs_teacher, setup_needs)
 
 quiet_loggers()
 

@@ -4,6 +4,11 @@ Every field is declared once, with its help text beside it (``metadata["help"]``
 that parses it from the command line (``metadata["parse"]``); ``orchestrate.build_parser`` turns
 each field into one option. A preset is a dict of field values; a value given on the command line
 always wins over the preset's, whatever it is (``none``, ``0`` and ``false`` included).
+
+The student setups' table lives in ``study.setups`` (``SETUP_INFO``, ``LOSS_TERMS``, ...), the sweep's
+grid and labels in ``study.sweep`` (``SWEEPABLE``, ``variants``, ``variant_label``, ...), the field
+declaration and its CLI parsers in ``study.options`` (``option``, ``csv_of``, ...); their names are
+re-exported here, so ``from study.config import SETUPS`` keeps working.
 """
 
 from __future__ import annotations
@@ -11,68 +16,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+
+from study.options import csv_of, option, optional_number, optional_str
+from study.setups import (  # noqa: F401  (re-exported: the setup table's names, as before the split)
+    FEATURE_LAYERS, LOSS_TERMS, SETUP_INFO, SETUPS, LossTerm, Setup, needs_teacher, setup_needs)
+from study.sweep import (  # noqa: F401  (re-exported: the sweep's names, as before the split)
+    SWEEPABLE, sweep_item, swept_fields, variant_label, variants)
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
-#: The feature maps the ``mse_<layer>`` loss terms match, student against teacher (tapped by
-#: ``models.feature_extractor`` / ``models.forward_features``).
-FEATURE_LAYERS: tuple[str, ...] = ("layer1", "layer2", "layer4")
-
-
-class LossTerm(NamedTuple):
-    """One summand a setup's loss can average (``trainables.losses`` computes it)."""
-
-    #: what it reads besides the student's logits: ``"labels"``, ``"teacher_logits"`` (the frozen
-    #: teacher's logits) or ``"features"`` (the teacher's logits and both models' feature maps)
-    needs: str
-    #: its name in the report's loss plot (``report.ipynb``)
-    label: str
-
-
-#: Every loss summand, in the order ``terms`` and the report list them; each is logged as
-#: ``loss_<name>`` (Tune results, ``sparsify/history.csv``).
-LOSS_TERMS: dict[str, LossTerm] = {
-    "ce": LossTerm("labels", "CE to labels"),
-    "soft_ce": LossTerm("teacher_logits", "soft CE × T² to teacher"),
-    **{f"mse_{layer}": LossTerm("features", f"MSE, {layer} features") for layer in FEATURE_LAYERS},
-}
-
-
-class Setup(NamedTuple):
-    """One student setup: its loss is the simple average of ``terms`` (keys of ``LOSS_TERMS``)."""
-
-    terms: tuple[str, ...]
-    #: the report's accuracy table, column "trained with"
-    formula: str
-    #: the report's sentence on the recipe's loss ("fine-tuned with ...", ``--sparsify-loss``)
-    words: str
-
-
-#: The student setups, in the order the study reports them: the one table that names them
-#: (``ARCHITECTURE.md``, "How to add a fourth student setup").
-SETUP_INFO: dict[str, Setup] = {
-    "ce": Setup(("ce",), "CE", "cross-entropy to the labels only"),
-    "kd": Setup(("ce", "soft_ce"), "CE + soft CE",
-                "the kd loss (labels and the frozen teacher's soft targets)"),
-    "kd_feat": Setup(("ce", "soft_ce", *(f"mse_{layer}" for layer in FEATURE_LAYERS)), "CE + soft CE + MSE",
-                     "the kd_feat loss (labels, the frozen teacher's soft targets and feature maps)"),
-}
-#: The setups' names, in order (the CLI's ``--setups``, the Tune grid, the results tables).
-SETUPS: tuple[str, ...] = tuple(SETUP_INFO)
-
-
-def setup_needs(setup: str) -> frozenset[str]:
-    """What ``setup``'s loss reads besides the student's logits (``LossTerm.needs`` of its terms).
-    KeyError for an unknown setup."""
-    return frozenset(LOSS_TERMS[term].needs for term in SETUP_INFO[setup].terms)
-
-
-def needs_teacher(setup: str) -> bool:
-    """Whether ``setup``'s loss needs the frozen teacher (any term beyond the labels)."""
-    return bool(setup_needs(setup) - {"labels"})
 #: The pipeline's stages, in order (``--stop-after`` names the last one to run).
 STAGES: tuple[str, ...] = ("teacher", "students", "sparsify", "bench")
 #: The task's allowed batch sizes for Adam: 128..512.
@@ -92,49 +46,6 @@ SPARSIFY_LOSSES: tuple[str, ...] = ("setup", "ce")
 
 class StudyError(Exception):
     """A problem with the user's input or machine, reported as one line and exit code 2."""
-
-
-def optional_str(text: str) -> str | None:
-    """CLI parser: ``none`` (any case) or an empty string -> None, else the text."""
-    return None if text.lower() in ("none", "") else text
-
-
-def optional_number(kind: Callable[[str], Any]) -> Callable[[str], Any]:
-    """CLI parser for an int/float field that may be ``none`` (= decide from the cluster)."""
-    def parse(text: str):
-        return None if text.lower() == "none" else kind(text)
-    parse.__name__ = f"optional {kind.__name__}"
-    return parse
-
-
-def csv_of(kind: Callable[[str], Any]) -> Callable[[str], tuple]:
-    """CLI parser for a comma-separated list: ``"1,32"`` -> ``(1, 32)``."""
-    def parse(text: str) -> tuple:
-        return tuple(kind(part) for part in text.split(",") if part)
-    parse.__name__ = f"comma-separated {kind.__name__}"
-    return parse
-
-
-def option(default: Any, help: str, parse: Callable[[str], Any], append: bool = False,
-           const: Any = None) -> Any:
-    """A StudyConfig field: its default (the ``full`` preset's), help text and CLI parser
-    (``bool`` makes a ``--flag/--no-flag`` pair; ``append``: a repeatable option, its values
-    collected in order, argparse ``action="append"``; ``const``: the value of the flag given
-    alone, argparse ``nargs="?"``)."""
-    return field(default=default, metadata={"help": help, "parse": parse, "append": append, "const": const})
-
-
-#: Fields ``--sweep`` can take several values of: each is a key of the students' trial config
-#: (``driver.tuning.trial_config``; ``setups`` is the grid's setup axis, as ``--setups``).
-SWEEPABLE: tuple[str, ...] = ("setups", "temperature", "lr", "batch_size")
-
-
-def sweep_item(text: str) -> tuple[str, tuple[str, ...]]:
-    """CLI parser of one ``--sweep FIELD=V1,V2,...``: ``("temperature", ("2", "8"))``, values as
-    typed (``make_config`` parses them with the field's own parser and checks each like the
-    scalar flag). Text without ``=``: a field with no values, which ``make_config`` refuses."""
-    name, _, values = text.partition("=")
-    return name.strip().replace("-", "_"), tuple(v.strip() for v in values.split(",") if v.strip())
 
 
 @dataclass
@@ -357,42 +268,22 @@ def normalize_sweep(config: StudyConfig) -> StudyConfig:
     return dataclasses.replace(config, sweep=tuple(sweep), setups=tuple(setups))
 
 
-def swept_fields(config) -> tuple[str, ...]:
-    """The fields a run sweeps besides the setups, in the order given (``config``: a StudyConfig
-    or its ``config.json`` dict, where the sweep is a list of ``[field, values]``)."""
-    sweep = config.get("sweep") if isinstance(config, dict) else config.sweep
-    return tuple(name for name, _ in sweep or ())
-
-
-def variants(config) -> list[tuple[str, dict]]:
-    """Every variant of the students' grid, in grid order (the winner's tie rule): ``(setup,
-    {field: value})`` for each setup in ``setups`` order, then the swept values in the order given
-    (the first swept field varying slowest)."""
-    import itertools
-
-    sweep = [(name, tuple(values)) for name, values in
-             ((config.get("sweep") if isinstance(config, dict) else config.sweep) or ())]
-    setups = config["setups"] if isinstance(config, dict) else config.setups
-    combos = list(itertools.product(*(values for _, values in sweep)))
-    return [(setup, dict(zip((name for name, _ in sweep), combo))) for setup in setups for combo in combos]
-
-
-def _value_text(value) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def variant_label(setup: str, values: dict) -> str:
-    """A variant's name: its setup, then each swept value: ``"kd temperature=2"``; with no sweep
-    the setup alone (``"kd"``)."""
-    return " ".join([setup, *(f"{name}={_value_text(value)}" for name, value in values.items())])
-
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
 def validate(config: StudyConfig) -> None:
-    """Check every value that can be checked before any long work starts; StudyError if not."""
+    """Check every value that can be checked before any long work starts; StudyError if not (the
+    first problem found, in the order of the checks below)."""
+    _check_training(config)
+    _check_choices(config)
+    _check_run(config)
+    _check_outputs(config)
+
+
+def _check_training(config: StudyConfig) -> None:
+    """The numbers of the training stages: batch size, rates, epochs, subsets, seeds, val split."""
     low, high = TASK_BATCH_RANGE
     if not low <= config.batch_size <= high:
         raise StudyError(f"--batch-size {config.batch_size} is outside the allowed range {low}..{high}")
@@ -413,6 +304,10 @@ def validate(config: StudyConfig) -> None:
     if config.val_size and not 10 <= config.val_size < train_images:
         raise StudyError(f"--val-size {config.val_size} must be 0 (no validation split) or between 10 "
                          f"(one image per class) and {train_images - 1} (the training images minus one)")
+
+
+def _check_choices(config: StudyConfig) -> None:
+    """The fields that name one of a fixed set: setups, arch, stem, sparsify loss, last stage."""
     bad = [s for s in config.setups if s not in SETUPS]
     if bad or not config.setups:
         raise StudyError(f"unknown setup(s) {bad or list(config.setups)}; allowed: {', '.join(SETUPS)}")
@@ -425,6 +320,10 @@ def validate(config: StudyConfig) -> None:
                          f"{', '.join(SPARSIFY_LOSSES)}")
     if config.stop_after not in STAGES:
         raise StudyError(f"--stop-after {config.stop_after!r} unknown; allowed: {', '.join(STAGES)}")
+
+
+def _check_run(config: StudyConfig) -> None:
+    """Where and how the run executes: output dir, Ray resources, MLflow, the DeepSparse Python."""
     if "://" in config.output_dir:
         raise StudyError(f"--output-dir {config.output_dir}: URIs are not supported (the sparsify and bench "
                          "stages write plain files); use a folder on a filesystem every node mounts")
@@ -447,6 +346,11 @@ def validate(config: StudyConfig) -> None:
         if not (python.parent / "deepsparse.benchmark").is_file():
             raise StudyError(f"--deepsparse-python {config.deepsparse_python}: no deepsparse.benchmark command "
                              f"beside it in {python.parent}; install deepsparse==1.7.0 into that environment")
+
+
+def _check_outputs(config: StudyConfig) -> None:
+    """What the run makes and measures: the sweep's shape, sparsity and channel targets, PTQ
+    calibration, benchmark rounds and batch sizes."""
     if config.sweep and not isinstance(config.sweep, (tuple, list)):
         raise StudyError(f"--sweep {config.sweep!r}: give FIELD=V1,V2,...")
     targets = config.sparsities or ()

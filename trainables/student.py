@@ -70,13 +70,7 @@ def student_loss(setup: str, student: torch.nn.Module, teacher: torch.nn.Module 
     use_teacher, use_features = needs_teacher(setup), "features" in needs
     if use_teacher and teacher is None:
         raise ValueError(f"setup {setup!r} needs the teacher; got None")
-    s_forward, t_forward = student, teacher
-    if use_features:
-        t_forward = feature_extractor(teacher)
-        s_forward = feature_extractor(student) if trace_student else partial(forward_features, student)
-    s_forward = maybe_compile(s_forward, compile_with)
-    if t_forward is not None and use_teacher:
-        t_forward = maybe_compile(t_forward, compile_with)
+    s_forward, t_forward = _forwards(student, teacher, use_teacher, use_features, trace_student, compile_with)
 
     def loss_fn(x, y):
         if not use_teacher:
@@ -88,13 +82,35 @@ def student_loss(setup: str, student: torch.nn.Module, teacher: torch.nn.Module 
                                      temperature=temperature)
         (t_logits, t_feats), (s_logits, s_feats) = t_out, s_forward(x)
         if teacher_channels:
-            t_feats = {name: feats.index_select(1, teacher_channels[name].to(feats.device))
-                       if name in teacher_channels else feats for name, feats in t_feats.items()}
+            t_feats = _kept_channels(t_feats, teacher_channels)
         return distillation_loss(setup, s_logits, y, teacher_logits=t_logits,
                                  student_feats=s_feats, teacher_feats=t_feats,
                                  temperature=temperature)
 
     return loss_fn
+
+
+def _forwards(student: torch.nn.Module, teacher: torch.nn.Module | None, use_teacher: bool,
+              use_features: bool, trace_student: bool, compile_with: str | None):
+    """The student's and the teacher's forward for ``student_loss``: the modules themselves, or
+    with ``use_features`` functions returning ``(logits, {layer: feature map})`` (the teacher's and,
+    with ``trace_student``, the student's a traced ``feature_extractor`` graph, else hooks at each
+    call); each compiled with ``compile_with`` (the teacher's only when it is used)."""
+    s_forward, t_forward = student, teacher
+    if use_features:
+        t_forward = feature_extractor(teacher)
+        s_forward = feature_extractor(student) if trace_student else partial(forward_features, student)
+    s_forward = maybe_compile(s_forward, compile_with)
+    if t_forward is not None and use_teacher:
+        t_forward = maybe_compile(t_forward, compile_with)
+    return s_forward, t_forward
+
+
+def _kept_channels(t_feats: dict, teacher_channels: dict) -> dict:
+    """The teacher's feature maps cut to the channels a structurally pruned student kept
+    (``teacher_channels``: layer -> int64 channel indices; a layer not in it stays whole)."""
+    return {name: feats.index_select(1, teacher_channels[name].to(feats.device))
+            if name in teacher_channels else feats for name, feats in t_feats.items()}
 
 
 def train_student(config: dict, data: CIFAR10Tensors, teacher: dict) -> None:
