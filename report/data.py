@@ -237,6 +237,12 @@ def base_seed(run: RunData):
     return None
 
 
+def is_compressed(model) -> bool:
+    """Whether ``model`` (a model name) is one of the study's compressed models: unstructured
+    (``pruned*``: a sparsity target's) or structured (``structured*``: a channel ratio's)."""
+    return str(model).startswith(("pruned", "structured"))
+
+
 def _isnan(value) -> bool:
     try:
         return math.isnan(float(value))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 
 from bench.engines import BASELINE_ENGINE
-from report.data import SETUP_INFO, SETUPS, SPARSE_MODELS, RunData, _base_setup, _results_row, _value, base_seed
+from report.data import (SETUP_INFO, SETUPS, SPARSE_MODELS, RunData, _base_setup, _results_row, _value, base_seed,
+                         is_compressed)
 from report.tables import overlap_sentence
 from study import decision_rule
 from study.config import variant_label
@@ -67,12 +68,6 @@ def pareto_front(speed, accuracy):
 WITHIN = 0.01
 
 
-def _is_sparse(model: str) -> bool:
-    """Whether ``model`` is one of the study's compressed models (unstructured ``pruned*`` or
-    structured ``structured*``)."""
-    return str(model).startswith(("pruned", "structured"))
-
-
 def compression_verdict(bench, batch_size: int, markdown: bool = False) -> list[str]:
     """Sentences on whether compression paid off at ``batch_size``, from ``benchmark.csv`` rows
     (``accuracy``, ``items_per_sec`` per model and engine; failed rows left out):
@@ -114,7 +109,7 @@ def compression_verdict(bench, batch_size: int, markdown: bool = False) -> list[
         out.append(f"At batch {batch_size}, no model kept its dense parent's accuracy within "
                    f"{100 * WITHIN:.0f} point (or none has an accuracy).")
     if best_ptq is not None:
-        for model in dict.fromkeys(m for m in rows["model"] if _is_sparse(m)):
+        for model in dict.fromkeys(m for m in rows["model"] if is_compressed(m)):
             mine = rows[rows["model"] == model]
             top = mine.loc[mine["items_per_sec"].idxmax()]
             more_accurate = top.accuracy > best_ptq.accuracy if not (

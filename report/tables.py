@@ -6,7 +6,7 @@ import math
 
 from bench.engines import BASELINE_ENGINE, ENGINE_INFO
 from report.data import (MODELS, SETUPS, SPARSE_MODELS, RunData, _base_setup, _describe, _results_row, _value,
-                         base_seed)
+                         base_seed, is_compressed)
 from study import ONNX_MODELS
 
 
@@ -150,13 +150,14 @@ def sweep_curves(run: RunData) -> dict:
 
 
 def sparse_table(run: RunData):
-    """The sparsified models next to their dense parent (the trial the sparsify stage started
-    from): model, from, test acc (PyTorch, %), change vs the dense parent (percentage points),
+    """The compressed models (every sparsity and structured target's, ``results.csv`` order) next to
+    their dense parent (the trial the sparsify stage started from): model, from, test acc (PyTorch, %), change vs the dense parent (percentage points),
     ONNX test acc (%, ``RunData.onnx_accuracy_engine``), weight sparsity (%). None without sparse rows."""
     import pandas as pd
 
     base, seed = _base_setup(run), base_seed(run)
-    sparse = [(m, _results_row(run, m)) for m in SPARSE_MODELS]
+    compressed = [] if run.results is None else [m for m in run.results["model"] if is_compressed(m)]
+    sparse = [(m, _results_row(run, m)) for m in dict.fromkeys(compressed)]
     if not base or all(row is None for _, row in sparse):
         return None
     parent = _results_row(run, base, seed)
