@@ -38,7 +38,7 @@ from study.requirements import (check_packages, check_python, required_packages,
 def _shown(value) -> str:
     """A default as the user would type it: ``ce,kd`` for a tuple, ``none`` for None."""
     if isinstance(value, tuple):
-        return ",".join(map(str, value))
+        return ",".join(map(str, value)) or "none"
     return "none" if value is None else str(value)
 
 

@@ -176,6 +176,11 @@ PRESETS: dict[str, dict] = {
                   ptq_calibration_images=128, bench_warmup_seconds=0.2, bench_seconds=0.5, bench_rounds=2),
 }
 
+#: The largest ``--channel-ratios`` value: every arch's narrowest layers have 64 channels, and the
+#: thinning keeps counts rounded down to multiples of 8 (``trainables.compress.structured.ROUND_TO``),
+#: leaving whole a layer that would keep fewer: 64 * (1 - r) >= 8 needs r <= 0.875.
+MAX_CHANNEL_RATIO = 0.85
+
 #: Fields that change where and how a run executes, not what it computes: a resumed run may
 #: differ in them (the data root may move; the data it holds is checked when loaded).
 RUNTIME_FIELDS = ("data_root", "download", "output_dir", "dashboard", "address", "report", "stop_after",
@@ -353,14 +358,17 @@ def _check_outputs(config: StudyConfig) -> None:
     calibration, benchmark rounds and batch sizes."""
     if config.sweep and not isinstance(config.sweep, (tuple, list)):
         raise StudyError(f"--sweep {config.sweep!r}: give FIELD=V1,V2,...")
+    from study.layout import percent_tag
+
     targets = config.sparsities or ()
-    if len(set(targets)) != len(targets) or not all(0 < t < 1 for t in targets):
+    if len({percent_tag("", t) for t in targets}) != len(targets) or not all(0 < t < 1 for t in targets):
         raise StudyError(f"--sparsities {','.join(map(str, targets)) or '(none)'}: give distinct fractions "
-                         "between 0 and 1 (exclusive), e.g. 0.5,0.8,0.9")
+                         "between 0 and 1 (exclusive), e.g. 0.5,0.8,0.9, that differ in percent to 4 decimals")
     ratios = config.channel_ratios or ()
-    if len(set(ratios)) != len(ratios) or not all(0 < r < 1 for r in ratios):
+    if len({percent_tag("", r) for r in ratios}) != len(ratios) or not all(0 < r <= MAX_CHANNEL_RATIO for r in ratios):
         raise StudyError(f"--channel-ratios {','.join(map(str, ratios)) or '(none)'}: give distinct fractions "
-                         "between 0 and 1 (exclusive), e.g. 0.3,0.5")
+                         f"above 0 and at most {MAX_CHANNEL_RATIO}, e.g. 0.3,0.5, that differ in percent to 4 decimals "
+                         "(above it the 64-channel layers would keep fewer than 8 channels)")
     if config.ptq_calibration_images < 1:
         raise StudyError(f"--ptq-calibration-images {config.ptq_calibration_images} must be >= 1")
     if config.bench_rounds < 1:

@@ -25,9 +25,13 @@ def optional_number(kind: Callable[[str], Any]) -> Callable[[str], Any]:
 
 
 def csv_of(kind: Callable[[str], Any]) -> Callable[[str], tuple]:
-    """CLI parser for a comma-separated list: ``"1,32"`` -> ``(1, 32)``."""
+    """CLI parser for a comma-separated list: ``"1,32"`` -> ``(1, 32)``; ValueError (argparse's
+    "invalid ... value") for a text with no value, e.g. ``""``."""
     def parse(text: str) -> tuple:
-        return tuple(kind(part) for part in text.split(",") if part)
+        values = tuple(kind(part) for part in text.split(",") if part.strip())
+        if not values:  # an empty list given on purpose would silently mean "not given"
+            raise ValueError(f"no value in {text!r}")
+        return values
     parse.__name__ = f"comma-separated {kind.__name__}"
     return parse
 

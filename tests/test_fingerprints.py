@@ -23,7 +23,7 @@ from study.files import sha256_file
 from study.fingerprint import (LABEL_FIELDS, STAGE_CODE, STAGE_FIELDS, differences, make_fingerprint, stage_code,
                                write_fingerprint)
 from study.reruns import StageState, plan
-from study.sources import ROOT, source_files
+from study.sources import PACKAGES, ROOT, source_files
 
 from helpers import copy_run, kill_orchestrate_when, run_orchestrate
 
@@ -90,9 +90,9 @@ def test_a_changed_stage_reruns_itself_and_every_later_stage_only():
 
 
 def _project_copy(dest: Path) -> Path:
-    """The project's packages (every ``.py`` of them) copied under ``dest``."""
+    """The project's packages (``study.sources.PACKAGES``, every ``.py`` of them) copied under ``dest``."""
     for path in ROOT.glob("*/**/*.py"):
-        if path.relative_to(ROOT).parts[0] in ("study", "models", "trainables", "driver", "bench", "report"):
+        if path.relative_to(ROOT).parts[0] in PACKAGES:
             target = dest / path.relative_to(ROOT)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, target)
@@ -143,7 +143,9 @@ def test_the_code_of_a_stage_is_what_its_modules_import():
     assert {"trainables/losses.py", "trainables/student.py", "trainables/train.py"} <= set(code["students"])
     assert {"trainables/compress/core.py", "trainables/compress/ptq.py", "trainables/losses.py",
             "driver/results.py", "driver/stats.py"} <= set(code["sparsify"])  # ptq, stats: imported in functions
-    assert {"bench/benchmark.py", "trainables/batches.py"} <= set(code["bench"])
+    assert {"bench/benchmark.py", "trainables/batches.py", "stages/bench.py"} <= set(code["bench"])
+    assert "trainables/compress/structured.py" in code["sparsify"] and "stages/sparsify.py" in code["sparsify"]
+    assert not [p for files in code.values() for p in files if p == "stages/runner.py"]  # the order of the stages
     assert not [p for files in code.values() for p in files if p.startswith(("study/reruns", "study/fingerprint"))]
 
 

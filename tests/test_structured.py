@@ -29,9 +29,9 @@ def test_channel_ratios_are_targets_of_their_own():
         RunLayout("run").onnx("structured")
 
 
-@pytest.mark.parametrize("ratios", [(0.0,), (1.0,), (0.5, 0.5)])
+@pytest.mark.parametrize("ratios", [(0.0,), (1.0,), (0.5, 0.5), (-0.2,)])
 def test_bad_channel_ratios_are_one_line(ratios):
-    with pytest.raises(StudyError, match=r"^--channel-ratios .*: give distinct fractions between 0 and 1"):
+    with pytest.raises(StudyError, match=r"^--channel-ratios .*: give distinct fractions above 0 and at most 0.85"):
         validate(StudyConfig(channel_ratios=ratios))
 
 
@@ -110,3 +110,25 @@ def test_the_full_student_is_thinned_exported_and_quantized(full_structured):
     channels = RunLayout(out).target(Target(None, "_c50", 0.5)).layer_sparsity.read_text().splitlines()
     assert channels[0] == "layer,channels,channels_kept,params" and "layer1.0.conv2,64,32," in "\n".join(channels)
     assert 0 <= summary["test_acc_structured_int8"] <= 1 and summary["ptq_calibration_images"] == 8
+
+
+@pytest.mark.parametrize("ratios", [(0.9,), (0.1234501, 0.1234502)])
+def test_ratios_that_would_not_thin_or_share_a_file_name_are_refused(ratios):
+    # 0.9: the 64-channel layers would keep fewer than 8 channels; the pair: both are _c12p345
+    with pytest.raises(StudyError, match=r"^--channel-ratios .*: give distinct fractions above 0 and at most 0.85"):
+        validate(StudyConfig(channel_ratios=ratios))
+    validate(StudyConfig(channel_ratios=(0.85, 0.5)))
+
+
+def test_an_empty_list_is_bad_input_not_the_default(capsys):
+    import orchestrate
+
+    with pytest.raises(SystemExit) as exit_:
+        orchestrate.config_from_args(["--preset", "smoke", "--channel-ratios", ""])
+    assert exit_.value.code == 2
+    assert "argument --channel-ratios: invalid comma-separated float value: ''" in capsys.readouterr().err
+
+
+def test_a_ratio_that_leaves_a_layer_whole_is_an_error_not_a_silent_dense_model():
+    with pytest.raises(ValueError, match=r"channel ratio 0.95 left 10 of 18 convolutions whole \(e.g. conv1: 64 "):
+        thin(build_student("resnet18"), 0.95)

@@ -117,11 +117,12 @@ def quantize_dense(dense_path: str | os.PathLike, out_path: str | os.PathLike, i
 def quantize_onnx(fp32_path: str | os.PathLike, out_path: str | os.PathLike, images: np.ndarray, *,
                   threads: int, variant: str) -> int:
     """Write ``out_path`` atomically: ``fp32_path`` INT8 by ``quantize_dense``, its
-    ``metadata_props`` those of ``fp32_path`` with ``variant``, ``quantization`` (how, in words)
-    and ``calibration_images`` (N). Returns N."""
+    ``metadata_props`` those of ``fp32_path`` (less its ``test_acc``, the FP32 model's) with
+    ``variant``, ``quantization`` (how, in words) and ``calibration_images`` (N). Returns N."""
     import onnx
 
     meta = {p.key: p.value for p in onnx.load(os.fspath(fp32_path), load_external_data=False).metadata_props}
+    meta.pop("test_acc", None)  # the FP32 model's; the INT8 model's is measured later (bench, summary)
     meta.update(variant=variant, calibration_images=str(len(images)),
                 quantization="static post-training INT8 (NNCF, ONNX backend, QDQ; weights per channel)")
     tmp = Path(out_path).with_name(Path(out_path).name + ".tmp")

@@ -3,11 +3,11 @@
 ``thin_student`` is a plain function; ``stages.sparsify`` runs it as a Ray task beside the
 unstructured targets' ``sparsify_student``. For one channel ratio r it
 
-1. removes the fraction r of the channels of every convolution (``thin``: Torch-Pruning's
+1. removes about the fraction r of the channels of every convolution (``thin``: Torch-Pruning's
    DepGraph ``MetaPruner`` with group L2 magnitude importance, Fang et al., CVPR 2023): the
    channels that residual adds couple are removed together from every layer that shares them,
    and the layers are physically rebuilt smaller, so every engine runs fewer MACs. The classifier's
-   outputs (10 classes) are kept; channel counts are rounded to multiples of 8 (``ROUND_TO``);
+   outputs (10 classes) are kept; kept counts are rounded down to multiples of 8 (``ROUND_TO``);
 2. fine-tunes the thinned student for ``ceil(recipe_epochs)`` epochs with the setup's own loss
    and the frozen teacher (``trainables.student.student_loss``; for ``kd_feat`` the teacher's
    feature maps cut to the channels the student kept), Adam with the recipe's cosine learning
@@ -62,13 +62,15 @@ def _last_bn(layer: nn.Sequential) -> nn.BatchNorm2d:
 
 
 def thin(model: nn.Module, ratio: float, image_size: int = 32) -> dict[str, torch.Tensor]:
-    """Remove the fraction ``ratio`` of the channels of every layer of ``model`` (a ResNet of
-    ``models``), in place: Torch-Pruning ``MetaPruner`` with ``GroupMagnitudeImportance`` (L2),
-    one shot, the classifier ``fc`` kept, counts rounded to ``ROUND_TO``.
+    """Remove about the fraction ``ratio`` of the channels of every convolution of ``model`` (a ResNet
+    of ``models``), in place: Torch-Pruning ``MetaPruner`` with ``GroupMagnitudeImportance`` (L2),
+    one shot, the classifier ``fc`` kept; kept counts are rounded down to multiples of ``ROUND_TO``
+    (so 0.3 keeps 40 of 64 channels, and 0.01 still removes 8 of 64).
 
     Returns: feature layer (``layer1``, ``layer2``, ``layer4``) -> int64 (C_kept,) indices, in
     order, of the channels of that layer's output that were kept (what ``student_loss``'s
-    ``teacher_channels`` reads). Raises ValueError for a ratio outside (0, 1)."""
+    ``teacher_channels`` reads). Raises ValueError for a ratio outside (0, 1), or one that leaves a
+    convolution whole (its kept count would fall below ``ROUND_TO``: above 0.875 for 64 channels)."""
     if not 0 < ratio < 1:
         raise ValueError(f"channel ratio {ratio!r} must be between 0 and 1 (exclusive)")
     outputs = {name: _last_bn(getattr(model, name)) for name in FEATURE_LAYERS}
@@ -76,6 +78,7 @@ def thin(model: nn.Module, ratio: float, image_size: int = 32) -> dict[str, torc
     example = torch.zeros(1, 3, image_size, image_size, device=next(model.parameters()).device)
     pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
                                   pruning_ratio=ratio, ignored_layers=[model.fc], round_to=ROUND_TO)
+    convs = {name: m.out_channels for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     removed: dict[str, set] = {name: set() for name in outputs}
     for group in pruner.step(interactive=True):
         for dep, idxs in group:
@@ -83,6 +86,10 @@ def thin(model: nn.Module, ratio: float, image_size: int = 32) -> dict[str, torc
                 if dep.target.module is bn and pruner.DG.is_out_channel_pruning_fn(dep.handler):
                     removed[name].update(_plain(idxs))
         group.prune()
+    whole = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.out_channels == convs[name]]
+    if whole:  # Torch-Pruning leaves a group whole when its rounded kept count would fall below ROUND_TO
+        raise ValueError(f"channel ratio {ratio:g} left {len(whole)} of {len(convs)} convolutions whole (e.g. "
+                         f"{whole[0]}: {convs[whole[0]]} channels would keep fewer than {ROUND_TO}); give a smaller ratio")
     return {name: torch.tensor([c for c in range(widths[name]) if c not in removed[name]], dtype=torch.int64)
             for name in outputs}
 
