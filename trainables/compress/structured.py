@@ -191,11 +191,12 @@ def thin_student(checkpoint, data: CIFAR10Tensors, settings: SparsifySettings, t
                            s.temperature, trace_student=False, teacher_channels=kept)
     history = _fine_tune(model, loss_fn, data, s, device, accuracy)
     record["test_acc_structured"] = accuracy(model)
-    names = _export(model.cpu().eval(), meta, s, layout, record, data, threads)
+    setup = s.setup or (meta.get("extra") or {}).get("setup")  # the trial's, else the checkpoint's
+    names = _export(model.cpu().eval(), meta, setup, s, layout, record, data, threads)
     atomic_write_text(layout.layer_sparsity, _layer_channels(dense, model).to_csv(index=False))
     atomic_write_text(layout.sparsify_history, pd.DataFrame(history).to_csv(index=False))
     summary = {
-        "trial_id": s.trial_id, "setup": s.setup or (meta.get("extra") or {}).get("setup"),
+        "trial_id": s.trial_id, "setup": setup,
         "variant": dict(s.variant or {}), "loss": s.loss, "temperature": None if s.loss == "ce" else s.temperature,
         "arch": meta["arch"], "recipe_epochs": s.recipe_epochs, "channel_ratio": target.ratio, "sparsity": None,
         "tag": target.tag, "models": names, **record,
@@ -223,7 +224,7 @@ def _thin_and_report(model: nn.Module, ratio: float, record: dict, accuracy) -> 
     return kept
 
 
-def _export(model: nn.Module, meta: dict, s: SparsifySettings, layout: RunLayout, record: dict,
+def _export(model: nn.Module, meta: dict, setup: str, s: SparsifySettings, layout: RunLayout, record: dict,
             data: CIFAR10Tensors, threads: int) -> dict:
     """Write ``structured<tag>.onnx`` (FP32, with ``model_metadata``) and ``structured<tag>_int8.onnx``
     (NNCF PTQ on ``s.ptq_images`` training images); add ``ptq_calibration_images`` and
@@ -232,7 +233,7 @@ def _export(model: nn.Module, meta: dict, s: SparsifySettings, layout: RunLayout
     fp32, int8 = layout.onnx(names["structured"]), layout.onnx(names["structured_int8"])
     export_model_onnx(model, fp32, metadata=model_metadata(
         variant="structured", arch=meta["arch"], stem=meta["stem"], source_trial=s.trial_id,
-        setup=s.setup or (meta.get("extra") or {}).get("setup"), recipe="", recipe_epochs=s.recipe_epochs,
+        setup=setup, recipe="", recipe_epochs=s.recipe_epochs,
         recipe_loss=s.loss, source_variant=dict(s.variant or {}), weight_sparsity=0.0,
         recipe_temperature=None if s.loss == "ce" else s.temperature, test_acc=record["test_acc_structured"],
         macs=record["macs_structured"], params=record["params_structured"], channel_ratio=s.target.ratio))
