@@ -1,11 +1,11 @@
 """Shared pytest fixtures: the real CIFAR-10 images and the suite's whole-pipeline runs.
 
-The pipeline's own tests launch ``orchestrate.py`` to train four times: the smoke run below (killed
-once during its students stage, then run to its end: two launches), the seeds run below, and the
-two-node run of ``test_cluster.py`` (students stage only). Every other test that needs a trained
-state works on a copy of the smoke run (``helpers.copy_run``); the rerun tests
-(``test_fingerprints.py``: the recipe only) and one ``--sweep`` run (``test_sweep.py``) train
-a little more."""
+The pipeline's own tests launch ``orchestrate.py`` to train three times: the smoke run and the
+seeds-and-sweep run below (each killed once during its students stage, then run to its end), and
+the two-node run of ``test_cluster.py`` (students stage only). Every other test that needs a
+trained state works on a copy of the smoke run (``helpers.copy_run``); the rerun tests
+(``test_fingerprints.py``, ``test_sparsities.py``: the recipe and thinning only) train a little
+more."""
 
 from __future__ import annotations
 
@@ -19,14 +19,14 @@ from helpers import blocked_env, extract_image_subset, kill_orchestrate_when, ru
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CIFAR_TARBALL = REPO_ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
-CIFAR_SMALL_PER_CLASS = {"train": 30, "test": 20}
+CIFAR_SMALL_PER_CLASS = {"train": 15, "test": 10}
 
 
 @pytest.fixture(scope="session")
 def cifar_root(tmp_path_factory) -> Path:
-    """A small real CIFAR-10 image-folder tree: the first 30 train and 20 test JPEGs per class
+    """A small real CIFAR-10 image-folder tree: the first 15 train and 10 test JPEGs per class
     (in archive order) of ``<repo>/../shared/data/cifar10-jpg.tar.gz``, laid out as
-    ``root/{train,test}/<class>/NNNN.jpg``; 300 train + 200 test images. Skips if the tarball
+    ``root/{train,test}/<class>/NNNN.jpg``; 150 train + 100 test images (``helpers.SMOKE``). Skips if the tarball
     is absent. Streams the archive once and writes only the chosen members (about 2 s)."""
     if not CIFAR_TARBALL.is_file():
         pytest.skip(f"real CIFAR-10 not found at {CIFAR_TARBALL}: the tests that read real "
@@ -37,8 +37,8 @@ def cifar_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def smoke_run(cifar_root, tmp_path_factory) -> Path:
-    """``python orchestrate.py --preset smoke`` on the small real CIFAR-10 tree (300 train / 200
-    test images), once per session: SIGKILLed (driver and its local Ray) once a student trial has
+    """``python orchestrate.py --preset smoke`` on the small real CIFAR-10 tree (``helpers.SMOKE``:
+    150 train / 100 test images), once per session: SIGKILLed (driver and its local Ray) once a student trial has
     checkpointed its 2nd epoch (output in ``interrupted.log``), then the same command run to its end
     (``orchestrate.log``). Returns its output directory. Fails (does not skip) when the run exits
     non-zero, with the tail of its output. ``SMOKE_RUN_DIR=<dir>``: use that finished run of this
@@ -50,15 +50,30 @@ def smoke_run(cifar_root, tmp_path_factory) -> Path:
     return run_orchestrate(out, cifar_root)
 
 
+#: The seeds-and-sweep run (``sweep_seeds_run``): four kd_feat trials (two temperatures x two
+#: seeds), 100 training / 50 validation / 100 test images; at tolerance 0.5 the stop rule fires at
+#: the earliest epoch it can, 3, below the smoke bound 4, whatever the accuracies.
+SWEEP_SEEDS = ("--setups", "kd_feat", "--sweep", "temperature=2,8", "--seeds", "2", "--val-size", "50",
+               "--tolerance", "0.5", "--teacher-max-epochs", "1", "--stop-after", "students")
+
+
 @pytest.fixture(scope="session")
-def smoke_seeds_run(cifar_root, tmp_path_factory) -> Path:
-    """``python orchestrate.py --preset smoke --seeds 2 --val-size 100 --tolerance 0.5 --stop-after
-    students`` on the small real CIFAR-10 tree, once per session (six student trials, 200 training /
-    100 validation / 200 test images; at this tolerance the stop rule fires at the earliest epoch it
-    can, 3, below the bound 4, whatever the accuracies), with every import of SparseML, DeepSparse, SparseZoo, ONNX and
-    onnxruntime failing in the driver and in Ray's workers (``helpers.blocked_env``): the training
-    stages need none of them. Returns its output directory. Fails when the run exits non-zero."""
-    out = tmp_path_factory.mktemp("smoke-seeds-run")
-    return run_orchestrate(out, cifar_root, "--seeds", "2", "--val-size", "100", "--tolerance", "0.5",
-                           "--stop-after", "students",
-                           env=blocked_env(tmp_path_factory.mktemp("blocker")), timeout=1800)
+def sweep_seeds_run(cifar_root, tmp_path_factory) -> Path:
+    """``python orchestrate.py SMOKE... SWEEP_SEEDS...`` on the small real CIFAR-10 tree, once per
+    session, with every import of SparseML, DeepSparse, SparseZoo, ONNX and onnxruntime failing in
+    the driver and in Ray's workers (``helpers.blocked_env``: the training stages need none of
+    them): SIGKILLed once the students' experiment state records a trial's 1st-epoch checkpoint
+    (``interrupted.log``), then the same command run to its end (``orchestrate.log``). Returns its
+    output directory; fails when the run exits non-zero. ``SEEDS_RUN_DIR=<dir>``: use that finished
+    run of this fixture instead."""
+    if os.environ.get("SEEDS_RUN_DIR"):
+        return Path(os.environ["SEEDS_RUN_DIR"])
+    out = tmp_path_factory.mktemp("sweep-seeds-run")
+    env = blocked_env(tmp_path_factory.mktemp("blocker"))
+
+    def checkpointed():  # Tune restores from a checkpoint once its experiment state records it
+        return any("checkpoint_000000" in path.read_text(errors="ignore")
+                   for path in out.glob("students/experiment_state-*.json"))
+
+    kill_orchestrate_when(out, cifar_root, checkpointed, *SWEEP_SEEDS, env=env)
+    return run_orchestrate(out, cifar_root, *SWEEP_SEEDS, env=env, timeout=1800)

@@ -29,14 +29,21 @@ needs_deepsparse = pytest.mark.skipif(
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+#: The smoke preset on the tests' CIFAR-10 tree (``conftest.cifar_root``: 150 training and 100 test
+#: images, half the preset's subsets, so each whole-pipeline launch trains half as long), with
+#: 0.1 s measurements after 0.05 s of warm-up (the preset's two rounds kept): the tests check what
+#: the benchmark records, not its speed. Every launch and dry run on such a run passes these, so
+#: their fingerprints agree.
+SMOKE = ("--preset", "smoke", "--train-subset", "150", "--test-subset", "100", "--bench-warmup-seconds", "0.05",
+         "--bench-seconds", "0.1")
 
 
 def orchestrate_command(out: Path, cifar_root: Path, *args: str) -> list:
-    """``python orchestrate.py --preset smoke --data-root CIFAR_ROOT --output-dir OUT --no-dashboard
+    """``python orchestrate.py SMOKE... --data-root CIFAR_ROOT --output-dir OUT --no-dashboard
     ARGS...`` as an argv list (run it from the repository root)."""
     import sys
 
-    return [sys.executable, str(REPO_ROOT / "orchestrate.py"), "--preset", "smoke", "--data-root",
+    return [sys.executable, str(REPO_ROOT / "orchestrate.py"), *SMOKE, "--data-root",
             str(cifar_root), "--output-dir", str(out), "--no-dashboard", *map(str, args)]
 
 
@@ -57,11 +64,11 @@ def run_orchestrate(out: Path, cifar_root: Path, *args: str, timeout: float = 12
 
 
 def kill_orchestrate_when(out: Path, cifar_root: Path, condition, *args: str, timeout: float = 900,
-                          log: str = "interrupted.log") -> None:
+                          log: str = "interrupted.log", env: dict | None = None) -> None:
     """Start ``orchestrate_command(out, cifar_root, *args)`` in a process group of its own (the
     driver and its local Ray), poll ``condition()`` every 0.5 s and SIGKILL the whole group once it
-    holds; output to ``OUT/<log>``. AssertionError when the run ends first or ``timeout`` (seconds)
-    passes."""
+    holds; output to ``OUT/<log>``; ``env``: extra environment variables. AssertionError when the
+    run ends first or ``timeout`` (seconds) passes."""
     import signal
     import subprocess
     import time
@@ -69,7 +76,7 @@ def kill_orchestrate_when(out: Path, cifar_root: Path, condition, *args: str, ti
     out.mkdir(parents=True, exist_ok=True)
     with open(out / log, "a") as stream:
         proc = subprocess.Popen(orchestrate_command(out, cifar_root, *args), cwd=REPO_ROOT, stdout=stream,
-                                stderr=subprocess.STDOUT, env=dict(os.environ, RAY_DEDUP_LOGS="0"),
+                                stderr=subprocess.STDOUT, env=dict(os.environ, RAY_DEDUP_LOGS="0", **(env or {})),
                                 start_new_session=True)
         deadline = time.time() + timeout
         try:

@@ -23,6 +23,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from helpers import SMOKE
 from study import StudyError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -122,7 +123,7 @@ def orchestrate(cifar_root, out, *args, timeout=1500):
     """``python orchestrate.py --preset smoke`` on the small real CIFAR-10 tree; (process, seconds)."""
     started = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "orchestrate.py"), "--preset", "smoke", "--data-root", str(cifar_root),
+        [sys.executable, str(REPO_ROOT / "orchestrate.py"), *SMOKE, "--data-root", str(cifar_root),
          "--output-dir", str(out), *map(str, args)],
         cwd=REPO_ROOT, env=dict(os.environ, RAY_DEDUP_LOGS="0"), capture_output=True, text=True, timeout=timeout)
     return proc, time.monotonic() - started
@@ -207,12 +208,13 @@ def two_node_run(two_nodes, cifar_root, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def two_node_bench(two_nodes, smoke_run, cifar_root, tmp_path_factory) -> Path:
     """A copy of the local smoke run without its benchmark, rerun through ``--address``: every
-    stage before the benchmark is skipped (nothing trains), the benchmark runs on the cluster."""
+    stage before the benchmark is skipped (nothing trains), the benchmark runs on the cluster (one
+    round: what is checked is where it ran)."""
     from helpers import copy_run
 
     out = copy_run(smoke_run, tmp_path_factory.mktemp("two-node-bench"), "config.json", "teacher.pt", "teacher",
                    "students", "sparsify", "onnx", "fingerprints")
-    proc, seconds = orchestrate(cifar_root, out, "--address", two_nodes.address)
+    proc, seconds = orchestrate(cifar_root, out, "--address", two_nodes.address, "--bench-rounds", "1")
     (out / "orchestrate.log").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, f"two-node bench failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}"
     return out

@@ -1,4 +1,4 @@
-"""End to end: ``python orchestrate.py --preset smoke`` on 300/200 real CIFAR-10 images.
+"""End to end: ``python orchestrate.py --preset smoke`` on 150/100 real CIFAR-10 images (``helpers.SMOKE``).
 
 The run itself is the session fixture ``smoke_run`` (tests/conftest.py: killed once during its
 students stage, then run to its end); these tests read what it left behind: the results table,
@@ -71,7 +71,7 @@ def test_results_table_has_every_model(smoke_run):
     accuracies = json.loads((smoke_run / "onnx_accuracy.json").read_text())
     assert list(sparse["onnx_test_acc"]) == [accuracies[m] for m in ("pruned", "pruned_quantized", "pruned_quantized_qdq")]
     assert (sparse["base"] == summary["setup"]).all()
-    assert json.loads((smoke_run / "config.json").read_text())["train_subset"] == 300
+    assert json.loads((smoke_run / "config.json").read_text())["train_subset"] == 150
 
 
 def stop_reason(accuracies: list, tolerance: float, patience: int, bound: int) -> tuple[int, str]:

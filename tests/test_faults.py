@@ -18,7 +18,7 @@ from models import build_teacher, save_checkpoint
 from study import make_config
 from trainables.data import CIFAR10_CLASSES
 
-from helpers import copy_run, sparsify_in_process
+from helpers import SMOKE, copy_run, sparsify_in_process
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EARLIER = "model,test_acc\nteacher,0.5\n"
@@ -29,8 +29,8 @@ def earlier_run(tmp_path, cifar_root):
     """An output dir holding an earlier smoke run's config and results (with this data root)."""
     out = tmp_path / "run"
     out.mkdir()
-    config = make_config("smoke", data_root=str(cifar_root), output_dir=str(out),
-                                     dashboard=False)
+    config = make_config("smoke", data_root=str(cifar_root), output_dir=str(out), dashboard=False,
+                         train_subset=150, test_subset=100)  # helpers.SMOKE
     import dataclasses
 
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(config)))
@@ -39,7 +39,7 @@ def earlier_run(tmp_path, cifar_root):
 
 
 def run_main(capsys, *argv):
-    code = orchestrate.main(["--preset", "smoke", "--no-dashboard", *map(str, argv)])
+    code = orchestrate.main([*SMOKE, "--no-dashboard", *map(str, argv)])
     err = capsys.readouterr().err.strip().splitlines()
     return code, err
 
@@ -142,7 +142,7 @@ def test_a_different_config_reruns_what_reads_it(capsys, earlier_run, cifar_root
     """A changed field that a stage reads (--lr: the students) is absorbed by rerunning that stage
     (here --dry-run: exit 0, no refusal; that every field is some stage's or a runtime field is
     tests/test_fingerprints.py's). Catches the old blanket refusal of a changed config."""
-    code = orchestrate.main(["--preset", "smoke", "--no-dashboard", "--data-root", str(cifar_root),
+    code = orchestrate.main([*SMOKE, "--no-dashboard", "--data-root", str(cifar_root),
                              "--output-dir", str(earlier_run), "--lr", "0.002", "--dry-run"])
     assert code == 0 and "[students] would run" in capsys.readouterr().out
     assert (earlier_run / "results.csv").read_text() == EARLIER
@@ -210,7 +210,7 @@ def test_a_finished_run_in_a_relative_output_dir_is_skipped_when_run_again(smoke
     out = copy_run(smoke_run, tmp_path / "relative", *TRAINED_STATE, "fingerprints", "onnx", "sparsify",
                    "benchmark.csv", "onnx_accuracy.json", "results.csv", "setups.csv")
     relative = os.path.relpath(out, REPO_ROOT)
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / "orchestrate.py"), "--preset", "smoke", "--no-dashboard",
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "orchestrate.py"), *SMOKE, "--no-dashboard",
                            "--data-root", str(cifar_root), "--output-dir", relative],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -227,7 +227,7 @@ def test_a_changed_onnx_model_stops_a_resumed_run(smoke_run, cifar_root, tmp_pat
     model = onnx.load(str(out / "onnx" / "dense.onnx"))
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 32  # what DeepSparse's ORT did
     onnx.save(model, str(out / "onnx" / "dense.onnx"))
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / "orchestrate.py"), "--preset", "smoke",
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "orchestrate.py"), *SMOKE,
                            "--no-dashboard", "--data-root", str(cifar_root), "--output-dir", str(out)],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]

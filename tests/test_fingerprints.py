@@ -25,7 +25,7 @@ from study.fingerprint import (LABEL_FIELDS, STAGE_CODE, STAGE_FIELDS, differenc
 from study.reruns import StageState, plan
 from study.sources import PACKAGES, ROOT, source_files
 
-from helpers import copy_run, kill_orchestrate_when, run_orchestrate
+from helpers import SMOKE, copy_run, kill_orchestrate_when, run_orchestrate
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RECIPE = REPO_ROOT / "recipes" / "prune_quantize.yaml"
@@ -38,7 +38,7 @@ RUN = ("config.json", "teacher.pt", "teacher", "students", "onnx", "sparsify", "
 def dry_run(capsys, out: Path, data_root: Path, *args) -> dict:
     """``orchestrate.main([... '--dry-run'])`` on ``out``: stage -> its line (exit code 0 checked)."""
     capsys.readouterr()
-    code = orchestrate.main(["--preset", "smoke", "--no-dashboard", "--data-root", str(data_root),
+    code = orchestrate.main([*SMOKE, "--no-dashboard", "--data-root", str(data_root),
                              "--output-dir", str(out), "--dry-run", *map(str, args)])
     lines = capsys.readouterr().out.strip().splitlines()
     assert code == 0, lines
@@ -203,7 +203,7 @@ def test_a_run_made_before_fingerprints_is_refused_in_one_line_and_left_untouche
     (out / "results.csv").write_text("model,test_acc\nteacher,0.5\n")
     before = {str(p): (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None) for p in out.rglob("*")}
     for extra in (("--dry-run",), ()):  # --dry-run first: a run that is not refused would train
-        code = orchestrate.main(["--preset", "smoke", "--no-dashboard", "--data-root", str(cifar_root),
+        code = orchestrate.main([*SMOKE, "--no-dashboard", "--data-root", str(cifar_root),
                                  "--output-dir", str(out), *extra])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1, err
@@ -211,7 +211,7 @@ def test_a_run_made_before_fingerprints_is_refused_in_one_line_and_left_untouche
                                  "fingerprints"), err
         assert "--overwrite" in err[0] and "new --output-dir" in err[0]
     assert {str(p): (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None) for p in out.rglob("*")} == before
-    code = orchestrate.main(["--preset", "smoke", "--no-dashboard", "--data-root", str(cifar_root),
+    code = orchestrate.main([*SMOKE, "--no-dashboard", "--data-root", str(cifar_root),
                              "--output-dir", str(out), "--dry-run", "--overwrite"])
     assert code == 0 and "would remove the earlier run" in capsys.readouterr().out
 
@@ -249,7 +249,8 @@ def test_an_overwritten_teacher_weights_file_reruns_everything(run_copy, cifar_r
     shutil.copy(run_copy / "teacher.pt", weights)
     saved = json.loads((run_copy / "config.json").read_text())
     config = make_config("smoke", data_root=str(cifar_root), output_dir=str(run_copy), dashboard=False,
-                         teacher_weights=str(weights), recipe=saved["recipe"])
+                         teacher_weights=str(weights), recipe=saved["recipe"], train_subset=saved["train_subset"],
+                         test_subset=saved["test_subset"])
     (run_copy / "config.json").write_text(config_json(config))  # as if made with --teacher-weights PATH
     recorded = json.loads((run_copy / "fingerprints" / "teacher.json").read_text())
     write_fingerprint(run_copy / "fingerprints" / "teacher.json",
@@ -336,7 +337,7 @@ def test_the_story_an_edited_recipe_reruns_only_sparsify_and_bench(run_copy, cif
     if HAS_MLFLOW:  # the store as the first run, made with --mlflow, left it
         from driver import tracking
 
-        config = orchestrate.config_from_args(["--preset", "smoke", "--data-root", str(cifar_root), "--output-dir",
+        config = orchestrate.config_from_args([*SMOKE, "--data-root", str(cifar_root), "--output-dir",
                                                str(run_copy), "--no-dashboard", "--recipe", str(recipe), *tracked])[0]
         tracker = tracking.open_tracker(config)
         for stage in STAGES:

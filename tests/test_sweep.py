@@ -1,12 +1,11 @@
 """``--sweep FIELD=V1,V2,...``: the command line, the students' grid, the variants table and its
 winner, the trial the sparsify stage takes and the temperature its recipe uses, the fingerprint,
-the report's pieces; and one real run, killed and resumed (``test_a_sweep_run_killed_and_resumed_end_to_end``)."""
+the report's pieces. The real run (a sweep with seeds, killed and resumed) is tests/test_e2e_seeds.py's."""
 
 from __future__ import annotations
 
 import json
 import re
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -308,60 +307,6 @@ def test_the_sparsify_sentence_names_the_winning_variant_and_reads_its_rows():
     sentence = next(line for line in findings(run) if line.startswith("Sparsifying"))
     assert sentence.startswith("Sparsifying the kd temperature=8 student (50.0 % dense"), sentence
     assert "dense kd 49.0 %" in sentence and "pruning to 80.0 % weight sparsity cost 5.0 percentage points" in sentence
-
-
-# --- one real run ------------------------------------------------------------------------------
-
-
-def test_a_sweep_run_killed_and_resumed_end_to_end(cifar_root, tmp_path):
-    """A real sweep (2 student epochs, 1 teacher epoch), SIGKILLed once the students' experiment
-    state records a trial's 1st-epoch checkpoint, then the same command run to its end. Catches: the grid not
-    reaching Tune (results.csv without 4 kd rows, 2 per temperature), variants.csv without 2 rows
-    and intervals, the recipe, summary.json or the ONNX metadata at another temperature than the
-    winning variant's, and a resume that is not Tune's restore of the same grid (a trial rerun
-    from its start, an epoch of a variant missing or run twice)."""
-    from helpers import kill_orchestrate_when, run_orchestrate
-    from trainables.compress.export import read_metadata
-
-    args = ("--sweep", "temperature=2,8", "--setups", "kd", "--seeds", "2", "--stop-after", "sparsify",
-            "--max-epochs", "2", "--teacher-max-epochs", "1")
-    out = tmp_path / "run"
-    started = time.time()
-
-    def checkpointed():  # Tune restores from a checkpoint once its experiment state records it
-        return any("checkpoint_000000" in path.read_text(errors="ignore")
-                   for path in out.glob("students/experiment_state-*.json"))
-
-    kill_orchestrate_when(out, cifar_root, checkpointed, *args)
-    run_orchestrate(out, cifar_root, *args)
-    print(f"sweep run, killed and resumed: {time.time() - started:.0f} s")
-    results = pd.read_csv(out / "results.csv")
-    students = results[results["model"] == "kd"]
-    assert len(students) == 4 and sorted(zip(students["temperature"], students["seed"])) == [
-        (2.0, 0), (2.0, 1), (8.0, 0), (8.0, 1)]
-    assert (students["epochs"] == 2).all()  # the stop rule cannot fire before epoch 3
-    table = pd.read_csv(out / "variants.csv")
-    assert len(table) == 2 and set(table["temperature"]) == {2.0, 8.0} and not (out / "setups.csv").exists()
-    assert table[["ci95_low", "ci95_high"]].notna().all().all() or (table["test_acc_std"] == 0).any()
-    won = float(table["temperature"].iloc[0])
-    summary = json.loads((out / "sparsify" / "summary.json").read_text())
-    assert summary["temperature"] == won and summary["variant"] == {"temperature": won}
-    meta = read_metadata(out / "onnx" / "pruned.onnx")
-    assert float(meta["recipe_temperature"]) == won and json.loads(meta["source_variant"]) == {"temperature": won}
-    sparsified = results[results["model"] == "pruned"]
-    assert sparsified["temperature"].tolist() == [won]
-
-    resumed = (out / "orchestrate.log").read_text()
-    assert "[students] restoring the experiment" in resumed
-    continued = []
-    for temperature in (2, 8):
-        for seed in (0, 1):
-            name = re.escape(f"[students kd temperature={temperature} seed {seed}]")
-            after = [int(e) for e in re.findall(rf"{name} epoch (\d+): ", resumed)]
-            assert after == [1, 2][2 - len(after):], (temperature, seed, after)  # no epoch twice
-            continued.append(1 not in after)
-    # the kill came after Tune had recorded a trial's epoch-1 checkpoint: a restore runs only its epoch 2
-    assert any(continued), "every trial ran again from epoch 1"
 
 
 def test_epoch_lines_name_the_variant():
