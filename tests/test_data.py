@@ -63,14 +63,14 @@ def test_constants():
 def test_load_small_real_tree(cifar_root):
     (cifar_root / CACHE_NAME).unlink(missing_ok=True)  # other tests may have cached this tree
     d = load_cifar10(cifar_root, cache=False)
-    assert d.train_images.shape == (300, 3, 32, 32) and d.train_images.dtype == torch.uint8
-    assert d.test_images.shape == (200, 3, 32, 32) and d.test_images.dtype == torch.uint8
+    assert d.train_images.shape == (150, 3, 32, 32) and d.train_images.dtype == torch.uint8
+    assert d.test_images.shape == (100, 3, 32, 32) and d.test_images.dtype == torch.uint8
     assert d.train_labels.dtype == torch.int64 and d.test_labels.dtype == torch.int64
-    assert torch.equal(d.train_labels, torch.arange(10).repeat_interleave(30))
-    assert torch.equal(d.test_labels, torch.arange(10).repeat_interleave(20))
+    assert torch.equal(d.train_labels, torch.arange(10).repeat_interleave(15))
+    assert torch.equal(d.test_labels, torch.arange(10).repeat_interleave(10))
     assert not (cifar_root / CACHE_NAME).exists()
     # class folder -> label id, files in sorted order: spot-check pixels against the files
-    for split, images, per in (("train", d.train_images, 30), ("test", d.test_images, 20)):
+    for split, images, per in (("train", d.train_images, 15), ("test", d.test_images, 10)):
         for label in (0, 3, 9):
             files = sorted((cifar_root / split / CIFAR10_CLASSES[label]).glob("*.jpg"))
             assert len(files) == per
