@@ -1,5 +1,6 @@
 """The runner: start Ray, check the inputs, plan each stage (skip, run, resume or rerun:
-``driver.reruns``), run the stages in order and write the result tables."""
+``driver.reruns``), run the stages in order (``stages.pipeline.run_stage``) and write the result
+tables."""
 
 from __future__ import annotations
 
@@ -12,11 +13,10 @@ from study.config import PROJECT_DIR, config_json
 from study.noise import VERBOSE_ENV, verbose
 from study.reruns import check_output_dir
 from study.requirements import NEWEST_SPARSIFY_PYTHON, PY312_SPARSEML_INSTALL
-from stages.bench import check_deepsparse_python, stage_bench
+from stages.base import Context
+from stages.bench import check_deepsparse_python
+from stages.pipeline import BY_NAME, PIPELINE, run_stage
 from stages.report import print_results, stage_report
-from stages.sparsify import stage_sparsify
-from stages.students import stage_students
-from stages.teacher import stage_teacher
 
 # Ray, torch and the training code are imported inside the functions: orchestrate.py imports this
 # module before it has checked the Python version and the installed packages.
@@ -127,7 +127,7 @@ def dry_run(config: StudyConfig, overwrite: bool) -> int:
     from driver.reruns import plan_run
     from driver.tracking import check_tracking
 
-    if check_output_dir(config, overwrite):
+    if check_output_dir(config, overwrite, PIPELINE):
         print(f"--overwrite: would remove the earlier run in {config.output_dir} and run every stage")
         return 0
     if config.deepsparse_python and config.stop_after == "bench":
@@ -135,7 +135,7 @@ def dry_run(config: StudyConfig, overwrite: bool) -> int:
     if config.mlflow is not None:
         check_tracking(config, probe=False)
     _, digests = load_data(config)
-    for decision in plan_run(config, digests):
+    for decision in plan_run(PIPELINE, config, digests):
         print(decision.line(dry_run=True))
     return 0
 
@@ -143,7 +143,7 @@ def dry_run(config: StudyConfig, overwrite: bool) -> int:
 def start_reruns(config: StudyConfig, decisions: list, digests: dict):
     """Print the plan (one line per stage); when a stage reruns, first keep the result tables and
     config of the run so far in ``previous/<timestamp>/``; then write this run's ``config.json``.
-    Returns the ``driver.reruns.Reruns`` the stages consult."""
+    Returns the ``driver.reruns.Reruns`` the runner applies to each stage."""
     from driver.reruns import Reruns, archive_previous
     from study.files import atomic_write_text
 
@@ -161,24 +161,51 @@ def start_reruns(config: StudyConfig, decisions: list, digests: dict):
 
 
 def run_study(config: StudyConfig, args: argparse.Namespace) -> int:
-    """All stages in order (``prepare_run`` first), each skipped, run, resumed or rerun as
-    ``driver.reruns`` decided; then ``results.csv``, the printed tables and, with ``--report``, the
-    report. Returns the exit code."""
+    """All stages in order (``prepare_run`` first), each skipped, run, resumed or rerun by
+    ``stages.pipeline.run_stage``; then ``results.csv``, the printed tables and, with ``--report``,
+    the report. Returns the exit code."""
     import pandas as pd
 
     from study.files import atomic_write_text
-    from driver.results import (result_columns, set_onnx_accuracy, setups_table, sparsified_rows, sparsify_trial,
-                                training_rows, trial_variant, variants_table)
+    from driver.results import result_columns, set_onnx_accuracy, sparsified_rows, sparsify_trial, trial_variant
 
-    layout = RunLayout(config.output_dir)
     data, reruns, tracker = prepare_run(config, args.overwrite)
-    teacher_path = stage_teacher(config, data, reruns)
+    ctx = Context(config, data, RunLayout(config.output_dir))
+    ctx.teacher = run_stage(BY_NAME["teacher"], ctx, reruns)
     tracker.sync("teacher")  # --mlflow
     if config.stop_after == "teacher":
         print(skipped_stages_line("teacher"), flush=True)
         return tracker.finish(0)
-    students = stage_students(config, data, teacher_path, reruns)
+    students = run_stage(BY_NAME["students"], ctx, reruns)
     tracker.sync("students")  # --mlflow
+    rows, table_of_variants = training_tables(config, students)
+    bench = None
+    if config.stop_after in ("sparsify", "bench"):
+        ctx.best = sparsify_trial(config, students, rows)
+        values = trial_variant(config, ctx.best.config)[1]
+        ctx.summary = run_stage(BY_NAME["sparsify"], ctx, reruns)
+        tracker.sync("sparsify")  # --mlflow
+        rows += sparsified_rows(ctx.summary, rows, seed=ctx.best.config["seed"], values=values)
+        if config.stop_after == "bench":
+            bench, accuracies = run_stage(BY_NAME["bench"], ctx, reruns)
+            tracker.sync("bench")  # --mlflow
+            set_onnx_accuracy(rows, accuracies, ctx.summary["setup"], ctx.best.config["seed"], values)
+    table = pd.DataFrame(rows, columns=list(result_columns(config)))
+    atomic_write_text(ctx.layout.results, table.to_csv(index=False))
+    print_results(config, table, table_of_variants, bench)
+    if skipped_stages_line(config.stop_after):
+        print(skipped_stages_line(config.stop_after), flush=True)
+    return tracker.finish(stage_report(config) if config.report else 0)  # --mlflow: tables, report.pdf
+
+
+def training_tables(config: StudyConfig, students) -> tuple:
+    """The rows of the teacher and every student trial (``driver.results.training_rows``) and the
+    variants table, written with ``variants.csv`` and (without ``--sweep``) ``setups.csv``.
+    Returns ``(rows, variants table)``."""
+    from study.files import atomic_write_text
+    from driver.results import setups_table, training_rows, variants_table
+
+    layout = RunLayout(config.output_dir)
     rows = training_rows(config, layout.teacher_dir.resolve(), students)
     table_of_variants = variants_table(config, rows)
     atomic_write_text(layout.variants, table_of_variants.to_csv(index=False))
@@ -186,23 +213,7 @@ def run_study(config: StudyConfig, args: argparse.Namespace) -> int:
         layout.setups.unlink(missing_ok=True)
     else:
         atomic_write_text(layout.setups, setups_table(config, rows).to_csv(index=False))
-    bench = None
-    if config.stop_after in ("sparsify", "bench"):
-        best = sparsify_trial(config, students, rows)
-        values = trial_variant(config, best.config)[1]
-        summary = stage_sparsify(config, data, best, teacher_path, reruns)
-        tracker.sync("sparsify")  # --mlflow
-        rows += sparsified_rows(summary, rows, seed=best.config["seed"], values=values)
-        if config.stop_after == "bench":
-            bench, accuracies = stage_bench(config, data, summary, reruns)
-            tracker.sync("bench")  # --mlflow
-            set_onnx_accuracy(rows, accuracies, summary["setup"], best.config["seed"], values)
-    table = pd.DataFrame(rows, columns=list(result_columns(config)))
-    atomic_write_text(layout.results, table.to_csv(index=False))
-    print_results(config, table, table_of_variants, bench)
-    if skipped_stages_line(config.stop_after):
-        print(skipped_stages_line(config.stop_after), flush=True)
-    return tracker.finish(stage_report(config) if config.report else 0)  # --mlflow: tables, report.pdf
+    return rows, table_of_variants
 
 
 def prepare_run(config: StudyConfig, overwrite: bool) -> tuple:
@@ -214,19 +225,19 @@ def prepare_run(config: StudyConfig, overwrite: bool) -> tuple:
     from driver.reruns import plan_run
 
     out, layout = Path(config.output_dir), RunLayout(config.output_dir)
-    replace = check_output_dir(config, overwrite)
+    replace = check_output_dir(config, overwrite, PIPELINE)
     tracker = tracking.open_tracker(config)
     # Joining a cluster takes a second: its requests are checked first. A local Ray takes longer
     # to start, so it starts once the data and inputs have passed their checks.
     nodes = start_ray(config) if config.address else None
     data, digests = load_data(config)
-    decisions = None if replace else plan_run(config, digests)
+    decisions = None if replace else plan_run(PIPELINE, config, digests)
     check_inputs(config, teacher_stage=replace or decisions[0].action != "skip")
     nodes = nodes or start_ray(config)
     if replace:
         print(f"--overwrite: removing the earlier run in {out}", flush=True)
         layout.remove_outputs()
-        decisions = plan_run(config, digests)
+        decisions = plan_run(PIPELINE, config, digests)
     out.mkdir(parents=True, exist_ok=True)
     reruns = start_reruns(config, decisions, digests)
     if config.address:  # Tune's storage_path and every stage's output: one folder for all nodes

@@ -10,52 +10,98 @@ import math
 from pathlib import Path
 
 from study import RunLayout, StudyConfig, StudyError, selection_metric
+from stages.base import Context, Stage
 
 # Ray, torch and the training code are imported inside the functions: orchestrate.py imports this
 # module before it has checked the Python version and the installed packages.
 
 
-def stage_sparsify(config: StudyConfig, data, best, teacher_path: Path, reruns) -> dict:
-    """Stage 3: the trial ``best`` (``driver.results.sparsify_trial``: the winning setup's best
+class Sparsify(Stage):
+    """Stage 3: the trial ``ctx.best`` (``driver.results.sparsify_trial``: the winning setup's best
     seed), from its best checkpoint, through each target (``study.layout.sparsity_targets``: the
     recipe per ``--sparsities`` value, thinning per ``--channel-ratios`` value), each its own Ray
     task, all submitted at once, trained with that setup's loss and the frozen teacher
     (``--sparsify-loss setup``) or cross-entropy (``ce``). One task (``dense_owner``) also exports
     ``dense`` and ``dense_int8``. A target made with these inputs is kept (``_targets_to_run``).
-    Returns ``RunLayout.read_sparsify``'s summary; StudyError (one line) for a changed ONNX file or a
-    task's ValueError."""
-    from driver.results import best_checkpoint, trial_variant
-    from study.config import variant_label
-    from study.layout import model_names, sparsity_targets
+    ``load``: ``RunLayout.read_sparsify``'s summary."""
 
-    layout = RunLayout(config.output_dir)
-    targets = sparsity_targets(config.sparsities, config.recipe, config.channel_ratios)
-    metric = selection_metric(config)
-    checkpoint, metrics = best_checkpoint(best, metric)
-    kept = reruns.action("sparsify") == "skip"
-    if kept:
+    name = "sparsify"
+    fields = ("recipe", "recipe_epochs", "sparsify_loss", "sparsities", "channel_ratios", "ptq_calibration_images")
+    data = ("train", "test")
+    code = ("stages.sparsify", "trainables.compress.sparsify", "trainables.compress.structured", "driver.results")
+    outputs = ("onnx", "sparsify")
+    late_files = ("checkpoint",)
+
+    def files(self, config) -> dict[str, str]:
+        return {"teacher.pt": "teacher.pt"}
+
+    def extra_files(self, ctx: Context) -> dict[str, str]:
+        """``checkpoint``: the ``model.pt`` of ``ctx.best``'s best checkpoint."""
+        from driver.results import best_checkpoint
+
+        checkpoint, _ = best_checkpoint(ctx.best, selection_metric(ctx.config))
+        return {"checkpoint": str(Path(checkpoint.path) / "model.pt")}
+
+    def complete(self, layout: RunLayout, config: StudyConfig) -> bool:
+        """Every target's summary and every model of ``config``'s targets are there."""
+        from study.layout import model_names
+
+        targets = _targets(config)
+        return all(layout.target(t).sparsify_summary.exists() for t in targets) and \
+            all(layout.onnx(n).exists() for n in model_names(targets))
+
+    def keep(self, ctx: Context) -> str:
+        """StudyError when a summary is unreadable or an ONNX file is not the one it recorded."""
+        from study.layout import model_names
+
+        targets = _targets(ctx.config)
         try:
-            summary = layout.read_sparsify(targets)
-            layout.check_onnx(summary, model_names(targets))  # the exported models are still the files it recorded
+            summary = ctx.layout.read_sparsify(targets)
+            ctx.layout.check_onnx(summary, model_names(targets))  # the exported models are the files it recorded
         except (OSError, ValueError) as err:
             raise StudyError(str(err)) from None
-    # finished targets are kept only when nothing but the target lists changed since they were made
-    only_targets = (reruns.changed("sparsify", checkpoint=str(Path(checkpoint.path) / "model.pt")) or set()) \
-        <= {"sparsities", "channel_ratios"}
-    out = reruns.begin("sparsify", checkpoint=str(Path(checkpoint.path) / "model.pt"))  # may turn into a rerun
-    if kept and reruns.action("sparsify") == "skip":
-        reruns.done("sparsify")
-        print(f"[sparsify] {layout.sparsify_summary.parent} is complete: skipping the sparsify stage", flush=True)
-        return summary
-    loss = best.config["setup"] if config.sparsify_loss == "setup" else "ce"
-    print(f"[sparsify] best trial: {best.path.rsplit('/', 1)[-1]} (variant "
-          f"{variant_label(*trial_variant(config, best.config))}, seed "
-          f"{best.config['seed']}, {metric} {metrics[metric]:.4f} at epoch {metrics['training_iteration']}); "
-          f"recipe {config.recipe}, loss {loss}", flush=True)
-    todo = _targets_to_run(config, targets, layout.root, out.root, reruns.action("sparsify"), only_targets)
-    _run_targets(config, data, best, teacher_path, checkpoint, targets, todo, out.root)
-    reruns.done("sparsify")
-    return layout.read_sparsify(targets)
+        return f"[sparsify] {ctx.layout.sparsify_summary.parent} is complete: skipping the sparsify stage"
+
+    def run(self, ctx: Context, out: RunLayout, action: str, changed: frozenset[str]) -> None:
+        """Run every target not kept (``_targets_to_run``: finished targets are kept when only the
+        target lists, ``sparsities`` and ``channel_ratios``, are in ``changed``, or on a resume)
+        into ``out``. StudyError (one line) for a task's ValueError."""
+        from driver.results import best_checkpoint, trial_variant
+        from study.config import variant_label
+
+        config, best = ctx.config, ctx.best
+        metric = selection_metric(config)
+        checkpoint, metrics = best_checkpoint(best, metric)
+        loss = best.config["setup"] if config.sparsify_loss == "setup" else "ce"
+        print(f"[sparsify] best trial: {best.path.rsplit('/', 1)[-1]} (variant "
+              f"{variant_label(*trial_variant(config, best.config))}, seed "
+              f"{best.config['seed']}, {metric} {metrics[metric]:.4f} at epoch {metrics['training_iteration']}); "
+              f"recipe {config.recipe}, loss {loss}", flush=True)
+        targets = _targets(config)
+        only_targets = changed <= {"sparsities", "channel_ratios"}
+        todo = _targets_to_run(config, targets, ctx.layout.root, out.root, action, only_targets)
+        _run_targets(config, ctx, checkpoint, targets, todo, out.root)
+
+    def load(self, ctx: Context) -> dict:
+        return ctx.layout.read_sparsify(_targets(ctx.config))
+
+    def promoted(self, layout: RunLayout) -> None:
+        """Each summary names its models by path: now the ones in the run directory."""
+        from study.files import atomic_write_text
+
+        for path in layout.sparsify_dir.glob("summary*.json"):
+            summary = json.loads(path.read_text())
+            summary["onnx"] = {name: str(layout.onnx(name)) for name in summary.get("onnx", {})}
+            atomic_write_text(path, json.dumps(summary, indent=2))
+
+
+STAGE = Sparsify()
+
+
+def _targets(config: StudyConfig) -> list:
+    from study.layout import sparsity_targets
+
+    return sparsity_targets(config.sparsities, config.recipe, config.channel_ratios)
 
 
 def _targets_to_run(config: StudyConfig, targets: list, root: Path, out: Path, action: str,
@@ -79,10 +125,10 @@ def _targets_to_run(config: StudyConfig, targets: list, root: Path, out: Path, a
     return todo
 
 
-def _run_targets(config: StudyConfig, data, best, teacher_path: Path, checkpoint, targets: list, todo: list,
-                 out: Path) -> None:
+def _run_targets(config: StudyConfig, ctx: Context, checkpoint, targets: list, todo: list, out: Path) -> None:
     """Submit one Ray task per target in ``todo`` (``sparsify_student``, or ``thin_student`` for a
-    structured target) writing into ``out``, each asking for the teacher's request (on a GPU with
+    structured target) on ``ctx.data`` from the trial ``ctx.best``'s ``checkpoint`` (with the
+    teacher ``ctx.teacher``) writing into ``out``, each asking for the teacher's request (on a GPU with
     several tasks: a fraction of it each), and wait for all; a task's ValueError (bad recipe and the
     like) becomes a StudyError with its one line."""
     import ray
@@ -100,12 +146,13 @@ def _run_targets(config: StudyConfig, data, best, teacher_path: Path, checkpoint
              True: ray.remote(num_cpus=cpu, num_gpus=gpu)(thin_student)}
     refs = []
     for target in todo:
-        settings, teacher = sparsify_settings(dataclasses.replace(config, output_dir=str(out)), best,
-                                              teacher_path, threads=max(1, math.floor(cpu)), target=target,
+        settings, teacher = sparsify_settings(dataclasses.replace(config, output_dir=str(out)), ctx.best,
+                                              ctx.teacher, threads=max(1, math.floor(cpu)), target=target,
                                               export_dense=target == dense_owner(targets))
         print(f"[sparsify] target {_target_text(target)}: {'thinning' if target.structured else 'recipe'} task "
               "submitted", flush=True)
-        refs.append(tasks[target.structured].remote(checkpoint, data, settings, teacher=teacher))  # writes its summary
+        # each task writes its target's summary last
+        refs.append(tasks[target.structured].remote(checkpoint, ctx.data, settings, teacher=teacher))
     try:
         ray.get(refs)
     except ray.exceptions.RayTaskError as err:

@@ -2,37 +2,51 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from study import RunLayout
+from stages.base import Context, Stage
 
-from study import RunLayout, StudyConfig
-
-# Heavy packages are imported inside the functions: orchestrate.py imports this module before it
+# Heavy packages are imported inside the methods: orchestrate.py imports this module before it
 # has checked the Python version and the installed packages.
 
 
-def stage_students(config: StudyConfig, data, teacher_path: Path, reruns):
-    """Stage 2: one Tune experiment, a grid over setup x seed, all trials running at once (a
-    rerun: a fresh one in ``rerun/students``, moved over the old one once finished)."""
-    import torch
-    from ray import tune
+class Students(Stage):
+    """Stage 2: the students' Tune experiment (``students/``), a grid over setup x seed (and swept
+    values), every trial distilled from ``teacher.pt``. ``load``: its ``ResultGrid``."""
 
-    from trainables.student import train_student
-    from driver.tuning import run_tuner, student_space, trial_resources
+    name = "students"
+    fields = ("seeds", "setups", "lr", "temperature", "max_epochs", "sweep")
+    data = ("train", "val", "test")
+    code = ("stages.students", "trainables.student", "driver.tuning")
+    outputs = ("students",)
 
-    from ray.tune.result_grid import ResultGrid
+    def files(self, config) -> dict[str, str]:
+        return {"teacher.pt": "teacher.pt"}
 
-    out = reruns.begin("students")  # may turn a skip into a rerun (what it reads now differs)
-    if reruns.action("students") == "skip":  # finished with these inputs: read, not restored
-        print(f"[students] {RunLayout(config.output_dir).students_dir} is finished with these inputs: "
-              "skipping the students stage", flush=True)
-        return ResultGrid(tune.ExperimentAnalysis(str(RunLayout(config.output_dir).students_dir.resolve())))
-    teacher = torch.load(teacher_path, map_location="cpu")
-    resources = trial_resources(config, "student")
-    space = student_space(config, resources)
-    trainable = tune.with_parameters(train_student, data=data, teacher=teacher)
-    grid = run_tuner(config, "students", trainable, space, resources, config.max_epochs, storage=str(out.root))
-    staged = reruns.staged("students")
-    reruns.done("students")
-    if staged:  # the experiment has moved: read it back from its place in the run directory
-        grid = ResultGrid(tune.ExperimentAnalysis(str(RunLayout(config.output_dir).students_dir.resolve())))
-    return grid
+    def keep(self, ctx: Context) -> str:
+        return (f"[students] {ctx.layout.students_dir} is finished with these inputs: "
+                "skipping the students stage")
+
+    def run(self, ctx: Context, out: RunLayout, action: str, changed: frozenset[str]) -> None:
+        """Run the experiment (``trainables.student.train_student`` under ``driver.tuning.run_tuner``)
+        in ``out``, all trials at once; an unfinished one there is continued."""
+        import torch
+        from ray import tune
+
+        from driver.tuning import run_tuner, student_space, trial_resources
+        from trainables.student import train_student
+
+        teacher = torch.load(ctx.teacher, map_location="cpu")
+        resources = trial_resources(ctx.config, "student")
+        space = student_space(ctx.config, resources)
+        trainable = tune.with_parameters(train_student, data=ctx.data, teacher=teacher)
+        run_tuner(ctx.config, "students", trainable, space, resources, ctx.config.max_epochs, storage=str(out.root))
+
+    def load(self, ctx: Context):
+        """The finished experiment in the run directory, read (not restored): a ``ResultGrid``."""
+        from ray import tune
+        from ray.tune.result_grid import ResultGrid
+
+        return ResultGrid(tune.ExperimentAnalysis(str(ctx.layout.students_dir.resolve())))
+
+
+STAGE = Students()

@@ -1,17 +1,18 @@
-"""What each stage reads, and the fingerprint of those inputs that it records next to its outputs.
+"""The fingerprint of what a stage read, recorded next to its outputs, and how two compare.
 
-A stage's fingerprint (``RunLayout.fingerprint(stage)``, ``fingerprints/<stage>.json``) holds:
+What a stage reads is declared by the stage (``Declared``: its module in ``stages/``) and handed
+in. A stage's fingerprint (``RunLayout.fingerprint(stage)``, ``fingerprints/<stage>.json``) holds:
 
-* ``fields``: the values of the StudyConfig fields the stage reads (``STAGE_FIELDS``, declared
-  once here, each field by the first stage that reads it); a field that names a file
-  (``FILE_FIELDS``) is recorded by content, in ``files``;
+* ``fields``: the values of the StudyConfig fields the stage reads (each field declared by the
+  first stage that reads it); a field that names a file (``FILE_FIELDS``) is recorded by content,
+  in ``files``;
 * ``files``: label -> ``{"path", "sha256"}`` of every file the stage reads (the recipe, the
   teacher's initial weights, ``teacher.pt``, the winning checkpoint, the ONNX models);
 * ``data``: split -> sha256 of the uint8 images and labels the stage trained or tested on
-  (after subsetting; ``STAGE_DATA``), so the data root may move but its images may not change;
+  (after subsetting), so the data root may move but its images may not change;
 * ``code``: relative path -> sha256 of every source file of this project that the stage runs
-  (``STAGE_CODE``: its entry modules and what they import, ``study.sources``), so an edit to
-  the code a stage runs reruns it; ``report/`` and ``bench/perf/`` are in no stage's code;
+  (its entry modules and what they import, ``study.sources``), so an edit to the code a stage
+  runs reruns it; ``report/`` and ``bench/perf/`` are in no stage's code;
 * ``complete``: False while the stage runs in place (an interrupted first attempt), True once its
   outputs are complete.
 
@@ -26,39 +27,25 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from study.config import STAGES
 from study.files import atomic_write_text, sha256_file
-from study.sources import ROOT, code_digests
 
 FINGERPRINT_FORMAT = 1
-
-#: The StudyConfig fields each stage reads, each declared once: by the first stage that reads it
-#: (``arch``, ``batch_size``, ``tolerance``, ... are read by the students and the recipe too, but
-#: a change in one reruns the teacher and so every stage after it). A change in one of them
-#: reruns that stage and every stage after it. What earlier stages made is in its ``files``.
-STAGE_FIELDS: dict[str, tuple[str, ...]] = {
-    "teacher": ("arch", "stem", "teacher_weights", "train_subset", "test_subset", "val_size", "seed",
-                "batch_size", "teacher_lr", "teacher_max_epochs", "tolerance", "patience", "compile"),
-    "students": ("seeds", "setups", "lr", "temperature", "max_epochs", "sweep"),
-    "sparsify": ("recipe", "recipe_epochs", "sparsify_loss", "sparsities", "channel_ratios", "ptq_calibration_images"),
-    "bench": ("bench_cores", "bench_batch_sizes", "bench_warmup_seconds", "bench_seconds", "bench_rounds"),
-}
 
 #: Fields no stage reads as a value: the preset is only the name of the values the other fields
 #: hold (and those are compared).
 LABEL_FIELDS: tuple[str, ...] = ("preset",)
 
-#: The modules each stage runs (the Tune trainable or Ray task, and the driver code that chooses
-#: what it keeps: the teacher's best epoch, the trial the recipe starts from); with everything
-#: they import from this project they are its ``code`` (``study.sources.source_files``).
-STAGE_CODE: dict[str, tuple[str, ...]] = {
-    "teacher": ("stages.teacher", "trainables.train", "driver.tuning", "driver.results"),
-    "students": ("stages.students", "trainables.student", "driver.tuning"),
-    "sparsify": ("stages.sparsify", "trainables.compress.sparsify", "trainables.compress.structured", "driver.results"),
-    "bench": ("stages.bench", "bench.benchmark", "trainables.batches"),
-}
+
+class Declared(Protocol):
+    """What a stage declares it reads (``stages.base.Stage``): its ``name``, the config ``fields``
+    it reads and the data splits (``data``: ``train``, ``val``, ``test``) it trains or tests on."""
+
+    name: str
+    fields: tuple[str, ...]
+    data: tuple[str, ...]
+
 
 #: Fields that name a file: the stage records the file's sha256 (``files[field]``), not its path.
 #: ``teacher_weights`` names a file unless it is one of ``NOT_A_FILE``.
@@ -67,10 +54,6 @@ NOT_A_FILE: dict[str, tuple] = {"teacher_weights": (None, "imagenet")}
 #: What ``fields`` holds for a file field: the file itself is in ``files``.
 FILE_MARK = "<file>"
 
-#: The data splits each stage trains or tests on (``val`` only where the run has one).
-STAGE_DATA: dict[str, tuple[str, ...]] = {
-    "teacher": ("train", "val", "test"), "students": ("train", "val", "test"),
-    "sparsify": ("train", "test"), "bench": ("test",)}
 DATA_NAMES = {"train": "training images", "val": "validation images", "test": "test images"}
 
 
@@ -79,32 +62,25 @@ def file_field(name: str, value: Any) -> bool:
     return name in FILE_FIELDS and value not in NOT_A_FILE.get(name, ())
 
 
-def stage_fields(stage: str, config: dict) -> dict:
-    """The values of the fields ``stage`` reads, from ``config`` (``config.json``'s dict); a file
-    field holds ``FILE_MARK`` (its file is fingerprinted by content)."""
-    return {name: FILE_MARK if file_field(name, config.get(name)) else config.get(name)
-            for name in STAGE_FIELDS[stage]}
+def stage_fields(fields: tuple[str, ...], config: dict) -> dict:
+    """The values of the config ``fields`` (a stage's), from ``config`` (``config.json``'s dict); a
+    file field holds ``FILE_MARK`` (its file is fingerprinted by content)."""
+    return {name: FILE_MARK if file_field(name, config.get(name)) else config.get(name) for name in fields}
 
 
-def stage_code(stage: str, root: Path = ROOT) -> dict[str, str]:
-    """``{path: sha256}`` of the source files ``stage`` runs (``STAGE_CODE``, ``study.sources``),
-    in the project at ``root`` (default: this one)."""
-    return code_digests(STAGE_CODE[stage], root)
+def file_inputs(fields: tuple[str, ...], config: dict) -> dict[str, str]:
+    """label -> path of the files named by the config ``fields`` (a stage's: the recipe, a teacher
+    weights file) in ``config``; files made by earlier stages are added by the caller."""
+    return {name: str(config[name]) for name in fields if file_field(name, config.get(name))}
 
 
-def file_inputs(stage: str, config: dict) -> dict[str, str]:
-    """label -> path of the files among ``stage``'s own config fields (the recipe, a teacher
-    weights file); files made by earlier stages are added by the caller."""
-    return {name: str(config[name]) for name in STAGE_FIELDS[stage] if file_field(name, config.get(name))}
-
-
-def make_fingerprint(stage: str, config: dict, data: dict, files: dict[str, str], complete: bool = True,
+def make_fingerprint(stage: Declared, config: dict, data: dict, files: dict[str, str], complete: bool = True,
                      root: str | os.PathLike | None = None, code: dict[str, str] | None = None) -> dict:
-    """The fingerprint of ``stage`` run with ``config`` (a StudyConfig as ``config.json``'s dict),
-    on ``data`` (split -> sha256, None for a split the run has not) and ``files`` (label -> path,
-    hashed here; a relative path is relative to ``root``, the run directory, and recorded so; a
-    missing file's digest is None), by the source files ``code`` (path -> sha256, ``stage_code``;
-    None: none)."""
+    """The fingerprint of ``stage`` (its declaration: ``Declared``) run with ``config`` (a
+    StudyConfig as ``config.json``'s dict), on ``data`` (split -> sha256, None for a split the run
+    has not) and ``files`` (label -> path, hashed here; a relative path is relative to ``root``, the
+    run directory, and recorded so; a missing file's digest is None), by the source files ``code``
+    (path -> sha256, ``study.sources.code_digests``; None: none)."""
     hashed = {}
     for label, path in files.items():
         try:
@@ -112,9 +88,9 @@ def make_fingerprint(stage: str, config: dict, data: dict, files: dict[str, str]
         except OSError:
             digest = None
         hashed[label] = {"path": str(path), "sha256": digest}
-    return {"format": FINGERPRINT_FORMAT, "stage": stage, "complete": bool(complete),
-            "fields": stage_fields(stage, config), "files": hashed,
-            "data": {split: data.get(split) for split in STAGE_DATA[stage]}, "code": dict(code or {})}
+    return {"format": FINGERPRINT_FORMAT, "stage": stage.name, "complete": bool(complete),
+            "fields": stage_fields(stage.fields, config), "files": hashed,
+            "data": {split: data.get(split) for split in stage.data}, "code": dict(code or {})}
 
 
 def _short(digest: str | None) -> str:
@@ -194,5 +170,3 @@ def write_fingerprint(path: str | os.PathLike, fingerprint: dict) -> None:
     """Write ``fingerprint`` to ``path`` atomically."""
     atomic_write_text(path, json.dumps(fingerprint, indent=2))
 
-
-assert set(STAGE_FIELDS) == set(STAGES) == set(STAGE_DATA) == set(STAGE_CODE)

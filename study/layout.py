@@ -32,11 +32,6 @@ PTQ_MODEL = "dense_int8"
 STRUCTURED_KINDS: tuple[str, ...] = ("structured", "structured_int8")
 #: The models made once per run (not per target), in report order.
 DENSE_MODELS: tuple[str, ...] = ("dense", PTQ_MODEL)
-#: What each stage owns in the run directory (names under it): what a rerun moves in place and
-#: what an unfinished attempt with other inputs discards (``driver.reruns``).
-STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
-    "teacher": ("teacher", "teacher.pt"), "students": ("students",), "sparsify": ("onnx", "sparsify"),
-    "bench": ("benchmark.csv", "onnx_accuracy.json")}
 _MODEL_NAME = re.compile(r"^(dense|dense_int8|(pruned|pruned_quantized|pruned_quantized_qdq)(_s\d+(p\d+)?)?"
                          r"|structured_c\d+(p\d+)?(_int8)?)$")
 
@@ -282,10 +277,6 @@ class RunLayout:
     def fingerprint(self, stage: str) -> Path:
         """``fingerprints/<stage>.json``: the fingerprint of the inputs of ``stage``'s outputs."""
         return self.fingerprints_dir / f"{stage}.json"
-
-    def stage_outputs(self, stage: str) -> list[Path]:
-        """The paths ``stage`` owns (``STAGE_OUTPUTS``), whether they exist or not."""
-        return [self.root / name for name in STAGE_OUTPUTS[stage]]
 
     @property
     def staging(self) -> Path:

@@ -18,6 +18,7 @@ before any plan, by ``check_output_dir``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable, Protocol
 
 from study.config import STAGES, StudyConfig, StudyError
 from study.fingerprint import differences
@@ -86,21 +87,30 @@ def plan(states: dict[str, StageState]) -> list[Decision]:
     return decisions
 
 
-def unfingerprinted_stages(layout: RunLayout) -> list[str]:
-    """The stages whose outputs (``RunLayout.stage_outputs``, any of them) are in ``layout`` without
-    their fingerprint file: a run made before fingerprints existed."""
-    return [stage for stage in STAGES if any(path.exists() for path in layout.stage_outputs(stage))
-            and not layout.fingerprint(stage).exists()]
+class Owns(Protocol):
+    """What a stage declares it writes (``stages.base.Stage``): its ``name`` and ``outputs``, the
+    names under the run directory it owns."""
+
+    name: str
+    outputs: tuple[str, ...]
 
 
-def check_output_dir(config: StudyConfig, overwrite: bool) -> bool:
+def unfingerprinted_stages(layout: RunLayout, stages: Iterable[Owns]) -> list[str]:
+    """The names of ``stages`` whose outputs (any of them) are in ``layout`` without their
+    fingerprint file: a run made before fingerprints existed."""
+    return [stage.name for stage in stages if any((layout.root / name).exists() for name in stage.outputs)
+            and not layout.fingerprint(stage.name).exists()]
+
+
+def check_output_dir(config: StudyConfig, overwrite: bool, stages: Iterable[Owns]) -> bool:
     """Whether ``--output-dir`` holds an earlier run that ``overwrite`` (``--overwrite``) is to
     replace (``RunLayout.remove_outputs``, once every other check has passed). Without ``overwrite``
     a changed config is no reason to refuse: the stages that read the changed field rerun
-    (``plan``). StudyError (one line; nothing is touched) when a stage's outputs are there without
-    its fingerprint (``unfingerprinted_stages``): nothing can tell what they were made with."""
+    (``plan``). ``stages``: every stage's declared outputs (``Owns``). StudyError (one line;
+    nothing is touched) when a stage's outputs are there without its fingerprint
+    (``unfingerprinted_stages``): nothing can tell what they were made with."""
     layout = RunLayout(config.output_dir)
-    old = unfingerprinted_stages(layout)
+    old = unfingerprinted_stages(layout, stages)
     if overwrite:
         return layout.config.exists() or bool(old)
     if old:

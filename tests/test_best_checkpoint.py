@@ -55,7 +55,7 @@ def test_the_latest_tied_epoch_is_best_for_the_checkpoint_best_epoch_and_best_te
     result = _result(tmp_path, num_to_keep)
     checkpoint, metrics = best_checkpoint(result, "val_acc")
     assert metrics["training_iteration"] == 3
-    assert (Path(checkpoint.path) / "model.pt").read_text() == "3"  # what stage_sparsify loads
+    assert (Path(checkpoint.path) / "model.pt").read_text() == "3"  # what the sparsify stage loads
     row = _row("kd", result, "val_acc", params=10, seed=0)
     assert (row["best_epoch"], row["best_test_acc"], row["best_val_acc"]) == (3, 0.45, 0.50)
     assert (row["test_acc"], row["epochs"]) == (0.50, 4)

@@ -1,5 +1,6 @@
 """A result always matches its inputs: every stage records what it read (``study.fingerprint``), and a
-changed input reruns exactly the stages it affects (``study.reruns``, ``driver.reruns``).
+changed input reruns exactly the stages it affects (``study.reruns``, ``driver.reruns``, from what
+each stage declares: ``stages.pipeline.PIPELINE``).
 
 Most tests ask ``orchestrate.py --dry-run`` about a copy of the smoke run after changing one input;
 one (the story of the issue) really reruns the recipe, one interrupts such a rerun."""
@@ -20,10 +21,10 @@ import orchestrate
 from study import STAGES, StudyConfig, make_config
 from study.config import RUNTIME_FIELDS, config_json
 from study.files import sha256_file
-from study.fingerprint import (LABEL_FIELDS, STAGE_CODE, STAGE_FIELDS, differences, make_fingerprint, stage_code,
-                               write_fingerprint)
+from stages.pipeline import BY_NAME, PIPELINE
+from study.fingerprint import LABEL_FIELDS, differences, make_fingerprint, write_fingerprint
 from study.reruns import StageState, plan
-from study.sources import PACKAGES, ROOT, source_files
+from study.sources import PACKAGES, ROOT, code_digests, source_files
 
 from helpers import SMOKE, copy_run, kill_orchestrate_when, run_orchestrate
 
@@ -63,12 +64,13 @@ def run_copy(smoke_run, tmp_path) -> Path:
 
 
 def test_every_config_field_is_read_by_exactly_one_stage_or_is_runtime():
-    """Every StudyConfig field is declared once: by one stage (STAGE_FIELDS, the first that reads
+    """Every StudyConfig field is declared once: by one stage (its ``fields``, the first that reads
     it; the later ones rerun after it), or as a runtime field or a label. Catches a new field that
     no rerun would ever compare (a change in it would keep results made under the old value), and
     one declared twice (which stage owns it?)."""
     names = [f.name for f in dataclasses.fields(StudyConfig)]
-    declared = [n for fields in STAGE_FIELDS.values() for n in fields] + [*RUNTIME_FIELDS, *LABEL_FIELDS]
+    declared = [n for stage in PIPELINE for n in stage.fields] + [*RUNTIME_FIELDS, *LABEL_FIELDS]
+    assert [stage.name for stage in PIPELINE] == list(STAGES)
     assert sorted(declared) == sorted(names)
 
 
@@ -76,8 +78,8 @@ def test_a_changed_stage_reruns_itself_and_every_later_stage_only():
     """plan: the first changed stage and those after it rerun, the earlier ones are skipped; an
     interrupted attempt resumes with the same inputs, restarts with others. Catches a rerun that
     does not propagate, or one that reruns earlier stages."""
-    fp = {s: make_fingerprint(s, {"temperature": 4.0}, {}, {}) for s in STAGES}
-    changed = make_fingerprint("sparsify", {"recipe_epochs": 2.0}, {}, {})
+    fp = {s: make_fingerprint(BY_NAME[s], {"temperature": 4.0}, {}, {}) for s in STAGES}
+    changed = make_fingerprint(BY_NAME["sparsify"], {"recipe_epochs": 2.0}, {}, {})
     states = {s: StageState(True, fp[s], fp[s]) for s in STAGES}
     states["sparsify"] = StageState(True, fp["sparsify"], changed)
     got = {d.stage: (d.action, d.reason) for d in plan(states)}
@@ -85,7 +87,7 @@ def test_a_changed_stage_reruns_itself_and_every_later_stage_only():
                    "sparsify": ("rerun", "recipe_epochs None -> 2.0"), "bench": ("rerun", "sparsify reruns first")}
     unfinished = {**fp["students"], "complete": False}
     assert plan({"students": StageState(False, unfinished, fp["students"])})[0].action == "resume"
-    other = make_fingerprint("students", {"temperature": 2.0}, {}, {})
+    other = make_fingerprint(BY_NAME["students"], {"temperature": 2.0}, {}, {})
     assert plan({"students": StageState(False, unfinished, other)})[0].action == "restart"
 
 
@@ -102,11 +104,11 @@ def _project_copy(dest: Path) -> Path:
 def _plan_after_edit(root: Path, path: str, edit) -> dict:
     """stage -> (action, reason) after ``edit(text)`` rewrote ``root/path``, against fingerprints
     recorded before it (each stage's code only: fields, files and data the same)."""
-    before = {s: make_fingerprint(s, {}, {}, {}, code=stage_code(s, root)) for s in STAGES}
+    before = {s.name: make_fingerprint(s, {}, {}, {}, code=code_digests(s.code, root)) for s in PIPELINE}
     file = root / path
     file.write_text(edit(file.read_text()))
-    states = {s: StageState(True, before[s], make_fingerprint(s, {}, {}, {}, code=stage_code(s, root)))
-              for s in STAGES}
+    states = {s.name: StageState(True, before[s.name],
+                                 make_fingerprint(s, {}, {}, {}, code=code_digests(s.code, root))) for s in PIPELINE}
     return {d.stage: (d.action, d.reason) for d in plan(states)}
 
 
@@ -135,7 +137,7 @@ def test_the_code_of_a_stage_is_what_its_modules_import():
     they import (inside functions too); nothing of report/ or bench/perf/, and the teacher's holds
     no student loss. Catches a stage whose code misses what it runs, or a teacher rerun by an edit
     to the students' loss."""
-    code = {stage: source_files(entries) for stage, entries in STAGE_CODE.items()}
+    code = {stage.name: source_files(stage.code) for stage in PIPELINE}
     assert not [p for files in code.values() for p in files if p.startswith(("report/", "bench/perf/"))]
     assert "trainables/losses.py" not in code["teacher"] and "trainables/student.py" not in code["teacher"]
     assert {"trainables/train.py", "trainables/batches.py", "models/resnet.py", "study/config.py",
@@ -145,8 +147,10 @@ def test_the_code_of_a_stage_is_what_its_modules_import():
             "driver/results.py", "driver/stats.py"} <= set(code["sparsify"])  # ptq, stats: imported in functions
     assert {"bench/benchmark.py", "trainables/batches.py", "stages/bench.py"} <= set(code["bench"])
     assert "trainables/compress/structured.py" in code["sparsify"] and "stages/sparsify.py" in code["sparsify"]
-    assert not [p for files in code.values() for p in files if p == "stages/runner.py"]  # the order of the stages
-    assert not [p for files in code.values() for p in files if p.startswith(("study/reruns", "study/fingerprint"))]
+    assert not [p for files in code.values() for p in files
+                if p in ("stages/runner.py", "stages/pipeline.py")]  # the order of the stages, the rerun rule
+    assert not [p for files in code.values() for p in files
+                if p.startswith(("study/reruns", "study/fingerprint", "driver/reruns"))]
 
 
 def test_imports_are_read_inside_functions_relative_and_from_packages(tmp_path):
@@ -183,11 +187,11 @@ def test_paths_are_not_compared_contents_are(tmp_path):
     Catches a fingerprint keyed by paths (a moved data root or recipe would rerun, an edited one not)."""
     (tmp_path / "a.yaml").write_text("x: 1\n")
     (tmp_path / "b.yaml").write_text("x: 1\n")
-    one = make_fingerprint("sparsify", {"recipe": str(tmp_path / "a.yaml")}, {}, {"recipe": str(tmp_path / "a.yaml")})
-    two = make_fingerprint("sparsify", {"recipe": str(tmp_path / "b.yaml")}, {}, {"recipe": str(tmp_path / "b.yaml")})
+    one = make_fingerprint(BY_NAME["sparsify"], {"recipe": str(tmp_path / "a.yaml")}, {}, {"recipe": str(tmp_path / "a.yaml")})
+    two = make_fingerprint(BY_NAME["sparsify"], {"recipe": str(tmp_path / "b.yaml")}, {}, {"recipe": str(tmp_path / "b.yaml")})
     assert differences(one, two) == []
     (tmp_path / "b.yaml").write_text("x: 2\n")
-    two = make_fingerprint("sparsify", {"recipe": str(tmp_path / "b.yaml")}, {}, {"recipe": str(tmp_path / "b.yaml")})
+    two = make_fingerprint(BY_NAME["sparsify"], {"recipe": str(tmp_path / "b.yaml")}, {}, {"recipe": str(tmp_path / "b.yaml")})
     assert differences(one, two)[0].startswith("recipe b.yaml changed (sha256 ")
 
 
@@ -254,7 +258,7 @@ def test_an_overwritten_teacher_weights_file_reruns_everything(run_copy, cifar_r
     (run_copy / "config.json").write_text(config_json(config))  # as if made with --teacher-weights PATH
     recorded = json.loads((run_copy / "fingerprints" / "teacher.json").read_text())
     write_fingerprint(run_copy / "fingerprints" / "teacher.json",
-                      {**current_fingerprint("teacher", config, recorded["data"]), "complete": True})
+                      {**current_fingerprint(BY_NAME["teacher"], config, recorded["data"]), "complete": True})
     assert actions(dry_run(capsys, run_copy, cifar_root, "--teacher-weights", weights)) == SKIP_ALL
     torch = pytest.importorskip("torch")
     payload = torch.load(weights, map_location="cpu")

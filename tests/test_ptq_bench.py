@@ -16,6 +16,7 @@ from bench.benchmark import amx_flags
 from helpers import TinyResNet
 from report.findings import compression_verdict, pareto_front
 from study import StudyError, make_config
+from stages.pipeline import BY_NAME
 from study.fingerprint import changed_inputs, make_fingerprint, stage_fields
 from study.layout import RunLayout, Target, dense_owner, model_names, recipe_sparsity, sparsity_targets, target_tag
 from study.config import PROJECT_DIR
@@ -54,10 +55,11 @@ def test_bad_sparsities_are_one_line_and_exit_2(text, capsys):
 
 def test_sparsities_are_a_sparsify_input():
     config = json.loads(__import__("study.config", fromlist=["x"]).config_json(make_config("smoke")))
-    assert stage_fields("sparsify", config)["sparsities"] == []  # the recipe's own target alone
+    assert stage_fields(BY_NAME["sparsify"].fields, config)["sparsities"] == []  # the recipe's own target alone
     given = json.loads(__import__("study.config", fromlist=["x"]).config_json(make_config("smoke", sparsities=(0.5, 0.8))))
-    assert stage_fields("sparsify", given)["sparsities"] == [0.5, 0.8]
-    old, new = make_fingerprint("sparsify", config, {}, {}), make_fingerprint("sparsify", given, {}, {})
+    assert stage_fields(BY_NAME["sparsify"].fields, given)["sparsities"] == [0.5, 0.8]
+    stage = BY_NAME["sparsify"]
+    old, new = make_fingerprint(stage, config, {}, {}), make_fingerprint(stage, given, {}, {})
     assert changed_inputs(old, new) == {"sparsities"}
     assert changed_inputs(old, old) == set()
     with pytest.raises(StudyError, match="bench-rounds"):

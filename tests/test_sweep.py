@@ -243,10 +243,11 @@ def test_results_columns_and_the_sparsified_rows_carry_the_swept_values():
 def test_the_sweep_is_an_input_of_the_students():
     """Catches: a changed --sweep skipping the students (old results under new settings)."""
     from study.config import config_json
+    from stages.pipeline import BY_NAME
     from study.fingerprint import differences, make_fingerprint
 
     def fingerprint(**overrides):
-        return make_fingerprint("students", json.loads(config_json(make_config("smoke", **overrides))), {}, {})
+        return make_fingerprint(BY_NAME["students"], json.loads(config_json(make_config("smoke", **overrides))), {}, {})
 
     plain = fingerprint()
     assert plain["fields"]["sweep"] == [] and differences(plain, fingerprint()) == []

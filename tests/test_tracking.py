@@ -28,7 +28,7 @@ mlflow = pytest.importorskip("mlflow")  # the '.[tracking]' extra
 from driver import tracking  # noqa: E402
 from study import RunLayout, StudyError, decision_rule, make_config  # noqa: E402
 from study.config import RUNTIME_FIELDS, config_json  # noqa: E402
-from study.fingerprint import STAGE_FIELDS  # noqa: E402
+from stages.pipeline import PIPELINE  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SETUP_TERMS = {"ce": ["ce"], "kd": ["ce", "soft_ce"], "kd_feat": ["ce", "soft_ce", "feat_mse"]}
@@ -214,7 +214,7 @@ def test_mlflow_is_a_runtime_field_and_its_cli_values(tmp_path):
     or last), a URI, 'none' (off, the default) and a bad value."""
     import orchestrate
 
-    assert "mlflow" in RUNTIME_FIELDS and not any("mlflow" in fields for fields in STAGE_FIELDS.values())
+    assert "mlflow" in RUNTIME_FIELDS and not any("mlflow" in stage.fields for stage in PIPELINE)
     parse = orchestrate.config_from_args
     assert parse(["--preset", "smoke"])[0].mlflow is None
     assert parse(["--preset", "smoke", "--mlflow", "local"])[0].mlflow == "local"

@@ -17,7 +17,7 @@ The hot loop never waits for the device: batches are made on it from device-resi
 tensors, the loss terms are summed on it and read back once per epoch. With ``compile`` the
 models run through ``torch.compile``, while checkpoints hold the plain model's state dict (no
 ``_orig_mod.`` prefixes). This module imports no loss of the students (``trainables.losses``), so
-an edit there does not rerun the teacher stage (``study.fingerprint.STAGE_CODE``).
+an edit there does not rerun the teacher stage (its ``code``: ``stages.teacher``).
 """
 
 from __future__ import annotations

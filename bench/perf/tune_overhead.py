@@ -122,7 +122,7 @@ def load_data(args, workdir: Path):
 
 
 def teacher_payload(config) -> dict:
-    """What ``orchestrate.stage_students`` hands the trials: ``torch.load`` of a teacher
+    """What the students stage (``stages.students``) hands the trials: ``torch.load`` of a teacher
     checkpoint (here of a randomly initialised teacher)."""
     from models import build_teacher, save_checkpoint
 
