@@ -203,11 +203,12 @@ def test_stratified_split_holds_out_a_balanced_disjoint_part():
 def test_val_size_zero_leaves_the_training_set_unchanged(cifar_root):
     from trainables.batches import study_data
 
-    plain = study_data(make_config("smoke", data_root=str(cifar_root)))
-    held = study_data(make_config("smoke", data_root=str(cifar_root), val_size=100))
+    tree = dict(data_root=str(cifar_root), train_subset=150, test_subset=100)  # helpers.SMOKE
+    plain = study_data(make_config("smoke", **tree))
+    held = study_data(make_config("smoke", **tree, val_size=50))
     assert plain.val_images is None and plain.val_labels is None
-    assert len(plain.train_labels) == 300 and len(held.train_labels) == 200 and len(held.val_labels) == 100
-    assert torch.bincount(held.val_labels, minlength=10).tolist() == [10] * 10
+    assert len(plain.train_labels) == 150 and len(held.train_labels) == 100 and len(held.val_labels) == 50
+    assert torch.bincount(held.val_labels, minlength=10).tolist() == [5] * 10
     assert torch.equal(plain.test_images, held.test_images)
     # the same subset as before the option existed (seeded by config.seed), split into two disjoint parts
     full = torch.cat([held.train_images, held.val_images]).flatten(1)
