@@ -80,7 +80,7 @@ class Sparsify(Stage):
         targets = _targets(config)
         only_targets = changed <= {"sparsities", "channel_ratios"}
         todo = _targets_to_run(config, targets, ctx.layout.root, out.root, action, only_targets)
-        _run_targets(config, ctx, checkpoint, targets, todo, out.root)
+        _run_targets(ctx, checkpoint, targets, todo, out.root)
 
     def load(self, ctx: Context) -> dict:
         return ctx.layout.read_sparsify(_targets(ctx.config))
@@ -125,12 +125,12 @@ def _targets_to_run(config: StudyConfig, targets: list, root: Path, out: Path, a
     return todo
 
 
-def _run_targets(config: StudyConfig, ctx: Context, checkpoint, targets: list, todo: list, out: Path) -> None:
+def _run_targets(ctx: Context, checkpoint, targets: list, todo: list, out: Path) -> None:
     """Submit one Ray task per target in ``todo`` (``sparsify_student``, or ``thin_student`` for a
-    structured target) on ``ctx.data`` from the trial ``ctx.best``'s ``checkpoint`` (with the
-    teacher ``ctx.teacher``) writing into ``out``, each asking for the teacher's request (on a GPU with
-    several tasks: a fraction of it each), and wait for all; a task's ValueError (bad recipe and the
-    like) becomes a StudyError with its one line."""
+    structured target) of the run ``ctx.config`` on ``ctx.data`` from the trial ``ctx.best``'s
+    ``checkpoint`` (with the teacher ``ctx.teacher``) writing into ``out``, each asking for the
+    teacher's request (on a GPU with several tasks: a fraction of it each), and wait for all; a
+    task's ValueError (bad recipe and the like) becomes a StudyError with its one line."""
     import ray
 
     from driver.tuning import trial_resources
@@ -138,6 +138,7 @@ def _run_targets(config: StudyConfig, ctx: Context, checkpoint, targets: list, t
     from trainables.compress.sparsify import sparsify_student
     from trainables.compress.structured import thin_student
 
+    config = ctx.config
     resources = trial_resources(config, "teacher")  # this cluster's, also on a resumed run
     cpu, gpu = resources["cpu"], resources["gpu"]
     if gpu and len(todo) > 1:  # on a GPU: a fraction of it (and of its node's CPUs) each, all at once

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from pathlib import Path
 
@@ -31,10 +30,8 @@ TRIALS = [(t, seed) for t in (2.0, 8.0) for seed in (0, 1)]
 
 
 @pytest.fixture(scope="module")
-def run_dir(request) -> Path:
-    if os.environ.get("SEEDS_RUN_DIR"):
-        return Path(os.environ["SEEDS_RUN_DIR"])
-    return request.getfixturevalue("sweep_seeds_run")
+def run_dir(sweep_seeds_run) -> Path:
+    return sweep_seeds_run
 
 
 def _trials(run_dir):
