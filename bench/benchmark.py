@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, Optional, Union
 
 import study  # noqa: F401  (sets NM_DISABLE_ANALYTICS before DeepSparse is imported)
@@ -218,7 +219,8 @@ def run_benchmarks(onnx_paths: Dict[str, str], images_float32: Any, labels: Any,
     """Stage 4: one CPU-only Ray actor with ``num_cores`` cores benchmarks every model on every
     engine of ``bench.engines.REGISTRY`` at each batch size, one measurement at a time so they do not compete
     for the cores, in ``rounds`` interleaved rounds (each measurement its own actor call, its engine
-    built afresh); then measures each (model, engine)'s test accuracy in that engine (batch 32).
+    built afresh); then measures each (model, engine)'s test accuracy in that engine (batch 32); then,
+    the actor gone, each file's size (``model_sizes``: gzip level 9, one file per core at a time).
 
     A combination that fails (the engine rejects the model, the actor dies, ...) becomes a row
     with ``status`` "error" and the error's first line (not timed again in later rounds); the
@@ -255,7 +257,8 @@ def run_benchmarks(onnx_paths: Dict[str, str], images_float32: Any, labels: Any,
     measured, errors = _time_jobs(actor, onnx_paths, jobs, rounds, warmup_s, duration_s, scope)
     accuracy = _accuracies(actor, onnx_paths, jobs, images_float32, labels, deepsparse_python)
     actor.kill()
-    sizes = {name: model_sizes(path) for name, path in onnx_paths.items()}
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # zlib releases the GIL: the files compress
+        sizes = dict(zip(onnx_paths, pool.map(model_sizes, onnx_paths.values())))  # in parallel, the actor gone
     graphs = {name: graph_kind(path) for name, path in onnx_paths.items()}
     costs = {name: model_cost(path) for name, path in onnx_paths.items()}
     table = pd.DataFrame(bench_rows(jobs, measured, errors, accuracy, sizes, graphs, num_cores, costs),
