@@ -1,8 +1,9 @@
-"""Shared pytest fixtures: the real CIFAR-10 images and the suite's whole-pipeline runs.
+"""Shared pytest fixtures: the real CIFAR-10 images, the suite's whole-pipeline runs and a two-node
+Ray cluster.
 
 The pipeline's own tests launch ``orchestrate.py`` to train three times: the smoke run and the
 seeds-and-sweep run below (each killed once during its students stage, then run to its end), and
-the two-node run of ``test_cluster.py`` (students stage only). Every other test that needs a
+the two-node run of ``test_cluster.py`` (students stage only, one epoch each). Every other test that needs a
 trained state works on a copy of the smoke run (``helpers.copy_run``); the rerun tests
 (``test_fingerprints.py``, ``test_sparsities.py``: the recipe and thinning only) train a little
 more."""
@@ -10,12 +11,14 @@ more."""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 import study  # noqa: F401  (sets NM_DISABLE_ANALYTICS for the tests and their subprocesses)
-from helpers import blocked_env, extract_image_subset, kill_orchestrate_when, run_orchestrate
+from helpers import NODE_CPUS, blocked_env, extract_image_subset, kill_orchestrate_when, run_orchestrate
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CIFAR_TARBALL = REPO_ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
@@ -77,3 +80,31 @@ def sweep_seeds_run(cifar_root, tmp_path_factory) -> Path:
 
     kill_orchestrate_when(out, cifar_root, checkpointed, *SWEEP_SEEDS, env=env)
     return run_orchestrate(out, cifar_root, *SWEEP_SEEDS, env=env, timeout=1800)
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    """A running two-node Ray cluster (``ray.cluster_utils.Cluster``: a head and one more node,
+    ``NODE_CPUS`` logical CPUs each, no dashboard), one per test module that asks for it. Its session
+    files and address file (``ray_current_cluster``) go to a fresh ``RAY_TMPDIR``, so no other
+    driver on the machine finds it through ``ray.init()`` or ``address="auto"``; it is shut down (its
+    own processes, never ``ray stop``) after the module."""
+    from ray.cluster_utils import Cluster
+
+    tmp = tempfile.mkdtemp(prefix="rc-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
+    patch = pytest.MonkeyPatch()
+    patch.setenv("RAY_TMPDIR", tmp)
+    cluster = None
+    try:
+        cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": NODE_CPUS, "include_dashboard": False, "object_store_memory": 300 * 2**20})
+        cluster.add_node(num_cpus=NODE_CPUS, object_store_memory=300 * 2**20)
+        cluster.wait_for_nodes()
+        assert not Path("/tmp/ray/ray_current_cluster").is_file() or \
+            Path("/tmp/ray/ray_current_cluster").read_text() != cluster.address
+        yield cluster
+    finally:
+        if cluster is not None:
+            cluster.shutdown()
+        patch.undo()
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -38,6 +38,10 @@ SMOKE = ("--preset", "smoke", "--train-subset", "150", "--test-subset", "100", "
          "--bench-seconds", "0.1")
 
 
+#: Logical CPUs of each of the two Ray nodes of ``conftest.two_nodes``.
+NODE_CPUS = 2
+
+
 def orchestrate_command(out: Path, cifar_root: Path, *args: str) -> list:
     """``python orchestrate.py SMOKE... --data-root CIFAR_ROOT --output-dir OUT --no-dashboard
     ARGS...`` as an argv list (run it from the repository root)."""

@@ -1,33 +1,24 @@
 """Multi-node Ray: every request fits on one node, impossible requests fail fast, a resumed run
-gets this cluster's resources. Proven on two real Ray nodes (``ray.cluster_utils.Cluster``).
-
-The cluster (a head and one more node, 2 logical CPUs each, no dashboard) is private to this
-module: its session files and address file (``ray_current_cluster``) go to a fresh ``RAY_TMPDIR``,
-so no other driver on the machine finds it through ``ray.init()`` or ``address="auto"``; it is
-shut down (its own processes, never ``ray stop``) after the module. The rule itself is unit-tested
-on given node lists in test_resources.py.
+gets this cluster's resources. Proven on two real Ray nodes (``conftest.two_nodes``). The rule
+itself is unit-tested on given node lists in test_resources.py.
 """
-
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from helpers import SMOKE
+from helpers import NODE_CPUS, SMOKE
 from study import StudyError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-NODE_CPUS = 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,31 +83,7 @@ def test_a_resumed_run_gets_the_resources_of_its_new_cluster(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Two Ray nodes of NODE_CPUS logical CPUs each.
-
-
-@pytest.fixture(scope="module")
-def two_nodes():
-    """A running two-node Ray cluster (``Cluster``: head + 1 node, ``NODE_CPUS`` CPUs each)."""
-    from ray.cluster_utils import Cluster
-
-    tmp = tempfile.mkdtemp(prefix="rc-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
-    patch = pytest.MonkeyPatch()
-    patch.setenv("RAY_TMPDIR", tmp)
-    cluster = None
-    try:
-        cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": NODE_CPUS, "include_dashboard": False, "object_store_memory": 300 * 2**20})
-        cluster.add_node(num_cpus=NODE_CPUS, object_store_memory=300 * 2**20)
-        cluster.wait_for_nodes()
-        assert not Path("/tmp/ray/ray_current_cluster").is_file() or \
-            Path("/tmp/ray/ray_current_cluster").read_text() != cluster.address
-        yield cluster
-    finally:
-        if cluster is not None:
-            cluster.shutdown()
-        patch.undo()
-        shutil.rmtree(tmp, ignore_errors=True)
+# On two Ray nodes of NODE_CPUS logical CPUs each (conftest.two_nodes).
 
 
 def orchestrate(cifar_root, out, *args, timeout=1500):
@@ -187,36 +154,24 @@ def test_the_output_dir_is_probed_on_every_node(two_nodes, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# The smoke preset's training stages on two nodes, through --address, no resource flags; then the
-# benchmark stage of a copy of the local smoke run on the same two nodes.
+# The smoke preset's training stages on two nodes, one epoch each, through --address, no resource
+# flags. (The sparsify and bench stages on two nodes: test_sparsities.py.)
 
 TRAINED = ("teacher", "ce", "kd", "kd_feat")
 
 
 @pytest.fixture(scope="module")
 def two_node_run(two_nodes, cifar_root, tmp_path_factory) -> Path:
-    """``--preset smoke --address CLUSTER --stop-after students``: the teacher and the three
-    students trained on the two nodes (the fourth and last training launch of the suite)."""
+    """``--preset smoke --address CLUSTER --teacher-max-epochs 1 --max-epochs 1 --stop-after
+    students``: the teacher and the three students trained on the two nodes, one epoch each (what is
+    checked is where and with what they ran; that a resumed trial ends as one never killed is
+    ``test_faults.test_a_killed_trial_finishes_from_its_checkpoint_with_the_results_of_a_trial_never_killed``)."""
     out = tmp_path_factory.mktemp("two-node-run")
-    proc, seconds = orchestrate(cifar_root, out, "--address", two_nodes.address, "--stop-after", "students")
+    proc, seconds = orchestrate(cifar_root, out, "--address", two_nodes.address, "--teacher-max-epochs", "1",
+                                "--max-epochs", "1", "--stop-after", "students")
     (out / "orchestrate.log").write_text(proc.stdout + proc.stderr + f"\nwall time: {seconds:.0f} s\n")
     print(f"two-node students run: {seconds:.0f} s")
     assert proc.returncode == 0, f"two-node run failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}"
-    return out
-
-
-@pytest.fixture(scope="module")
-def two_node_bench(two_nodes, smoke_run, cifar_root, tmp_path_factory) -> Path:
-    """A copy of the local smoke run without its benchmark, rerun through ``--address``: every
-    stage before the benchmark is skipped (nothing trains), the benchmark runs on the cluster (one
-    round: what is checked is where it ran)."""
-    from helpers import copy_run
-
-    out = copy_run(smoke_run, tmp_path_factory.mktemp("two-node-bench"), "config.json", "teacher.pt", "teacher",
-                   "students", "sparsify", "onnx", "fingerprints")
-    proc, seconds = orchestrate(cifar_root, out, "--address", two_nodes.address, "--bench-rounds", "1")
-    (out / "orchestrate.log").write_text(proc.stdout + proc.stderr)
-    assert proc.returncode == 0, f"two-node bench failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}"
     return out
 
 
@@ -232,25 +187,11 @@ def test_two_node_smoke_run_trains_every_model_at_once(two_node_run):
     assert not (two_node_run / "onnx").exists()
 
 
-def test_a_killed_and_resumed_local_run_and_a_two_node_run_train_the_same_models(smoke_run, two_node_run):
-    """The local smoke run (killed during its students stage, then resumed) and the straight
-    two-node run give each model the same accuracies and stop epochs: same seeds and threads (2 for
-    the teacher, 1 per student in both), so resuming from a checkpoint and spreading the trials
-    over two nodes change nothing. Catches a resume that redoes or skips epochs, or restores other
-    weights or optimizer state."""
-    columns = ["test_acc", "best_test_acc", "best_epoch", "epochs"]
-    local = pd.read_csv(smoke_run / "results.csv").set_index("model").loc[list(TRAINED), columns]
-    nodes = pd.read_csv(two_node_run / "results.csv").set_index("model").loc[list(TRAINED), columns]
-    pd.testing.assert_frame_equal(local, nodes, check_dtype=False)  # best_epoch: float beside the sparse rows
-
-
-def test_two_node_requests_were_sized_by_node(two_node_run, two_node_bench):
+def test_two_node_requests_were_sized_by_node(two_node_run):
     """The teacher asked for one node's 2 CPUs (not the cluster's 4), each student for 1 CPU (so
-    the three ran at once, spread over both nodes); threads follow; the benchmark used one node's
-    cores, and the stages before it were skipped."""
+    the three ran at once, spread over both nodes); threads follow. (The benchmark's one node:
+    ``test_sparsities.py``, whose run goes through such a cluster.)"""
     from ray import tune
-
-    from bench.benchmark import cpu_isa
 
     teacher = tune.ExperimentAnalysis(str(two_node_run / "teacher"))
     students = tune.ExperimentAnalysis(str(two_node_run / "students"))
@@ -258,10 +199,3 @@ def test_two_node_requests_were_sized_by_node(two_node_run, two_node_bench):
     assert [t.placement_group_factory.required_resources for t in students.trials] == [{"CPU": 1.0}] * 3
     assert [c["threads"] for c in teacher.get_all_configs().values()] == [2]
     assert [c["threads"] for c in students.get_all_configs().values()] == [1, 1, 1]
-    cores = min(NODE_CPUS, cpu_isa()["num_cores"])
-    bench = pd.read_csv(two_node_bench / "benchmark.csv")
-    assert set(bench["num_cores"]) == {cores} and (bench["status"] == "ok").all()
-    log = (two_node_bench / "orchestrate.log").read_text()
-    assert f"[bench] {cores} cores on node " in log
-    assert "skipping the teacher stage" in log and "skipping the sparsify stage" in log
-    assert "skipping the students stage" in log and "epoch 1:" not in log  # finished with these inputs: nothing trained

@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 
 import orchestrate
+from bench.cpu import cpu_isa
 from study import STAGES, StudyConfig, make_config
 from study.config import RUNTIME_FIELDS, config_json
 from study.files import sha256_file
@@ -26,7 +27,7 @@ from study.fingerprint import LABEL_FIELDS, differences, make_fingerprint, write
 from study.reruns import StageState, plan
 from study.sources import PACKAGES, ROOT, code_digests, source_files
 
-from helpers import SMOKE, copy_run, kill_orchestrate_when, run_orchestrate
+from helpers import NODE_CPUS, SMOKE, copy_run, kill_orchestrate_when, run_orchestrate
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RECIPE = REPO_ROOT / "recipes" / "prune_quantize.yaml"
@@ -328,43 +329,56 @@ def _state(path: Path) -> dict:
                       *sorted(path.glob("students/*/checkpoint_*/*"))] if p.is_file()}
 
 
-def test_the_story_an_edited_recipe_reruns_only_sparsify_and_bench(run_copy, cifar_root, tmp_path, capsys):
+#: The story's benchmark: one round at batch 1.
+STORY_BENCH = ("--bench-rounds", "1", "--bench-batch-sizes", "1")
+
+
+def test_the_story_an_edited_recipe_reruns_only_sparsify_and_bench(run_copy, cifar_root, tmp_path, capsys, two_nodes):
     """The issue's story: a run made with --recipe my-recipe.yaml, the recipe edited in place
     (final_sparsity 0.80 -> 0.50), the same command again: --dry-run says sparsify and bench rerun
     and why; the run then keeps the teacher and students untouched (mtime and sha256 of every
     checkpoint) and ends with pruned weight_sparsity 0.50; the old tables are in previous/.
-    Catches a stale result printed again, or a rerun that retrains the expensive stages. With MLflow
+    Catches a stale result printed again, or a rerun that retrains the expensive stages. The rerun
+    benchmarks in one round at batch 1 (``STORY_BENCH``: that the bench reruns is checked, not its
+    speed). The rerun goes through a two-node Ray cluster (``--address``): the recipe and the
+    benchmark each on one node, the benchmark with that node's cores (not the cluster's 4). With MLflow
     (``--mlflow local``, its store first filled from the run as it was): ``_mlflow_shows_the_rerun``."""
     recipe = tmp_path / "my-recipe.yaml"
     shutil.copy(RECIPE, recipe)
     tracked = ("--mlflow", "local") if HAS_MLFLOW else ()
-    if HAS_MLFLOW:  # the store as the first run, made with --mlflow, left it
+    if HAS_MLFLOW:  # the store as the first run, made with --mlflow and these flags, left it
         from driver import tracking
 
         config = orchestrate.config_from_args([*SMOKE, "--data-root", str(cifar_root), "--output-dir",
-                                               str(run_copy), "--no-dashboard", "--recipe", str(recipe), *tracked])[0]
+                                               str(run_copy), "--no-dashboard", "--recipe", str(recipe), *STORY_BENCH,
+                                               *tracked])[0]
         tracker = tracking.open_tracker(config)
         for stage in STAGES:
             tracker.sync(stage)
         tracker.finish(0)
         old_summary = json.loads((run_copy / "sparsify" / "summary.json").read_text())
     recipe.write_text(recipe.read_text().replace("final_sparsity: 0.80", "final_sparsity: 0.50"))
-    found = dry_run(capsys, run_copy, cifar_root, "--recipe", recipe)
+    found = dry_run(capsys, run_copy, cifar_root, "--recipe", recipe, *STORY_BENCH)
     assert actions(found) == {"teacher": "would skip", "students": "would skip", "sparsify": "would rerun",
                               "bench": "would rerun"}
     before, old_results = _state(run_copy), (run_copy / "results.csv").read_text()
-    run_orchestrate(run_copy, cifar_root, "--recipe", recipe, *tracked, log="rerun.log")
+    run_orchestrate(run_copy, cifar_root, "--recipe", recipe, *STORY_BENCH, *tracked, "--address", two_nodes.address,
+                    log="rerun.log")
     log = (run_copy / "rerun.log").read_text()
     assert "[sparsify] rerun: recipe my-recipe.yaml changed (sha256 " in log
     assert "[teacher] " in log and "skipping the teacher stage" in log and "skipping the students stage" in log
     assert _state(run_copy) == before
+    cores = min(NODE_CPUS, cpu_isa()["num_cores"])
+    assert "[resources] 2 node(s)" in log and f"[bench] {cores} cores on node " in log
+    bench = pd.read_csv(run_copy / "benchmark.csv")
+    assert set(bench["num_cores"]) == {cores} and (bench["status"] == "ok").all()
     results = pd.read_csv(run_copy / "results.csv").set_index("model")
     assert results.loc["pruned", "weight_sparsity"] == pytest.approx(0.50, abs=0.01)
     (kept,) = (run_copy / "previous").iterdir()
     assert (kept / "results.csv").read_text() == old_results
     assert json.loads((kept / "config.json").read_text())["recipe"] != str(recipe)
     assert not (run_copy / "rerun").exists()
-    assert actions(dry_run(capsys, run_copy, cifar_root, "--recipe", recipe)) == SKIP_ALL
+    assert actions(dry_run(capsys, run_copy, cifar_root, "--recipe", recipe, *STORY_BENCH)) == SKIP_ALL
     if HAS_MLFLOW:
         _mlflow_shows_the_rerun(config, old_summary, run_copy)
 

@@ -112,6 +112,25 @@ def test_the_full_student_is_thinned_exported_and_quantized(full_structured):
     assert 0 <= summary["test_acc_structured_int8"] <= 1 and summary["ptq_calibration_images"] == 8
 
 
+def test_every_engine_of_the_benchmark_runs_the_thinned_models(full_structured):
+    """Each engine the benchmark would use here (``Engine.available``: DeepSparse where this Python
+    has it) opens both thinned files, FP32 and INT8 QDQ, at batch 4 and gives finite (4, 10) logits.
+    Catches a thinned graph an engine rejects (the benchmark would only show an error row)."""
+    import numpy as np
+
+    from bench.engines import REGISTRY
+
+    out, _, _ = full_structured
+    layout = RunLayout(out).target(Target(None, "_c50", 0.5))
+    images = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    engines = [engine for engine in REGISTRY if engine.available()]
+    assert {"onnxruntime", "openvino"} <= {engine.name for engine in engines}
+    for engine in engines:
+        for name in ("structured_c50", "structured_c50_int8"):
+            logits = np.asarray(engine.open(str(layout.onnx(name)), 4, 2).run(images))
+            assert logits.shape == (4, 10) and np.isfinite(logits).all(), (engine.name, name)
+
+
 @pytest.mark.parametrize("ratios", [(0.9,), (0.1234501, 0.1234502)])
 def test_ratios_that_would_not_thin_or_share_a_file_name_are_refused(ratios):
     # 0.9: the 64-channel layers would keep fewer than 8 channels; the pair: both are _c12p345

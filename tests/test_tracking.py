@@ -367,14 +367,17 @@ def test_a_store_failing_after_a_stage_is_one_warning_line_not_the_end_of_the_st
     assert len(lines) == 2 and all("connection refused" in line for line in lines), lines
 
 
-def test_a_finished_smoke_run_rerun_with_mlflow_fills_the_store_from_its_files(smoke_run, cifar_root, tmp_path):
+def test_a_finished_smoke_run_rerun_with_mlflow_fills_the_store_from_its_files(smoke_run, cifar_root, tmp_path,
+                                                                             monkeypatch):
     """The issue's acceptance run, on a copy of the session's smoke run (every stage is skipped, so
     nothing trains): ``--mlflow local`` writes a store in which ``mlflow.search_runs`` finds the
     parent, 1 teacher, 3 student, 1 recipe and 1 benchmark run; each student's test_acc history is
     its result.json; the ONNX artefacts have the digests of sparsify/summary.json; the same command
-    again adds no run and no metric step. Catches hooks that log only stages that ran, or log
-    another run's files."""
-    from helpers import copy_run, run_orchestrate
+    again, with the folder given as a relative ``--output-dir`` (as the default ``runs/<preset>``
+    is), skips every stage and adds no run and no metric step. Catches hooks that log only stages
+    that ran, or log another run's files, and a stage that hands Ray Tune a relative experiment path
+    (pyarrow: "URI has empty scheme", exit 1; seen on the skipped students stage)."""
+    from helpers import REPO_ROOT, copy_run, run_orchestrate
 
     out = copy_run(smoke_run, tmp_path / "tracked", "config.json", "teacher.pt", "teacher", "students", "sparsify",
                    "onnx", "benchmark.csv", "onnx_accuracy.json", "results.csv", "setups.csv", "fingerprints")
@@ -397,7 +400,12 @@ def test_a_finished_smoke_run_rerun_with_mlflow_fills_the_store_from_its_files(s
     folder = Path(client.download_artifacts(recipe.info.run_id, "onnx", str(tmp_path / "got")))
     assert {p.name: _sha256(p) for p in folder.iterdir()} == {f"{m}.onnx": d for m, d in summary["sha256"].items()}
     steps = metric_steps(client, runs)
-    run_orchestrate(out, cifar_root, "--mlflow", "local")
+    monkeypatch.chdir(REPO_ROOT)  # orchestrate_command runs there: the relative folder is the same
+    run_orchestrate(Path(os.path.relpath(out, REPO_ROOT)), cifar_root, "--mlflow", "local", log="again.log")
+    log = (out / "again.log").read_text()
+    for stage in ("teacher", "students", "sparsify", "benchmark"):
+        assert f"skipping the {stage} stage" in log, (stage, log[-3000:])
+    assert "epoch 1: test_acc" not in log and "recipe epoch" not in log
     again = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert sorted(r.info.run_id for r in again) == sorted(r.info.run_id for r in runs)
     assert metric_steps(client, again) == steps
