@@ -219,8 +219,8 @@ def run_benchmarks(onnx_paths: Dict[str, str], images_float32: Any, labels: Any,
     """Stage 4: one CPU-only Ray actor with ``num_cores`` cores benchmarks every model on every
     engine of ``bench.engines.REGISTRY`` at each batch size, one measurement at a time so they do not compete
     for the cores, in ``rounds`` interleaved rounds (each measurement its own actor call, its engine
-    built afresh); then measures each (model, engine)'s test accuracy in that engine (batch 32); then,
-    the actor gone, each file's size (``model_sizes``: gzip level 9, one file per core at a time).
+    built afresh); then measures each (model, engine)'s test accuracy in that engine (batch 32) while
+    threads read each file's size (``model_sizes``: gzip level 9, one file per core at a time).
 
     A combination that fails (the engine rejects the model, the actor dies, ...) becomes a row
     with ``status`` "error" and the error's first line (not timed again in later rounds); the
@@ -255,10 +255,12 @@ def run_benchmarks(onnx_paths: Dict[str, str], images_float32: Any, labels: Any,
             for batch in batch_sizes]
     scope = f"{len(engines)} engines, {len(onnx_paths)} models, batch sizes {', '.join(map(str, batch_sizes))}"
     measured, errors = _time_jobs(actor, onnx_paths, jobs, rounds, warmup_s, duration_s, scope)
-    accuracy = _accuracies(actor, onnx_paths, jobs, images_float32, labels, deepsparse_python)
+    # The timing is over: the files compress (zlib releases the GIL) while the engines run the test set.
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        compressed = pool.map(model_sizes, onnx_paths.values())
+        accuracy = _accuracies(actor, onnx_paths, jobs, images_float32, labels, deepsparse_python)
+        sizes = dict(zip(onnx_paths, compressed))
     actor.kill()
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # zlib releases the GIL: the files compress
-        sizes = dict(zip(onnx_paths, pool.map(model_sizes, onnx_paths.values())))  # in parallel, the actor gone
     graphs = {name: graph_kind(path) for name, path in onnx_paths.items()}
     costs = {name: model_cost(path) for name, path in onnx_paths.items()}
     table = pd.DataFrame(bench_rows(jobs, measured, errors, accuracy, sizes, graphs, num_cores, costs),
