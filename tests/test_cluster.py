@@ -33,13 +33,13 @@ from study import make_config
 from driver.tuning import run_tuner, trial_config, trial_resources
 
 def probe(config):
-    """A stand-in trainable: one 'epoch' per 2 s, reporting the threads and CPUs it was given."""
+    """A stand-in trainable: one 'epoch' per second, reporting the threads and CPUs it was given."""
     start = 0
     if tune.get_checkpoint():
         with tune.get_checkpoint().as_directory() as folder:
             start = int(open(os.path.join(folder, "epoch")).read())
     for epoch in range(start + 1, config["max_epochs"] + 1):
-        time.sleep(2.0)
+        time.sleep(1.0)
         with tempfile.TemporaryDirectory() as folder:
             open(os.path.join(folder, "epoch"), "w").write(str(epoch))
             tune.report({"test_acc": 0.1 * epoch, "threads": config["threads"],

@@ -1,7 +1,6 @@
 """End to end: ``python orchestrate.py --preset smoke`` on 150/100 real CIFAR-10 images (``helpers.SMOKE``).
 
-The run itself is the session fixture ``smoke_run`` (tests/conftest.py: killed once during its
-students stage, then run to its end); these tests read what it left behind: the results table,
+The run itself is the session fixture ``smoke_run`` (tests/conftest.py); these tests read what it left behind: the results table,
 the Tune experiments, the ONNX models and the benchmark table, what it printed, and what it left
 on disk. Properties of the export that a tiny model shows as well are tested once, in
 test_sparsify.py.
@@ -227,29 +226,20 @@ def test_the_deployment_snippet_classifies_a_test_image_from_the_file_alone(smok
 
 
 def test_the_run_prints_one_line_per_epoch_and_no_known_noise(smoke_run):
-    """Both launches of the smoke run (killed, then resumed) print one line per epoch and none of
-    the libraries' known noise; the resumed launch skips the teacher, restores the students'
-    experiment and prints each trial's epochs from its last checkpoint on, so that the two logs
-    together name every epoch of every trial."""
-    logs = [(smoke_run / name).read_text() for name in ("interrupted.log", "orchestrate.log")]
-    for log in logs:
-        for noise in ("TracerWarning", "UserWarning", "Transformed", "may not respect num_cores", "TensorBoard",
-                      "Checkpoint successfully created", "Trial status", "Wrote the latest version",
-                      "snapshotting", "Started a local Ray instance"):
-            assert noise not in log, noise
-        assert len(log.splitlines()) < 120  # the benchmark table: 30 rows (5 models x 3 engines x 2 batch sizes)
-    interrupted, resumed = logs
-    assert "[teacher] epoch 2: test_acc" in interrupted and "recipe epoch" not in interrupted
-    assert "exists: skipping the teacher stage" in resumed and "[students] restoring the experiment" in resumed
+    """The smoke run prints one line per epoch of every trial and of the recipe, and none of the
+    libraries' known noise. (A resumed launch printing each trial's epochs from its last checkpoint
+    on: ``test_e2e_seeds.py``.)"""
+    log = (smoke_run / "orchestrate.log").read_text()
+    for noise in ("TracerWarning", "UserWarning", "Transformed", "may not respect num_cores", "TensorBoard",
+                  "Checkpoint successfully created", "Trial status", "Wrote the latest version",
+                  "snapshotting", "Started a local Ray instance"):
+        assert noise not in log, noise
+    assert len(log.splitlines()) < 120  # the benchmark table: 30 rows (5 models x 3 engines x 2 batch sizes)
     for setup, frame in _histories(smoke_run).items():
-        if setup == "teacher":
-            continue
-        epochs = [int(e) for e in frame["epoch"]]
-        before, after = ([int(e) for e in re.findall(rf"\[students {setup}\] epoch (\d+): test_acc", log)]
-                         for log in logs)
-        assert after == epochs[len(epochs) - len(after):] and after, (setup, before, after)  # a suffix
-        assert sorted(set(before + after)) == epochs, (setup, before, after)
-    assert len(re.findall(r"recipe epoch \d/2: loss", resumed)) == 2
+        prefix = "[teacher]" if setup == "teacher" else f"[students {setup}]"
+        printed = [int(e) for e in re.findall(rf"{re.escape(prefix)} epoch (\d+): test_acc", log)]
+        assert printed == [int(e) for e in frame["epoch"]], (setup, printed)
+    assert len(re.findall(r"recipe epoch \d/2: loss", log)) == 2
 
 
 def test_finished_experiments_keep_only_the_weights_of_the_best_and_latest_epoch(smoke_run):

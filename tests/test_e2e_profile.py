@@ -1,6 +1,6 @@
 """The smoke preset end to end on the Python this suite runs on, as the README's main job runs it
 but without ``--report`` (one launch): the Python 3.12 profile's proof in ``.ci/run`` (on the
-default profile the killed and resumed ``smoke_run`` of ``test_e2e.py`` covers more).
+default profile the ``smoke_run`` of ``test_e2e.py`` covers more).
 
 ``DEEPSPARSE_PYTHON=<a Python 3.10/3.11 with deepsparse 1.7>`` adds ``--deepsparse-python`` (``.ci/run``
 sets it to the default profile's venv), so a 3.12 or 3.13 study also gets DeepSparse's benchmark.
@@ -19,7 +19,7 @@ DEEPSPARSE_PYTHON = os.environ.get("DEEPSPARSE_PYTHON")
 
 
 pytestmark = pytest.mark.skipif(sys.version_info < (3, 12), reason="the Python 3.12 profile's smoke run; on the "
-                                "default profile test_e2e.py's smoke_run covers it (killed and resumed)")
+                                "default profile test_e2e.py's smoke_run covers it")
 
 
 @pytest.fixture(scope="module")

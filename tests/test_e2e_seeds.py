@@ -25,7 +25,7 @@ from driver.stats import SETUP_COLUMNS, welch_p
 from trainables.stopper import plateau_epoch
 
 CONFIG = make_config("smoke", setups=("kd_feat",), sweep=(("temperature", (2.0, 8.0)),), seeds=2, val_size=50,
-                     tolerance=0.5, train_subset=150, test_subset=100)
+                     tolerance=0.5, train_subset=150, test_subset=50)
 TRIALS = [(t, seed) for t in (2.0, 8.0) for seed in (0, 1)]
 
 

@@ -225,18 +225,20 @@ def test_a_changed_onnx_model_stops_a_resumed_run(smoke_run, cifar_root, tmp_pat
 
 
 def test_a_killed_trial_finishes_from_its_checkpoint_with_the_results_of_a_trial_never_killed(tmp_path, cifar_root):
-    """Two ce student trials on the real tree under Tune (2 epochs, 1 CPU and 1 thread each, side
-    by side): one whose worker process dies in its 2nd epoch's report and is retried, one never
-    killed. The retried one starts from epoch 1's checkpoint (epoch 1 not redone), and both end
+    """Two ce student trials under Tune on 64 training and 32 test images of the real tree (2 epochs
+    of 2 steps, 1 CPU and 1 thread each, side by side): one whose worker process dies in its 2nd
+    epoch's report and is retried, one never killed. The retried one starts from epoch 1's checkpoint (epoch 1 not redone), and both end
     with the same epoch-2 test accuracy and train loss. Catches a resume that redoes or skips
     epochs, or restores other weights, optimizer state or data order."""
     import ray
     from ray import tune
 
-    from trainables.data import load_cifar10
+    from trainables.data import CIFAR10Tensors, load_cifar10
     from trainables.stopper import AccuracyPlateauStopper
 
-    data = load_cifar10(cifar_root)
+    tree = load_cifar10(cifar_root)
+    data = CIFAR10Tensors(tree.train_images[::2][:64], tree.train_labels[::2][:64], tree.test_images[::3][:32],
+                          tree.test_labels[::3][:32])
 
     def flaky_student(config, data, teacher):
         """train_student; with a ``marker``, its worker process dies once, in its 2nd epoch's report."""
@@ -266,7 +268,7 @@ def test_a_killed_trial_finishes_from_its_checkpoint_with_the_results_of_a_trial
 
     teacher = {"arch": "resnet18", "stem": "cifar", "num_classes": 10,
                "state_dict": build_teacher("resnet18", weights=None).state_dict()}
-    config = {"arch": "resnet18", "stem": "cifar", "num_classes": 10, "seed": 0, "batch_size": 128,
+    config = {"arch": "resnet18", "stem": "cifar", "num_classes": 10, "seed": 0, "batch_size": 32,
               "temperature": 4.0, "lr": 1e-3, "max_epochs": 2, "threads": 1, "setup": "ce",
               "marker": tune.grid_search([str(tmp_path / "died-once"), None])}
     ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
