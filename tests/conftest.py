@@ -2,9 +2,9 @@
 Ray cluster.
 
 The pipeline's own tests launch ``orchestrate.py`` to train three times: the smoke run and the
-seeds-and-sweep run below (killed once during its students stage, then run to its end), and
-the two-node run of ``test_cluster.py`` (students stage only, one epoch each). Every other test that needs a
-trained state works on a copy of the smoke run (``helpers.copy_run``); the rerun tests
+seeds-and-sweep run below (killed once during its students stage, then run to its end), and the
+two-node run of ``test_cluster.py`` (students stage only, one epoch each). Every other test that
+needs a trained state works on a copy of the smoke run (``helpers.copy_run``); the rerun tests
 (``test_fingerprints.py``, ``test_sparsities.py``: the recipe and thinning only) train a little
 more."""
 
