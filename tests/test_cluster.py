@@ -155,7 +155,7 @@ def test_the_output_dir_is_probed_on_every_node(two_nodes, tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # The smoke preset's training stages on two nodes, one epoch each, through --address, no resource
-# flags. (The sparsify and bench stages on two nodes: test_sparsities.py.)
+# flags. (The sparsify and bench stages on two nodes: the story of test_fingerprints.py.)
 
 TRAINED = ("teacher", "ce", "kd", "kd_feat")
 
@@ -190,7 +190,7 @@ def test_two_node_smoke_run_trains_every_model_at_once(two_node_run):
 def test_two_node_requests_were_sized_by_node(two_node_run):
     """The teacher asked for one node's 2 CPUs (not the cluster's 4), each student for 1 CPU (so
     the three ran at once, spread over both nodes); threads follow. (The benchmark's one node:
-    ``test_sparsities.py``, whose run goes through such a cluster.)"""
+    the story of ``test_fingerprints.py``, whose rerun goes through such a cluster.)"""
     from ray import tune
 
     teacher = tune.ExperimentAnalysis(str(two_node_run / "teacher"))

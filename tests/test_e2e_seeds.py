@@ -124,7 +124,8 @@ def test_variants_csv_holds_means_student_t_intervals_and_welch_p(run_dir):
 def test_the_resume_restores_the_grid_and_runs_no_epoch_twice(run_dir):
     """The run was killed once the students' experiment state recorded a trial's 1st-epoch
     checkpoint. Catches a resume that is not Tune's restore of the same grid: a trial rerun from its
-    start, or an epoch of a variant missing or run twice."""
+    start, or an epoch of a variant missing or run twice; or one that leaves other checkpoints than
+    the best and the latest."""
     resumed = (run_dir / "orchestrate.log").read_text()
     assert "[students] restoring the experiment" in resumed
     continued = []
@@ -135,3 +136,13 @@ def test_the_resume_restores_the_grid_and_runs_no_epoch_twice(run_dir):
             assert after == [1, 2, 3][3 - len(after):], (temperature, seed, after)  # no epoch twice
             continued.append(1 not in after)
     assert any(continued), "every trial ran again from epoch 1"
+    # after the kill and the resume, each trial keeps the weights of its latest and its best epoch
+    # (by val_acc, the latest of tied epochs) only
+    from ray import tune
+    from ray.tune.result_grid import ResultGrid
+
+    for result in ResultGrid(tune.ExperimentAnalysis(str(run_dir / "students"))):
+        kept = [int(c.name.split("_")[1]) + 1 for c in sorted(Path(result.path).glob("checkpoint_*"))]
+        val = list(result.metrics_dataframe.sort_values("training_iteration")
+                   .drop_duplicates("training_iteration", keep="last")["val_acc"])
+        assert len(kept) <= 2 and len(val) in kept and len(val) - val[::-1].index(max(val)) in kept, (result.path, kept)

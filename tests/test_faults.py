@@ -157,9 +157,9 @@ def test_no_avx2_is_one_line(capsys, monkeypatch, cifar_root, earlier_run, tmp_p
 
 
 # ---------------------------------------------------------------------------------------------
-# Interruption. A run killed during its students stage resumes: the smoke run itself (conftest.py
-# ``smoke_run``, checked in test_e2e.py: what it printed); a trial killed and retried ends as one
-# never killed (below, at the end). Below: the recipe, and what a rerun checks.
+# Interruption. A run killed during its students stage resumes: the seeds-and-sweep run
+# (conftest.py ``sweep_seeds_run``, checked in test_e2e_seeds.py); a trial killed and retried ends
+# as one never killed (below, at the end). Below: the recipe, and what a rerun checks.
 
 TRAINED_STATE = ("config.json", "teacher.pt", "teacher", "students")
 

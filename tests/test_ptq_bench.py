@@ -233,13 +233,16 @@ def test_verdict_names_the_fastest_model_within_one_point_and_its_gain_over_ptq(
                     ("dense_int8", "openvino", 300, 0.795), ("dense_int8", "onnxruntime", 250, 0.795),
                     ("pruned_quantized", "deepsparse", 250, 0.750),  # slower than PTQ and less accurate
                     ("pruned_quantized_s50", "deepsparse", 450, 0.791),  # within 1 point, fastest
-                    ("pruned_s90", "deepsparse", 900, 0.700)])  # fastest overall, but 10 points down
+                    ("pruned_s90", "deepsparse", 900, 0.700),  # fastest overall, but 10 points down
+                    ("structured_c50_int8", "openvino", 280, 0.760)])  # thinned: slower than PTQ, less accurate
     first, *losers = compression_verdict(bench, 32)
     assert "pruned_quantized_s50 on deepsparse: 450 images/s" in first
     assert "1.50× the best dense INT8 peer (dense_int8 on openvino, 300 images/s)" in first
     assert "4.50× dense onnxruntime" in first
-    assert losers == [losers[0]] and losers[0].startswith("At batch 32, pruned_quantized loses to post-training "
-                                                          "quantization: at best 250 images/s (deepsparse")
+    assert len(losers) == 2 and losers[0].startswith("At batch 32, pruned_quantized loses to post-training "
+                                                     "quantization: at best 250 images/s (deepsparse")
+    assert losers[1].startswith("At batch 32, structured_c50_int8 loses to post-training quantization: at best "
+                                "280 images/s (openvino")
 
 
 def test_verdict_says_when_nothing_keeps_the_accuracy():

@@ -100,6 +100,17 @@ def test_the_bench_stage_reads_every_model_of_every_target_with_its_graph_and_co
     assert cost["structured_c50"][0] < 0.3 * cost["dense"][0] and cost["structured_c50"][1] < 0.3 * cost["dense"][1]
 
 
+def test_the_report_lists_every_compressed_model_of_every_target(two_targets):
+    """The report's compression table (``report.tables.sparse_table``) has a row for each of the
+    eight compressed models, in ``results.csv`` order, after the dense parent's."""
+    import report
+
+    out, _, _ = two_targets
+    table = report.tables.sparse_table(report.load_run(out))
+    compressed = [m for m in pd.read_csv(out / "results.csv")["model"] if m.startswith(("pruned", "structured"))]
+    assert len(compressed) == 8 and list(table["model"])[1:] == compressed
+
+
 def test_back_to_one_target_keeps_it_and_drops_the_other_without_a_recipe(two_targets, cifar_root):
     """Runs last (it changes the copy): ``--sparsities 0.8 --stop-after sparsify`` reruns the stage
     through ``rerun/``, keeping the 0.8 files byte for byte and dropping the 0.5 and channel-ratio 0.5 ones."""
